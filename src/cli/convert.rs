@@ -1,0 +1,73 @@
+//! `medseg convert INPUT OUTPUT.nii[.gz] [--series UID] [--dtype TYPE]`
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+use medseg::io::{nifti::WRITABLE_TYPES, read_volume, write_nifti};
+use medseg::{DataType, Volume};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A NIfTI file, a DICOM file, or a directory holding DICOM series.
+    input: PathBuf,
+    /// Output .nii or .nii.gz (gzip when the name ends in .gz).
+    output: PathBuf,
+    /// SeriesInstanceUID to convert when INPUT holds several series.
+    #[arg(long)]
+    series: Option<String>,
+    /// Storage type: uint8, uint16, int16 or float32. Default: the source's type when it can hold
+    /// the values exactly, else int16 for integer values, else float32.
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+/// The smallest faithful type among the writable ones, preferring the source's own.
+fn choose_dtype(v: &Volume) -> DataType {
+    let src = v.info.dtype;
+    let data = v.voxels.as_slice_memory_order().unwrap_or(&[]);
+    let integral = data.iter().all(|x| x.fract() == 0.0);
+    let (lo, hi) = v.value_range().unwrap_or((0.0, 0.0));
+    let fits = |t: DataType| {
+        let (a, b) = t.range();
+        t == DataType::Float32 || (integral && lo as f64 >= a && hi as f64 <= b)
+    };
+    let src = if src == DataType::Rgb24 {
+        DataType::Uint8
+    } else {
+        src
+    };
+    if WRITABLE_TYPES.contains(&src) && fits(src) {
+        src
+    } else if fits(DataType::Int16) {
+        DataType::Int16
+    } else if fits(DataType::Uint16) {
+        DataType::Uint16
+    } else {
+        DataType::Float32
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let volume = read_volume(&args.input, args.series.as_deref())?;
+    let dtype = match args.dtype.as_deref() {
+        Some(name) => match DataType::parse(name) {
+            Some(t) if WRITABLE_TYPES.contains(&t) => t,
+            _ => bail!("--dtype {name}: choose uint8, uint16, int16 or float32"),
+        },
+        None => choose_dtype(&volume),
+    };
+    write_nifti(&volume, &args.output, dtype)?;
+    let shape: Vec<String> = volume.shape().iter().map(|s| s.to_string()).collect();
+    eprintln!(
+        "wrote {} ({}, {}, {})",
+        args.output.display(),
+        shape.join("x"),
+        dtype.as_str(),
+        volume.geometry.orientation()
+    );
+    for w in &volume.info.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! Subcommands. Exit codes: 0 success, 1 a failure (the message names the file), 2 bad usage.
+
+mod convert;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "medseg",
+    version,
+    about = "Lesion detection and segmentation in CT and MR scans"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe the volumes in a NIfTI file, a DICOM file or a directory of DICOM series.
+    Inspect(inspect::Args),
+    /// Write one volume (NIfTI, DICOM file or series) as NIfTI with its geometry.
+    Convert(convert::Args),
+}
+
+/// A failure already reported item by item; only the exit status is left to set.
+#[derive(Debug)]
+pub struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("failures reported above")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Reported>() => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Reading scans (NIfTI files, DICOM files, DICOM series directories) and writing NIfTI.
+//!
+//! [`discover`] finds what a path holds without decoding pixels; [`ScanSource::load`] decodes one
+//! volume; [`read_volume`] does both for a path that must hold exactly one volume.
+
+pub mod dicom;
+pub mod nifti;
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result, SeriesChoice};
+use crate::volume::Volume;
+
+pub use nifti::{read_nifti, write_nifti};
+
+/// One volume that a path holds, not yet decoded.
+#[derive(Debug, Clone)]
+pub enum ScanSource {
+    Nifti(PathBuf),
+    /// A DICOM file read on its own (a multi-frame object, or a slice given by name); `frames`
+    /// selects one stack of a multi-frame object, `label` names it (SeriesInstanceUID, `#N` when
+    /// one object holds several stacks).
+    DicomFile {
+        path: PathBuf,
+        frames: Option<Vec<usize>>,
+        label: String,
+    },
+    DicomSeries(dicom::SeriesStack),
+}
+
+impl ScanSource {
+    /// Decodes the volume.
+    pub fn load(&self) -> Result<Volume> {
+        match self {
+            ScanSource::Nifti(p) => read_nifti(p),
+            ScanSource::DicomFile { path, frames, .. } => dicom::read_file(path, frames.as_deref()),
+            ScanSource::DicomSeries(s) => dicom::read_series(s),
+        }
+    }
+
+    /// How the source is listed when a choice is needed.
+    pub fn choice(&self) -> SeriesChoice {
+        match self {
+            ScanSource::DicomSeries(s) => s.choice(),
+            ScanSource::Nifti(p) => SeriesChoice {
+                uid: p.display().to_string(),
+                description: String::new(),
+                modality: "NIfTI".into(),
+                slices: 0,
+            },
+            ScanSource::DicomFile {
+                path,
+                frames,
+                label,
+            } => SeriesChoice {
+                uid: label.clone(),
+                description: path.display().to_string(),
+                modality: "DICOM".into(),
+                slices: frames.as_ref().map_or(1, Vec::len),
+            },
+        }
+    }
+
+    /// The file, or the directory a series was found in.
+    pub fn path(&self) -> &Path {
+        match self {
+            ScanSource::Nifti(p) | ScanSource::DicomFile { path: p, .. } => p,
+            ScanSource::DicomSeries(s) => &s.root,
+        }
+    }
+}
+
+/// What a path holds: volumes, and files that were passed over with the reason.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    pub sources: Vec<ScanSource>,
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// Finds the volumes under `path`: a NIfTI file, a DICOM file, or a directory searched recursively
+/// for NIfTI files and DICOM images (single-frame images grouped into series).
+pub fn discover(path: &Path) -> Result<Discovery> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        let sources = if nifti::is_nifti_path(path) {
+            vec![ScanSource::Nifti(path.to_path_buf())]
+        } else {
+            // Reads the header now so that a non-DICOM file fails here with a clear reason.
+            file_sources(dicom::SliceHeader::read(path)?)
+        };
+        return Ok(Discovery {
+            sources,
+            skipped: Vec::new(),
+        });
+    }
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(path)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
+        let entry = entry.map_err(|e| {
+            let p = e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| path.to_path_buf());
+            Error::io(
+                p,
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("directory loop")),
+            )
+        })?;
+        if entry.file_type().is_file() {
+            files.push(entry.into_path());
+        }
+    }
+    let mut discovery = Discovery::default();
+    let (nifti_files, others): (Vec<_>, Vec<_>) =
+        files.into_iter().partition(|p| nifti::is_nifti_path(p));
+    discovery
+        .sources
+        .extend(nifti_files.into_iter().map(ScanSource::Nifti));
+    // Header reads are independent: do them in parallel (large PACS exports have 10^4+ files).
+    let headers: Vec<(PathBuf, Result<dicom::SliceHeader>)> = others
+        .into_par_iter()
+        .map(|p| {
+            let r = if dicom::has_dicom_magic(&p) {
+                dicom::SliceHeader::read(&p)
+            } else {
+                Err(Error::InvalidDicom {
+                    path: p.clone(),
+                    reason: "no DICOM preamble".into(),
+                })
+            };
+            (p, r)
+        })
+        .collect();
+    let mut single = Vec::new();
+    for (p, h) in headers {
+        match h {
+            Ok(h) if h.frames > 1 || h.enhanced => discovery.sources.extend(file_sources(h)),
+            Ok(h) => single.push(h),
+            Err(e) => {
+                let reason = match &e {
+                    Error::InvalidDicom { reason, .. } | Error::Unsupported { reason, .. } => {
+                        reason.clone()
+                    }
+                    other => other.to_string(),
+                };
+                discovery.skipped.push((p, reason));
+            }
+        }
+    }
+    discovery.sources.extend(
+        dicom::group_series(path, single)
+            .into_iter()
+            .map(ScanSource::DicomSeries),
+    );
+    if discovery.sources.is_empty() {
+        let detail = if discovery.skipped.is_empty() {
+            " (the directory is empty)".to_string()
+        } else {
+            let (p, r) = &discovery.skipped[0];
+            format!(
+                " ({} files passed over, e.g. {}: {r})",
+                discovery.skipped.len(),
+                p.strip_prefix(path).unwrap_or(p).display()
+            )
+        };
+        return Err(Error::NothingFound {
+            path: path.to_path_buf(),
+            detail,
+        });
+    }
+    Ok(discovery)
+}
+
+/// The volumes of one DICOM file: one, or one per frame orientation of a multi-frame object.
+fn file_sources(header: dicom::SliceHeader) -> Vec<ScanSource> {
+    let stacks = dicom::frame_stacks(&header);
+    let split = stacks.len() > 1;
+    stacks
+        .into_iter()
+        .enumerate()
+        .map(|(n, frames)| ScanSource::DicomFile {
+            path: header.path.clone(),
+            label: if split {
+                format!("{}#{}", header.series_uid, n + 1)
+            } else {
+                header.series_uid.clone()
+            },
+            frames: split.then_some(frames),
+        })
+        .collect()
+}
+
+/// Reads the one volume `path` holds; with several, `series` picks one by SeriesInstanceUID
+/// (or by file path for NIfTI files and multi-frame DICOM files in a directory).
+pub fn read_volume(path: &Path, series: Option<&str>) -> Result<Volume> {
+    select(path, discover(path)?.sources, series)?.load()
+}
+
+/// Picks one source among those found under `path`.
+pub fn select(
+    path: &Path,
+    mut sources: Vec<ScanSource>,
+    series: Option<&str>,
+) -> Result<ScanSource> {
+    match series {
+        Some(uid) => {
+            let pos = sources.iter().position(|s| {
+                let c = s.choice();
+                c.uid == uid || s.path().ends_with(uid)
+            });
+            match pos {
+                Some(i) => Ok(sources.swap_remove(i)),
+                None => Err(Error::SeriesNotFound {
+                    path: path.to_path_buf(),
+                    uid: uid.to_string(),
+                    available: sources.iter().map(ScanSource::choice).collect(),
+                }),
+            }
+        }
+        None if sources.len() == 1 => Ok(sources.remove(0)),
+        None => Err(Error::AmbiguousSeries {
+            path: path.to_path_buf(),
+            series: sources.iter().map(ScanSource::choice).collect(),
+        }),
+    }
+}

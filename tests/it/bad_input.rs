@@ -1,0 +1,115 @@
+//! Bad input gives an error that names the file, never a panic.
+
+use std::path::Path;
+
+use medseg::io::{discover, read_nifti, read_volume};
+use medseg::Error;
+
+use crate::common::cache;
+
+fn assert_names(err: &Error, path: &Path) {
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        err.to_string().contains(&name),
+        "error does not name {name}: {err}"
+    );
+}
+
+#[test]
+fn non_dicom_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("notes.txt");
+    std::fs::write(&p, "this is not a scan").unwrap();
+    let err = read_volume(&p, None).unwrap_err();
+    assert!(matches!(err, Error::InvalidDicom { .. }), "{err}");
+    assert_names(&err, &p);
+}
+
+#[test]
+fn empty_directory_finds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = discover(dir.path()).unwrap_err();
+    assert!(matches!(err, Error::NothingFound { .. }), "{err}");
+    assert!(err.to_string().contains("empty"), "{err}");
+}
+
+#[test]
+fn truncated_gzip_nifti_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(cache("nibabel/example4d.nii.gz")).unwrap();
+    let p = dir.path().join("truncated.nii.gz");
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let err = read_nifti(&p).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    assert_names(&err, &p);
+}
+
+#[test]
+fn dims_that_disagree_with_the_data_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(cache("nibabel/anatomical.nii")).unwrap();
+    // anatomical.nii is big-endian: dim[1] at byte 42 as a big-endian i16. Double it.
+    let d1 = i16::from_be_bytes([bytes[42], bytes[43]]);
+    bytes[42..44].copy_from_slice(&(d1 * 2).to_be_bytes());
+    let p = dir.path().join("bad_dims.nii");
+    std::fs::write(&p, &bytes).unwrap();
+    let err = read_nifti(&p).unwrap_err();
+    assert!(err.to_string().contains("data bytes"), "{err}");
+    assert_names(&err, &p);
+}
+
+#[test]
+fn unsupported_transfer_syntax_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(cache("pydicom/MR_small_jp2klossless.dcm")).unwrap();
+    // Same length UID: JPEG 2000 lossless (…4.90) → JPIP Referenced (…4.94), which has no codec.
+    let from = b"1.2.840.10008.1.2.4.90";
+    let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+    bytes[at..at + from.len()].copy_from_slice(b"1.2.840.10008.1.2.4.94");
+    let p = dir.path().join("jpip.dcm");
+    std::fs::write(&p, &bytes).unwrap();
+    let err = read_volume(&p, None).unwrap_err();
+    assert_names(&err, &p);
+}
+
+#[test]
+fn directory_mixing_series_lists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(cache("pydicom/CT_small.dcm"), dir.path().join("a.dcm")).unwrap();
+    std::fs::copy(cache("pydicom/MR_small.dcm"), dir.path().join("b.dcm")).unwrap();
+    std::fs::write(dir.path().join("README"), "not dicom").unwrap();
+    let found = discover(dir.path()).unwrap();
+    assert_eq!(found.sources.len(), 2);
+    assert_eq!(found.skipped.len(), 1);
+    match read_volume(dir.path(), None).unwrap_err() {
+        Error::AmbiguousSeries { series, .. } => {
+            let modalities: Vec<_> = series.iter().map(|s| s.modality.as_str()).collect();
+            assert!(
+                modalities.contains(&"CT") && modalities.contains(&"MR"),
+                "{series:?}"
+            );
+        }
+        other => panic!("expected the list of series, got {other}"),
+    }
+    // Picking one by UID works.
+    let uid = found.sources[0].choice().uid;
+    read_volume(dir.path(), Some(&uid)).unwrap();
+}
+
+/// Every prefix of real headers (cut anywhere in the first 600 bytes) errors cleanly.
+#[test]
+fn truncated_headers_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for rel in ["nibabel/anatomical.nii", "pydicom/CT_small.dcm"] {
+        let bytes = std::fs::read(cache(rel)).unwrap();
+        let ext = if rel.ends_with(".nii") { "nii" } else { "dcm" };
+        for cut in (0..600).step_by(7) {
+            let p = dir.path().join(format!("cut{cut}.{ext}"));
+            std::fs::write(&p, &bytes[..cut.min(bytes.len())]).unwrap();
+            assert!(
+                read_volume(&p, None).is_err(),
+                "{rel} cut at {cut} should fail"
+            );
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The real `medseg` binary: output format, exit codes, no patient identifiers by default.
+
+use std::process::Command;
+
+use crate::common::{bin, cache};
+
+#[test]
+fn inspect_json_describes_the_series() {
+    let out = Command::new(bin())
+        .args(["inspect", "--json"])
+        .arg(cache("totalsegmentator/example_ct_dicom"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vol = &v["volumes"][0];
+    for key in [
+        "path",
+        "kind",
+        "modality",
+        "series_uid",
+        "shape",
+        "dtype",
+        "spacing",
+        "affine",
+        "min",
+        "max",
+        "warnings",
+    ] {
+        assert!(vol.get(key).is_some(), "missing key {key}");
+    }
+    assert_eq!(vol["kind"], "dicom");
+    assert_eq!(vol["modality"], "CT");
+    assert_eq!(vol["shape"], serde_json::json!([512, 512, 20]));
+    assert_eq!(vol["orientation"], "LPS");
+    assert_eq!(vol["min"], -1024.0);
+    assert_eq!(vol["affine"][2][2], 2.0);
+}
+
+#[test]
+fn inspect_hides_patient_identifiers_unless_asked() {
+    // CT_small.dcm carries a patient name ("CompressedSamples^CT1") and ID.
+    let run = |extra: &[&str]| {
+        let out = Command::new(bin())
+            .arg("inspect")
+            .args(extra)
+            .arg(cache("pydicom/CT_small.dcm"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for text in [run(&[]), run(&["--json"])] {
+        assert!(
+            !text.contains("CompressedSamples"),
+            "patient name leaked:\n{text}"
+        );
+    }
+    assert!(run(&["--show-phi"]).contains("CompressedSamples"));
+}
+
+#[test]
+fn inspect_nifti_reports_nibabel_fields() {
+    let out = Command::new(bin())
+        .args(["inspect", "--json"])
+        .arg(cache("nibabel/example4d.nii.gz"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vol = &v["volumes"][0];
+    assert_eq!(vol["kind"], "nifti");
+    assert!(vol["series_uid"].is_null());
+    assert_eq!(vol["shape"], serde_json::json!([128, 96, 24, 2]));
+    assert_eq!(vol["dtype"], "int16");
+}
+
+#[test]
+fn convert_writes_and_bad_input_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ct.nii.gz");
+    let status = Command::new(bin())
+        .arg("convert")
+        .arg(cache("totalsegmentator/example_ct_dicom"))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let v = medseg::io::read_nifti(&out).unwrap();
+    assert_eq!(v.info.dtype.as_str(), "int16");
+
+    let missing = dir.path().join("nothing-here");
+    let res = Command::new(bin())
+        .arg("inspect")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("nothing-here"));
+}
+
+#[test]
+fn convert_refuses_a_mixed_directory_and_lists_the_series() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(cache("pydicom/CT_small.dcm"), dir.path().join("a.dcm")).unwrap();
+    std::fs::copy(cache("pydicom/MR_small.dcm"), dir.path().join("b.dcm")).unwrap();
+    let res = Command::new(bin())
+        .arg("convert")
+        .arg(dir.path())
+        .arg(dir.path().join("x.nii.gz"))
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("--series") && err.contains("CT") && err.contains("MR"),
+        "{err}"
+    );
+}

@@ -1,0 +1,11 @@
+//! medseg's integration tests: one binary, one module per area. Real scans come from
+//! `scripts/fetch-data.sh` (into `datasets/cache/`); expected values computed once with nibabel and
+//! pydicom live in `tests/data/*.json` with the command that produced them.
+
+mod bad_input;
+mod cli;
+mod common;
+mod dicom_conformance;
+mod geometry_oracle;
+mod nifti_conformance;
+mod roundtrip;
