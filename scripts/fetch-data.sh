@@ -136,7 +136,7 @@ fetch_deb() {
             apt-get update -qq >>"$tmp.log" 2>&1 || true
             if ! (cd "$tmp" && apt-get download "$name=$ver") >>"$tmp.log" 2>&1; then
                 cat "$tmp.log" >&2; rm -rf "$tmp" "$tmp.log"
-                die "apt-get download $name=$ver failed (if Debian dropped this version, get $file from snapshot.debian.org into $DL/)"
+                die "apt-get download $name=$ver failed (if Debian dropped this version, place $file in $DL/ by hand)"
             fi
         fi
         [ -f "$tmp/$file" ] || { echo "apt produced: $(ls "$tmp")" >&2; die "apt-get download did not produce $file"; }

@@ -55,6 +55,9 @@ pub struct SliceHeader {
     pub identifiers: PatientIdentifiers,
 }
 
+/// Stands in for an empty or missing SeriesInstanceUID.
+pub const NO_UID: &str = "(no-series-uid)";
+
 fn dicom_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::InvalidDicom {
         path: path.to_path_buf(),
@@ -192,7 +195,8 @@ impl SliceHeader {
             });
         Ok(SliceHeader {
             path: path.to_path_buf(),
-            series_uid: string(obj, tags::SERIES_INSTANCE_UID).unwrap_or_default(),
+            // Anonymisers sometimes blank the UID; a placeholder keeps such series selectable.
+            series_uid: string(obj, tags::SERIES_INSTANCE_UID).unwrap_or_else(|| NO_UID.into()),
             modality: string(obj, tags::MODALITY).unwrap_or_else(|| "OT".into()),
             description: string(obj, tags::SERIES_DESCRIPTION).unwrap_or_default(),
             rows: rows as u32,
@@ -697,8 +701,16 @@ fn bit_plane(
 /// enhanced object placed by their per-frame Plane Position. Frames repeated at one position
 /// (echoes, time points) become channels.
 pub fn read_file(path: &Path, frames: Option<&[usize]>) -> Result<Volume> {
-    let obj = open(path, false)?;
-    let header = SliceHeader::from_object(path, &obj)?;
+    read_object(path, &open(path, false)?, frames)
+}
+
+/// [`read_file`] for an object already parsed (e.g. by [`open_bytes`]).
+pub fn read_object(
+    path: &Path,
+    obj: &DefaultDicomObject,
+    frames: Option<&[usize]>,
+) -> Result<Volume> {
+    let header = SliceHeader::from_object(path, obj)?;
     let all: Vec<usize> = (0..header.frames as usize).collect();
     let frames = frames.unwrap_or(&all);
     if let Some(&bad) = frames.iter().find(|&&f| f >= header.frames as usize) {
@@ -795,13 +807,13 @@ pub fn read_file(path: &Path, frames: Option<&[usize]>) -> Result<Volume> {
     let decoded = if header.bits_allocated == 1 {
         None
     } else {
-        Some(decode(path, &obj)?)
+        Some(decode(path, obj)?)
     };
     let ts = header.transfer_syntax.clone();
     let plane_of = |f: usize| -> Result<Vec<f32>> {
         match &decoded {
             Some(px) => frame_planes(path, px, f as u32, &ts),
-            None => bit_plane(path, &obj, f, plane),
+            None => bit_plane(path, obj, f, plane),
         }
     };
     let decoded_frames: Vec<(usize, Vec<f32>)> = frames

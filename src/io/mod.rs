@@ -4,6 +4,7 @@
 //! volume; [`read_volume`] does both for a path that must hold exactly one volume.
 
 pub mod dicom;
+pub mod gzip;
 pub mod nifti;
 
 use std::path::{Path, PathBuf};

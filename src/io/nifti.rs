@@ -9,6 +9,8 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 
 use flate2::read::MultiGzDecoder;
+
+use super::gzip;
 use ndarray::Array4;
 use rayon::prelude::*;
 
@@ -60,23 +62,11 @@ pub fn is_nifti_path(path: &Path) -> bool {
 
 /// Reads the whole file, inflating it when it starts with the gzip magic (whatever its name says).
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    let mut magic = [0u8; 2];
-    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    let mut bytes = Vec::with_capacity(len);
-    bytes.extend_from_slice(&magic[..n]);
-    if n == 2 && magic == [0x1f, 0x8b] {
-        let chained = std::io::Cursor::new(magic).chain(file);
-        // A gzip file usually ends with the uncompressed size mod 2^32; a good capacity guess.
-        let mut out = Vec::with_capacity(len.saturating_mul(3));
-        MultiGzDecoder::new(BufReader::with_capacity(1 << 20, chained))
-            .read_to_end(&mut out)
-            .map_err(|e| invalid(path, format!("gzip stream is truncated or corrupt ({e})")))?;
-        Ok(out)
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        gzip::decompress(&bytes)
+            .map_err(|e| invalid(path, format!("gzip stream is truncated or corrupt ({e})")))
     } else {
-        file.read_to_end(&mut bytes)
-            .map_err(|e| Error::io(path, e))?;
         Ok(bytes)
     }
 }
@@ -309,12 +299,14 @@ impl NiftiHeader {
             16 => (DataType::Float32, 4),
             64 => (DataType::Float64, 8),
             128 => (DataType::Rgb24, 3),
-            other => return Err(Error::Unsupported {
-                path: path.to_path_buf(),
-                reason: format!(
+            other => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    reason: format!(
                     "NIfTI datatype code {other} (complex, float128 and RGBA are not supported)"
                 ),
-            }),
+                })
+            }
         })
     }
 
@@ -443,8 +435,12 @@ pub fn read_header(path: &Path) -> Result<NiftiHeader> {
 
 /// Reads a NIfTI-1 or NIfTI-2 file (`.nii` or gzip-compressed) into a [`Volume`].
 pub fn read_nifti(path: &Path) -> Result<Volume> {
-    let bytes = read_bytes(path)?;
-    let header = parse_header(path, &bytes)?;
+    read_nifti_bytes(path, &read_bytes(path)?)
+}
+
+/// Decodes a whole (already inflated) NIfTI file held in memory; `path` only names it in errors.
+pub fn read_nifti_bytes(path: &Path, bytes: &[u8]) -> Result<Volume> {
+    let header = parse_header(path, bytes)?;
     let (dtype, bytes_per_voxel) = header.data_type(path)?;
     let dims = header.spatial_dims();
     let channels = header.channel_count();
@@ -582,7 +578,8 @@ pub const WRITABLE_TYPES: [DataType; 4] = [
 
 /// Writes `volume` as NIfTI-1 (`.nii`, or gzip-compressed when the name ends in `.gz`) with its
 /// geometry in both sform and qform (code 1, scanner), atomically: a temporary file in the target
-/// directory is renamed into place, so a crash never leaves a torn file.
+/// directory is renamed into place, so a crash never leaves a torn file. Gzip output is blocked
+/// (see [`gzip`]) and compressed on all cores.
 ///
 /// Integer types require every voxel to be an integer within the type's range (so that the written
 /// file reads back identical); the error says which value does not fit.
@@ -596,50 +593,68 @@ pub fn write_nifti(volume: &Volume, path: &Path, dtype: DataType) -> Result<()> 
             "the output name must end in .nii or .nii.gz".into(),
         ));
     }
-    if !WRITABLE_TYPES.contains(&dtype) {
-        return Err(write_err(format!(
-            "cannot write {}; choose uint8, uint16, int16 or float32",
+    let mut bytes = nifti1_header(&volume.geometry, volume.channels(), dtype).map_err(write_err)?;
+    let voxels = volume
+        .voxels
+        .as_slice()
+        .ok_or_else(|| write_err("voxel array is not contiguous".into()))?;
+    let encoded = match dtype {
+        DataType::Uint8 => encode::<u8>(voxels),
+        DataType::Uint16 => encode::<u16>(voxels),
+        DataType::Int16 => encode::<i16>(voxels),
+        _ => encode::<f32>(voxels),
+    };
+    let data = encoded.map_err(|bad| {
+        write_err(format!(
+            "value {bad} cannot be stored as {} without change; choose another type",
             dtype.as_str()
-        )));
-    }
-    let header = nifti1_header(&volume.geometry);
+        ))
+    })?;
+    bytes.extend_from_slice(&data);
+    drop(data);
+    let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
+    let bytes = if gz {
+        gzip::compress(&bytes).map_err(|e| write_err(e.to_string()))?
+    } else {
+        bytes
+    };
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
-    let tmp = tempfile::Builder::new()
+    let mut tmp = tempfile::Builder::new()
         .prefix(".medseg-")
-        .suffix(if gz { ".nii.gz" } else { ".nii" })
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
-    // `[c, k, j, i]` transposed is `[i, j, k, c]`, the (x, y, z, t) order the writer expects.
-    let view = volume.voxels.view();
-    let single = volume.channels() == 1;
-    let res = match dtype {
-        DataType::Uint8 => write_typed::<u8>(&view, single, tmp.path(), &header, path),
-        DataType::Uint16 => write_typed::<u16>(&view, single, tmp.path(), &header, path),
-        DataType::Int16 => write_typed::<i16>(&view, single, tmp.path(), &header, path),
-        _ => write_typed::<f32>(&view, single, tmp.path(), &header, path),
-    };
-    res?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
 
-trait StoreAs: nifti::DataElement + bytemuck::Pod + Send + Sync {
+/// A storage type medseg writes: converts an `f32` voxel exactly, or refuses.
+trait StoreAs: Copy + Send + Sync {
+    const SIZE: usize;
     fn store(v: f32) -> Option<Self>;
+    fn put_le(self, out: &mut [u8]);
 }
 
 macro_rules! store_int {
     ($t:ty) => {
         impl StoreAs for $t {
+            const SIZE: usize = std::mem::size_of::<$t>();
             fn store(v: f32) -> Option<Self> {
-                if v.fract() == 0.0 && v >= <$t>::MIN as f32 && v <= <$t>::MAX as f32 {
-                    Some(v as $t)
-                } else {
-                    None
-                }
+                (v.fract() == 0.0 && v >= <$t>::MIN as f32 && v <= <$t>::MAX as f32)
+                    .then_some(v as $t)
+            }
+            fn put_le(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_le_bytes());
             }
         }
     };
@@ -647,83 +662,109 @@ macro_rules! store_int {
 store_int!(u8);
 store_int!(u16);
 store_int!(i16);
+
 impl StoreAs for f32 {
+    const SIZE: usize = 4;
     fn store(v: f32) -> Option<Self> {
         Some(v)
     }
+    fn put_le(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.to_le_bytes());
+    }
 }
 
-fn write_typed<T>(
-    voxels: &ndarray::ArrayView4<f32>,
-    single_channel: bool,
-    tmp: &Path,
-    header: &nifti::NiftiHeader,
-    target: &Path,
-) -> Result<()>
-where
-    T: StoreAs,
-{
-    let src = voxels.as_standard_layout();
-    let flat = src.as_slice().unwrap_or(&[]);
-    let converted: Option<Vec<T>> = flat.par_iter().map(|&v| T::store(v)).collect();
-    let converted = converted.ok_or_else(|| {
-        let bad = flat
-            .iter()
-            .find(|&&v| T::store(v).is_none())
-            .copied()
-            .unwrap_or(f32::NAN);
-        Error::Write {
-            path: target.to_path_buf(),
-            reason: format!(
-                "value {bad} cannot be stored as {} without change; choose another --dtype",
-                std::any::type_name::<T>()
-            ),
+/// Little-endian bytes of `voxels` as `T`, in parallel; `Err(value)` names a voxel that won't fit.
+fn encode<T: StoreAs>(voxels: &[f32]) -> std::result::Result<Vec<u8>, f32> {
+    let mut out = vec![0u8; voxels.len() * T::SIZE];
+    out.par_chunks_mut(T::SIZE << 16)
+        .zip(voxels.par_chunks(1 << 16))
+        .try_for_each(|(dst, src)| {
+            for (d, &v) in dst.chunks_exact_mut(T::SIZE).zip(src) {
+                T::store(v).ok_or(v)?.put_le(d);
+            }
+            Ok::<(), f32>(())
+        })?;
+    Ok(out)
+}
+
+/// The 348-byte NIfTI-1 header (+ 4-byte empty extension flag) for `geometry`, little endian:
+/// sform and qform both code 1 (scanner), spatial unit mm, no scaling. Offsets are nifti1.h's.
+fn nifti1_header(
+    geometry: &Geometry,
+    channels: usize,
+    dtype: DataType,
+) -> std::result::Result<Vec<u8>, String> {
+    let (code, bitpix): (i16, i16) = match dtype {
+        DataType::Uint8 => (2, 8),
+        DataType::Uint16 => (512, 16),
+        DataType::Int16 => (4, 16),
+        DataType::Float32 => (16, 32),
+        other => {
+            return Err(format!(
+                "cannot write {}; choose uint8, uint16, int16 or float32",
+                other.as_str()
+            ))
         }
-    })?;
-    let arr = Array4::from_shape_vec(voxels.raw_dim(), converted).map_err(|e| Error::Write {
-        path: target.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let opts = nifti::writer::WriterOptions::new(tmp).reference_header(header);
-    let res = if single_channel {
-        opts.write_nifti(&arr.index_axis(ndarray::Axis(0), 0).t())
-    } else {
-        opts.write_nifti(&arr.t())
     };
-    res.map_err(|e| Error::Write {
-        path: target.to_path_buf(),
-        reason: e.to_string(),
-    })
-}
-
-/// A NIfTI-1 header carrying `geometry` in sform and qform, spatial units mm.
-fn nifti1_header(geometry: &Geometry) -> nifti::NiftiHeader {
+    let mut dim = [1i16; 8];
+    dim[0] = if channels > 1 { 4 } else { 3 };
+    for (d, &n) in dim[1..4].iter_mut().zip(&geometry.dims) {
+        *d = i16::try_from(n)
+            .map_err(|_| format!("axis of {n} voxels exceeds NIfTI-1's limit of 32767"))?;
+    }
+    dim[4] = i16::try_from(channels)
+        .map_err(|_| format!("{channels} channels exceed NIfTI-1's limit"))?;
     let a = &geometry.affine;
     let (quatern, qfac) = affine_to_quaternion(a);
     let spacing = geometry.spacing();
-    let mut h = nifti::NiftiHeader {
-        sform_code: XFORM_SCANNER_ANAT,
-        qform_code: XFORM_SCANNER_ANAT,
-        ..Default::default()
-    };
-    h.pixdim[0] = qfac as f32;
-    for (d, s) in h.pixdim[1..4].iter_mut().zip(spacing) {
-        *d = s as f32;
+    let mut h = vec![0u8; 352];
+    let put = |h: &mut Vec<u8>, at: usize, b: &[u8]| h[at..at + b.len()].copy_from_slice(b);
+    put(&mut h, 0, &348i32.to_le_bytes());
+    for (n, d) in dim.iter().enumerate() {
+        put(&mut h, 40 + 2 * n, &d.to_le_bytes());
     }
-    h.quatern_b = quatern[0] as f32;
-    h.quatern_c = quatern[1] as f32;
-    h.quatern_d = quatern[2] as f32;
-    h.quatern_x = a[0][3] as f32;
-    h.quatern_y = a[1][3] as f32;
-    h.quatern_z = a[2][3] as f32;
-    h.srow_x = a[0].map(|v| v as f32);
-    h.srow_y = a[1].map(|v| v as f32);
-    h.srow_z = a[2].map(|v| v as f32);
-    h.xyzt_units = 2; // NIFTI_UNITS_MM
-    let mut descrip = b"medseg".to_vec();
-    descrip.resize(80, 0);
-    h.descrip = descrip;
-    h
+    put(&mut h, 70, &code.to_le_bytes());
+    put(&mut h, 72, &bitpix.to_le_bytes());
+    let pixdim = [
+        qfac as f32,
+        spacing[0] as f32,
+        spacing[1] as f32,
+        spacing[2] as f32,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+    ];
+    for (n, p) in pixdim.iter().enumerate() {
+        put(&mut h, 76 + 4 * n, &p.to_le_bytes());
+    }
+    put(&mut h, 108, &352f32.to_le_bytes()); // vox_offset
+    put(&mut h, 112, &1f32.to_le_bytes()); // scl_slope
+    h[123] = 2; // xyzt_units: NIFTI_UNITS_MM
+    put(&mut h, 148, b"medseg");
+    put(&mut h, 252, &XFORM_SCANNER_ANAT.to_le_bytes()); // qform_code
+    put(&mut h, 254, &XFORM_SCANNER_ANAT.to_le_bytes()); // sform_code
+    let q = [
+        quatern[0], quatern[1], quatern[2], a[0][3], a[1][3], a[2][3],
+    ];
+    for (n, v) in q.iter().enumerate() {
+        put(&mut h, 256 + 4 * n, &(*v as f32).to_le_bytes());
+    }
+    for (r, row) in a.iter().take(3).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            put(&mut h, 280 + 16 * r + 4 * c, &(*v as f32).to_le_bytes());
+        }
+    }
+    put(&mut h, 344, b"n+1\0");
+    // A qform is a rotation + zooms: a sheared affine has none. Mark it unknown then, so that
+    // readers preferring the qform (ITK) fall back to the exact sform.
+    let parsed = parse_nifti1(Path::new(""), &h).map_err(|e| e.to_string())?;
+    let (qa, sa) = (parsed.qform_affine(), parsed.sform_affine());
+    let sheared = (0..3).any(|r| (0..4).any(|c| (qa[r][c] - sa[r][c]).abs() > 1e-3));
+    if sheared {
+        put(&mut h, 252, &0i16.to_le_bytes());
+    }
+    Ok(h)
 }
 
 #[cfg(test)]
@@ -740,8 +781,11 @@ mod tests {
             [0.0, 0.0, 0.0, 1.0],
         ];
         let g = Geometry::new([4, 4, 4], a);
-        let h = nifti1_header(&g);
-        let parsed = parse_nifti1(Path::new("x"), &header_bytes(&h)).unwrap();
+        let parsed = parse_nifti1(
+            Path::new("x"),
+            &nifti1_header(&g, 1, DataType::Uint8).unwrap(),
+        )
+        .unwrap();
         let q = parsed.qform_affine();
         for r in 0..3 {
             for c in 0..4 {
@@ -751,20 +795,9 @@ mod tests {
         // A left-handed grid needs qfac = -1.
         let mut flipped = a;
         flipped[2][2] = -2.0;
-        let h = nifti1_header(&Geometry::new([4, 4, 4], flipped));
-        assert_eq!(h.pixdim[0], -1.0);
-        let parsed = parse_nifti1(Path::new("x"), &header_bytes(&h)).unwrap();
+        let bytes = nifti1_header(&Geometry::new([4, 4, 4], flipped), 1, DataType::Uint8).unwrap();
+        let parsed = parse_nifti1(Path::new("x"), &bytes).unwrap();
+        assert_eq!(parsed.pixdim[0], -1.0);
         assert!((parsed.qform_affine()[2][2] + 2.0).abs() < 1e-5);
-    }
-
-    fn header_bytes(h: &nifti::NiftiHeader) -> Vec<u8> {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("h.nii");
-        let arr = ndarray::Array3::<u8>::zeros((4, 4, 4));
-        nifti::writer::WriterOptions::new(&p)
-            .reference_header(h)
-            .write_nifti(&arr)
-            .unwrap();
-        std::fs::read(p).unwrap()
     }
 }

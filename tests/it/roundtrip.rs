@@ -57,6 +57,12 @@ fn written_qform_agrees_with_sform() {
         let d = affine_diff(&h.qform_affine(), &h.sform_affine());
         assert!(d < 1e-3, "{rel}: qform and sform differ by {d}");
     }
+    // A sheared affine has no qform: it is marked unknown and only the sform carries it.
+    let v = read_nifti(&cache("dipy/S0_10slices.nii.gz")).unwrap();
+    let out = dir.path().join("sheared.nii.gz");
+    write_nifti(&v, &out, DataType::Uint16).unwrap();
+    let h = medseg::io::nifti::read_header(&out).unwrap();
+    assert_eq!((h.sform_code, h.qform_code), (1, 0));
 }
 
 #[test]
