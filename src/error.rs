@@ -79,6 +79,12 @@ pub enum Error {
 
     #[error("{path}: cannot write: {reason}", path = path.display())]
     Write { path: PathBuf, reason: String },
+
+    #[error("invalid configuration: {reason}")]
+    Config { reason: String },
+
+    #[error("{path}: cannot load checkpoint: {reason}", path = path.display())]
+    Checkpoint { path: PathBuf, reason: String },
 }
 
 impl Error {
@@ -90,9 +96,9 @@ impl Error {
         }
     }
 
-    /// The file or directory the error concerns.
-    pub fn path(&self) -> &std::path::Path {
-        match self {
+    /// The file or directory the error concerns, when it concerns one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        Some(match self {
             Error::Io { path, .. }
             | Error::InvalidNifti { path, .. }
             | Error::InvalidDicom { path, .. }
@@ -102,7 +108,9 @@ impl Error {
             | Error::NothingFound { path, .. }
             | Error::AmbiguousSeries { path, .. }
             | Error::SeriesNotFound { path, .. }
-            | Error::Write { path, .. } => path,
-        }
+            | Error::Write { path, .. }
+            | Error::Checkpoint { path, .. } => path,
+            Error::Config { .. } => return None,
+        })
     }
 }

@@ -1,8 +1,9 @@
 //! medseg: lesion detection and segmentation in CT and MR scans.
 //!
-//! This crate reads scans with exact geometry: NIfTI-1/NIfTI-2 files and DICOM (single files,
+//! Scans are read with exact geometry: NIfTI-1/NIfTI-2 files and DICOM (single files,
 //! enhanced multi-frame objects, whole series directories), and writes NIfTI whose voxels land on
 //! the same world positions. World coordinates are RAS+ millimetres, as nibabel reports them.
+//! The segmentation network is [`model::HybridSegNet`] (CNN stem → ViT → U-shaped decoder) on burn.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -16,6 +17,8 @@
 pub mod error;
 pub mod geometry;
 pub mod io;
+pub mod model;
+pub mod train;
 pub mod volume;
 
 pub use error::{Error, Result};

@@ -2,6 +2,7 @@
 
 mod convert;
 mod inspect;
+mod model;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Write one volume (NIfTI, DICOM file or series) as NIfTI with its geometry.
     Convert(convert::Args),
+    /// Print a model's layers, parameter count and multiply-adds.
+    Model(model::Args),
 }
 
 /// A failure already reported item by item; only the exit status is left to set.
@@ -43,6 +46,7 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Model(args) => model::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -121,3 +121,33 @@ fn convert_refuses_a_mixed_directory_and_lists_the_series() {
         "{err}"
     );
 }
+
+#[test]
+fn model_prints_layers_parameters_and_multiply_adds() {
+    let out = Command::new(bin())
+        .args([
+            "model", "--preset", "small", "--dims", "3", "--size", "64,64,64",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("vit.block.3"), "{text}");
+    let cfg = medseg::model::HybridSegNetConfig::preset("small", 3, 1, 2).unwrap();
+    let params: usize = medseg::model::summary::summarize(&cfg, &[64, 64, 64])
+        .iter()
+        .map(|r| r.params)
+        .sum();
+    assert!(text.contains(&format!("({params})")), "{text}");
+
+    let bad = Command::new(bin())
+        .args(["model", "--preset", "huge"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown preset"));
+}

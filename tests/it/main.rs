@@ -7,5 +7,6 @@ mod cli;
 mod common;
 mod dicom_conformance;
 mod geometry_oracle;
+mod model;
 mod nifti_conformance;
 mod roundtrip;

@@ -1,0 +1,100 @@
+//! `medseg model (--preset NAME --dims 2|3 | --config FILE) [--size ...]`: layer summary,
+//! parameter count and multiply-adds of one forward pass.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use medseg::model::{summary, HybridSegNetConfig};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// tiny, small or base.
+    #[arg(long, default_value = "tiny", conflicts_with = "config")]
+    preset: String,
+    /// Spatial dimensions of the preset: 2 (slices) or 3 (patches).
+    #[arg(long, default_value_t = 3)]
+    dims: usize,
+    /// A model config: `model.json` saved beside weights, or TOML with the same keys (top level or
+    /// under `[model]`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Input patch size, e.g. 96,96,96 (default: the config's patch size).
+    #[arg(long, value_delimiter = ',')]
+    size: Option<Vec<usize>>,
+    #[arg(long, default_value_t = 1)]
+    in_channels: usize,
+    #[arg(long, default_value_t = 2)]
+    classes: usize,
+}
+
+fn load_config(path: &PathBuf) -> anyhow::Result<HybridSegNetConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    let config = if is_json {
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a model config", path.display()))?
+    } else {
+        let value: toml::Value =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let table = value.get("model").cloned().unwrap_or(value);
+        table
+            .try_into()
+            .with_context(|| format!("{}: not a model config", path.display()))?
+    };
+    Ok(config)
+}
+
+fn human(n: f64) -> String {
+    match n {
+        n if n >= 1e9 => format!("{:.2} G", n / 1e9),
+        n if n >= 1e6 => format!("{:.2} M", n / 1e6),
+        n if n >= 1e3 => format!("{:.1} k", n / 1e3),
+        n => format!("{n:.0}"),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => load_config(path)?,
+        None => {
+            HybridSegNetConfig::preset(&args.preset, args.dims, args.in_channels, args.classes)?
+        }
+    };
+    config.validate()?;
+    let size = args
+        .size
+        .clone()
+        .unwrap_or_else(|| config.patch_size.clone());
+    if size.len() != config.spatial_dims {
+        bail!(
+            "--size needs {} values for a {}D model",
+            config.spatial_dims,
+            config.spatial_dims
+        );
+    }
+    let rows = summary::summarize(&config, &size);
+    println!(
+        "{:<28} {:>22} {:>12} {:>12}",
+        "layer", "output [C, D, H, W]", "params", "MACs"
+    );
+    for r in &rows {
+        println!(
+            "{:<28} {:>22} {:>12} {:>12}",
+            r.name,
+            format!("{:?}", r.output),
+            human(r.params as f64),
+            human(r.macs as f64)
+        );
+    }
+    let params: usize = rows.iter().map(|r| r.params).sum();
+    let macs: u64 = rows.iter().map(|r| r.macs).sum();
+    println!(
+        "total: {} parameters ({params}), {} multiply-adds per forward pass at {:?} (total stride {})",
+        human(params as f64),
+        human(macs as f64),
+        size,
+        config.total_stride()
+    );
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! The Vision-Transformer encoder: token embedding of the stem's last feature map, position
+//! embeddings, pre-norm self-attention blocks; returns every block's hidden state (UNETR taps them).
+
+use burn::module::Param;
+use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
+use burn::prelude::*;
+use burn::tensor::activation;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use serde::{Deserialize, Serialize};
+
+use super::blocks::{ConvNd, ConvNdConfig};
+
+/// How tokens learn where they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionEmbedding {
+    /// Learned for the training token grid (ViT); interpolated when the grid differs.
+    Learned,
+    /// Fixed sines and cosines per axis (Vaswani et al., 2017), valid for any grid.
+    Sinusoidal,
+}
+
+#[derive(Config, Debug)]
+pub struct VitConfig {
+    pub spatial_dims: usize,
+    pub in_channels: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    /// Stem feature-map voxels per token edge (1 = one token per stem voxel).
+    #[config(default = 1)]
+    pub patch: usize,
+    /// The token grid at training size `[d, h, w]` (sizes the learned position embedding).
+    pub grid: [usize; 3],
+    #[config(default = 4)]
+    pub mlp_ratio: usize,
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    #[config(default = "PositionEmbedding::Learned")]
+    pub position: PositionEmbedding,
+}
+
+/// Pre-norm transformer block: `x + MHA(LN(x))`, then `x + MLP(LN(x))`.
+#[derive(Module, Debug)]
+pub struct VitBlock {
+    norm_attention: LayerNorm,
+    attention: MultiHeadAttention,
+    norm_mlp: LayerNorm,
+    mlp_in: Linear,
+    mlp_out: Linear,
+    dropout: Dropout,
+}
+
+#[derive(Config, Debug)]
+pub struct VitBlockConfig {
+    pub embed_dim: usize,
+    pub heads: usize,
+    #[config(default = 4)]
+    pub mlp_ratio: usize,
+    #[config(default = 0.0)]
+    pub dropout: f64,
+}
+
+impl VitBlockConfig {
+    pub fn init(&self, device: &Device) -> VitBlock {
+        let (d, hidden) = (self.embed_dim, self.embed_dim * self.mlp_ratio);
+        VitBlock {
+            // eps 1e-6 as in ViT (Dosovitskiy et al., 2021).
+            norm_attention: LayerNormConfig::new(d).with_epsilon(1e-6).init(device),
+            attention: MultiHeadAttentionConfig::new(d, self.heads)
+                .with_dropout(self.dropout)
+                .init(device),
+            norm_mlp: LayerNormConfig::new(d).with_epsilon(1e-6).init(device),
+            mlp_in: LinearConfig::new(d, hidden).init(device),
+            mlp_out: LinearConfig::new(hidden, d).init(device),
+            dropout: DropoutConfig::new(self.dropout).init(),
+        }
+    }
+}
+
+impl VitBlock {
+    /// # Shapes
+    /// - `x`: `[B, N, E]` → `[B, N, E]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self
+            .attention
+            .forward(MhaInput::self_attn(self.norm_attention.forward(x.clone())))
+            .context;
+        let x = x + self.dropout.forward(h);
+        let h = self.mlp_in.forward(self.norm_mlp.forward(x.clone()));
+        let h = self
+            .mlp_out
+            .forward(self.dropout.forward(activation::gelu(h)));
+        x + self.dropout.forward(h)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Vit {
+    embed: ConvNd,
+    /// `[1, N_train, E]`; `None` with sinusoidal embeddings.
+    position: Option<Param<Tensor<3>>>,
+    blocks: Vec<VitBlock>,
+    norm: LayerNorm,
+    grid: [usize; 3],
+    embed_dim: usize,
+}
+
+/// Encoder output: the final (normed) tokens as a feature map, and every block's hidden state.
+pub struct VitOutput {
+    /// `[B, E, d, h, w]`
+    pub features: Tensor<5>,
+    /// Per block, `[B, E, d, h, w]`.
+    pub hidden: Vec<Tensor<5>>,
+}
+
+impl VitConfig {
+    pub fn init(&self, device: &Device) -> Vit {
+        let n: usize = self.grid.iter().product();
+        Vit {
+            embed: ConvNdConfig::new(
+                self.spatial_dims,
+                [self.in_channels, self.embed_dim],
+                self.patch,
+            )
+            .with_stride(self.patch)
+            .with_pad(false)
+            .init(device),
+            position: (self.position == PositionEmbedding::Learned).then(|| {
+                // std 0.02 as ViT / timm's trunc_normal_ init.
+                Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                }
+                .init([1, n, self.embed_dim], device)
+            }),
+            blocks: (0..self.depth)
+                .map(|_| {
+                    VitBlockConfig::new(self.embed_dim, self.heads)
+                        .with_mlp_ratio(self.mlp_ratio)
+                        .with_dropout(self.dropout)
+                        .init(device)
+                })
+                .collect(),
+            norm: LayerNormConfig::new(self.embed_dim)
+                .with_epsilon(1e-6)
+                .init(device),
+            grid: self.grid,
+            embed_dim: self.embed_dim,
+        }
+    }
+}
+
+impl Vit {
+    /// # Shapes
+    /// - `x`: stem features `[B, C, D, H, W]`; 2D uses `D = 1` and the patch only spans H, W
+    /// - output: [`VitOutput`] on the token grid `[d, h, w] = [D/p (3D) or 1, H/p, W/p]`
+    pub fn forward(&self, x: Tensor<5>) -> VitOutput {
+        let tokens = self.embed.forward(x);
+        let [b, e, d, h, w] = tokens.dims();
+        let n = d * h * w;
+        // [B, E, d, h, w] → [B, E, N] → [B, N, E]
+        let mut t = tokens.reshape([b, e, n]).swap_dims(1, 2);
+        let device = t.device();
+        t = t + match &self.position {
+            Some(p) => self.resize_position(p.val(), [d, h, w]),
+            None => sinusoidal([d, h, w], e, &device),
+        };
+        let to_map = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, e, d, h, w]);
+        let mut hidden = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            t = block.forward(t);
+            hidden.push(to_map(t.clone()));
+        }
+        VitOutput {
+            features: to_map(self.norm.forward(t)),
+            hidden,
+        }
+    }
+
+    /// The learned embedding on `grid`: as stored when it is the training grid, else resampled
+    /// (bilinear per plane, then along depth) like ViT's interpolated position embeddings.
+    ///
+    /// # Shapes
+    /// - `pos`: `[1, N_train, E]` → `[1, d·h·w, E]`
+    fn resize_position(&self, pos: Tensor<3>, grid: [usize; 3]) -> Tensor<3> {
+        if grid == self.grid {
+            return pos;
+        }
+        let [d0, h0, w0] = self.grid;
+        let [d, h, w] = grid;
+        let e = self.embed_dim;
+        let opts = |size: [usize; 2]| {
+            InterpolateOptions::new(InterpolateMode::Bilinear)
+                .with_align_corners(false)
+                .with_output_size(size)
+        };
+        // [1, N, E] → [1, E, d0, h0, w0] → planes [E·d0 as batch.. ] → resize H, W
+        let map = pos.swap_dims(1, 2).reshape([e, d0, h0, w0]);
+        let planes = interpolate(map, opts([h, w])); // [E, d0, h, w] with d0 as channels
+        let resized = if d0 == d {
+            planes
+        } else {
+            // Resize depth: treat [E, 1, d0, h·w] as an image and stretch its first axis.
+            let deep = planes.reshape([e, 1, d0, h * w]);
+            interpolate(deep, opts([d, h * w])).reshape([e, d, h, w])
+        };
+        resized.reshape([1, e, d * h * w]).swap_dims(1, 2)
+    }
+}
+
+/// Fixed sinusoidal embeddings: the embedding is split in three (depth, height, width), each a
+/// sin/cos pair over geometric frequencies.
+///
+/// # Shapes
+/// - output: `[1, d·h·w, E]`
+fn sinusoidal(grid: [usize; 3], e: usize, device: &Device) -> Tensor<3> {
+    let per_axis = (e / 6) * 2; // an even share per axis; any remainder stays zero
+    let n: usize = grid.iter().product();
+    let mut data = vec![0f32; n * e];
+    for (idx, row) in data.chunks_exact_mut(e).enumerate() {
+        let pos = [
+            idx / (grid[1] * grid[2]),
+            (idx / grid[2]) % grid[1],
+            idx % grid[2],
+        ];
+        for (axis, &p) in pos.iter().enumerate() {
+            for i in 0..per_axis / 2 {
+                let freq = 1.0 / 10000f32.powf(2.0 * i as f32 / per_axis as f32);
+                row[axis * per_axis + 2 * i] = (p as f32 * freq).sin();
+                row[axis * per_axis + 2 * i + 1] = (p as f32 * freq).cos();
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, n, e]), device)
+}
