@@ -15,7 +15,9 @@
 //! ```
 
 pub mod error;
+pub mod eval;
 pub mod geometry;
+pub mod infer;
 pub mod io;
 pub mod model;
 pub mod train;

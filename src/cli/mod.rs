@@ -1,6 +1,7 @@
 //! Subcommands. Exit codes: 0 success, 1 a failure (the message names the file), 2 bad usage.
 
 mod convert;
+mod evaluate;
 mod inspect;
 mod model;
 
@@ -27,6 +28,9 @@ enum Command {
     Convert(convert::Args),
     /// Print a model's layers, parameter count and multiply-adds.
     Model(model::Args),
+    /// Score predicted label maps against truth: overlap, surface distances in mm, lesion-wise
+    /// detection and FROC, with a report and plots.
+    Evaluate(evaluate::Args),
 }
 
 /// A failure already reported item by item; only the exit status is left to set.
@@ -47,6 +51,7 @@ pub fn run() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Model(args) => model::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

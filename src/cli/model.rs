@@ -26,6 +26,59 @@ pub struct Args {
     in_channels: usize,
     #[arg(long, default_value_t = 2)]
     classes: usize,
+    /// Also build the model on this device (cpu, wgpu, cuda) and time N training steps
+    /// (forward + backward, batch 1) after one warm-up step.
+    #[arg(long, value_name = "N")]
+    time: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Times `steps` forward+backward passes of one random sample.
+fn time_steps(
+    config: &HybridSegNetConfig,
+    size: &[usize],
+    device: &str,
+    steps: usize,
+    macs: u64,
+) -> anyhow::Result<()> {
+    use burn::prelude::*;
+    let device = medseg::model::device(device)?.autodiff();
+    let net = config.init(&device)?;
+    let shape = if config.spatial_dims == 2 {
+        [1, config.input_channels(), 1, size[0], size[1]]
+    } else {
+        [1, config.input_channels(), size[0], size[1], size[2]]
+    };
+    let x = Tensor::<5>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let y = Tensor::<4, Int>::zeros([1, shape[2], shape[3], shape[4]], &device);
+    let step = || {
+        let loss =
+            medseg::train::loss::dice_ce_loss(net.forward(x.clone()).logits, y.clone(), 1.0, 1.0);
+        let _ = loss.backward();
+    };
+    step();
+    let start = std::time::Instant::now();
+    for _ in 0..steps.max(1) {
+        step();
+    }
+    let per = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+    println!(
+        "training step: {:.1} ms ({:.2} samples/s, {:.1} GFLOP/s at 6 FLOP per multiply-add), peak RSS {}",
+        per * 1e3,
+        1.0 / per,
+        6.0 * macs as f64 / per / 1e9,
+        peak_rss_mib().map_or("unknown".into(), |m| format!("{m:.0} MiB"))
+    );
+    Ok(())
 }
 
 fn load_config(path: &PathBuf) -> anyhow::Result<HybridSegNetConfig> {
@@ -96,5 +149,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         size,
         config.total_stride()
     );
+    if let Some(steps) = args.time {
+        time_steps(&config, &size, &args.device, steps, macs)?;
+    }
     Ok(())
 }

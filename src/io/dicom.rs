@@ -118,16 +118,26 @@ pub fn open(path: &Path, header_only: bool) -> Result<DefaultDicomObject> {
         flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))
             .read_to_end(&mut bytes)
             .map_err(|e| dicom_err(path, format!("gzip stream is truncated or corrupt ({e})")))?;
-        let body = match bytes.get(128..132) {
-            Some(m) if m == b"DICM" => &bytes[128..],
-            _ => &bytes[..],
-        };
-        return opts
-            .read_preamble(dicom_object::file::ReadPreamble::Never)
-            .from_reader(std::io::Cursor::new(body))
-            .map_err(|e| dicom_err(path, e.to_string()));
+        return open_bytes(path, &bytes, header_only);
     }
     opts.open_file(path)
+        .map_err(|e| dicom_err(path, e.to_string()))
+}
+
+/// Parses a DICOM file held in memory (with or without its 128-byte preamble); `path` only names
+/// it in errors.
+pub fn open_bytes(path: &Path, bytes: &[u8], header_only: bool) -> Result<DefaultDicomObject> {
+    let opts = OpenFileOptions::new().read_preamble(dicom_object::file::ReadPreamble::Never);
+    let opts = if header_only {
+        opts.read_until(tags::PIXEL_DATA)
+    } else {
+        opts
+    };
+    let body = match bytes.get(128..132) {
+        Some(m) if m == b"DICM" => &bytes[128..],
+        _ => bytes,
+    };
+    opts.from_reader(std::io::Cursor::new(body))
         .map_err(|e| dicom_err(path, e.to_string()))
 }
 

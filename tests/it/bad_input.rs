@@ -113,3 +113,28 @@ fn truncated_headers_never_panic() {
         }
     }
 }
+
+/// Inputs the fuzzers once found trouble with (`tests/data/fuzz/`): each must fail cleanly, in
+/// bounded memory, through the same in-memory entry points the fuzz targets use.
+#[test]
+fn fuzz_regressions_fail_cleanly() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("dicom_object") {
+            if let Ok(obj) = medseg::io::dicom::open_bytes(&path, &bytes, false) {
+                let _ = medseg::io::dicom::read_object(&path, &obj, None);
+            }
+        } else {
+            assert!(
+                medseg::io::nifti::read_nifti_bytes(&path, &bytes).is_err(),
+                "{name}"
+            );
+        }
+        n += 1;
+    }
+    assert!(n > 0);
+}

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod dicom_conformance;
+mod evaluate;
 mod geometry_oracle;
 mod model;
 mod nifti_conformance;

@@ -1,0 +1,260 @@
+//! Evaluation metrics: known answers on analytic shapes (isotropic and anisotropic), agreement
+//! with MONAI on real masks (`tests/data/eval_reference.json`), and `medseg evaluate` end to end.
+
+use std::process::Command;
+
+use medseg::eval::metrics::class_metrics;
+use medseg::io::{read_nifti, write_nifti};
+use medseg::DataType;
+
+use crate::common::{bin, cache, reference};
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol
+}
+
+/// A `[nk, nj, ni]` mask with the given voxels `(k, j, i)` set.
+fn points(dims: [usize; 3], set: &[[usize; 3]]) -> Vec<bool> {
+    let mut m = vec![false; dims.iter().product()];
+    for p in set {
+        m[(p[0] * dims[1] + p[1]) * dims[2] + p[2]] = true;
+    }
+    m
+}
+
+fn boxed(dims: [usize; 3], lo: [usize; 3], hi: [usize; 3]) -> Vec<bool> {
+    let mut m = vec![false; dims.iter().product()];
+    for k in lo[0]..hi[0] {
+        for j in lo[1]..hi[1] {
+            for i in lo[2]..hi[2] {
+                m[(k * dims[1] + j) * dims[2] + i] = true;
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn single_voxels_give_their_distance_in_mm() {
+    let dims = [8, 8, 8];
+    let spacing = [3.0, 2.0, 0.5]; // (k, j, i) mm
+    let t = points(dims, &[[1, 1, 1]]);
+    let p = points(dims, &[[3, 2, 5]]);
+    // |(2·3, 1·2, 4·0.5)| = sqrt(36 + 4 + 4)
+    let d = 44f64.sqrt();
+    let m = class_metrics(&t, &p, dims, spacing, 2.0);
+    assert_eq!(m.dice, 0.0);
+    assert!(
+        close(m.hd95_mm, d, 1e-12) && close(m.assd_mm, d, 1e-12),
+        "{m:?}"
+    );
+    assert_eq!(m.nsd, 0.0);
+    let m = class_metrics(&t, &p, dims, spacing, 7.0);
+    assert_eq!(m.nsd, 1.0);
+    assert_eq!(m.truth_mm3, 3.0);
+}
+
+#[test]
+fn two_to_one_voxels_interpolate_the_95th_percentile() {
+    let dims = [1, 1, 12];
+    let spacing = [1.0, 1.0, 2.0];
+    // truth at i = 0 and i = 10, prediction at i = 4: truth→pred 8 and 12 mm, pred→truth 8 mm.
+    let t = points(dims, &[[0, 0, 0], [0, 0, 10]]);
+    let p = points(dims, &[[0, 0, 4]]);
+    let m = class_metrics(&t, &p, dims, spacing, 1.0);
+    // NumPy percentile of [8, 12] at 95 = 8 + 0.95·4 = 11.8
+    assert!(close(m.hd95_mm, 11.8, 1e-12), "{m:?}");
+    assert!(close(m.assd_mm, (8.0 + 8.0 + 12.0) / 3.0, 1e-12), "{m:?}");
+}
+
+#[test]
+fn shifted_boxes_have_the_hand_computed_overlap_and_distances() {
+    let dims = [12, 12, 20];
+    let spacing = [2.5, 1.0, 0.8];
+    // 4 × 4 × 10 box; the prediction shifted by 3 voxels along i.
+    let t = boxed(dims, [4, 4, 5], [8, 8, 15]);
+    let p = boxed(dims, [4, 4, 8], [8, 8, 18]);
+    let m = class_metrics(&t, &p, dims, spacing, 0.5);
+    assert!(close(m.dice, 7.0 / 10.0, 1e-12), "{m:?}"); // overlap 7 of 10 columns
+    assert!(close(m.iou, 7.0 / 13.0, 1e-12));
+    assert!(close(m.precision, 0.7, 1e-12) && close(m.recall, 0.7, 1e-12));
+    assert!(close(m.truth_mm3, 160.0 * 2.0, 1e-9)); // 160 voxels of 2 mm³
+    assert_eq!(m.relative_volume_difference, 0.0);
+    // Every surface voxel of one box is within 3 voxels (2.4 mm) along i of the other's surface,
+    // and the end faces are exactly that far: the largest distance is 2.4 mm.
+    assert!(m.hd95_mm <= 2.4 + 1e-12 && m.hd95_mm > 0.0, "{m:?}");
+    // Identical masks: perfect.
+    let m = class_metrics(&t, &t, dims, spacing, 0.0);
+    assert_eq!((m.dice, m.hd95_mm, m.assd_mm, m.nsd), (1.0, 0.0, 0.0, 1.0));
+}
+
+#[test]
+fn empty_masks_follow_the_documented_conventions() {
+    let dims = [4, 4, 4];
+    let empty = vec![false; 64];
+    let one = points(dims, &[[1, 1, 1]]);
+    let both = class_metrics(&empty, &empty, dims, [1.0; 3], 1.0);
+    assert_eq!((both.dice, both.iou), (1.0, 1.0));
+    assert!(both.hd95_mm.is_nan() && both.nsd.is_nan());
+    let missed = class_metrics(&one, &empty, dims, [1.0; 3], 1.0);
+    assert_eq!((missed.dice, missed.recall, missed.nsd), (0.0, 0.0, 0.0));
+    assert!(missed.hd95_mm.is_nan() && missed.assd_mm.is_nan());
+    let spurious = class_metrics(&empty, &one, dims, [1.0; 3], 1.0);
+    assert_eq!(spurious.precision, 0.0);
+    assert!(spurious.relative_volume_difference.is_nan());
+}
+
+fn mask(rel: &str, f: impl Fn(f32) -> bool) -> (Vec<bool>, [usize; 3], [f64; 3]) {
+    let v = read_nifti(&cache(rel)).unwrap();
+    let g = v.geometry.dims;
+    let s = v.geometry.spacing();
+    (
+        v.voxels.iter().map(|&x| f(x)).collect(),
+        [g[2], g[1], g[0]],
+        [s[2], s[1], s[0]],
+    )
+}
+
+#[test]
+fn agrees_with_monai_on_real_masks() {
+    let refs = reference("eval_reference.json");
+    let tau = refs["nsd_tolerance_mm"].as_f64().unwrap();
+    type Pair = (&'static str, (Vec<bool>, [usize; 3], [f64; 3]), Vec<bool>);
+    let pairs: [Pair; 3] = [
+        (
+            "itk_brain",
+            mask("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz", |x| {
+                x >= 5.0
+            }),
+            mask("itk/KmeansTest_T1RawSkullStrip.nii.gz", |x| x >= 5.0).0,
+        ),
+        (
+            "itk_class6",
+            mask("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz", |x| {
+                x == 6.0
+            }),
+            mask("itk/KmeansTest_T1RawSkullStrip.nii.gz", |x| x == 6.0).0,
+        ),
+        (
+            "ch2_brain",
+            mask("mricron/ch2bet.nii.gz", |x| x > 0.0),
+            mask("mricron/aal.nii.gz", |x| x > 0.0).0,
+        ),
+    ];
+    for (name, (truth, dims, spacing), pred) in pairs {
+        let e = &refs["pairs"][name];
+        let m = class_metrics(&truth, &pred, dims, spacing, tau);
+        for (key, got) in [
+            ("dice", m.dice),
+            ("hd95_mm", m.hd95_mm),
+            ("assd_mm", m.assd_mm),
+            ("nsd", m.nsd),
+        ] {
+            let want = e[key].as_f64().unwrap();
+            // MONAI's values pass through float32; 1e-3 (relative for mm) covers that.
+            assert!(
+                close(got, want, 1e-3 * want.abs().max(1.0)),
+                "{name} {key}: medseg {got}, MONAI {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn evaluate_writes_the_report_and_lists_missing_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (truth, pred, out) = (
+        dir.path().join("truth"),
+        dir.path().join("pred"),
+        dir.path().join("report"),
+    );
+    std::fs::create_dir_all(&truth).unwrap();
+    std::fs::create_dir_all(&pred).unwrap();
+    let prelim = read_nifti(&cache("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz")).unwrap();
+    let strip = read_nifti(&cache("itk/KmeansTest_T1RawSkullStrip.nii.gz")).unwrap();
+    // Classes 5 and 6 in both label maps; a second case whose prediction is missing.
+    let mut t = prelim.clone();
+    t.voxels.mapv_inplace(|x| if x >= 5.0 { x } else { 0.0 });
+    let mut p = strip.clone();
+    p.voxels.mapv_inplace(|x| if x >= 5.0 { x } else { 0.0 });
+    write_nifti(&t, &truth.join("brain_a.nii.gz"), DataType::Uint8).unwrap();
+    write_nifti(&p, &pred.join("brain_a.nii.gz"), DataType::Uint8).unwrap();
+    write_nifti(&t, &truth.join("brain_b.nii.gz"), DataType::Uint8).unwrap();
+    let config = dir.path().join("eval.toml");
+    std::fs::write(&config, "[evaluate]\nlabels = [\"background\", \"a\", \"b\", \"c\", \"d\", \"grey\", \"white\"]\nnsd_tolerance_mm = 2.0\n").unwrap();
+    let res = Command::new(bin())
+        .args(["evaluate", "--pred"])
+        .arg(&pred)
+        .arg("--truth")
+        .arg(&truth)
+        .arg("--config")
+        .arg(&config)
+        .arg("--images")
+        .arg(cache("itk"))
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for f in [
+        "per_case.csv",
+        "per_lesion.csv",
+        "summary.json",
+        "report.md",
+        "dice_per_class.png",
+        "froc.png",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary["missing_predictions"],
+        serde_json::json!(["brain_b"])
+    );
+    assert_eq!(summary["classes"]["6"]["label"], "white");
+    // brain_a's class-6 Dice equals the direct computation; brain_b's is 0 (empty prediction).
+    let (tm, dims, spacing) = mask("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz", |x| {
+        x == 6.0
+    });
+    let direct = class_metrics(
+        &tm,
+        &mask("itk/KmeansTest_T1RawSkullStrip.nii.gz", |x| x == 6.0).0,
+        dims,
+        spacing,
+        2.0,
+    );
+    let mean = summary["classes"]["6"]["dice"]["mean"].as_f64().unwrap();
+    assert!(
+        close(mean, direct.dice / 2.0, 1e-9),
+        "{mean} vs {}",
+        direct.dice / 2.0
+    );
+    let lesions = &summary["lesions"]["6"];
+    assert!(lesions["truth_lesions"].as_u64().unwrap() >= 2);
+    assert!(lesions["froc"]["sensitivity"].as_array().unwrap().len() == 7);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("brain_b") && md.contains("white"));
+    assert!(out.join("worst_cases.png").exists());
+
+    // A prediction on another grid is an error naming the case; the others still get evaluated.
+    let mut shifted = p.clone();
+    shifted.geometry.affine[0][3] += 5.0;
+    write_nifti(&shifted, &pred.join("brain_b.nii.gz"), DataType::Uint8).unwrap();
+    let res = Command::new(bin())
+        .args(["evaluate", "--pred"])
+        .arg(&pred)
+        .arg("--truth")
+        .arg(&truth)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("brain_b"));
+    assert!(out.join("summary.json").exists());
+}
