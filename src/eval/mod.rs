@@ -171,6 +171,54 @@ fn labels_of(v: &Volume) -> Vec<u32> {
         .collect()
 }
 
+/// One row of a lesion table beside a prediction (`CASE_lesions.json`, as `medseg segment` writes
+/// it): `{"lesions": [{"class": 1, "bbox_voxel": [[i0, j0, k0], [i1, j1, k1]], "confidence": 0.9}]}`
+/// with an inclusive voxel bounding box; `max_probability` stands in when `confidence` is absent.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LesionTableRow {
+    pub class: u32,
+    pub bbox_voxel: [[usize; 3]; 2],
+    #[serde(default)]
+    pub confidence: Option<f64>,
+    #[serde(default)]
+    pub max_probability: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct LesionTable {
+    lesions: Vec<LesionTableRow>,
+}
+
+fn lesion_table(pair: &CasePair) -> Result<Option<Vec<LesionTableRow>>> {
+    let Some(dir) = pair.pred.as_ref().and_then(|p| p.parent()) else {
+        return Ok(None);
+    };
+    let path = dir.join(format!("{}_lesions.json", pair.case));
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let table: LesionTable = serde_json::from_str(&text).map_err(|e| Error::Config {
+        reason: format!("{}: not a lesion table: {e}", path.display()),
+    })?;
+    Ok(Some(table.lesions))
+}
+
+/// Inclusive `(i, j, k)` bounding box of voxel indices on a `[nk, nj, ni]` grid.
+fn bbox_ijk(members: &[usize], dims: [usize; 3]) -> [[usize; 3]; 2] {
+    let [_, nj, ni] = dims;
+    let mut lo = [usize::MAX; 3];
+    let mut hi = [0usize; 3];
+    for &x in members {
+        let p = [x % ni, (x / ni) % nj, x / (nj * ni)];
+        for a in 0..3 {
+            lo[a] = lo[a].min(p[a]);
+            hi[a] = hi[a].max(p[a]);
+        }
+    }
+    [lo, hi]
+}
+
 /// Confidence per predicted lesion from a probability map beside the prediction
 /// (`CASE_probabilities.nii.gz`: the lesion's maximum), else 1.
 fn confidence_source(pair: &CasePair, dims: [usize; 3]) -> Option<Vec<f32>> {
@@ -225,8 +273,20 @@ pub fn evaluate_case(pair: &CasePair, config: &EvalConfig) -> Result<CaseResult>
     let s = truth.geometry.spacing();
     let spacing = [s[2], s[1], s[0]];
     let voxel_mm3 = s.iter().product::<f64>();
+    // Confidence of a predicted lesion: its lesion-table row (matched by class and bounding box),
+    // else its maximum probability, else 1.
+    let table = lesion_table(pair)?;
     let probabilities = confidence_source(pair, dims);
-    let confidence = |members: &[usize]| -> f64 {
+    let confidence_of = |class: u32, members: &[usize]| -> f64 {
+        if let Some(rows) = &table {
+            let bbox = bbox_ijk(members, dims);
+            let row = rows
+                .iter()
+                .find(|r| r.class == class && r.bbox_voxel == bbox);
+            if let Some(c) = row.and_then(|r| r.confidence.or(r.max_probability)) {
+                return c;
+            }
+        }
         match &probabilities {
             Some(prob) => members.iter().map(|&i| prob[i] as f64).fold(0.0, f64::max),
             None => 1.0,
@@ -251,6 +311,7 @@ pub fn evaluate_case(pair: &CasePair, config: &EvalConfig) -> Result<CaseResult>
             .as_ref()
             .is_none_or(|l| l.contains(&c));
         if lesion_class {
+            let confidence = |members: &[usize]| confidence_of(c, members);
             let m = match_lesions(
                 &pair.case,
                 c,

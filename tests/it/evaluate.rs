@@ -258,3 +258,91 @@ fn evaluate_writes_the_report_and_lists_missing_predictions() {
     assert!(String::from_utf8_lossy(&res.stderr).contains("brain_b"));
     assert!(out.join("summary.json").exists());
 }
+
+#[test]
+fn froc_uses_the_lesion_table_confidences() {
+    let dir = tempfile::tempdir().unwrap();
+    let (truth_dir, pred_dir, out) = (
+        dir.path().join("t"),
+        dir.path().join("p"),
+        dir.path().join("o"),
+    );
+    std::fs::create_dir_all(&truth_dir).unwrap();
+    std::fs::create_dir_all(&pred_dir).unwrap();
+    // On a real grid (the ITK T1, 2 × 2 × 3 mm): three truth lesions; the prediction finds two
+    // of them and adds two false positives. Cubes of 3 voxels at (k, j, i) corners.
+    let base = read_nifti(&cache("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz")).unwrap();
+    let cube = |v: &mut medseg::Volume, k: usize, j: usize, i: usize| {
+        v.voxels
+            .slice_mut(ndarray::s![0, k..k + 3, j..j + 3, i..i + 3])
+            .fill(1.0);
+    };
+    let mut truth = base.clone();
+    truth.voxels.fill(0.0);
+    let mut pred = truth.clone();
+    for (k, j, i) in [(10, 20, 20), (20, 60, 60), (40, 100, 30)] {
+        cube(&mut truth, k, j, i);
+    }
+    for (k, j, i) in [(10, 20, 20), (20, 60, 60), (30, 30, 100), (50, 10, 10)] {
+        cube(&mut pred, k, j, i);
+    }
+    write_nifti(&truth, &truth_dir.join("c.nii.gz"), DataType::Uint8).unwrap();
+    write_nifti(&pred, &pred_dir.join("c.nii.gz"), DataType::Uint8).unwrap();
+    // Confidences: TP 0.9, FP 0.8, TP 0.7, FP 0.6 (bounding boxes in (i, j, k), inclusive).
+    let row = |k: usize, j: usize, i: usize, c: f64| serde_json::json!({"class": 1, "bbox_voxel": [[i, j, k], [i + 2, j + 2, k + 2]], "confidence": c});
+    let table = serde_json::json!({"lesions": [row(10, 20, 20, 0.9), row(30, 30, 100, 0.8), row(20, 60, 60, 0.7), row(50, 10, 10, 0.6)]});
+    std::fs::write(pred_dir.join("c_lesions.json"), table.to_string()).unwrap();
+    let res = Command::new(bin())
+        .args(["evaluate", "--pred"])
+        .arg(&pred_dir)
+        .arg("--truth")
+        .arg(&truth_dir)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let l = &s["lesions"]["1"];
+    assert_eq!(
+        (l["tp"].as_u64(), l["fp"].as_u64(), l["fn"].as_u64()),
+        (Some(2), Some(2), Some(1))
+    );
+    // One scan: sensitivity 1/3 up to 1/2 FP per scan, 2/3 from 1 FP per scan on.
+    let third = 1.0 / 3.0;
+    let expected = [
+        third,
+        third,
+        third,
+        2.0 * third,
+        2.0 * third,
+        2.0 * third,
+        2.0 * third,
+    ];
+    let got: Vec<f64> = l["froc"]["sensitivity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (g, e) in got.iter().zip(expected) {
+        assert!(close(*g, e, 1e-12), "{got:?}");
+    }
+    assert!(close(
+        l["froc"]["average"].as_f64().unwrap(),
+        11.0 / 21.0,
+        1e-12
+    ));
+    // Each lesion is 27 voxels of 12 mm³ = 324 mm³, in the 65–524 mm³ bin.
+    let bins = l["by_volume"].as_array().unwrap();
+    let bin = bins
+        .iter()
+        .find(|b| b["truth_lesions"].as_u64() == Some(3))
+        .unwrap();
+    assert_eq!(bin["bin"], "65-524 mm3");
+}
