@@ -6,7 +6,8 @@
 //! - Surface metrics (HD95, ASSD, NSD) follow MONAI (`compute_hausdorff_distance`,
 //!   `compute_average_surface_distance`, `compute_surface_dice`): a mask's surface is its voxels
 //!   with a face neighbour outside the mask (binary erosion with a cross, border counts as
-//!   outside); distances are Euclidean in mm on the voxel grid with its spacing; HD95 is the larger
+//!   outside); distances are exact Euclidean distances in mm between surface-voxel centres (a k-d
+//!   tree over each surface); HD95 is the larger
 //!   of the two directed 95th percentiles (linear interpolation, as NumPy); ASSD is the mean over
 //!   both directions' distances together; NSD at tolerance τ counts surface voxels within τ of the
 //!   other surface. When either mask is empty, HD95 and ASSD are undefined (NaN) and NSD is 0, or
@@ -33,54 +34,123 @@ pub struct ClassMetrics {
     pub nsd: f64,
 }
 
-/// Bounding box `[lo, hi)` per axis `(k, j, i)` of the voxels set in either mask.
-fn union_bbox(a: &[bool], b: &[bool], dims: [usize; 3]) -> Option<[(usize, usize); 3]> {
-    let [_, nj, ni] = dims;
-    let plane = nj * ni;
-    let mut bbox: Option<[(usize, usize); 3]> = None;
-    for (idx, (&x, &y)) in a.iter().zip(b).enumerate() {
-        if x || y {
-            let p = [idx / plane, (idx / ni) % nj, idx % ni];
-            let bb = bbox.get_or_insert([(p[0], p[0] + 1), (p[1], p[1] + 1), (p[2], p[2] + 1)]);
-            for a in 0..3 {
-                bb[a].0 = bb[a].0.min(p[a]);
-                bb[a].1 = bb[a].1.max(p[a] + 1);
-            }
-        }
-    }
-    bbox
-}
-
-/// Surface voxels of `mask`: set voxels with a face neighbour unset or outside the grid.
-pub fn surface(mask: &[bool], dims: [usize; 3]) -> Vec<bool> {
+/// Whether voxel `(k, j, i)` of `mask` is on its surface: set, with a face neighbour unset or
+/// outside the grid (binary erosion with a cross, border outside, as MONAI's `get_mask_edges`).
+fn on_surface(mask: &[bool], dims: [usize; 3], k: usize, j: usize, i: usize) -> bool {
     let [nk, nj, ni] = dims;
     let at = |k: usize, j: usize, i: usize| mask[(k * nj + j) * ni + i];
+    if !at(k, j, i) {
+        return false;
+    }
+    let inner = k > 0
+        && k + 1 < nk
+        && j > 0
+        && j + 1 < nj
+        && i > 0
+        && i + 1 < ni
+        && at(k - 1, j, i)
+        && at(k + 1, j, i)
+        && at(k, j - 1, i)
+        && at(k, j + 1, i)
+        && at(k, j, i - 1)
+        && at(k, j, i + 1);
+    !inner
+}
+
+/// Surface voxels of `mask` as a mask on the same grid.
+pub fn surface(mask: &[bool], dims: [usize; 3]) -> Vec<bool> {
+    let [_, nj, ni] = dims;
     let mut out = vec![false; mask.len()];
     out.par_chunks_mut(nj * ni)
         .enumerate()
         .for_each(|(k, slab)| {
             for j in 0..nj {
                 for i in 0..ni {
-                    if !at(k, j, i) {
-                        continue;
-                    }
-                    let inner = k > 0
-                        && k + 1 < nk
-                        && j > 0
-                        && j + 1 < nj
-                        && i > 0
-                        && i + 1 < ni
-                        && at(k - 1, j, i)
-                        && at(k + 1, j, i)
-                        && at(k, j - 1, i)
-                        && at(k, j + 1, i)
-                        && at(k, j, i - 1)
-                        && at(k, j, i + 1);
-                    slab[j * ni + i] = !inner;
+                    slab[j * ni + i] = on_surface(mask, dims, k, j, i);
                 }
             }
         });
     out
+}
+
+/// Positions (mm, `(k, j, i)` scaled by spacing) of the surface voxels of `mask` inside `bbox`.
+fn surface_points(
+    mask: &[bool],
+    dims: [usize; 3],
+    bbox: [(usize, usize); 3],
+    spacing: [f64; 3],
+) -> Vec<[f64; 3]> {
+    (bbox[0].0..bbox[0].1)
+        .into_par_iter()
+        .flat_map_iter(|k| {
+            let mut pts = Vec::new();
+            for j in bbox[1].0..bbox[1].1 {
+                for i in bbox[2].0..bbox[2].1 {
+                    if on_surface(mask, dims, k, j, i) {
+                        pts.push([
+                            k as f64 * spacing[0],
+                            j as f64 * spacing[1],
+                            i as f64 * spacing[2],
+                        ]);
+                    }
+                }
+            }
+            pts
+        })
+        .collect()
+}
+
+/// A static 3D k-d tree (median splits, implicit layout) for exact nearest-surface-voxel queries:
+/// O(S log S) in the number of surface voxels instead of a distance transform over the volume.
+struct PointTree {
+    points: Vec<[f64; 3]>,
+}
+
+impl PointTree {
+    fn new(mut points: Vec<[f64; 3]>) -> Self {
+        fn build(p: &mut [[f64; 3]], depth: usize) {
+            if p.len() <= 1 {
+                return;
+            }
+            let mid = p.len() / 2;
+            let axis = depth % 3;
+            p.select_nth_unstable_by(mid, |a, b| a[axis].total_cmp(&b[axis]));
+            let (left, right) = p.split_at_mut(mid);
+            rayon::join(
+                || build(left, depth + 1),
+                || build(&mut right[1..], depth + 1),
+            );
+        }
+        build(&mut points, 0);
+        PointTree { points }
+    }
+
+    /// Squared distance from `q` to the nearest point.
+    fn nearest_squared(&self, q: [f64; 3]) -> f64 {
+        fn search(p: &[[f64; 3]], depth: usize, q: [f64; 3], best: &mut f64) {
+            if p.is_empty() || *best == 0.0 {
+                return;
+            }
+            let mid = p.len() / 2;
+            let c = p[mid];
+            let d = (c[0] - q[0]).powi(2) + (c[1] - q[1]).powi(2) + (c[2] - q[2]).powi(2);
+            *best = best.min(d);
+            let axis = depth % 3;
+            let diff = q[axis] - c[axis];
+            let (near, far) = if diff < 0.0 {
+                (&p[..mid], &p[mid + 1..])
+            } else {
+                (&p[mid + 1..], &p[..mid])
+            };
+            search(near, depth + 1, q, best);
+            if diff * diff < *best {
+                search(far, depth + 1, q, best);
+            }
+        }
+        let mut best = f64::INFINITY;
+        search(&self.points, 0, q, &mut best);
+        best
+    }
 }
 
 /// Squared Euclidean distance (mm²) from every voxel to the nearest `source` voxel, on a
@@ -184,15 +254,6 @@ fn envelope(f: &[f64], out: &mut [f64], s: f64) {
     }
 }
 
-/// Distances (mm) from each surface voxel of `from` to the nearest surface voxel of `to`.
-fn directed_distances(from: &[bool], to_distance: &[f64]) -> Vec<f64> {
-    from.iter()
-        .zip(to_distance)
-        .filter(|(f, _)| **f)
-        .map(|(_, d)| d.sqrt())
-        .collect()
-}
-
 /// NumPy's default percentile (linear interpolation between closest ranks).
 pub fn percentile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
@@ -214,11 +275,44 @@ pub fn class_metrics(
     tolerance_mm: f64,
 ) -> ClassMetrics {
     let voxel_mm3 = spacing.iter().product::<f64>();
-    let (tp, t, p) = truth
-        .par_iter()
-        .zip(pred)
-        .map(|(&a, &b)| ((a && b) as usize, a as usize, b as usize))
-        .reduce(|| (0, 0, 0), |x, y| (x.0 + y.0, x.1 + y.1, x.2 + y.2));
+    let plane = dims[1] * dims[2];
+    // One parallel pass per slab: counts and the bounding box of the union.
+    type Acc = (usize, usize, usize, Option<[(usize, usize); 3]>);
+    let merge = |a: Option<[(usize, usize); 3]>, b: Option<[(usize, usize); 3]>| match (a, b) {
+        (None, x) | (x, None) => x,
+        (Some(a), Some(b)) => Some(std::array::from_fn(|x| {
+            (a[x].0.min(b[x].0), a[x].1.max(b[x].1))
+        })),
+    };
+    let (tp, t, p, bbox): Acc = truth
+        .par_chunks(plane)
+        .zip(pred.par_chunks(plane))
+        .enumerate()
+        .map(|(k, (ts, ps))| {
+            let (mut both, mut nt, mut np) = (0, 0, 0);
+            let (mut jlo, mut jhi, mut ilo, mut ihi) = (usize::MAX, 0, usize::MAX, 0);
+            for (j, (tr, pr)) in ts
+                .chunks_exact(dims[2])
+                .zip(ps.chunks_exact(dims[2]))
+                .enumerate()
+            {
+                for (i, (&a, &b)) in tr.iter().zip(pr).enumerate() {
+                    both += (a && b) as usize;
+                    nt += a as usize;
+                    np += b as usize;
+                    if a || b {
+                        (jlo, jhi) = (jlo.min(j), jhi.max(j + 1));
+                        (ilo, ihi) = (ilo.min(i), ihi.max(i + 1));
+                    }
+                }
+            }
+            let bb = (jlo != usize::MAX).then_some([(k, k + 1), (jlo, jhi), (ilo, ihi)]);
+            (both, nt, np, bb)
+        })
+        .reduce(
+            || (0, 0, 0, None),
+            |x, y| (x.0 + y.0, x.1 + y.1, x.2 + y.2, merge(x.3, y.3)),
+        );
     let ratio = |num: usize, den: usize, empty: f64| {
         if den == 0 {
             empty
@@ -226,9 +320,12 @@ pub fn class_metrics(
             num as f64 / den as f64
         }
     };
-    let both_empty = t == 0 && p == 0;
-    let overlap_empty = if both_empty { 1.0 } else { 0.0 };
-    let (hd95_mm, assd_mm, nsd) = surface_metrics(truth, pred, dims, spacing, tolerance_mm, t, p);
+    let overlap_empty = if t == 0 && p == 0 { 1.0 } else { 0.0 };
+    let (hd95_mm, assd_mm, nsd) = match bbox {
+        Some(bb) if t > 0 && p > 0 => surface_metrics(truth, pred, dims, bb, spacing, tolerance_mm),
+        _ if t == 0 && p == 0 => (f64::NAN, f64::NAN, f64::NAN),
+        _ => (f64::NAN, f64::NAN, 0.0),
+    };
     ClassMetrics {
         dice: ratio(2 * tp, t + p, overlap_empty),
         iou: ratio(tp, t + p - tp, overlap_empty),
@@ -248,43 +345,27 @@ pub fn class_metrics(
     }
 }
 
+/// HD95, ASSD and NSD of two non-empty masks whose voxels all lie in `bbox`.
 fn surface_metrics(
     truth: &[bool],
     pred: &[bool],
     dims: [usize; 3],
+    bbox: [(usize, usize); 3],
     spacing: [f64; 3],
     tolerance_mm: f64,
-    t: usize,
-    p: usize,
 ) -> (f64, f64, f64) {
-    if t == 0 || p == 0 {
-        let nsd = if t == 0 && p == 0 { f64::NAN } else { 0.0 };
-        return (f64::NAN, f64::NAN, nsd);
-    }
-    // Every surface voxel lies in the union's bounding box, so distances computed inside it are
-    // exact; cropping makes lesion-sized masks cheap on CT-sized grids.
-    let Some(bb) = union_bbox(truth, pred, dims) else {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    };
-    let sub = [bb[0].1 - bb[0].0, bb[1].1 - bb[1].0, bb[2].1 - bb[2].0];
-    let crop = |m: &[bool]| -> Vec<bool> {
-        let mut out = Vec::with_capacity(sub.iter().product());
-        for k in bb[0].0..bb[0].1 {
-            for j in bb[1].0..bb[1].1 {
-                let row = (k * dims[1] + j) * dims[2];
-                out.extend_from_slice(&m[row + bb[2].0..row + bb[2].1]);
-            }
-        }
-        out
-    };
-    // Surfaces on the full grid (a crop border is not the image border), then cropped.
-    let (st, sp) = (crop(&surface(truth, dims)), crop(&surface(pred, dims)));
-    let (dt, dp) = rayon::join(
-        || squared_distance_transform(&st, sub, spacing),
-        || squared_distance_transform(&sp, sub, spacing),
+    let (st, sp) = rayon::join(
+        || surface_points(truth, dims, bbox, spacing),
+        || surface_points(pred, dims, bbox, spacing),
     );
-    let mut pred_to_truth = directed_distances(&sp, &dt);
-    let mut truth_to_pred = directed_distances(&st, &dp);
+    let (tt, tp) = rayon::join(|| PointTree::new(st.clone()), || PointTree::new(sp.clone()));
+    let directed = |from: &[[f64; 3]], to: &PointTree| -> Vec<f64> {
+        from.par_iter()
+            .map(|&q| to.nearest_squared(q).sqrt())
+            .collect()
+    };
+    let mut pred_to_truth = directed(&sp, &tt);
+    let mut truth_to_pred = directed(&st, &tp);
     let n = pred_to_truth.len() + truth_to_pred.len();
     let within = pred_to_truth
         .iter()
@@ -336,6 +417,27 @@ mod tests {
         assert!(squared_distance_transform(&[false; 8], [2, 2, 2], [1.0; 3])
             .iter()
             .all(|d| d.is_infinite()));
+    }
+
+    #[test]
+    fn point_tree_finds_the_exact_nearest_point() {
+        let mut state = 12345u64;
+        let mut rnd = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as f64 / (1u64 << 31) as f64 * 50.0
+        };
+        let pts: Vec<[f64; 3]> = (0..500).map(|_| [rnd(), rnd(), rnd()]).collect();
+        let tree = PointTree::new(pts.clone());
+        for _ in 0..300 {
+            let q = [rnd(), rnd(), rnd()];
+            let brute = pts
+                .iter()
+                .map(|p| (p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2) + (p[2] - q[2]).powi(2))
+                .fold(f64::INFINITY, f64::min);
+            assert_eq!(tree.nearest_squared(q), brute);
+        }
     }
 
     #[test]
