@@ -79,11 +79,11 @@ fn print_text(d: &Value) {
     println!("  shape        {}", nums("shape", " x ", 0));
     println!("  dtype        {}", s("dtype"));
     println!("  spacing      {} mm", nums("spacing", " x ", 4));
-    println!(
-        "  orientation  {} (axes {})",
-        s("orientation"),
-        s("axis_codes")
-    );
+    if s("orientation") == "oblique" {
+        println!("  orientation  oblique (closest {})", s("axis_codes"));
+    } else {
+        println!("  orientation  {}", s("orientation"));
+    }
     if let Some(rows) = d["affine"].as_array() {
         for (r, row) in rows.iter().enumerate() {
             let vals: Vec<String> = row

@@ -291,12 +291,22 @@ pub fn device(name: &str) -> Result<Device> {
         "wgpu" => Ok(Device::wgpu(burn::prelude::DeviceKind::DefaultDevice)),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(0)),
-        "wgpu" | "cuda" => Err(Error::Config {
-            reason: format!("this medseg was built without the {name} backend; rebuild with `cargo build --release --features {name}`"),
-        }),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => Err(missing_backend("wgpu")),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(missing_backend("cuda")),
         other => Err(Error::Config {
             reason: format!("unknown device {other:?}; choose cpu, wgpu or cuda"),
         }),
+    }
+}
+
+#[allow(dead_code)] // unused when both GPU backends are compiled in
+fn missing_backend(name: &str) -> Error {
+    Error::Config {
+        reason: format!(
+            "this medseg was built without the {name} backend; rebuild with `cargo build --release --features {name}`"
+        ),
     }
 }
 
