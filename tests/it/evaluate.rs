@@ -1,13 +1,29 @@
 //! Evaluation metrics: known answers on analytic shapes (isotropic and anisotropic), agreement
 //! with MONAI on real masks (`tests/data/eval_reference.json`), and `medseg evaluate` end to end.
 
-use std::process::Command;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use medseg::eval::metrics::class_metrics;
 use medseg::io::{read_nifti, write_nifti};
 use medseg::DataType;
 
 use crate::common::{bin, cache, reference};
+
+/// Runs `medseg evaluate` on the given directories.
+fn run_evaluate(pred: &Path, truth: &Path, out: &Path, extra: &[&OsStr]) -> Output {
+    Command::new(bin())
+        .args(["evaluate", "--pred"])
+        .arg(pred)
+        .arg("--truth")
+        .arg(truth)
+        .arg("--output")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol
@@ -182,19 +198,14 @@ fn evaluate_writes_the_report_and_lists_missing_predictions() {
     write_nifti(&t, &truth.join("brain_b.nii.gz"), DataType::Uint8).unwrap();
     let config = dir.path().join("eval.toml");
     std::fs::write(&config, "[evaluate]\nlabels = [\"background\", \"a\", \"b\", \"c\", \"d\", \"grey\", \"white\"]\nnsd_tolerance_mm = 2.0\n").unwrap();
-    let res = Command::new(bin())
-        .args(["evaluate", "--pred"])
-        .arg(&pred)
-        .arg("--truth")
-        .arg(&truth)
-        .arg("--config")
-        .arg(&config)
-        .arg("--images")
-        .arg(cache("itk"))
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let itk = cache("itk");
+    let extra = [
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--images"),
+        itk.as_os_str(),
+    ];
+    let res = run_evaluate(&pred, &truth, &out, &extra);
     assert!(
         res.status.success(),
         "{}",
@@ -245,15 +256,7 @@ fn evaluate_writes_the_report_and_lists_missing_predictions() {
     let mut shifted = p.clone();
     shifted.geometry.affine[0][3] += 5.0;
     write_nifti(&shifted, &pred.join("brain_b.nii.gz"), DataType::Uint8).unwrap();
-    let res = Command::new(bin())
-        .args(["evaluate", "--pred"])
-        .arg(&pred)
-        .arg("--truth")
-        .arg(&truth)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let res = run_evaluate(&pred, &truth, &out, &[]);
     assert_eq!(res.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&res.stderr).contains("brain_b"));
     assert!(out.join("summary.json").exists());
@@ -292,15 +295,7 @@ fn froc_uses_the_lesion_table_confidences() {
     let row = |k: usize, j: usize, i: usize, c: f64| serde_json::json!({"class": 1, "bbox_voxel": [[i, j, k], [i + 2, j + 2, k + 2]], "confidence": c});
     let table = serde_json::json!({"lesions": [row(10, 20, 20, 0.9), row(30, 30, 100, 0.8), row(20, 60, 60, 0.7), row(50, 10, 10, 0.6)]});
     std::fs::write(pred_dir.join("c_lesions.json"), table.to_string()).unwrap();
-    let res = Command::new(bin())
-        .args(["evaluate", "--pred"])
-        .arg(&pred_dir)
-        .arg("--truth")
-        .arg(&truth_dir)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let res = run_evaluate(&pred_dir, &truth_dir, &out, &[]);
     assert!(
         res.status.success(),
         "{}",
