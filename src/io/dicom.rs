@@ -111,6 +111,11 @@ pub fn open(path: &Path, header_only: bool) -> Result<DefaultDicomObject> {
     } else {
         opts
     };
+    if !is_gzip(path) {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        check_declared_lengths(path, std::io::BufReader::new(file), size, header_only)?;
+    }
     if is_gzip(path) {
         use std::io::Read;
         let mut bytes = Vec::new();
@@ -127,6 +132,7 @@ pub fn open(path: &Path, header_only: bool) -> Result<DefaultDicomObject> {
 /// Parses a DICOM file held in memory (with or without its 128-byte preamble); `path` only names
 /// it in errors.
 pub fn open_bytes(path: &Path, bytes: &[u8], header_only: bool) -> Result<DefaultDicomObject> {
+    check_declared_lengths(path, bytes, bytes.len() as u64, header_only)?;
     let opts = OpenFileOptions::new().read_preamble(dicom_object::file::ReadPreamble::Never);
     let opts = if header_only {
         opts.read_until(tags::PIXEL_DATA)
@@ -139,6 +145,78 @@ pub fn open_bytes(path: &Path, bytes: &[u8], header_only: bool) -> Result<Defaul
     };
     opts.from_reader(std::io::Cursor::new(body))
         .map_err(|e| dicom_err(path, e.to_string()))
+}
+
+/// Refuses an object whose elements (or encapsulated fragments) declare more bytes than the whole
+/// file holds, walking up to Pixel Data when only the header will be read, else the whole object. dicom-parser reserves and zero-fills a value's declared length before reading it, so one
+/// corrupt length in a 10 KB file costs 4 GB and seconds (found by fuzzing); a batch on a small
+/// machine must not pay that. Anything this walk cannot parse is left to the real parser to report.
+fn check_declared_lengths(
+    path: &Path,
+    source: impl std::io::Read,
+    file_size: u64,
+    header_only: bool,
+) -> Result<()> {
+    use dicom_encoding::TransferSyntaxIndex;
+    use dicom_parser::dataset::DataToken;
+    let mut source = source;
+    let mut preamble = [0u8; 132];
+    if std::io::Read::read_exact(&mut source, &mut preamble).is_err() {
+        return Ok(());
+    }
+    // With a preamble the meta group follows "DICM" at 128; without one the bytes start with it.
+    let prefix = if &preamble[128..132] == b"DICM" {
+        b"DICM".to_vec()
+    } else {
+        preamble.to_vec()
+    };
+    let chained = std::io::Read::chain(std::io::Cursor::new(prefix), source);
+    let mut reader = std::io::BufReader::new(chained);
+    let Ok(meta) = dicom_object::FileMetaTable::from_reader(&mut reader) else {
+        return Ok(());
+    };
+    let uid = meta.transfer_syntax();
+    // Deflated data sets: declared lengths refer to inflated bytes, not comparable to the file.
+    if uid == "1.2.840.10008.1.2.1.99" || uid == "1.2.840.10008.1.2.4.95" {
+        return Ok(());
+    }
+    let Some(ts) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid) else {
+        return Ok(());
+    };
+    let Ok(tokens) = dicom_parser::DataSetReader::new_with_ts(reader, ts) else {
+        return Ok(());
+    };
+    let too_long = |what: String, len: u32| {
+        dicom_err(
+            path,
+            format!("{what} declares {len} bytes but the file has {file_size}"),
+        )
+    };
+    for token in tokens {
+        match token {
+            Ok(DataToken::ElementHeader(h)) => {
+                if let Some(len) = h.len.get() {
+                    if u64::from(len) > file_size {
+                        return Err(too_long(format!("element {}", h.tag), len));
+                    }
+                }
+                if header_only && h.tag == tags::PIXEL_DATA {
+                    break;
+                }
+            }
+            Ok(DataToken::ItemStart { len }) => {
+                if let Some(n) = len.get() {
+                    if u64::from(n) > file_size {
+                        return Err(too_long("an item".into(), n));
+                    }
+                }
+            }
+            Ok(DataToken::PixelSequenceStart) if header_only => break,
+            Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn is_gzip(path: &Path) -> bool {

@@ -125,9 +125,13 @@ fn fuzz_regressions_fail_cleanly() {
         let bytes = std::fs::read(&path).unwrap();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         if name.starts_with("dicom_object") {
-            if let Ok(obj) = medseg::io::dicom::open_bytes(&path, &bytes, false) {
-                let _ = medseg::io::dicom::read_object(&path, &obj, None);
-            }
+            let read = medseg::io::dicom::open_bytes(&path, &bytes, false)
+                .and_then(|obj| medseg::io::dicom::read_object(&path, &obj, None));
+            let err = read.expect_err(&name);
+            assert!(
+                err.to_string().contains("fuzz"),
+                "error does not name the file: {err}"
+            );
         } else {
             assert!(
                 medseg::io::nifti::read_nifti_bytes(&path, &bytes).is_err(),
