@@ -653,14 +653,16 @@ pub fn read_series(stack: &SeriesStack) -> Result<Volume> {
         .map(|&n| {
             let s = &stack.slices[n];
             let obj = open(&s.path, false)?;
-            let pixels = decode(&s.path, &obj)?;
-            if pixels.rows() as usize != rows || pixels.columns() as usize != cols {
-                return Err(dicom_err(
-                    &s.path,
-                    "pixel data size differs from the series",
-                ));
-            }
-            frame_planes(&s.path, &pixels, 0, &s.transfer_syntax)
+            without_panics(&s.path, &s.transfer_syntax, || {
+                let pixels = decode(&s.path, &obj)?;
+                if pixels.rows() as usize != rows || pixels.columns() as usize != cols {
+                    return Err(dicom_err(
+                        &s.path,
+                        "pixel data size differs from the series",
+                    ));
+                }
+                frame_planes(&s.path, &pixels, 0, &s.transfer_syntax)
+            })
         })
         .collect::<Result<_>>()?;
     let nk = planes.len();
@@ -794,6 +796,38 @@ pub fn read_file(path: &Path, frames: Option<&[usize]>) -> Result<Volume> {
 
 /// [`read_file`] for an object already parsed (e.g. by [`open_bytes`]).
 pub fn read_object(
+    path: &Path,
+    obj: &DefaultDicomObject,
+    frames: Option<&[usize]>,
+) -> Result<Volume> {
+    without_panics(path, obj.meta().transfer_syntax(), || {
+        decode_object(path, obj, frames)
+    })
+}
+
+/// Third-party decoders can panic on malformed data (fuzzing found an out-of-bounds index in the
+/// RLE adapter of dicom-transfer-syntax-registry 0.10.1): turn that into an error naming the file
+/// instead of taking a whole batch down.
+fn without_panics<T>(
+    path: &Path,
+    transfer_syntax: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(Error::PixelData {
+            path: path.to_path_buf(),
+            transfer_syntax: transfer_syntax_name(transfer_syntax),
+            reason: format!("the decoder failed on malformed data ({what})"),
+        })
+    })
+}
+
+fn decode_object(
     path: &Path,
     obj: &DefaultDicomObject,
     frames: Option<&[usize]>,
