@@ -46,6 +46,15 @@ impl std::fmt::Display for Reported {
 impl std::error::Error for Reported {}
 
 pub fn run() -> ExitCode {
+    // Decoder panics on malformed files are caught and reported per file by the library; one line
+    // here instead of a backtrace keeps batch logs readable.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("note: internal panic{at}");
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
