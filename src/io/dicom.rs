@@ -666,6 +666,18 @@ pub fn read_series(stack: &SeriesStack) -> Result<Volume> {
         })
         .collect::<Result<_>>()?;
     let nk = planes.len();
+    for (k, p) in planes.iter().enumerate() {
+        if p.len() < channels * plane {
+            return Err(dicom_err(
+                &stack.slices[sorted.order[k]].path,
+                format!(
+                    "decoded {} values, Rows × Columns × samples needs {}",
+                    p.len(),
+                    channels * plane
+                ),
+            ));
+        }
+    }
     let mut voxels = Array4::<f32>::zeros((channels, nk, rows, cols));
     for (k, p) in planes.iter().enumerate() {
         for c in 0..channels {
@@ -950,6 +962,16 @@ fn decode_object(
     for (k, &g) in sorted.order.iter().enumerate() {
         for (rep, f) in planes_at[g].1.iter().enumerate() {
             let data = by_frame[f];
+            if data.len() < samples * plane {
+                return Err(dicom_err(
+                    path,
+                    format!(
+                        "frame {f} decoded to {} values, Rows × Columns × samples needs {}",
+                        data.len(),
+                        samples * plane
+                    ),
+                ));
+            }
             for c in 0..samples {
                 let src = ndarray::ArrayView2::from_shape(
                     (rows, cols),
