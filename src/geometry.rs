@@ -155,11 +155,6 @@ impl Geometry {
         )
     }
 
-    /// Same grid size and affines equal within `tol` (mm).
-    pub fn same_grid(&self, other: &Geometry, tol: f64) -> bool {
-        self.max_affine_difference(other).is_some_and(|d| d <= tol)
-    }
-
     /// Number of voxels in the grid.
     pub fn voxel_count(&self) -> usize {
         self.dims.iter().product()

@@ -57,22 +57,6 @@ fn on_surface(mask: &[bool], dims: [usize; 3], k: usize, j: usize, i: usize) -> 
     !inner
 }
 
-/// Surface voxels of `mask` as a mask on the same grid.
-pub fn surface(mask: &[bool], dims: [usize; 3]) -> Vec<bool> {
-    let [_, nj, ni] = dims;
-    let mut out = vec![false; mask.len()];
-    out.par_chunks_mut(nj * ni)
-        .enumerate()
-        .for_each(|(k, slab)| {
-            for j in 0..nj {
-                for i in 0..ni {
-                    slab[j * ni + i] = on_surface(mask, dims, k, j, i);
-                }
-            }
-        });
-    out
-}
-
 /// Positions (mm, `(k, j, i)` scaled by spacing) of the surface voxels of `mask` inside `bbox`.
 fn surface_points(
     mask: &[bool],
@@ -150,107 +134,6 @@ impl PointTree {
         let mut best = f64::INFINITY;
         search(&self.points, 0, q, &mut best);
         best
-    }
-}
-
-/// Squared Euclidean distance (mm²) from every voxel to the nearest `source` voxel, on a
-/// `[nk, nj, ni]` grid with `spacing` `[sk, sj, si]` mm: the exact separable algorithm of
-/// Felzenszwalb & Huttenlocher (2012), one pass per axis, lines in parallel. `f64::INFINITY` where
-/// there is no source.
-pub fn squared_distance_transform(
-    source: &[bool],
-    dims: [usize; 3],
-    spacing: [f64; 3],
-) -> Vec<f64> {
-    let [nk, nj, ni] = dims;
-    let mut d: Vec<f64> = source
-        .par_iter()
-        .map(|&s| if s { 0.0 } else { f64::INFINITY })
-        .collect();
-    // Axis i: contiguous lines.
-    d.par_chunks_mut(ni).for_each(|line| {
-        let mut buf = vec![0.0; ni];
-        envelope(line, &mut buf, spacing[2]);
-        line.copy_from_slice(&buf);
-    });
-    // Axis j: within each k slab, columns of stride ni.
-    d.par_chunks_mut(nj * ni).for_each(|slab| {
-        let (mut line, mut out) = (vec![0.0; nj], vec![0.0; nj]);
-        for i in 0..ni {
-            for j in 0..nj {
-                line[j] = slab[j * ni + i];
-            }
-            envelope(&line, &mut out, spacing[1]);
-            for j in 0..nj {
-                slab[j * ni + i] = out[j];
-            }
-        }
-    });
-    // Axis k: lines of stride nj·ni; parallel over rows j (each row's columns are disjoint).
-    let plane = nj * ni;
-    let columns: Vec<Vec<f64>> = (0..plane)
-        .into_par_iter()
-        .map(|p| {
-            let line: Vec<f64> = (0..nk).map(|k| d[k * plane + p]).collect();
-            let mut out = vec![0.0; nk];
-            envelope(&line, &mut out, spacing[0]);
-            out
-        })
-        .collect();
-    for (p, col) in columns.into_iter().enumerate() {
-        for (k, v) in col.into_iter().enumerate() {
-            d[k * plane + p] = v;
-        }
-    }
-    d
-}
-
-/// 1D lower envelope of parabolas `f(q) + ((x - q)·s)²` (Felzenszwalb & Huttenlocher).
-fn envelope(f: &[f64], out: &mut [f64], s: f64) {
-    let n = f.len();
-    let mut v = vec![0usize; n];
-    let mut z = vec![0.0f64; n + 1];
-    let mut k = 0usize;
-    let Some(q0) = f.iter().position(|v| v.is_finite()) else {
-        out.iter_mut().for_each(|o| *o = f64::INFINITY);
-        return;
-    };
-    v[0] = q0;
-    z[0] = f64::NEG_INFINITY;
-    z[1] = f64::INFINITY;
-    let pos = |q: usize| q as f64 * s;
-    for q in q0 + 1..n {
-        if !f[q].is_finite() {
-            continue;
-        }
-        loop {
-            let p = v[k];
-            let inter =
-                ((f[q] + pos(q) * pos(q)) - (f[p] + pos(p) * pos(p))) / (2.0 * (pos(q) - pos(p)));
-            if inter <= z[k] && k > 0 {
-                k -= 1;
-                continue;
-            }
-            if inter <= z[k] {
-                // k == 0: the new parabola dominates everywhere.
-                v[0] = q;
-                z[1] = f64::INFINITY;
-                break;
-            }
-            k += 1;
-            v[k] = q;
-            z[k] = inter;
-            z[k + 1] = f64::INFINITY;
-            break;
-        }
-    }
-    let mut k = 0;
-    for (x, o) in out.iter_mut().enumerate() {
-        while z[k + 1] < pos(x) {
-            k += 1;
-        }
-        let d = pos(x) - pos(v[k]);
-        *o = d * d + f[v[k]];
     }
 }
 
@@ -380,44 +263,6 @@ fn surface_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn brute_force(source: &[bool], dims: [usize; 3], s: [f64; 3]) -> Vec<f64> {
-        let [nk, nj, ni] = dims;
-        let pts: Vec<[usize; 3]> = (0..source.len())
-            .filter(|&x| source[x])
-            .map(|x| [x / (nj * ni), (x / ni) % nj, x % ni])
-            .collect();
-        (0..nk * nj * ni)
-            .map(|x| {
-                let q = [x / (nj * ni), (x / ni) % nj, x % ni];
-                pts.iter()
-                    .map(|p| {
-                        (0..3)
-                            .map(|a| ((p[a] as f64 - q[a] as f64) * s[a]).powi(2))
-                            .sum::<f64>()
-                    })
-                    .fold(f64::INFINITY, f64::min)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn distance_transform_matches_brute_force_on_anisotropic_grid() {
-        let dims = [5, 7, 9];
-        let spacing = [2.5, 0.7, 1.3];
-        let mut src = vec![false; 5 * 7 * 9];
-        for x in [3usize, 100, 200, 250, 314] {
-            src[x] = true;
-        }
-        let fast = squared_distance_transform(&src, dims, spacing);
-        let slow = brute_force(&src, dims, spacing);
-        for (a, b) in fast.iter().zip(&slow) {
-            assert!((a - b).abs() < 1e-9, "{a} vs {b}");
-        }
-        assert!(squared_distance_transform(&[false; 8], [2, 2, 2], [1.0; 3])
-            .iter()
-            .all(|d| d.is_infinite()));
-    }
 
     #[test]
     fn point_tree_finds_the_exact_nearest_point() {

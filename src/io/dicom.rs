@@ -105,17 +105,6 @@ fn from_group<T>(
 /// Opens a DICOM file, reading its header only (up to Pixel Data) when `header_only`.
 /// Gzip-compressed files (`.dcm.gz`, common in research archives) are inflated in memory first.
 pub fn open(path: &Path, header_only: bool) -> Result<DefaultDicomObject> {
-    let opts = OpenFileOptions::new();
-    let opts = if header_only {
-        opts.read_until(tags::PIXEL_DATA)
-    } else {
-        opts
-    };
-    if !is_gzip(path) {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        check_declared_lengths(path, std::io::BufReader::new(file), size, header_only)?;
-    }
     if is_gzip(path) {
         use std::io::Read;
         let mut bytes = Vec::new();
@@ -125,6 +114,15 @@ pub fn open(path: &Path, header_only: bool) -> Result<DefaultDicomObject> {
             .map_err(|e| dicom_err(path, format!("gzip stream is truncated or corrupt ({e})")))?;
         return open_bytes(path, &bytes, header_only);
     }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+    check_declared_lengths(path, std::io::BufReader::new(file), size, header_only)?;
+    let opts = OpenFileOptions::new();
+    let opts = if header_only {
+        opts.read_until(tags::PIXEL_DATA)
+    } else {
+        opts
+    };
     opts.open_file(path)
         .map_err(|e| dicom_err(path, e.to_string()))
 }
@@ -219,26 +217,24 @@ fn check_declared_lengths(
     Ok(())
 }
 
-fn is_gzip(path: &Path) -> bool {
+/// Up to the first 132 bytes of a file (the DICOM preamble and magic); empty when unreadable.
+fn file_head(path: &Path) -> Vec<u8> {
     use std::io::Read;
-    let mut magic = [0u8; 2];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map(|_| magic == [0x1f, 0x8b])
-        .unwrap_or(false)
+    let mut head = Vec::with_capacity(132);
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(132).read_to_end(&mut head);
+    }
+    head
+}
+
+fn is_gzip(path: &Path) -> bool {
+    file_head(path).starts_with(&[0x1f, 0x8b])
 }
 
 /// Cheap content check: the 128-byte preamble followed by `DICM`, or a gzip stream to try.
 pub fn has_dicom_magic(path: &Path) -> bool {
-    use std::io::Read;
-    let mut buf = [0u8; 132];
-    if is_gzip(path) {
-        return true;
-    }
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map(|_| &buf[128..132] == b"DICM")
-        .unwrap_or(false)
+    let head = file_head(path);
+    head.starts_with(&[0x1f, 0x8b]) || head.get(128..132) == Some(b"DICM".as_slice())
 }
 
 impl SliceHeader {
