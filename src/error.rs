@@ -85,6 +85,17 @@ pub enum Error {
 
     #[error("{path}: cannot load checkpoint: {reason}", path = path.display())]
     Checkpoint { path: PathBuf, reason: String },
+
+    /// Problems found while checking a dataset, one line per case.
+    #[error("{path}: {n} case(s) cannot be used:{list}", path = path.display(), n = problems.len(), list = problems.iter().map(|p| format!("\n  {p}")).collect::<String>())]
+    Dataset {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+
+    /// A dataset entry that cannot be trained on (missing channel, label off the image grid …).
+    #[error("case {case}: {reason}")]
+    Case { case: String, reason: String },
 }
 
 impl Error {
@@ -109,8 +120,9 @@ impl Error {
             | Error::AmbiguousSeries { path, .. }
             | Error::SeriesNotFound { path, .. }
             | Error::Write { path, .. }
-            | Error::Checkpoint { path, .. } => path,
-            Error::Config { .. } => return None,
+            | Error::Checkpoint { path, .. }
+            | Error::Dataset { path, .. } => path,
+            Error::Config { .. } | Error::Case { .. } => return None,
         })
     }
 }

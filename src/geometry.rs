@@ -8,13 +8,13 @@
 //! the column, `j` the row and `k` the slice, ordered along the slice normal (row direction × column
 //! direction), so `k` grows with the normal and the affine's third column is the slice step.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A 4×4 row-major affine mapping homogeneous voxel indices `(i, j, k, 1)` to RAS+ mm.
 pub type Affine = [[f64; 4]; 4];
 
 /// The sampling grid of a volume: its spatial size and its voxel→world affine.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Geometry {
     /// Spatial size `[ni, nj, nk]`.
     pub dims: [usize; 3],

@@ -14,6 +14,8 @@
 //! # Ok::<(), medseg::Error>(())
 //! ```
 
+pub mod config;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod geometry;
@@ -21,6 +23,7 @@ pub mod infer;
 pub mod io;
 pub mod model;
 pub mod train;
+pub mod transforms;
 pub mod volume;
 
 pub use error::{Error, Result};

@@ -4,6 +4,7 @@ mod convert;
 mod evaluate;
 mod inspect;
 mod model;
+mod train;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Score predicted label maps against truth: overlap, surface distances in mm, lesion-wise
     /// detection and FROC, with a report and plots.
     Evaluate(evaluate::Args),
+    /// Train a model from a run config: data, preprocessing, sampling, augmentation, model,
+    /// optimisation, validation and checkpoints; resumable.
+    Train(train::Args),
 }
 
 /// A failure already reported item by item; only the exit status is left to set.
@@ -61,6 +65,7 @@ pub fn run() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Model(args) => model::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

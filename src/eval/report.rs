@@ -333,18 +333,6 @@ fn markdown(s: &Value, montage: bool) -> String {
     md
 }
 
-fn register_font() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Fonts ship inside the binary (no system fontconfig needed on servers).
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            epaint_default_fonts::UBUNTU_LIGHT,
-        );
-    });
-}
-
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Write {
         path: path.to_path_buf(),
@@ -354,7 +342,7 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// Box plot of per-case Dice for each class.
 fn plot_dice(inp: &ReportInputs, path: &Path) -> Result<()> {
-    register_font();
+    crate::train::curves::register_font();
     let mut per_class: BTreeMap<u32, Vec<f32>> = BTreeMap::new();
     for r in inp.results {
         for (c, m) in &r.classes {
@@ -401,7 +389,7 @@ fn plot_dice(inp: &ReportInputs, path: &Path) -> Result<()> {
 
 /// FROC curve of each lesion class, with the operating points read at the standard FP rates.
 fn plot_froc(summary: &Value, path: &Path) -> Result<()> {
-    register_font();
+    crate::train::curves::register_font();
     let tmp = path.with_extension("tmp.png");
     {
         let root = BitMapBackend::new(&tmp, (640, 420)).into_drawing_area();

@@ -2,3 +2,4 @@
 //! of label maps into lesion instances.
 
 pub mod postprocess;
+pub mod sliding_window;

@@ -1,3 +1,9 @@
-//! Training: losses (and, as they land, the loop, schedules and checkpoints).
+//! Training: losses, learning-rate schedules, checkpoints, the loop and its reports.
 
+pub mod checkpoint;
+pub mod curves;
 pub mod loss;
+pub mod schedule;
+pub mod trainer;
+
+pub use trainer::{model_config, train, TrainOptions, TrainOutcome};

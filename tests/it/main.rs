@@ -11,3 +11,4 @@ mod geometry_oracle;
 mod model;
 mod nifti_conformance;
 mod roundtrip;
+mod train;

@@ -1,0 +1,645 @@
+//! The run config: one typed tree for data, preprocessing, sampling, augmentation, model, training,
+//! validation and output, read from TOML.
+//!
+//! Layering: built-in defaults ← the config file ← `--set section.key=value` overrides. Unknown keys
+//! are refused with their section and name. The effective config (with values resolved from the
+//! dataset, such as the target spacing and CT intensity window) is saved in every run directory and
+//! is what `--resume` and inference read back.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Everything a training run needs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub data: DataConfig,
+    pub preprocess: PreprocessConfig,
+    pub sampling: SamplingConfig,
+    pub augment: AugmentConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub validate: ValidateConfig,
+    pub output: OutputConfig,
+}
+
+/// Where the cases are and how they are split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Dataset root. Relative paths in the manifest are resolved against it; a relative root is
+    /// resolved against the config file's directory's parent when it does not exist as given.
+    pub root: PathBuf,
+    /// `decathlon` (`dataset.json` + `imagesTr/` + `labelsTr/`, as the Medical Segmentation
+    /// Decathlon and nnU-Net) or `csv` (`case,image[,image2...],label`).
+    pub format: String,
+    /// The CSV manifest (relative to `root`); unused for `decathlon`.
+    pub manifest: PathBuf,
+    /// Input channel (modality) names in file order, e.g. `["CT"]` or `["T1", "FLAIR"]`.
+    /// Empty: taken from `dataset.json`.
+    pub channels: Vec<String>,
+    /// Class names, background first. Empty: taken from `dataset.json`.
+    pub labels: Vec<String>,
+    /// The label value in the source files for each class (same length as `labels`). Empty: class
+    /// `c` is value `c`. Values not listed become background, so `[0, 5]` trains TotalSegmentator's
+    /// liver (5) against everything else.
+    pub label_values: Vec<u32>,
+    /// Share of the cases held out for validation (ignored when `folds > 1`).
+    pub validation_fraction: f64,
+    /// Share of the cases held out for testing; never seen in training or model selection.
+    pub test_fraction: f64,
+    /// More than 1: k-fold cross-validation over the non-test cases, validating on fold `fold`.
+    pub folds: usize,
+    pub fold: usize,
+    /// Explicit validation / test case ids; when given they override the fractions.
+    pub validation_cases: Vec<String>,
+    pub test_cases: Vec<String>,
+    /// Seed of the case shuffle behind the split.
+    pub seed: u64,
+    /// Preprocessed cases are cached here, keyed by a hash of the source files and the
+    /// preprocessing settings.
+    pub cache_dir: PathBuf,
+    /// Loader threads (patch extraction and augmentation) and batches prepared ahead.
+    pub workers: usize,
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            root: PathBuf::from("datasets"),
+            format: "csv".into(),
+            manifest: PathBuf::from("dataset.csv"),
+            channels: Vec::new(),
+            labels: Vec::new(),
+            label_values: Vec::new(),
+            validation_fraction: 0.2,
+            test_fraction: 0.0,
+            folds: 0,
+            fold: 0,
+            validation_cases: Vec::new(),
+            test_cases: Vec::new(),
+            seed: 42,
+            cache_dir: PathBuf::from("datasets/cache/preprocessed"),
+            workers: 2,
+            prefetch: 4,
+        }
+    }
+}
+
+/// Spatial and intensity preprocessing, applied identically in training and inference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreprocessConfig {
+    /// Target voxel spacing `[x, y, z]` in mm. Empty: the median spacing of the training cases
+    /// (nnU-Net's default), written into the run's effective config.
+    pub spacing: Vec<f64>,
+    /// Reorient to RAS by axis permutation and flips (exact; no interpolation).
+    pub reorient: bool,
+    /// Crop to the bounding box of non-zero voxels (skull-stripped MR); CT keeps the whole field.
+    pub crop_to_nonzero: bool,
+    /// One entry per channel. Empty: `ct` for channels named CT, `zscore` otherwise.
+    pub intensity: Vec<IntensityConfig>,
+}
+
+impl Default for PreprocessConfig {
+    fn default() -> Self {
+        PreprocessConfig {
+            spacing: Vec::new(),
+            reorient: true,
+            crop_to_nonzero: false,
+            intensity: Vec::new(),
+        }
+    }
+}
+
+/// Intensity normalisation of one channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntensityConfig {
+    /// `ct`: clip to `window`, then `(x - mean) / std`, with numbers shared by the whole dataset
+    /// (nnU-Net's CT normalisation). `zscore`: per scan, over its non-zero voxels (MR).
+    /// `none`: unchanged.
+    pub scheme: String,
+    /// CT clip window `[low, high]` in HU. Empty: the 0.5 and 99.5 percentiles of the labelled
+    /// foreground of the training cases (nnU-Net).
+    pub window: Vec<f64>,
+    /// CT mean and standard deviation after clipping. Unset: from the training foreground.
+    pub mean: Option<f64>,
+    pub std: Option<f64>,
+}
+
+impl Default for IntensityConfig {
+    fn default() -> Self {
+        IntensityConfig {
+            scheme: "zscore".into(),
+            window: Vec::new(),
+            mean: None,
+            std: None,
+        }
+    }
+}
+
+/// Training patches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Two sizes `[H, W]` train on axial slices (2D; 2.5D with `model.context_slices`); three
+    /// `[D, H, W]` on 3D patches. Order: slices (z), rows (y), columns (x) of the RAS grid.
+    pub patch_size: Vec<usize>,
+    /// Share of patches centred on a foreground voxel of a random class (nnU-Net: 0.33).
+    pub foreground_fraction: f64,
+    /// Patches drawn from each training case per epoch.
+    pub patches_per_volume: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            patch_size: vec![128, 128],
+            foreground_fraction: 0.33,
+            patches_per_volume: 8,
+        }
+    }
+}
+
+/// Random augmentation; each transform fires with its own probability. Ranges follow nnU-Net's
+/// defaults (Isensee et al. 2021, supplementary table) unless stated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Mirror, per spatial axis.
+    pub flip_prob: f64,
+    /// Rotate by a multiple of 90° in the axial plane (off by default: anatomy has an up).
+    pub rotate90_prob: f64,
+    /// Small rotation (in-plane for 2D, about a random axis for 3D), up to `rotate_degrees`.
+    pub rotate_prob: f64,
+    pub rotate_degrees: f64,
+    /// Isotropic zoom by a factor in `scale_range`.
+    pub scale_prob: f64,
+    pub scale_range: [f64; 2],
+    /// Gamma on the patch rescaled to [0, 1], gamma in `gamma_range`.
+    pub gamma_prob: f64,
+    pub gamma_range: [f64; 2],
+    /// Additive Gaussian noise with σ drawn from `[0, noise_std]`.
+    pub noise_prob: f64,
+    pub noise_std: f64,
+    /// Multiply intensities by a factor in `brightness_range`.
+    pub brightness_prob: f64,
+    pub brightness_range: [f64; 2],
+    /// Scale around the patch mean by a factor in `contrast_range`.
+    pub contrast_prob: f64,
+    pub contrast_range: [f64; 2],
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            flip_prob: 0.5,
+            rotate90_prob: 0.0,
+            rotate_prob: 0.2,
+            rotate_degrees: 15.0,
+            scale_prob: 0.2,
+            scale_range: [0.85, 1.25],
+            gamma_prob: 0.3,
+            gamma_range: [0.7, 1.5],
+            noise_prob: 0.1,
+            noise_std: 0.1,
+            brightness_prob: 0.15,
+            brightness_range: [0.75, 1.25],
+            contrast_prob: 0.15,
+            contrast_range: [0.75, 1.25],
+        }
+    }
+}
+
+/// The network: a preset (`tiny`, `small`, `base`) plus any overrides. Input channels, classes,
+/// dimensionality and patch size come from `data` and `sampling`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub preset: String,
+    /// 2.5D: neighbouring slices on each side given as extra channels (2D patches only).
+    pub context_slices: usize,
+    pub stem_widths: Option<Vec<usize>>,
+    pub blocks_per_stage: Option<usize>,
+    pub token_patch: Option<usize>,
+    pub embed_dim: Option<usize>,
+    pub depth: Option<usize>,
+    pub heads: Option<usize>,
+    pub mlp_ratio: Option<usize>,
+    pub dropout: Option<f64>,
+    /// `learned` or `sinusoidal`.
+    pub position: Option<String>,
+    /// `instance` or `group`.
+    pub norm: Option<String>,
+    pub transformer_skips: Option<bool>,
+    pub deep_supervision: Option<bool>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            preset: "tiny".into(),
+            context_slices: 0,
+            stem_widths: None,
+            blocks_per_stage: None,
+            token_patch: None,
+            embed_dim: None,
+            depth: None,
+            heads: None,
+            mlp_ratio: None,
+            dropout: None,
+            position: None,
+            norm: None,
+            transformer_skips: None,
+            deep_supervision: None,
+        }
+    }
+}
+
+/// The optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Steps per epoch. 0: `ceil(training cases × patches_per_volume / batch_size)`.
+    pub steps_per_epoch: usize,
+    pub batch_size: usize,
+    /// AdamW peak learning rate and decoupled weight decay.
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up from 0 over this many steps, then `schedule`.
+    pub warmup_steps: usize,
+    /// `cosine` (to 0), `poly` (`(1 - t)^poly_exponent`, nnU-Net's 0.9) or `constant`.
+    pub schedule: String,
+    pub poly_exponent: f64,
+    /// Clip the global gradient norm to this (nnU-Net: 12); 0 turns clipping off.
+    pub grad_clip: f64,
+    pub dice_weight: f64,
+    pub ce_weight: f64,
+    /// Loss weights of the deep-supervision outputs, deepest first. Empty: nnU-Net's halving
+    /// weights (1/2, 1/4, …), normalised with the full-resolution output's weight of 1.
+    pub deep_supervision_weights: Vec<f64>,
+    /// `cpu`, `wgpu` or `cuda` (the latter two need a build with that feature).
+    pub device: String,
+    /// Seed of weight initialisation, patch sampling and augmentation.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 20,
+            steps_per_epoch: 0,
+            batch_size: 4,
+            lr: 1e-3,
+            weight_decay: 1e-2,
+            warmup_steps: 20,
+            schedule: "cosine".into(),
+            poly_exponent: 0.9,
+            grad_clip: 12.0,
+            dice_weight: 1.0,
+            ce_weight: 1.0,
+            deep_supervision_weights: Vec::new(),
+            device: "cpu".into(),
+            seed: 0,
+        }
+    }
+}
+
+/// Validation on whole volumes of the validation cases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateConfig {
+    /// Validate every N epochs (and after the last). 0: never (the last checkpoint is the best).
+    pub every: usize,
+    /// Selects `best`: `mean_dice` (over foreground classes) or a class name for its Dice.
+    pub metric: String,
+    /// Stop after this many validations without improvement; 0: never stop early.
+    pub patience: usize,
+    /// Sliding-window overlap between neighbouring windows (nnU-Net: 0.5).
+    pub overlap: f64,
+    /// Windows evaluated together.
+    pub batch_size: usize,
+}
+
+impl Default for ValidateConfig {
+    fn default() -> Self {
+        ValidateConfig {
+            every: 1,
+            metric: "mean_dice".into(),
+            patience: 0,
+            overlap: 0.5,
+            batch_size: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// The run directory: effective config, checkpoints, metrics, curves, log.
+    pub dir: PathBuf,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            dir: PathBuf::from("runs/default"),
+        }
+    }
+}
+
+/// Section names, in file order.
+const SECTIONS: [&str; 8] = [
+    "data",
+    "preprocess",
+    "sampling",
+    "augment",
+    "model",
+    "train",
+    "validate",
+    "output",
+];
+
+impl RunConfig {
+    /// Defaults ← `file` (if any) ← `overrides` (`section.key=value`, value in TOML syntax; a bare
+    /// word is a string).
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                text.parse::<toml::Table>().map_err(|e| Error::Config {
+                    reason: format!("{}: {e}", path.display()),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        for item in overrides {
+            apply_override(&mut table, item)?;
+        }
+        let origin = file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "--set".into());
+        Self::from_table(table, &origin)
+    }
+
+    /// Parses a TOML document (e.g. a saved effective config).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let table = text.parse::<toml::Table>().map_err(|e| Error::Config {
+            reason: format!("{origin}: {e}"),
+        })?;
+        Self::from_table(table, origin)
+    }
+
+    /// Each section is read on its own so an error names it: `[train] unknown field \`lrr\``.
+    fn from_table(mut table: toml::Table, origin: &str) -> Result<Self> {
+        if let Some(key) = table.keys().find(|k| !SECTIONS.contains(&k.as_str())) {
+            return Err(Error::Config {
+                reason: format!(
+                    "{origin}: unknown section [{key}]; sections are {}",
+                    SECTIONS.join(", ")
+                ),
+            });
+        }
+        fn section<T: DeserializeOwned + Default>(
+            table: &mut toml::Table,
+            name: &str,
+            origin: &str,
+        ) -> Result<T> {
+            match table.remove(name) {
+                None => Ok(T::default()),
+                Some(toml::Value::Table(t)) => t.try_into().map_err(|e| Error::Config {
+                    reason: format!("{origin}: [{name}] {}", e.to_string().trim()),
+                }),
+                Some(_) => Err(Error::Config {
+                    reason: format!("{origin}: `{name}` must be a table ([{name}])"),
+                }),
+            }
+        }
+        let config = RunConfig {
+            data: section(&mut table, "data", origin)?,
+            preprocess: section(&mut table, "preprocess", origin)?,
+            sampling: section(&mut table, "sampling", origin)?,
+            augment: section(&mut table, "augment", origin)?,
+            model: section(&mut table, "model", origin)?,
+            train: section(&mut table, "train", origin)?,
+            validate: section(&mut table, "validate", origin)?,
+            output: section(&mut table, "output", origin)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective config as TOML (what `--dump-config` prints and runs save).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Config {
+            reason: format!("cannot serialise the config: {e}"),
+        })
+    }
+
+    /// Whether the patches are 3D (else 2D slices).
+    pub fn is_3d(&self) -> bool {
+        self.sampling.patch_size.len() == 3
+    }
+
+    /// Checks that do not need the dataset.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(Error::Config { reason });
+        let d = &self.data;
+        if !matches!(d.format.as_str(), "csv" | "decathlon") {
+            return bad(format!(
+                "[data] format must be \"csv\" or \"decathlon\", not {:?}",
+                d.format
+            ));
+        }
+        if !d.label_values.is_empty()
+            && !d.labels.is_empty()
+            && d.label_values.len() != d.labels.len()
+        {
+            return bad(format!(
+                "[data] label_values has {} entries but labels has {}",
+                d.label_values.len(),
+                d.labels.len()
+            ));
+        }
+        for (name, f) in [
+            ("validation_fraction", d.validation_fraction),
+            ("test_fraction", d.test_fraction),
+        ] {
+            if !(0.0..1.0).contains(&f) {
+                return bad(format!("[data] {name} must be in [0, 1), not {f}"));
+            }
+        }
+        if d.folds > 1 && d.fold >= d.folds {
+            return bad(format!(
+                "[data] fold {} must be below folds {}",
+                d.fold, d.folds
+            ));
+        }
+        let p = &self.preprocess;
+        if !(p.spacing.is_empty() || (p.spacing.len() == 3 && p.spacing.iter().all(|s| *s > 0.0))) {
+            return bad(format!(
+                "[preprocess] spacing must be empty or three positive mm values, not {:?}",
+                p.spacing
+            ));
+        }
+        for (c, i) in p.intensity.iter().enumerate() {
+            if !matches!(i.scheme.as_str(), "ct" | "zscore" | "none") {
+                return bad(format!(
+                    "[[preprocess.intensity]] #{c}: scheme must be ct, zscore or none, not {:?}",
+                    i.scheme
+                ));
+            }
+            if !(i.window.is_empty() || (i.window.len() == 2 && i.window[0] < i.window[1])) {
+                return bad(format!(
+                    "[[preprocess.intensity]] #{c}: window must be [low, high], not {:?}",
+                    i.window
+                ));
+            }
+        }
+        let s = &self.sampling;
+        if !(s.patch_size.len() == 2 || s.patch_size.len() == 3) || s.patch_size.contains(&0) {
+            return bad(format!(
+                "[sampling] patch_size must be 2 (2D) or 3 (3D) positive sizes, not {:?}",
+                s.patch_size
+            ));
+        }
+        if !(0.0..=1.0).contains(&s.foreground_fraction) || s.patches_per_volume == 0 {
+            return bad(
+                "[sampling] foreground_fraction must be in [0, 1] and patches_per_volume positive"
+                    .into(),
+            );
+        }
+        let a = &self.augment;
+        for (name, prob) in [
+            ("flip_prob", a.flip_prob),
+            ("rotate90_prob", a.rotate90_prob),
+            ("rotate_prob", a.rotate_prob),
+            ("scale_prob", a.scale_prob),
+            ("gamma_prob", a.gamma_prob),
+            ("noise_prob", a.noise_prob),
+            ("brightness_prob", a.brightness_prob),
+            ("contrast_prob", a.contrast_prob),
+        ] {
+            if !(0.0..=1.0).contains(&prob) {
+                return bad(format!("[augment] {name} must be in [0, 1], not {prob}"));
+            }
+        }
+        for (name, [lo, hi]) in [
+            ("scale_range", a.scale_range),
+            ("gamma_range", a.gamma_range),
+            ("brightness_range", a.brightness_range),
+            ("contrast_range", a.contrast_range),
+        ] {
+            if !(lo > 0.0 && lo <= hi) {
+                return bad(format!(
+                    "[augment] {name} must be [low, high] with 0 < low <= high, not [{lo}, {hi}]"
+                ));
+            }
+        }
+        if self.model.context_slices > 0 && self.is_3d() {
+            return bad("[model] context_slices (2.5D) needs a 2D patch_size".into());
+        }
+        let t = &self.train;
+        if t.epochs == 0 || t.batch_size == 0 || !(t.lr > 0.0) {
+            return bad("[train] epochs, batch_size and lr must be positive".into());
+        }
+        if !matches!(t.schedule.as_str(), "cosine" | "poly" | "constant") {
+            return bad(format!(
+                "[train] schedule must be cosine, poly or constant, not {:?}",
+                t.schedule
+            ));
+        }
+        if !(0.0..1.0).contains(&self.validate.overlap) || self.validate.batch_size == 0 {
+            return bad("[validate] overlap must be in [0, 1) and batch_size positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Sets `section.key = value` in `table`; the value is TOML (`0.5`, `[1, 2]`, `"x"`, `true`), or a
+/// bare string.
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+    let (key, raw) = item.split_once('=').ok_or_else(|| Error::Config {
+        reason: format!("--set {item:?}: expected section.key=value"),
+    })?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(Error::Config {
+            reason: format!("--set {item:?}: the key must be section.key, e.g. train.lr"),
+        });
+    }
+    let value = format!("v = {}", raw.trim())
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let mut node = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(Error::Config {
+                    reason: format!("--set {item:?}: {part} is not a table"),
+                })
+            }
+        };
+    }
+    node.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_defaults_file_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            "[train]\nlr = 0.01\nepochs = 3\n[sampling]\npatch_size = [64, 64]\n",
+        )
+        .unwrap();
+        let c = RunConfig::load(
+            Some(&path),
+            &["train.epochs=5".into(), "data.format=decathlon".into()],
+        )
+        .unwrap();
+        assert_eq!(c.train.lr, 0.01); // file
+        assert_eq!(c.train.epochs, 5); // --set beats file
+        assert_eq!(c.data.format, "decathlon"); // bare word is a string
+        assert_eq!(c.train.batch_size, TrainConfig::default().batch_size); // default
+        assert_eq!(c.sampling.patch_size, vec![64, 64]);
+        // The dump reads back to the same config.
+        let again = RunConfig::from_toml(&c.to_toml().unwrap(), "dump").unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = RunConfig::load(None, &["train.lrr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[train]") && e.contains("lrr"), "{e}");
+        let e = RunConfig::load(None, &["trian.lr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown section [trian]"), "{e}");
+        let e = RunConfig::load(None, &["sampling.patch_size=[1]".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("patch_size"), "{e}");
+    }
+}

@@ -1,0 +1,822 @@
+//! Cases ready for training: read, checked, spatially preprocessed (cached on disk), normalised,
+//! and split into training, validation and test sets.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ndarray::{Array3, Array4, ArrayView4, Axis};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::manifest::{self, CaseEntry};
+use crate::config::{IntensityConfig, RunConfig};
+use crate::error::{Error, Result};
+use crate::geometry::Geometry;
+use crate::io;
+use crate::transforms::intensity::Normalization;
+use crate::transforms::spatial::{
+    crop, cropped_geometry, nonzero_box, resample_labels_onto, resample_linear, resample_nearest,
+    resampled_geometry, Orientation,
+};
+
+/// Largest affine difference (mm) at which a label map counts as on its image's grid.
+pub const GRID_TOLERANCE_MM: f64 = 1e-3;
+/// Foreground voxels kept per class for oversampling (nnU-Net keeps 10,000).
+const FOREGROUND_SAMPLES: usize = 10_000;
+
+/// The spatial half of preprocessing: reorient to RAS, resample to `spacing`, crop to non-zero.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpatialPlan {
+    /// Target spacing along the (reoriented) voxel axes `i, j, k`, mm.
+    pub spacing: [f64; 3],
+    pub reorient: bool,
+    pub crop_to_nonzero: bool,
+}
+
+/// A scan after [`SpatialPlan::apply`]: voxels `[c, k, j, i]` on `geometry`, and where they came
+/// from, so predictions can be mapped back.
+#[derive(Debug, Clone)]
+pub struct SpatialResult {
+    pub image: Array4<f32>,
+    pub label: Option<Array3<u8>>,
+    pub geometry: Geometry,
+}
+
+impl SpatialPlan {
+    /// The grid before resampling: the source grid, reoriented if asked.
+    pub fn oriented(&self, source: &Geometry) -> Geometry {
+        if self.reorient {
+            Orientation::of(source).apply_to_geometry(source)
+        } else {
+            source.clone()
+        }
+    }
+
+    /// Applies the plan to an image (and its label map on the same grid).
+    pub fn apply(
+        &self,
+        image: ArrayView4<f32>,
+        label: Option<ArrayView4<u8>>,
+        source: &Geometry,
+    ) -> SpatialResult {
+        let orientation = Orientation::of(source);
+        let (image, label, oriented) = if self.reorient && !orientation.is_identity() {
+            (
+                orientation.apply(image),
+                label.map(|l| orientation.apply(l)),
+                orientation.apply_to_geometry(source),
+            )
+        } else {
+            (
+                image.to_owned(),
+                label.map(|l| l.to_owned()),
+                source.clone(),
+            )
+        };
+        let target = resampled_geometry(&oriented, self.spacing);
+        let image = resample_linear(image.view(), &oriented, &target);
+        let label = label.map(|l| resample_nearest(l.index_axis(Axis(0), 0), &oriented, &target));
+        if self.crop_to_nonzero {
+            if let Some(bbox) = nonzero_box(image.view()) {
+                return crop_all(image, label, &target, &bbox);
+            }
+        }
+        SpatialResult {
+            image,
+            label,
+            geometry: target,
+        }
+    }
+}
+
+fn crop_all(
+    image: Array4<f32>,
+    label: Option<Array3<u8>>,
+    g: &Geometry,
+    bbox: &[Range<usize>; 3],
+) -> SpatialResult {
+    let label =
+        label.map(|l| crop(l.insert_axis(Axis(0)).view(), bbox).index_axis_move(Axis(0), 0));
+    SpatialResult {
+        image: crop(image.view(), bbox),
+        label,
+        geometry: cropped_geometry(g, bbox),
+    }
+}
+
+/// A case ready for patch sampling: normalised image, class labels, and foreground positions.
+#[derive(Debug, Clone)]
+pub struct PreparedCase {
+    pub id: String,
+    /// `[C, D, H, W]` = `[channel, k, j, i]` on the preprocessed grid.
+    pub image: Array4<f32>,
+    /// `[D, H, W]` class indices.
+    pub label: Array3<u8>,
+    pub geometry: Geometry,
+    /// For each foreground class `1..K` (index 0 is class 1): up to 10,000 voxel positions `[k, j, i]`.
+    pub foreground: Vec<Vec<[u32; 3]>>,
+}
+
+impl PreparedCase {
+    /// Spacing in array order `[k, j, i]`, mm.
+    pub fn spacing_kji(&self) -> [f64; 3] {
+        let s = self.geometry.spacing();
+        [s[2], s[1], s[0]]
+    }
+}
+
+/// Source label value → class index.
+#[derive(Debug, Clone)]
+pub struct LabelMap {
+    classes: usize,
+    /// `(source value, class)`; empty: value = class.
+    values: Vec<u32>,
+}
+
+impl LabelMap {
+    pub fn new(classes: usize, values: &[u32]) -> Self {
+        LabelMap {
+            classes,
+            values: values.to_vec(),
+        }
+    }
+
+    /// The class of a source value; `Err` names a value that is not a declared class.
+    fn class_of(&self, v: f32) -> std::result::Result<u8, String> {
+        if v.fract() != 0.0 || v < 0.0 || !v.is_finite() {
+            return Err(format!("label value {v} is not a non-negative integer"));
+        }
+        let v = v as u32;
+        if self.values.is_empty() {
+            if (v as usize) < self.classes {
+                Ok(v as u8)
+            } else {
+                Err(format!(
+                    "label value {v} is not one of the {} declared classes (0..={})",
+                    self.classes,
+                    self.classes - 1
+                ))
+            }
+        } else {
+            Ok(self
+                .values
+                .iter()
+                .position(|x| *x == v)
+                .map_or(0, |c| c as u8))
+        }
+    }
+
+    fn key(&self) -> String {
+        format!("{}:{:?}", self.classes, self.values)
+    }
+}
+
+/// Reads a case's channels and label, checks them and applies the spatial plan.
+pub fn load_case(
+    entry: &CaseEntry,
+    channels: usize,
+    labels: &LabelMap,
+    plan: &SpatialPlan,
+) -> Result<SpatialResult> {
+    let case_err = |reason: String| Error::Case {
+        case: entry.id.clone(),
+        reason,
+    };
+    let mut parts = Vec::new();
+    let mut geometry: Option<Geometry> = None;
+    for path in &entry.images {
+        let v = io::read_volume(path, None).map_err(|e| case_err(e.to_string()))?;
+        if let Some(g) = &geometry {
+            if g.max_affine_difference(&v.geometry)
+                .is_none_or(|d| d > GRID_TOLERANCE_MM)
+            {
+                return Err(case_err(format!(
+                    "channel {} has grid {:?} {:?}, the first channel {:?} {:?}",
+                    path.display(),
+                    v.geometry.dims,
+                    v.geometry.affine,
+                    g.dims,
+                    g.affine
+                )));
+            }
+        }
+        geometry = Some(v.geometry.clone());
+        parts.push(v.voxels);
+    }
+    let geometry = geometry.ok_or_else(|| case_err("no image file".into()))?;
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    let image = ndarray::concatenate(Axis(0), &views).map_err(|e| case_err(e.to_string()))?;
+    drop(parts);
+    if image.shape()[0] != channels {
+        return Err(case_err(format!(
+            "has {} image channel(s), the dataset declares {channels}",
+            image.shape()[0]
+        )));
+    }
+    let label = match &entry.label {
+        None => None,
+        Some(path) => {
+            let v = io::read_volume(path, None).map_err(|e| case_err(e.to_string()))?;
+            if v.channels() != 1 {
+                return Err(case_err(format!(
+                    "label {} has {} channels, expected 1",
+                    path.display(),
+                    v.channels()
+                )));
+            }
+            let same_grid = geometry
+                .max_affine_difference(&v.geometry)
+                .is_some_and(|d| d <= GRID_TOLERANCE_MM);
+            // The same voxel centres stored in another axis order (a label written by another
+            // tool from the same series) are accepted and reordered exactly.
+            let reordered = !same_grid
+                && Orientation::of(&geometry)
+                    .apply_to_geometry(&geometry)
+                    .max_affine_difference(
+                        &Orientation::of(&v.geometry).apply_to_geometry(&v.geometry),
+                    )
+                    .is_some_and(|d| d <= GRID_TOLERANCE_MM);
+            match (same_grid, reordered) {
+                (true, _) | (_, true) => {}
+                _ => {
+                    return Err(case_err(format!(
+                        "label {} is not on the image grid: label {:?} with affine {:?}, image {:?} with affine {:?}",
+                        path.display(),
+                        v.geometry.dims,
+                        v.geometry.affine,
+                        geometry.dims,
+                        geometry.affine
+                    )))
+                }
+            }
+            let mut classes = ndarray::Array4::<u8>::zeros(v.voxels.dim());
+            for (c, x) in classes.iter_mut().zip(v.voxels.iter()) {
+                *c = labels
+                    .class_of(*x)
+                    .map_err(|r| case_err(format!("{}: {r}", path.display())))?;
+            }
+            if reordered {
+                let l =
+                    resample_labels_onto(classes.index_axis(Axis(0), 0), &v.geometry, &geometry);
+                Some(l.insert_axis(Axis(0)))
+            } else {
+                Some(classes)
+            }
+        }
+    };
+    Ok(plan.apply(image.view(), label.as_ref().map(|l| l.view()), &geometry))
+}
+
+/// Stable identity of a case's source files (paths, sizes, modification times).
+fn source_key(entry: &CaseEntry) -> String {
+    let mut h = Sha256::new();
+    for p in entry.images.iter().chain(entry.label.iter()) {
+        h.update(p.to_string_lossy().as_bytes());
+        let mut files: Vec<PathBuf> = if p.is_dir() {
+            walkdir::WalkDir::new(p)
+                .sort_by_file_name()
+                .into_iter()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_file())
+                .map(|e| e.into_path())
+                .collect()
+        } else {
+            vec![p.clone()]
+        };
+        files.sort();
+        for f in files {
+            if let Ok(m) = std::fs::metadata(&f) {
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                h.update(format!("{}|{}|{mtime};", f.display(), m.len()).as_bytes());
+            }
+        }
+    }
+    hex(&h.finalize()[..16])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Cache file format version; bump when the layout or the preprocessing code changes meaning.
+const CACHE_VERSION: &str = "medseg-case-v1";
+
+#[derive(Serialize, Deserialize)]
+struct CacheHeader {
+    version: String,
+    shape: [usize; 4],
+    has_label: bool,
+    geometry: Geometry,
+}
+
+/// The on-disk cache of spatially preprocessed cases. Files are named by hash only, so no case id
+/// (which may hold a patient name) reaches a file name.
+pub struct CaseCache {
+    dir: PathBuf,
+}
+
+impl CaseCache {
+    pub fn new(dir: &Path) -> Self {
+        CaseCache {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn path(&self, entry: &CaseEntry, plan: &SpatialPlan, labels: &LabelMap) -> PathBuf {
+        let mut h = Sha256::new();
+        h.update(CACHE_VERSION);
+        h.update(source_key(entry));
+        h.update(format!(
+            "{:?}|{}|{}|{}",
+            plan.spacing.map(f64::to_bits),
+            plan.reorient,
+            plan.crop_to_nonzero,
+            labels.key()
+        ));
+        self.dir.join(format!("{}.case", hex(&h.finalize()[..16])))
+    }
+
+    /// The cached result, or `load_case` run and stored.
+    pub fn load(
+        &self,
+        entry: &CaseEntry,
+        channels: usize,
+        labels: &LabelMap,
+        plan: &SpatialPlan,
+    ) -> Result<SpatialResult> {
+        let path = self.path(entry, plan, labels);
+        if let Some(hit) = Self::read(&path) {
+            return Ok(hit);
+        }
+        let result = load_case(entry, channels, labels, plan)?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let (c, k, j, i) = result.image.dim();
+        let header = serde_json::to_vec(&CacheHeader {
+            version: CACHE_VERSION.into(),
+            shape: [c, k, j, i],
+            has_label: result.label.is_some(),
+            geometry: result.geometry.clone(),
+        })
+        .map_err(|e| Error::Write {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut bytes = Vec::with_capacity(8 + header.len() + result.image.len() * 5);
+        bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&header);
+        for v in result.image.iter() {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        if let Some(l) = &result.label {
+            bytes.extend(l.iter());
+        }
+        io::nifti::write_atomically(&path, &bytes)?;
+        Ok(result)
+    }
+
+    /// A cache entry, or `None` when absent or unreadable (then it is rebuilt).
+    fn read(path: &Path) -> Option<SpatialResult> {
+        let bytes = std::fs::read(path).ok()?;
+        let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+        let header: CacheHeader = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+        if header.version != CACHE_VERSION {
+            return None;
+        }
+        let [c, k, j, i] = header.shape;
+        let voxels = c * k * j * i;
+        let body = bytes.get(8 + n..)?;
+        let image_bytes = body.get(..voxels * 4)?;
+        let image: Vec<f32> = image_bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let image = Array4::from_shape_vec([c, k, j, i], image).ok()?;
+        let label = if header.has_label {
+            let l = body.get(voxels * 4..voxels * 4 + k * j * i)?;
+            Some(Array3::from_shape_vec([k, j, i], l.to_vec()).ok()?)
+        } else {
+            None
+        };
+        Some(SpatialResult {
+            image,
+            label,
+            geometry: header.geometry,
+        })
+    }
+
+    /// The grid of a case's first image (read from the header for NIfTI; cached for DICOM).
+    pub fn source_geometry(&self, entry: &CaseEntry) -> Result<Geometry> {
+        let case_err = |e: Error| Error::Case {
+            case: entry.id.clone(),
+            reason: e.to_string(),
+        };
+        let first = entry.images.first().ok_or_else(|| Error::Case {
+            case: entry.id.clone(),
+            reason: "no image file".into(),
+        })?;
+        if io::nifti::is_nifti_path(first) {
+            let h = io::nifti::read_header(first).map_err(case_err)?;
+            return Ok(Geometry::new(h.spatial_dims(), h.affine()));
+        }
+        let path = self
+            .dir
+            .join(format!("{}.geometry.json", source_key(entry)));
+        if let Some(g) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Geometry>(&b).ok())
+        {
+            return Ok(g);
+        }
+        let g = io::read_volume(first, None).map_err(case_err)?.geometry;
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let json = serde_json::to_vec(&g).map_err(|e| Error::Write {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        io::nifti::write_atomically(&path, &json)?;
+        Ok(g)
+    }
+}
+
+/// The case ids of each split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Split {
+    pub train: Vec<String>,
+    pub validation: Vec<String>,
+    pub test: Vec<String>,
+}
+
+/// Splits case ids by the `[data]` settings: explicit lists first, else a seeded shuffle cut by
+/// fractions, or k folds.
+pub fn split_cases(ids: &[String], config: &crate::config::DataConfig) -> Result<Split> {
+    let mut rest: Vec<String> = ids.to_vec();
+    rest.sort();
+    for wanted in config.test_cases.iter().chain(&config.validation_cases) {
+        if !rest.contains(wanted) {
+            return Err(Error::Config {
+                reason: format!("[data] names case {wanted:?}, which the manifest does not list"),
+            });
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    rest.shuffle(&mut rng);
+    let n = rest.len();
+    let test: Vec<String> = if config.test_cases.is_empty() {
+        let k = (n as f64 * config.test_fraction).round() as usize;
+        rest.drain(..k.min(n.saturating_sub(1))).collect()
+    } else {
+        rest.retain(|c| !config.test_cases.contains(c));
+        config.test_cases.clone()
+    };
+    let validation: Vec<String> = if !config.validation_cases.is_empty() {
+        rest.retain(|c| !config.validation_cases.contains(c));
+        config.validation_cases.clone()
+    } else if config.folds > 1 {
+        let (val, train): (Vec<_>, Vec<_>) = rest
+            .iter()
+            .enumerate()
+            .partition(|(i, _)| i % config.folds == config.fold);
+        let val = val.into_iter().map(|p| p.1.clone()).collect();
+        rest = train.into_iter().map(|p| p.1.clone()).collect();
+        val
+    } else {
+        let k = (rest.len() as f64 * config.validation_fraction).round() as usize;
+        // At least one validation case when a fraction is asked for and two cases exist.
+        let k = if config.validation_fraction > 0.0 && rest.len() > 1 {
+            k.max(1)
+        } else {
+            k
+        };
+        rest.drain(..k.min(rest.len().saturating_sub(1))).collect()
+    };
+    if rest.is_empty() {
+        return Err(Error::Config {
+            reason: "[data] the split leaves no training case".into(),
+        });
+    }
+    rest.sort();
+    Ok(Split {
+        train: rest,
+        validation,
+        test,
+    })
+}
+
+/// Training and validation cases in memory, with everything that preprocessing resolved.
+pub struct Dataset {
+    pub train: Vec<Arc<PreparedCase>>,
+    pub validation: Vec<Arc<PreparedCase>>,
+    pub split: Split,
+    pub normalization: Vec<Normalization>,
+}
+
+/// Reads the manifest named by `config.data`, fills in what the config leaves to the dataset
+/// (channels, labels, target spacing, intensity statistics: `config` is updated to the resolved
+/// values), checks every case, and prepares the training and validation cases. All problems are
+/// reported together, one line per case.
+pub fn build(config: &mut RunConfig, progress: &indicatif::ProgressBar) -> Result<Dataset> {
+    let data = &config.data;
+    let (manifest_path, manifest) = match data.format.as_str() {
+        "decathlon" => (
+            data.root.join("dataset.json"),
+            manifest::read_decathlon(&data.root)?,
+        ),
+        _ => {
+            let path = data.root.join(&data.manifest);
+            let m = manifest::read_csv(&path, &data.root)?;
+            (path, m)
+        }
+    };
+    if config.data.channels.is_empty() {
+        config.data.channels = manifest.channels.clone();
+    }
+    if config.data.labels.is_empty() {
+        config.data.labels = manifest.labels.clone();
+    }
+    let channels = config.data.channels.len();
+    let classes = config.data.labels.len();
+    if channels == 0 || classes < 2 {
+        return Err(Error::Config {
+            reason: format!(
+                "{}: [data] channels and labels (background first, at least 2) must be given in the config or the dataset.json",
+                manifest_path.display()
+            ),
+        });
+    }
+    if !config.data.label_values.is_empty() && config.data.label_values.len() != classes {
+        return Err(Error::Config {
+            reason: "[data] label_values needs one value per label".into(),
+        });
+    }
+    let labels = LabelMap::new(classes, &config.data.label_values);
+    let ids: Vec<String> = manifest.cases.iter().map(|c| c.id.clone()).collect();
+    let split = split_cases(&ids, &config.data)?;
+    let cache = CaseCache::new(&config.data.cache_dir);
+    let entry = |id: &String| manifest.cases.iter().find(|c| &c.id == id).cloned();
+    let mut problems = Vec::new();
+    for c in &manifest.cases {
+        if c.label.is_none() {
+            problems.push(format!("case {}: no label file", c.id));
+        }
+        for p in c.images.iter().chain(c.label.iter()) {
+            if !p.exists() {
+                problems.push(format!("case {}: {} does not exist", c.id, p.display()));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Dataset {
+            path: manifest_path,
+            problems,
+        });
+    }
+
+    // Target spacing: the median over training cases of the (reoriented) source spacing.
+    let reorient = config.preprocess.reorient;
+    if config.preprocess.spacing.is_empty() {
+        let geometries: Vec<Result<Geometry>> = split
+            .train
+            .par_iter()
+            .filter_map(entry)
+            .map(|e| cache.source_geometry(&e))
+            .collect();
+        let mut spacings = Vec::new();
+        for g in geometries {
+            match g {
+                Ok(g) => {
+                    let plan = SpatialPlan {
+                        spacing: [1.0; 3],
+                        reorient,
+                        crop_to_nonzero: false,
+                    };
+                    spacings.push(plan.oriented(&g).spacing())
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Dataset {
+                path: manifest_path,
+                problems,
+            });
+        }
+        config.preprocess.spacing = (0..3)
+            .map(|a| {
+                let mut v: Vec<f64> = spacings.iter().map(|s| s[a]).collect();
+                v.sort_by(f64::total_cmp);
+                // Rounded to 1e-4 mm so the saved config reads cleanly.
+                (v[v.len() / 2] * 1e4).round() / 1e4
+            })
+            .collect();
+    }
+    let s = &config.preprocess.spacing;
+    let plan = SpatialPlan {
+        spacing: [s[0], s[1], s[2]],
+        reorient,
+        crop_to_nonzero: config.preprocess.crop_to_nonzero,
+    };
+
+    let wanted: Vec<CaseEntry> = split
+        .train
+        .iter()
+        .chain(&split.validation)
+        .filter_map(entry)
+        .collect();
+    progress.set_length(wanted.len() as u64);
+    progress.set_message("preparing cases");
+    let loaded: Vec<(String, Result<SpatialResult>)> = wanted
+        .par_iter()
+        .map(|e| {
+            let r = cache.load(e, channels, &labels, &plan);
+            progress.inc(1);
+            (e.id.clone(), r)
+        })
+        .collect();
+    let mut spatial = Vec::new();
+    for (id, r) in loaded {
+        match r {
+            Ok(s) if s.label.is_some() => spatial.push((id, s)),
+            Ok(_) => problems.push(format!("case {id}: no label")),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Dataset {
+            path: manifest_path,
+            problems,
+        });
+    }
+
+    // Intensity: resolve each channel's scheme, with foreground statistics of the training cases.
+    let mut intensity = config.preprocess.intensity.clone();
+    if intensity.is_empty() {
+        intensity = config
+            .data
+            .channels
+            .iter()
+            .map(|name| IntensityConfig {
+                scheme: if name.eq_ignore_ascii_case("ct") {
+                    "ct"
+                } else {
+                    "zscore"
+                }
+                .into(),
+                ..IntensityConfig::default()
+            })
+            .collect();
+    }
+    if intensity.len() != channels {
+        return Err(Error::Config {
+            reason: format!(
+                "[preprocess] intensity has {} entries for {channels} channels",
+                intensity.len()
+            ),
+        });
+    }
+    let mut normalization = Vec::new();
+    for (c, ic) in intensity.iter().enumerate() {
+        let samples: Vec<f32> = spatial
+            .iter()
+            .filter(|(id, _)| split.train.contains(id))
+            .flat_map(|(_, s)| foreground_samples(s, c))
+            .collect();
+        normalization.push(Normalization::resolve(
+            ic,
+            Some(&samples),
+            config.preprocess.crop_to_nonzero,
+        )?);
+    }
+    config.preprocess.intensity = normalization.iter().map(Normalization::to_config).collect();
+
+    let mut train = Vec::new();
+    let mut validation = Vec::new();
+    for (id, s) in spatial {
+        let case = Arc::new(prepare(id.clone(), s, &normalization, classes));
+        if split.train.contains(&id) {
+            train.push(case);
+        } else {
+            validation.push(case);
+        }
+    }
+    train.sort_by(|a, b| a.id.cmp(&b.id));
+    validation.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Dataset {
+        train,
+        validation,
+        split,
+        normalization,
+    })
+}
+
+/// Up to 10,000 channel values under the foreground, evenly strided.
+fn foreground_samples(s: &SpatialResult, channel: usize) -> Vec<f32> {
+    let Some(label) = &s.label else {
+        return Vec::new();
+    };
+    let image = s.image.index_axis(Axis(0), channel);
+    let values: Vec<f32> = image
+        .iter()
+        .zip(label.iter())
+        .filter(|(_, l)| **l > 0)
+        .map(|(v, _)| *v)
+        .collect();
+    let stride = values.len().div_ceil(FOREGROUND_SAMPLES).max(1);
+    values.into_iter().step_by(stride).collect()
+}
+
+/// Normalises a spatially preprocessed case and indexes its foreground.
+pub fn prepare(
+    id: String,
+    s: SpatialResult,
+    normalization: &[Normalization],
+    classes: usize,
+) -> PreparedCase {
+    let mut image = s.image;
+    for (c, n) in normalization.iter().enumerate() {
+        n.apply(image.index_axis_mut(Axis(0), c));
+    }
+    let (_, nk, nj, ni) = image.dim();
+    let label = s.label.unwrap_or_else(|| Array3::zeros([nk, nj, ni]));
+    let mut foreground = vec![Vec::new(); classes.saturating_sub(1)];
+    for ((k, j, i), l) in label.indexed_iter() {
+        if *l > 0 && (*l as usize) < classes {
+            foreground[*l as usize - 1].push([k as u32, j as u32, i as u32]);
+        }
+    }
+    for list in &mut foreground {
+        let stride = list.len().div_ceil(FOREGROUND_SAMPLES).max(1);
+        if stride > 1 {
+            *list = list.iter().step_by(stride).copied().collect();
+        }
+    }
+    PreparedCase {
+        id,
+        image,
+        label,
+        geometry: s.geometry,
+        foreground,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DataConfig;
+
+    #[test]
+    fn splits_are_disjoint_seeded_and_cover_every_case() {
+        let ids: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        let config = DataConfig {
+            validation_fraction: 0.2,
+            test_fraction: 0.1,
+            ..DataConfig::default()
+        };
+        let s = split_cases(&ids, &config).unwrap();
+        assert_eq!((s.train.len(), s.validation.len(), s.test.len()), (7, 2, 1));
+        assert_eq!(split_cases(&ids, &config).unwrap(), s);
+        let mut all: Vec<_> = s
+            .train
+            .iter()
+            .chain(&s.validation)
+            .chain(&s.test)
+            .cloned()
+            .collect();
+        all.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(all, want);
+        // k folds: every non-test case validates in exactly one fold.
+        let mut seen = Vec::new();
+        for fold in 0..3 {
+            let c = DataConfig {
+                folds: 3,
+                fold,
+                test_fraction: 0.0,
+                ..DataConfig::default()
+            };
+            seen.extend(split_cases(&ids, &c).unwrap().validation);
+        }
+        seen.sort();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn label_values_pick_classes() {
+        let map = LabelMap::new(2, &[0, 5]);
+        assert_eq!(map.class_of(5.0), Ok(1));
+        assert_eq!(map.class_of(3.0), Ok(0));
+        assert!(LabelMap::new(2, &[])
+            .class_of(3.0)
+            .unwrap_err()
+            .contains("label value 3"));
+        assert!(LabelMap::new(2, &[]).class_of(0.5).is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! Training patches: where to cut them (foreground-oversampled, nnU-Net style) and how to augment
+//! them, all driven by a seeded RNG.
+
+use rand::{Rng, RngExt};
+
+use super::dataset::PreparedCase;
+use crate::config::{AugmentConfig, SamplingConfig};
+use crate::transforms::augment::{augment_patch, cut_patch, rand_affine, Patch, PatchGeometry};
+
+/// Cuts and augments patches from prepared cases.
+#[derive(Debug, Clone)]
+pub struct PatchSampler {
+    /// `[D, H, W]`; `D = 1` for 2D.
+    pub size: [usize; 3],
+    pub three_d: bool,
+    pub context: usize,
+    pub foreground_fraction: f64,
+    pub augment: AugmentConfig,
+}
+
+impl PatchSampler {
+    pub fn new(sampling: &SamplingConfig, augment: &AugmentConfig, context: usize) -> Self {
+        let p = &sampling.patch_size;
+        let (size, three_d) = if p.len() == 3 {
+            ([p[0], p[1], p[2]], true)
+        } else {
+            ([1, p[0], p[1]], false)
+        };
+        PatchSampler {
+            size,
+            three_d,
+            context,
+            foreground_fraction: sampling.foreground_fraction,
+            augment: augment.clone(),
+        }
+    }
+
+    /// The patch centre `[k, j, i]`: on a random foreground voxel of a random present class with
+    /// probability `foreground_fraction` (jittered so the voxel is anywhere in the patch's middle
+    /// half), else uniform over the volume.
+    pub fn centre(&self, case: &PreparedCase, rng: &mut impl Rng) -> [f64; 3] {
+        let (_, nk, nj, ni) = case.image.dim();
+        let n = [nk, nj, ni];
+        let present: Vec<&Vec<[u32; 3]>> =
+            case.foreground.iter().filter(|f| !f.is_empty()).collect();
+        if !present.is_empty() && rng.random::<f64>() < self.foreground_fraction {
+            let class = present[rng.random_range(0..present.len())];
+            let v = class[rng.random_range(0..class.len())];
+            let mut c = [v[0] as f64, v[1] as f64, v[2] as f64];
+            for a in 0..3 {
+                let jitter = self.size[a] as f64 / 4.0;
+                if !(a == 0 && !self.three_d) && jitter >= 1.0 {
+                    c[a] += rng.random_range(-jitter..=jitter).round();
+                }
+            }
+            return c;
+        }
+        [0, 1, 2].map(|a| {
+            let (len, size) = (n[a], self.size[a]);
+            if a == 0 && !self.three_d {
+                rng.random_range(0..len) as f64
+            } else if len <= size {
+                // Smaller than the patch: centred, the rest padded.
+                (len as f64 - 1.0) / 2.0
+            } else {
+                // Patch fully inside: centre in [half, len - 1 - half].
+                let half = (size as f64 - 1.0) / 2.0;
+                let x = rng.random_range(half..=(len as f64 - 1.0 - half));
+                if size % 2 == 0 {
+                    x.floor() + 0.5
+                } else {
+                    x.round()
+                }
+            }
+        })
+    }
+
+    /// One augmented patch from `case`.
+    pub fn sample(&self, case: &PreparedCase, rng: &mut impl Rng) -> Patch {
+        let mut centre = self.centre(case, rng);
+        if !self.three_d {
+            centre[0] = centre[0].round();
+        }
+        let matrix = rand_affine(&self.augment, case.spacing_kji(), self.three_d, rng);
+        let at = PatchGeometry {
+            centre,
+            size: self.size,
+            matrix,
+            context: self.context,
+        };
+        let mut patch = cut_patch(case.image.view(), case.label.view(), &at);
+        augment_patch(&mut patch, &self.augment, self.three_d, rng);
+        patch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::{Geometry, IDENTITY};
+    use ndarray::{Array3, Array4};
+    use rand::SeedableRng;
+
+    #[test]
+    fn foreground_oversampling_hits_the_asked_share() {
+        // One small foreground blob in a large volume: uniform patches rarely contain it.
+        let mut label = Array3::<u8>::zeros([40, 64, 64]);
+        label[[20, 40, 40]] = 1;
+        let case = crate::data::dataset::prepare(
+            "c".into(),
+            crate::data::dataset::SpatialResult {
+                image: Array4::zeros([1, 40, 64, 64]),
+                label: Some(label),
+                geometry: Geometry::new([64, 64, 40], IDENTITY),
+            },
+            &[crate::transforms::intensity::Normalization::None],
+            2,
+        );
+        let sampling = SamplingConfig {
+            patch_size: vec![8, 8, 8],
+            foreground_fraction: 0.33,
+            patches_per_volume: 1,
+        };
+        let s = PatchSampler::new(&sampling, &AugmentConfig::default(), 0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let hits = (0..600)
+            .filter(|_| s.sample(&case, &mut rng).label.iter().any(|l| *l == 1))
+            .count();
+        let share = hits as f64 / 600.0;
+        assert!((0.25..0.42).contains(&share), "{share}");
+    }
+}
