@@ -547,7 +547,7 @@ impl RunConfig {
             return bad("[model] context_slices (2.5D) needs a 2D patch_size".into());
         }
         let t = &self.train;
-        if t.epochs == 0 || t.batch_size == 0 || !(t.lr > 0.0) {
+        if t.epochs == 0 || t.batch_size == 0 || t.lr.is_nan() || t.lr <= 0.0 {
             return bad("[train] epochs, batch_size and lr must be positive".into());
         }
         if !matches!(t.schedule.as_str(), "cosine" | "poly" | "constant") {

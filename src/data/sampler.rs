@@ -47,10 +47,12 @@ impl PatchSampler {
             let class = present[rng.random_range(0..present.len())];
             let v = class[rng.random_range(0..class.len())];
             let mut c = [v[0] as f64, v[1] as f64, v[2] as f64];
-            for a in 0..3 {
+            // 2D patches keep their slice; other axes jitter by up to a quarter patch.
+            let first = if self.three_d { 0 } else { 1 };
+            for (a, x) in c.iter_mut().enumerate().skip(first) {
                 let jitter = self.size[a] as f64 / 4.0;
-                if !(a == 0 && !self.three_d) && jitter >= 1.0 {
-                    c[a] += rng.random_range(-jitter..=jitter).round();
+                if jitter >= 1.0 {
+                    *x += rng.random_range(-jitter..=jitter).round();
                 }
             }
             return c;

@@ -271,7 +271,7 @@ pub fn train(mut config: RunConfig, options: &TrainOptions) -> Result<TrainOutco
         let started = Instant::now();
         // Dropout and any other device randomness: a function of seed and epoch.
         ad.seed(batch_seed(t.seed, epoch, usize::MAX - 1));
-        let loader = Loader::spawn(
+        let mut loader = Loader::spawn(
             train_cases.clone(),
             sampler.clone(),
             plan_for(epoch),
@@ -284,9 +284,8 @@ pub fn train(mut config: RunConfig, options: &TrainOptions) -> Result<TrainOutco
         step_bar.set_length(steps as u64);
         let mut loss_sum = 0.0;
         let mut lr = 0.0;
-        let mut loader = loader;
         let mut done = 0;
-        while let Some(batch) = loader.next() {
+        for batch in loader.by_ref() {
             lr = learning_rate(
                 &t.schedule,
                 t.lr,

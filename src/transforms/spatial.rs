@@ -7,6 +7,7 @@
 use std::ops::Range;
 
 use ndarray::{s, Array3, Array4, ArrayView3, ArrayView4, Axis, Zip};
+use rayon::prelude::*;
 
 use crate::geometry::{invert, matmul, Affine, Geometry, IDENTITY};
 
@@ -113,9 +114,9 @@ pub fn resampled_geometry(g: &Geometry, target: [f64; 3]) -> Geometry {
         let scale = n as f64 / m as f64;
         // New voxel 0's centre sits at old continuous index 0.5·scale − 0.5.
         let shift = 0.5 * scale - 0.5;
-        for r in 0..3 {
-            affine[r][3] += affine[r][a] * shift;
-            affine[r][a] *= scale;
+        for row in affine.iter_mut().take(3) {
+            row[3] += row[a] * shift;
+            row[a] *= scale;
         }
         dims[a] = m;
     }
@@ -200,7 +201,7 @@ pub fn resample_labels_onto(
     let (sk, sj, si) = labels.dim();
     let mut out = Array3::<u8>::zeros([nk, nj, ni]);
     out.axis_iter_mut(Axis(0))
-        .into_iter()
+        .into_par_iter()
         .enumerate()
         .for_each(|(k, mut plane)| {
             for j in 0..nj {
@@ -238,7 +239,6 @@ fn apply(a: &Affine, p: [f64; 3]) -> [f64; 3] {
 
 /// Bounding box `[k, j, i]` ranges of voxels where any channel is non-zero; `None` when all zero.
 pub fn nonzero_box(voxels: ArrayView4<f32>) -> Option<[Range<usize>; 3]> {
-    let (_, nk, nj, ni) = voxels.dim();
     let mut lo = [usize::MAX; 3];
     let mut hi = [0usize; 3];
     for ((_, k, j, i), v) in voxels.indexed_iter() {
@@ -249,7 +249,6 @@ pub fn nonzero_box(voxels: ArrayView4<f32>) -> Option<[Range<usize>; 3]> {
             }
         }
     }
-    let _ = (nk, nj, ni);
     (lo[0] != usize::MAX).then(|| [lo[0]..hi[0], lo[1]..hi[1], lo[2]..hi[2]])
 }
 

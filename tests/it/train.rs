@@ -276,3 +276,31 @@ fn config_layers_and_unknown_keys() {
         "{err}"
     );
 }
+
+/// Every shipped config parses and names a dataset manifest that exists.
+#[test]
+fn shipped_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let c = medseg::config::RunConfig::load(Some(&path), &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            medseg::train::model_config(&c).unwrap();
+            if c.data.format == "csv" {
+                let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join(&c.data.root)
+                    .join(&c.data.manifest);
+                assert!(
+                    manifest.is_file(),
+                    "{}: {} missing",
+                    path.display(),
+                    manifest.display()
+                );
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2);
+}
