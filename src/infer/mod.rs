@@ -1,5 +1,7 @@
-//! Inference: (as they land) sliding-window prediction and test-time augmentation; post-processing
-//! of label maps into lesion instances.
+//! Inference: a checkpoint rebuilt with its preprocessing ([`predictor`]), sliding-window prediction
+//! with optional mirror test-time augmentation, and post-processing of label maps into lesion
+//! instances.
 
 pub mod postprocess;
+pub mod predictor;
 pub mod sliding_window;

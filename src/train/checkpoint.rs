@@ -15,7 +15,7 @@ use crate::model::{HybridSegNet, HybridSegNetConfig};
 pub const STATE_FILE: &str = "state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 /// The effective run config, so inference can rebuild preprocessing from the checkpoint alone.
-pub const CONFIG_FILE: &str = "config.toml";
+pub const CONFIG_FILE: &str = crate::config::CONFIG_FILE;
 
 /// One finished epoch, as written to `metrics.csv`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

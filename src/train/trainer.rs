@@ -23,7 +23,7 @@ use crate::infer::sliding_window::SlidingWindow;
 use crate::model::{HybridSegNet, HybridSegNetConfig, NormKind, PositionEmbedding};
 
 /// Files in a run directory.
-pub const RUN_CONFIG: &str = "config.toml";
+pub const RUN_CONFIG: &str = crate::config::CONFIG_FILE;
 pub const METRICS_CSV: &str = "metrics.csv";
 pub const CURVE_PNG: &str = "training_curve.png";
 pub const LOG_FILE: &str = "train.log";

@@ -11,4 +11,5 @@ mod geometry_oracle;
 mod model;
 mod nifti_conformance;
 mod roundtrip;
+mod segment;
 mod train;

@@ -304,3 +304,88 @@ fn shipped_configs_are_valid() {
     }
     assert!(seen >= 2);
 }
+
+/// A Decathlon / nnU-Net v2 layout (`dataset.json`, `imagesTr/CASE_0000.nii.gz`,
+/// `labelsTr/CASE.nii.gz`) is read, checked, preprocessed and cached; a second build reads the cache
+/// and gives the same cases.
+#[test]
+fn decathlon_layout_prepares_and_caches_cases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("Dataset001_Liver");
+    std::fs::create_dir_all(root.join("imagesTr")).unwrap();
+    std::fs::create_dir_all(root.join("labelsTr")).unwrap();
+    let ts = cache("totalsegmentator");
+    for (case, image, label) in [
+        (
+            "liver_001",
+            "example_ct.nii.gz",
+            "example_seg_fast_force_split.nii.gz",
+        ),
+        ("liver_002", "example_ct_sm.nii.gz", "example_seg.nii.gz"),
+    ] {
+        std::fs::copy(
+            ts.join(image),
+            root.join(format!("imagesTr/{case}_0000.nii.gz")),
+        )
+        .unwrap();
+        std::fs::copy(ts.join(label), root.join(format!("labelsTr/{case}.nii.gz"))).unwrap();
+    }
+    std::fs::write(
+        root.join("dataset.json"),
+        r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
+            "numTraining": 2, "file_ending": ".nii.gz"}"#,
+    )
+    .unwrap();
+    let overrides = [
+        "data.format=decathlon".to_string(),
+        format!("data.root={:?}", root.display().to_string()),
+        format!(
+            "data.cache_dir={:?}",
+            tmp.path().join("cache").display().to_string()
+        ),
+        // TotalSegmentator's liver is value 5 in these maps.
+        "data.label_values=[0, 5]".into(),
+    ];
+    let build = || {
+        let mut config = medseg::config::RunConfig::load(None, &overrides).unwrap();
+        let data = medseg::data::build(&mut config, &indicatif::ProgressBar::hidden()).unwrap();
+        (config, data)
+    };
+    let (config, data) = build();
+    // Channels and labels came from dataset.json; spacing and the CT window from the data.
+    assert_eq!(config.data.channels, vec!["CT"]);
+    assert_eq!(config.data.labels, vec!["background", "liver"]);
+    assert_eq!(config.preprocess.spacing, vec![3.0, 3.0, 3.0]);
+    let ct = &config.preprocess.intensity[0];
+    assert_eq!(ct.scheme, "ct");
+    assert!(
+        ct.window[0] > -200.0 && ct.window[1] < 400.0,
+        "liver window {:?}",
+        ct.window
+    );
+    assert_eq!((data.train.len(), data.validation.len()), (1, 1));
+    let cached: Vec<_> = std::fs::read_dir(tmp.path().join("cache"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 2);
+    let case = &data.train[0];
+    assert!(!case.foreground[0].is_empty());
+    // Normalised CT: the liver sits near 0 within a few standard deviations.
+    let liver: Vec<f32> = case
+        .image
+        .iter()
+        .zip(case.label.iter())
+        .filter(|(_, l)| **l == 1)
+        .map(|(v, _)| *v)
+        .collect();
+    let mean = liver.iter().sum::<f32>() / liver.len() as f32;
+    assert!(mean.abs() < 1.0, "normalised liver mean {mean}");
+
+    let (_, again) = build();
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("cache")).unwrap().count(),
+        2
+    );
+    assert_eq!(again.train[0].image, case.image);
+    assert_eq!(again.train[0].label, case.label);
+}
