@@ -27,6 +27,7 @@ pub struct RunConfig {
     pub model: ModelConfig,
     pub train: TrainConfig,
     pub validate: ValidateConfig,
+    pub segment: SegmentConfig,
     pub output: OutputConfig,
 }
 
@@ -343,6 +344,38 @@ impl Default for ValidateConfig {
     }
 }
 
+/// Inference on whole scans (`medseg segment`), saved with the model; `--set segment.key=value`
+/// changes it at segmentation time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentConfig {
+    /// Sliding-window overlap between neighbouring windows (nnU-Net: 0.5).
+    pub overlap: f64,
+    /// Windows evaluated together.
+    pub batch_size: usize,
+    /// Mirror test-time augmentation over the spatial axes (also `--tta`).
+    pub tta: bool,
+    /// Two-class models: foreground where its probability reaches this; more classes: argmax.
+    pub threshold: f64,
+    /// Connected components (26-connected) smaller than this many mm³ are removed.
+    pub min_lesion_mm3: f64,
+    /// Classes (by name) of which only the largest component is kept, e.g. organs.
+    pub keep_largest: Vec<String>,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        SegmentConfig {
+            overlap: 0.5,
+            batch_size: 4,
+            tta: false,
+            threshold: 0.5,
+            min_lesion_mm3: 0.0,
+            keep_largest: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputConfig {
@@ -359,7 +392,7 @@ impl Default for OutputConfig {
 }
 
 /// Section names, in file order.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "data",
     "preprocess",
     "sampling",
@@ -367,6 +400,7 @@ const SECTIONS: [&str; 8] = [
     "model",
     "train",
     "validate",
+    "segment",
     "output",
 ];
 
@@ -433,6 +467,7 @@ impl RunConfig {
             model: section(&mut table, "model", origin)?,
             train: section(&mut table, "train", origin)?,
             validate: section(&mut table, "validate", origin)?,
+            segment: section(&mut table, "segment", origin)?,
             output: section(&mut table, "output", origin)?,
         };
         config.validate()?;
@@ -561,6 +596,16 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&self.validate.overlap) || self.validate.batch_size == 0 {
             return bad("[validate] overlap must be in [0, 1) and batch_size positive".into());
+        }
+        let g = &self.segment;
+        if !(0.0..1.0).contains(&g.overlap)
+            || g.batch_size == 0
+            || !(0.0..=1.0).contains(&g.threshold)
+        {
+            return bad(
+                "[segment] overlap must be in [0, 1), batch_size positive and threshold in [0, 1]"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -4,6 +4,7 @@ mod convert;
 mod evaluate;
 mod inspect;
 mod model;
+mod segment;
 mod train;
 
 use std::process::ExitCode;
@@ -35,6 +36,9 @@ enum Command {
     /// Train a model from a run config: data, preprocessing, sampling, augmentation, model,
     /// optimisation, validation and checkpoints; resumable.
     Train(train::Args),
+    /// Segment scans with a trained model: masks on each scan's exact grid, lesion tables,
+    /// probability maps; batches go on past bad cases, resume and split into shards.
+    Segment(segment::Args),
 }
 
 /// A failure already reported item by item; only the exit status is left to set.
@@ -66,6 +70,7 @@ pub fn run() -> ExitCode {
         Command::Model(args) => model::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Segment(args) => segment::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

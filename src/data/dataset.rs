@@ -186,31 +186,10 @@ pub fn load_case(
         case: entry.id.clone(),
         reason,
     };
-    let mut parts = Vec::new();
-    let mut geometry: Option<Geometry> = None;
-    for path in &entry.images {
-        let v = io::read_volume(path, None).map_err(|e| case_err(e.to_string()))?;
-        if let Some(g) = &geometry {
-            if g.max_affine_difference(&v.geometry)
-                .is_none_or(|d| d > GRID_TOLERANCE_MM)
-            {
-                return Err(case_err(format!(
-                    "channel {} has grid {:?} {:?}, the first channel {:?} {:?}",
-                    path.display(),
-                    v.geometry.dims,
-                    v.geometry.affine,
-                    g.dims,
-                    g.affine
-                )));
-            }
-        }
-        geometry = Some(v.geometry.clone());
-        parts.push(v.voxels);
-    }
-    let geometry = geometry.ok_or_else(|| case_err("no image file".into()))?;
-    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    let image = ndarray::concatenate(Axis(0), &views).map_err(|e| case_err(e.to_string()))?;
-    drop(parts);
+    let scan =
+        io::read_channels(&entry.images, GRID_TOLERANCE_MM).map_err(|e| case_err(e.to_string()))?;
+    let geometry = scan.geometry;
+    let image = scan.voxels;
     if image.shape()[0] != channels {
         return Err(case_err(format!(
             "has {} image channel(s), the dataset declares {channels}",

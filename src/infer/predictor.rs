@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Array4, Axis};
 
+use super::postprocess::{extract_lesions, Lesion, LesionFilter};
 use super::sliding_window::SlidingWindow;
 use crate::config::RunConfig;
 use crate::data::dataset::SpatialPlan;
@@ -12,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::model::HybridSegNet;
 use crate::transforms::intensity::Normalization;
-use crate::transforms::spatial::resample_labels_onto;
+use crate::transforms::spatial::{resample_labels_onto, resample_linear_onto, voxel_map};
 use crate::volume::Volume;
 
 /// A model and everything needed to apply it to a scan.
@@ -23,6 +24,8 @@ pub struct Predictor {
     pub plan: SpatialPlan,
     pub normalization: Vec<Normalization>,
     pub window: SlidingWindow,
+    /// Class names, background first.
+    pub labels: Vec<String>,
 }
 
 /// A prediction: class labels on the source grid, probabilities on the preprocessed grid.
@@ -55,12 +58,12 @@ pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
 
 impl Predictor {
     /// Loads the model and its preprocessing from `path` (see [`checkpoint_dir`]) onto `device`
-    /// (`cpu`, `wgpu`, `cuda`; default: the one it was trained on).
-    pub fn load(path: &Path, device: Option<&str>) -> Result<Self> {
+    /// (`cpu`, `wgpu`, `cuda`; default: the one it was trained on). `overrides`
+    /// (`segment.key=value`) change the saved config's inference settings.
+    pub fn load(path: &Path, device: Option<&str>, overrides: &[String]) -> Result<Self> {
         let dir = checkpoint_dir(path)?;
         let config_path = dir.join(crate::config::CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config = RunConfig::from_toml(&text, &config_path.display().to_string())?;
+        let config = RunConfig::load(Some(&config_path), overrides)?;
         let device = crate::model::device(device.unwrap_or(&config.train.device))?;
         let (model_config, model) = crate::model::load(&dir, &device)?;
         let s = &config.preprocess.spacing;
@@ -83,11 +86,13 @@ impl Predictor {
             } else {
                 [1, p[0], p[1]]
             },
-            overlap: config.validate.overlap,
-            batch_size: config.validate.batch_size,
-            mirror: false,
+            overlap: config.segment.overlap,
+            batch_size: config.segment.batch_size,
+            mirror: config.segment.tta,
             context: model_config.context_slices,
         };
+        let mut labels = config.data.labels.clone();
+        labels.resize(model_config.num_classes.max(labels.len()), String::new());
         Ok(Predictor {
             plan: SpatialPlan {
                 spacing: [s[0], s[1], s[2]],
@@ -99,6 +104,7 @@ impl Predictor {
             device,
             normalization,
             window,
+            labels,
         })
     }
 
@@ -124,7 +130,12 @@ impl Predictor {
         let probabilities = self
             .window
             .predict(&self.model, spatial.image.view(), &self.device)?;
+        let threshold = self.config.segment.threshold as f32;
         let argmax = probabilities.map_axis(Axis(0), |p| {
+            if p.len() == 2 {
+                // Binary: a threshold on the foreground probability.
+                return (p[1] >= threshold) as u8;
+            }
             p.iter()
                 .enumerate()
                 .fold((0u8, f32::NEG_INFINITY), |best, (c, &v)| {
@@ -142,6 +153,74 @@ impl Predictor {
             geometry: volume.geometry.clone(),
             probabilities,
             grid: spatial.geometry,
+        })
+    }
+}
+
+impl Prediction {
+    /// Removes small components (and all but the largest of `keep_largest` classes) from the
+    /// label map and measures the lesions that remain; each lesion's probabilities are read from
+    /// the preprocessed grid at its voxels.
+    pub fn lesions(&mut self, names: &[String], filter: &LesionFilter) -> Vec<Lesion> {
+        let to_grid = voxel_map(&self.grid, &self.geometry);
+        let probs = &self.probabilities;
+        let (k_classes, nd, nh, nw) = probs.dim();
+        let probability = |class: u32, [k, j, i]: [usize; 3]| {
+            let p = [0, 1, 2].map(|r| {
+                to_grid[r][0] * i as f64
+                    + to_grid[r][1] * j as f64
+                    + to_grid[r][2] * k as f64
+                    + to_grid[r][3]
+            });
+            let (x, y, z) = (p[0].round(), p[1].round(), p[2].round());
+            if (class as usize) < k_classes
+                && x >= 0.0
+                && y >= 0.0
+                && z >= 0.0
+                && (x as usize) < nw
+                && (y as usize) < nh
+                && (z as usize) < nd
+            {
+                probs[[class as usize, z as usize, y as usize, x as usize]]
+            } else {
+                0.0
+            }
+        };
+        extract_lesions(&mut self.labels, &self.geometry, names, filter, probability)
+    }
+
+    /// Foreground probability (1 − background) resampled linearly onto the scan's grid.
+    pub fn foreground_probability(&self) -> Array3<f32> {
+        let background = self.probabilities.index_axis(Axis(0), 0);
+        let foreground = background.mapv(|p| 1.0 - p);
+        resample_linear_onto(foreground.view(), &self.grid, &self.geometry)
+    }
+}
+
+impl Predictor {
+    /// The `[segment]` lesion filter, with `keep_largest` class names resolved.
+    pub fn lesion_filter(&self) -> Result<LesionFilter> {
+        let keep = self
+            .config
+            .segment
+            .keep_largest
+            .iter()
+            .map(|name| {
+                self.labels
+                    .iter()
+                    .position(|l| l == name)
+                    .map(|c| c as u32)
+                    .ok_or_else(|| Error::Config {
+                        reason: format!(
+                            "[segment] keep_largest names {name:?}, not one of the classes {:?}",
+                            self.labels
+                        ),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LesionFilter {
+            min_volume_mm3: self.config.segment.min_lesion_mm3,
+            keep_largest: keep,
         })
     }
 }

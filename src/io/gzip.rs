@@ -28,7 +28,15 @@ pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
                 Compression::fast(),
             );
             enc.write_all(chunk)?;
-            let cdata = enc.finish()?;
+            let mut cdata = enc.finish()?;
+            if HEADER_LEN + cdata.len() + TRAILER_LEN > 1 << 16 {
+                // Incompressible data (noise, float probabilities) can grow under level-1
+                // Huffman coding; stored blocks cost only 5 bytes per 64 KiB and always fit.
+                let mut stored =
+                    DeflateEncoder::new(Vec::with_capacity(chunk.len() + 64), Compression::none());
+                stored.write_all(chunk)?;
+                cdata = stored.finish()?;
+            }
             let mut crc = Crc::new();
             crc.update(chunk);
             let bsize = HEADER_LEN + cdata.len() + TRAILER_LEN;
@@ -122,6 +130,23 @@ pub fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: float32 probability maps written by `medseg segment` are nearly
+    /// incompressible, and level-1 deflate grew a block past the 64 KiB a member may hold.
+    #[test]
+    fn incompressible_data_fits_its_blocks() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let data: Vec<u8> = (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let gz = compress(&data).unwrap();
+        assert_eq!(decompress(&gz).unwrap(), data);
+    }
 
     #[test]
     fn blocked_gzip_round_trips_and_reads_as_plain_gzip() {

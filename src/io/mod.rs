@@ -202,6 +202,52 @@ pub fn read_volume(path: &Path, series: Option<&str>) -> Result<Volume> {
     select(path, discover(path)?.sources, series)?.load()
 }
 
+/// Reads one volume per path and stacks their channels in order; every file must lie on the first
+/// one's grid (affines within `tolerance_mm`). The result keeps the first file's info.
+pub fn read_channels(paths: &[PathBuf], tolerance_mm: f64) -> Result<Volume> {
+    let mut first: Option<Volume> = None;
+    let mut rest = Vec::new();
+    for path in paths {
+        let v = read_volume(path, None)?;
+        if let Some(f) = &first {
+            if f.geometry
+                .max_affine_difference(&v.geometry)
+                .is_none_or(|d| d > tolerance_mm)
+            {
+                return Err(Error::Unsupported {
+                    path: path.clone(),
+                    reason: format!(
+                        "grid {:?} {:?} differs from the first channel's {:?} {:?} ({})",
+                        v.geometry.dims,
+                        v.geometry.affine,
+                        f.geometry.dims,
+                        f.geometry.affine,
+                        f.info.path.display()
+                    ),
+                });
+            }
+            rest.push(v.voxels);
+        } else {
+            first = Some(v);
+        }
+    }
+    let mut first = first.ok_or_else(|| Error::NothingFound {
+        path: PathBuf::new(),
+        detail: ": no image file given".into(),
+    })?;
+    if !rest.is_empty() {
+        let mut views = vec![first.voxels.view()];
+        views.extend(rest.iter().map(|r| r.view()));
+        let stacked =
+            ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| Error::Unsupported {
+                path: first.info.path.clone(),
+                reason: e.to_string(),
+            })?;
+        first.voxels = stacked;
+    }
+    Ok(first)
+}
+
 /// Picks one source among those found under `path`.
 pub fn select(
     path: &Path,

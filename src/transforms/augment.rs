@@ -9,6 +9,7 @@
 use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
 use rand::{Rng, RngExt};
 
+use super::spatial::sample_linear;
 use crate::config::AugmentConfig;
 
 /// A cut-out patch: image `[C_in, D, H, W]` and labels `[D, H, W]`.
@@ -89,7 +90,7 @@ pub fn cut_patch(image: ArrayView4<f32>, label: ArrayView3<u8>, at: &PatchGeomet
                             } else {
                                 q
                             };
-                            trilinear(image.index_axis(Axis(0), ch), q)
+                            sample_linear(image.index_axis(Axis(0), ch), q)
                         };
                     }
                 }
@@ -100,36 +101,6 @@ pub fn cut_patch(image: ArrayView4<f32>, label: ArrayView3<u8>, at: &PatchGeomet
         image: out,
         label: out_label,
     }
-}
-
-/// Linear interpolation at continuous index `p` (`[k, j, i]`); 0 outside the volume.
-fn trilinear(v: ArrayView3<f32>, p: [f64; 3]) -> f32 {
-    let (nk, nj, ni) = v.dim();
-    let n = [nk, nj, ni];
-    if (0..3).any(|a| p[a] < -0.5 || p[a] > n[a] as f64 - 0.5) {
-        return 0.0;
-    }
-    let mut i0 = [0usize; 3];
-    let mut t = [0.0f64; 3];
-    for a in 0..3 {
-        let x = p[a].clamp(0.0, (n[a] - 1) as f64);
-        i0[a] = (x.floor() as usize).min(n[a] - 1);
-        t[a] = x - i0[a] as f64;
-    }
-    let mut acc = 0.0f64;
-    for corner in 0..8 {
-        let mut idx = [0usize; 3];
-        let mut weight = 1.0;
-        for a in 0..3 {
-            let up = (corner >> a) & 1 == 1;
-            idx[a] = if up { (i0[a] + 1).min(n[a] - 1) } else { i0[a] };
-            weight *= if up { t[a] } else { 1.0 - t[a] };
-        }
-        if weight > 0.0 {
-            acc += weight * v[[idx[0], idx[1], idx[2]]] as f64;
-        }
-    }
-    acc as f32
 }
 
 /// Random rotation and zoom, as a patch→source index matrix for a grid with `spacing` (`[k, j, i]`

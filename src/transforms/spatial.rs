@@ -237,6 +237,60 @@ fn apply(a: &Affine, p: [f64; 3]) -> [f64; 3] {
     out
 }
 
+/// Linear interpolation at continuous index `p` (`[k, j, i]`); 0 outside the volume.
+pub fn sample_linear(v: ArrayView3<f32>, p: [f64; 3]) -> f32 {
+    let (nk, nj, ni) = v.dim();
+    let n = [nk, nj, ni];
+    if (0..3).any(|a| p[a] < -0.5 || p[a] > n[a] as f64 - 0.5) {
+        return 0.0;
+    }
+    let mut i0 = [0usize; 3];
+    let mut t = [0.0f64; 3];
+    for a in 0..3 {
+        let x = p[a].clamp(0.0, (n[a] - 1) as f64);
+        i0[a] = (x.floor() as usize).min(n[a] - 1);
+        t[a] = x - i0[a] as f64;
+    }
+    let mut acc = 0.0f64;
+    for corner in 0..8 {
+        let mut idx = [0usize; 3];
+        let mut weight = 1.0;
+        for a in 0..3 {
+            let up = (corner >> a) & 1 == 1;
+            idx[a] = if up { (i0[a] + 1).min(n[a] - 1) } else { i0[a] };
+            weight *= if up { t[a] } else { 1.0 - t[a] };
+        }
+        if weight > 0.0 {
+            acc += weight * v[[idx[0], idx[1], idx[2]]] as f64;
+        }
+    }
+    acc as f32
+}
+
+/// Linear resampling of a scalar map `[k, j, i]` from one grid onto another through the
+/// voxel→world affines (0 outside the source); e.g. probabilities back onto a scan's grid.
+pub fn resample_linear_onto(
+    values: ArrayView3<f32>,
+    from: &Geometry,
+    onto: &Geometry,
+) -> Array3<f32> {
+    let to_source = voxel_map(from, onto);
+    let [ni, nj, nk] = onto.dims;
+    let mut out = Array3::<f32>::zeros([nk, nj, ni]);
+    out.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(k, mut plane)| {
+            for j in 0..nj {
+                for i in 0..ni {
+                    let p = apply(&to_source, [i as f64, j as f64, k as f64]);
+                    plane[[j, i]] = sample_linear(values, [p[2], p[1], p[0]]);
+                }
+            }
+        });
+    out
+}
+
 /// Bounding box `[k, j, i]` ranges of voxels where any channel is non-zero; `None` when all zero.
 pub fn nonzero_box(voxels: ArrayView4<f32>) -> Option<[Range<usize>; 3]> {
     let mut lo = [usize::MAX; 3];

@@ -1,34 +1,55 @@
-//! Prediction with a trained checkpoint: the label map lands on the exact grid of the scan.
+//! `medseg segment` and the predictor with a briefly trained liver model: masks on the exact grid
+//! of each scan, lesion tables that match an independent count, batches that survive bad files,
+//! shards that partition, and resume after a kill.
 
-use std::process::Command;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::common::{affine_diff, bin, cache};
 
-/// A briefly trained 2D liver model segments the TotalSegmentator DICOM series; the mask has the
-/// series' shape and affine, also after a NIfTI write and read, and overlaps TotalSegmentator's
-/// liver far beyond chance.
+/// A 2D liver model trained once (4 short epochs) for every test here.
+fn model() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let run = std::env::temp_dir().join(format!("medseg-segment-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let out = Command::new(bin())
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--config", "configs/liver-ct-2d.toml", "--quiet"])
+            .args(["--set", "train.epochs=4", "--set", "validate.every=0"])
+            .args([
+                "--set",
+                &format!("output.dir={:?}", run.display().to_string()),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run
+    })
+}
+
+fn segment(args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("segment")
+        .args(["--model", model().to_str().unwrap(), "--quiet"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The predictor's label map has the DICOM series' shape and affine, also after a NIfTI write and
+/// read, and overlaps TotalSegmentator's liver far beyond chance.
 #[test]
 fn prediction_lands_on_the_source_grid() {
     let series = cache("totalsegmentator/example_ct_dicom");
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    let out = Command::new(bin())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["train", "--config", "configs/liver-ct-2d.toml", "--quiet"])
-        .args(["--set", "train.epochs=4", "--set", "validate.every=0"])
-        .args([
-            "--set",
-            &format!("output.dir={:?}", run.display().to_string()),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    let predictor = medseg::infer::predictor::Predictor::load(&run, None).unwrap();
+    let predictor = medseg::infer::predictor::Predictor::load(model(), None, &[]).unwrap();
     let scan = medseg::io::read_volume(&series, None).unwrap();
     let p = predictor.predict(&scan).unwrap();
     let [ni, nj, nk] = scan.geometry.dims;
@@ -38,6 +59,7 @@ fn prediction_lands_on_the_source_grid() {
     assert_eq!(p.grid.axis_codes(), "RAS");
     assert_eq!(p.probabilities.shape()[0], 2);
 
+    let tmp = tempfile::tempdir().unwrap();
     let mask = medseg::Volume::new(
         p.labels.mapv(f32::from).insert_axis(ndarray::Axis(0)),
         p.geometry.clone(),
@@ -64,9 +86,306 @@ fn prediction_lands_on_the_source_grid() {
     );
     let predicted = p.labels.iter().filter(|l| **l == 1).count();
     let actual = truth.iter().filter(|l| **l == 1).count();
-    let both = p.labels.iter().zip(truth.iter()).filter(|(a, b)| **a == 1 && **b == 1).count();
+    let both = p
+        .labels
+        .iter()
+        .zip(truth.iter())
+        .filter(|(a, b)| **a == 1 && **b == 1)
+        .count();
     let dice = 2.0 * both as f64 / (predicted + actual) as f64;
     // Liver is 7 % of this scan: a mask placed at random scores a Dice near 0.07.
     eprintln!("liver Dice against TotalSegmentator on the source grid: {dice:.3}");
     assert!(dice > 0.4, "Dice {dice}");
+}
+
+/// 26-connected components of `mask` on `[nk, nj, ni]`, by breadth-first search: voxel lists.
+fn components(mask: &[bool], [nk, nj, ni]: [usize; 3]) -> Vec<Vec<[usize; 3]>> {
+    let mut seen = vec![false; mask.len()];
+    let mut out = Vec::new();
+    for start in 0..mask.len() {
+        if !mask[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        let mut queue = std::collections::VecDeque::from([start]);
+        let mut voxels = Vec::new();
+        while let Some(at) = queue.pop_front() {
+            let (k, j, i) = (at / (nj * ni), at / ni % nj, at % ni);
+            voxels.push([i, j, k]);
+            for dk in -1..=1isize {
+                for dj in -1..=1isize {
+                    for di in -1..=1isize {
+                        let (kk, jj, ii) = (k as isize + dk, j as isize + dj, i as isize + di);
+                        if kk < 0
+                            || jj < 0
+                            || ii < 0
+                            || kk >= nk as isize
+                            || jj >= nj as isize
+                            || ii >= ni as isize
+                        {
+                            continue;
+                        }
+                        let n = (kk as usize * nj + jj as usize) * ni + ii as usize;
+                        if mask[n] && !seen[n] {
+                            seen[n] = true;
+                            queue.push_back(n);
+                        }
+                    }
+                }
+            }
+        }
+        out.push(voxels);
+    }
+    out
+}
+
+/// A NIfTI scan and a DICOM series are segmented next to a corrupt file: both masks lie exactly
+/// on their scans' grids (shape, affine to 1e-5), the lesion tables agree with an independent
+/// count, and the corrupt file is reported by name with exit status 1.
+#[test]
+fn batch_writes_aligned_masks_and_lesion_tables_past_a_bad_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corrupt = tmp.path().join("broken.nii.gz");
+    let bytes = std::fs::read(cache("totalsegmentator/example_ct_sm.nii.gz")).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 3]).unwrap();
+    let out_dir = tmp.path().join("out");
+    let nifti = cache("totalsegmentator/example_ct_sm.nii.gz");
+    let series = cache("totalsegmentator/example_ct_dicom");
+    let out = segment(&[
+        nifti.to_str().unwrap(),
+        corrupt.to_str().unwrap(),
+        series.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--save-probabilities",
+        "--set",
+        "segment.min_lesion_mm3=50",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broken.nii.gz") && stderr.contains("FAILED"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("batch_summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (summary["segmented"].as_u64(), summary["failed"].as_u64()),
+        (Some(2), Some(1))
+    );
+
+    let names: Vec<String> = summary["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "segmented")
+        .map(|c| c["case"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"example_ct_sm".to_string()));
+    // The series is named by its description and a hash of its UID, never by patient data.
+    let dicom_name = names.iter().find(|n| *n != "example_ct_sm").unwrap();
+    assert!(dicom_name.starts_with("CT_Body"), "{dicom_name}");
+
+    for (name, source) in [
+        ("example_ct_sm".to_string(), nifti.clone()),
+        (dicom_name.clone(), series.clone()),
+    ] {
+        let scan = medseg::io::read_volume(&source, None).unwrap();
+        let mask = medseg::io::read_nifti(&out_dir.join(format!("{name}.nii.gz"))).unwrap();
+        assert_eq!(mask.geometry.dims, scan.geometry.dims, "{name}");
+        assert!(
+            affine_diff(&mask.geometry.affine, &scan.geometry.affine) < 1e-5,
+            "{name}"
+        );
+        let probs =
+            medseg::io::read_nifti(&out_dir.join(format!("{name}_probabilities.nii.gz"))).unwrap();
+        assert_eq!(probs.geometry.dims, scan.geometry.dims);
+        assert!(probs.voxels.iter().all(|p| (0.0..=1.0001).contains(p)));
+
+        // Independent lesion count and measurements from the written mask.
+        let [ni, nj, nk] = mask.geometry.dims;
+        let fg: Vec<bool> = mask.voxels.iter().map(|v| *v == 1.0).collect();
+        let mut truth = components(&fg, [nk, nj, ni]);
+        truth.sort_by_key(|c| c.iter().map(|v| (v[2], v[1], v[0])).min().unwrap());
+        let table: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out_dir.join(format!("{name}_lesions.json"))).unwrap(),
+        )
+        .unwrap();
+        let rows = table["lesions"].as_array().unwrap();
+        assert_eq!(rows.len(), truth.len(), "{name}: lesion count");
+        assert!(!rows.is_empty());
+        let s = mask.geometry.spacing();
+        let voxel_mm3 = s[0] * s[1] * s[2];
+        for (row, voxels) in rows.iter().zip(&truth) {
+            assert_eq!(row["voxels"].as_u64().unwrap() as usize, voxels.len());
+            assert!(row["volume_mm3"].as_f64().unwrap() >= 50.0);
+            assert!(
+                (row["volume_mm3"].as_f64().unwrap() - voxels.len() as f64 * voxel_mm3).abs()
+                    < 1e-6 * voxel_mm3 * voxels.len() as f64
+            );
+            let mut centroid = [0.0; 3];
+            for v in voxels {
+                let w = mask
+                    .geometry
+                    .voxel_to_world([v[0] as f64, v[1] as f64, v[2] as f64]);
+                for a in 0..3 {
+                    centroid[a] += w[a] / voxels.len() as f64;
+                }
+            }
+            for a in 0..3 {
+                assert!(
+                    (row["centroid_mm"][a].as_f64().unwrap() - centroid[a]).abs() < 1e-3,
+                    "{name} centroid"
+                );
+                let lo = voxels.iter().map(|v| v[a]).min().unwrap();
+                let hi = voxels.iter().map(|v| v[a]).max().unwrap();
+                assert_eq!(row["bbox_voxel"][0][a].as_u64().unwrap() as usize, lo);
+                assert_eq!(row["bbox_voxel"][1][a].as_u64().unwrap() as usize, hi);
+            }
+            let p = row["max_probability"].as_f64().unwrap();
+            assert!(
+                (0.5..=1.0).contains(&p),
+                "a lesion's peak probability reaches the threshold: {p}"
+            );
+            let extent = (0..3)
+                .map(|a| {
+                    (row["bbox_mm"][1][a].as_f64().unwrap()
+                        - row["bbox_mm"][0][a].as_f64().unwrap())
+                    .powi(2)
+                })
+                .sum::<f64>()
+                .sqrt();
+            assert!(row["diameter_mm"].as_f64().unwrap() <= extent + 1e-6);
+        }
+        let csv = std::fs::read_to_string(out_dir.join(format!("{name}_lesions.csv"))).unwrap();
+        assert_eq!(csv.lines().count(), rows.len() + 1);
+        let labels: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out_dir.join(format!("{name}_labels.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(labels["labels"]["1"], "liver");
+    }
+}
+
+/// Every case of an archive lands in exactly one of N shards.
+#[test]
+fn shards_partition_the_inputs() {
+    let dir = cache("nibabel");
+    let list = |shard: Option<&str>| -> Vec<String> {
+        let mut args = vec![dir.to_str().unwrap(), "--output", "/nonexistent", "--list"];
+        if let Some(s) = shard {
+            args.extend(["--shard", s]);
+        }
+        let out = segment(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').next().unwrap().to_string())
+            .collect()
+    };
+    let all: BTreeSet<String> = list(None).into_iter().collect();
+    assert!(all.len() >= 5, "{all:?}");
+    let mut union = BTreeSet::new();
+    let mut total = 0;
+    for i in 0..3 {
+        let part = list(Some(&format!("{i}/3")));
+        total += part.len();
+        union.extend(part);
+    }
+    assert_eq!(total, all.len(), "a case fell in two shards");
+    assert_eq!(union, all);
+    let out = segment(&[
+        dir.to_str().unwrap(),
+        "--output",
+        "/x",
+        "--list",
+        "--shard",
+        "3/3",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// A batch killed mid-way leaves only whole files; `--skip-existing` finishes it without redoing
+/// finished cases.
+#[test]
+fn killed_batch_resumes_with_skip_existing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scan = cache("totalsegmentator/example_ct_sm.nii.gz");
+    let inputs: Vec<PathBuf> = (0..4)
+        .map(|n| {
+            let p = tmp.path().join(format!("scan{n}.nii.gz"));
+            std::fs::copy(&scan, &p).unwrap();
+            p
+        })
+        .collect();
+    let out_dir = tmp.path().join("out");
+    let mut args: Vec<String> = vec![
+        "segment".into(),
+        "--model".into(),
+        model().display().to_string(),
+        "--quiet".into(),
+    ];
+    args.extend(inputs.iter().map(|p| p.display().to_string()));
+    args.extend(["--output".into(), out_dir.display().to_string()]);
+    let mut child = Command::new(bin())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = out_dir.join("scan0.nii.gz");
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(start.elapsed() < Duration::from_secs(300));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the batch ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let finished: Vec<&PathBuf> = inputs
+        .iter()
+        .filter(|p| out_dir.join(p.file_name().unwrap()).exists())
+        .collect();
+    assert!(
+        !finished.is_empty() && finished.len() < 4,
+        "{} finished",
+        finished.len()
+    );
+    for p in &finished {
+        // Whole files only: every mask present reads back.
+        medseg::io::read_nifti(&out_dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut resume = args.clone();
+    resume.push("--skip-existing".into());
+    let out = Command::new(bin()).args(&resume).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "segmented {}, skipped {}",
+            4 - finished.len(),
+            finished.len()
+        )),
+        "{stdout}"
+    );
+    for p in &inputs {
+        medseg::io::read_nifti(&out_dir.join(p.file_name().unwrap())).unwrap();
+    }
 }
