@@ -1,10 +1,11 @@
-//! `medseg convert INPUT OUTPUT.nii[.gz] [--series UID] [--dtype TYPE]`
+//! `medseg convert INPUT OUTPUT.nii[.gz] [--series UID] [--dtype TYPE] [--spacing X,Y,Z]`
 
 use std::path::PathBuf;
 
 use anyhow::bail;
 
 use medseg::io::{nifti::WRITABLE_TYPES, read_volume, write_nifti};
+use medseg::transforms::spatial::{resample_linear, resampled_geometry};
 use medseg::{DataType, Volume};
 
 #[derive(clap::Args)]
@@ -20,6 +21,10 @@ pub struct Args {
     /// the values exactly, else int16 for integer values, else float32.
     #[arg(long)]
     dtype: Option<String>,
+    /// Resample (trilinear) to this voxel spacing in mm, `X,Y,Z` along the voxel axes i, j, k,
+    /// keeping the field of view; integer sources are rounded back to integers.
+    #[arg(long, value_delimiter = ',')]
+    spacing: Option<Vec<f64>>,
 }
 
 /// The smallest faithful type among the writable ones, preferring the source's own.
@@ -49,7 +54,18 @@ fn choose_dtype(v: &Volume) -> DataType {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let volume = read_volume(&args.input, args.series.as_deref())?;
+    let mut volume = read_volume(&args.input, args.series.as_deref())?;
+    if let Some(s) = &args.spacing {
+        if s.len() != 3 || s.iter().any(|v| v.is_nan() || *v <= 0.0) {
+            bail!("--spacing needs three positive mm values X,Y,Z");
+        }
+        let target = resampled_geometry(&volume.geometry, [s[0], s[1], s[2]]);
+        let mut voxels = resample_linear(volume.voxels.view(), &volume.geometry, &target);
+        if !matches!(volume.info.dtype, DataType::Float32 | DataType::Float64) {
+            voxels.mapv_inplace(f32::round);
+        }
+        volume = Volume::new(voxels, target, volume.info.clone())?;
+    }
     let dtype = match args.dtype.as_deref() {
         Some(name) => match DataType::parse(name) {
             Some(t) if WRITABLE_TYPES.contains(&t) => t,

@@ -211,7 +211,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     let say = |line: String| {
-        if args.quiet {
+        // A hidden bar (--quiet, or stderr not a terminal) would swallow println.
+        if args.quiet || bar.is_hidden() {
             eprintln!("{line}");
         } else {
             bar.println(line);
@@ -233,13 +234,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     let mut failed = Vec::new();
     let mut segmented = 0;
-    for (n, scan) in rx {
+    loop {
+        let waited = Instant::now();
+        let Ok((n, scan)) = rx.recv() else {
+            break;
+        };
         let (name, origin) = &names[n];
         bar.set_message(name.clone());
-        let started = Instant::now();
+        let started = waited;
+        let mut stages = serde_json::Map::new();
+        let mut lap = waited;
+        let mut stage = |name: &str| {
+            stages.insert(
+                name.into(),
+                json!((lap.elapsed().as_secs_f64() * 100.0).round() / 100.0),
+            );
+            lap = Instant::now();
+        };
         let result = scan.and_then(|scan| {
+            stage("wait_for_read");
             let mut prediction = predictor.predict(&scan)?;
+            stage("predict");
             let lesions = prediction.lesions(&predictor.labels, &filter);
+            stage("lesions");
             let probabilities = args
                 .save_probabilities
                 .then(|| prediction.foreground_probability());
@@ -252,6 +269,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 &lesions,
                 &predictor.labels,
             )?;
+            stage("write");
             Ok(lesions.len())
         });
         let seconds = started.elapsed().as_secs_f64();
@@ -259,7 +277,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(lesions) => {
                 segmented += 1;
                 say(format!("{name}: {lesions} lesion(s), {seconds:.1} s"));
-                records.push(json!({"case": name, "input": origin, "status": "segmented", "lesions": lesions, "seconds": seconds}));
+                records.push(json!({"case": name, "input": origin, "status": "segmented", "lesions": lesions, "seconds": seconds, "stages": stages}));
             }
             Err(e) => {
                 say(format!("{name}: FAILED: {e}"));

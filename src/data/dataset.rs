@@ -63,23 +63,37 @@ impl SpatialPlan {
         label: Option<ArrayView4<u8>>,
         source: &Geometry,
     ) -> SpatialResult {
-        let orientation = Orientation::of(source);
-        let (image, label, oriented) = if self.reorient && !orientation.is_identity() {
-            (
-                orientation.apply(image),
-                label.map(|l| orientation.apply(l)),
-                orientation.apply_to_geometry(source),
-            )
+        // Resample in the source's own axis order first, then reorient the (usually much
+        // smaller) result: the same voxels as the other order, without a full-size copy of a
+        // CT-sized scan. Corner-aligned linear resampling commutes with axis permutations and
+        // flips.
+        let orientation = if self.reorient {
+            Orientation::of(source)
+        } else {
+            Orientation {
+                axis: [0, 1, 2],
+                flip: [false; 3],
+            }
+        };
+        let mut source_spacing = [0.0; 3];
+        for w in 0..3 {
+            source_spacing[orientation.axis[w]] = self.spacing[w];
+        }
+        let resampled = resampled_geometry(source, source_spacing);
+        let image = resample_linear(image, source, &resampled);
+        let label = label.map(|l| {
+            resample_nearest(l.index_axis(Axis(0), 0), source, &resampled).insert_axis(Axis(0))
+        });
+        let (image, label, target) = if orientation.is_identity() {
+            (image, label, resampled)
         } else {
             (
-                image.to_owned(),
-                label.map(|l| l.to_owned()),
-                source.clone(),
+                orientation.apply(image.view()),
+                label.map(|l| orientation.apply(l.view())),
+                orientation.apply_to_geometry(&resampled),
             )
         };
-        let target = resampled_geometry(&oriented, self.spacing);
-        let image = resample_linear(image.view(), &oriented, &target);
-        let label = label.map(|l| resample_nearest(l.index_axis(Axis(0), 0), &oriented, &target));
+        let label = label.map(|l| l.index_axis_move(Axis(0), 0));
         if self.crop_to_nonzero {
             if let Some(bbox) = nonzero_box(image.view()) {
                 return crop_all(image, label, &target, &bbox);

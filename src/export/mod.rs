@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::infer::postprocess::Lesion;
-use crate::io::nifti::{write_atomically, write_nifti};
+use crate::io::nifti::{write_atomically, write_label_map, write_nifti};
 use crate::transforms::spatial::Orientation;
 use crate::volume::{DataType, Volume};
 
@@ -142,17 +142,8 @@ pub fn write_case(
     if let Some(path) = &outputs.overlay {
         write_overlay(path, scan, labels)?;
     }
-    let dtype = if names.len() > 256 {
-        DataType::Uint16
-    } else {
-        DataType::Uint8
-    };
-    let mask = Volume::new(
-        labels.mapv(f32::from).insert_axis(Axis(0)),
-        scan.geometry.clone(),
-        scan.info.clone(),
-    )?;
-    write_nifti(&mask, &outputs.mask, dtype)
+    // Labels are u8 (at most 256 classes), written as uint8 straight from their bytes.
+    write_label_map(labels, &scan.geometry, &outputs.mask)
 }
 
 /// The lesion table as CSV, one row per lesion.

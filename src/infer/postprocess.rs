@@ -4,6 +4,8 @@
 use ndarray::Array3;
 use serde::{Deserialize, Serialize};
 
+use rayon::prelude::*;
+
 use crate::geometry::Geometry;
 
 /// Connected components of a binary mask on a `[nk, nj, ni]` grid (C order, `i` fastest).
@@ -151,17 +153,24 @@ pub fn extract_lesions(
     filter: &LesionFilter,
     probability: impl Fn(u32, [usize; 3]) -> f32,
 ) -> Vec<Lesion> {
-    let (nk, nj, ni) = labels.dim();
-    let dims = [nk, nj, ni];
+    let (_, nj, ni) = labels.dim();
     let voxel_mm3 = voxel_volume(geometry);
     let classes = labels.iter().copied().max().unwrap_or(0) as u32;
     let mut lesions = Vec::new();
     for class in 1..=classes {
-        let mask: Vec<bool> = labels.iter().map(|l| *l as u32 == class).collect();
-        if !mask.iter().any(|m| *m) {
+        // Components are found inside the class's bounding box only: lesions are small next to a
+        // CT-sized grid, and the id map is 4 bytes per voxel of the box.
+        let Some([bk, bj, bi]) = class_box(labels, class as u8) else {
             continue;
-        }
-        let cc = connected_components(&mask, dims);
+        };
+        let box_dims = [bk.len(), bj.len(), bi.len()];
+        let mask: Vec<bool> = labels
+            .slice(ndarray::s![bk.clone(), bj.clone(), bi.clone()])
+            .iter()
+            .map(|l| *l as u32 == class)
+            .collect();
+        let cc = connected_components(&mask, box_dims);
+        drop(mask);
         let largest = (1..=cc.count()).max_by_key(|&id| (cc.sizes[id - 1], std::cmp::Reverse(id)));
         let keep: Vec<bool> = (1..=cc.count())
             .map(|id| {
@@ -170,7 +179,7 @@ pub fn extract_lesions(
                 big && largest_ok
             })
             .collect();
-        // Accumulate each kept component's statistics in one raster pass.
+        // Accumulate each kept component's statistics in one raster pass over the box.
         let n = cc.count();
         let mut sum = vec![[0.0f64; 3]; n];
         let mut lo = vec![[usize::MAX; 3]; n];
@@ -178,18 +187,32 @@ pub fn extract_lesions(
         let mut p_sum = vec![0.0f64; n];
         let mut p_max = vec![0.0f32; n];
         let mut surface: Vec<Vec<[usize; 3]>> = vec![Vec::new(); n];
+        let [bnk, bnj, bni] = box_dims;
+        let id_at = |k: isize, j: isize, i: isize| -> u32 {
+            if k < 0
+                || j < 0
+                || i < 0
+                || k as usize >= bnk
+                || j as usize >= bnj
+                || i as usize >= bni
+            {
+                0
+            } else {
+                cc.labels[(k as usize * bnj + j as usize) * bni + i as usize]
+            }
+        };
         let data = labels.as_slice_mut().expect("standard layout");
-        for k in 0..nk {
-            for j in 0..nj {
-                for i in 0..ni {
-                    let at = (k * nj + j) * ni + i;
-                    let id = cc.labels[at] as usize;
+        for bz in 0..bnk {
+            for by in 0..bnj {
+                for bx in 0..bni {
+                    let id = cc.labels[(bz * bnj + by) * bni + bx] as usize;
                     if id == 0 {
                         continue;
                     }
+                    let (k, j, i) = (bz + bk.start, by + bj.start, bx + bi.start);
                     let c = id - 1;
                     if !keep[c] {
-                        data[at] = 0;
+                        data[(k * nj + j) * ni + i] = 0;
                         continue;
                     }
                     for (a, x) in [i, j, k].into_iter().enumerate() {
@@ -200,23 +223,14 @@ pub fn extract_lesions(
                     let p = probability(class, [k, j, i]);
                     p_sum[c] += p as f64;
                     p_max[c] = p_max[c].max(p);
-                    let inside = |dk: isize, dj: isize, di: isize| {
-                        let (kk, jj, ii) = (k as isize + dk, j as isize + dj, i as isize + di);
-                        kk >= 0
-                            && jj >= 0
-                            && ii >= 0
-                            && (kk as usize) < nk
-                            && (jj as usize) < nj
-                            && (ii as usize) < ni
-                            && cc.labels[(kk as usize * nj + jj as usize) * ni + ii as usize]
-                                == id as u32
-                    };
-                    let on_surface = !(inside(-1, 0, 0)
-                        && inside(1, 0, 0)
-                        && inside(0, -1, 0)
-                        && inside(0, 1, 0)
-                        && inside(0, 0, -1)
-                        && inside(0, 0, 1));
+                    let (z, y, x) = (bz as isize, by as isize, bx as isize);
+                    let me = id as u32;
+                    let on_surface = id_at(z - 1, y, x) != me
+                        || id_at(z + 1, y, x) != me
+                        || id_at(z, y - 1, x) != me
+                        || id_at(z, y + 1, x) != me
+                        || id_at(z, y, x - 1) != me
+                        || id_at(z, y, x + 1) != me;
                     if on_surface {
                         surface[c].push([i, j, k]);
                     }
@@ -252,6 +266,21 @@ pub fn extract_lesions(
     lesions
 }
 
+/// Bounding box `[k, j, i]` of the voxels of `class`, or `None` when it has none.
+fn class_box(labels: &Array3<u8>, class: u8) -> Option<[std::ops::Range<usize>; 3]> {
+    let mut lo = [usize::MAX; 3];
+    let mut hi = [0usize; 3];
+    for ((k, j, i), l) in labels.indexed_iter() {
+        if *l == class {
+            for (a, x) in [k, j, i].into_iter().enumerate() {
+                lo[a] = lo[a].min(x);
+                hi[a] = hi[a].max(x + 1);
+            }
+        }
+    }
+    (lo[0] != usize::MAX).then(|| [lo[0]..hi[0], lo[1]..hi[1], lo[2]..hi[2]])
+}
+
 /// Volume of one voxel, mm³ (|det| of the affine's linear part).
 pub fn voxel_volume(g: &Geometry) -> f64 {
     let a = &g.affine;
@@ -277,11 +306,11 @@ fn corner_extent(g: &Geometry, lo: [usize; 3], hi: [usize; 3]) -> [[f64; 3]; 2] 
 }
 
 /// Surface points beyond which the diameter is taken over extreme points in many directions.
-const EXACT_DIAMETER_POINTS: usize = 3000;
+const EXACT_DIAMETER_POINTS: usize = 1000;
 
-/// Longest distance between two points (world mm). Exact for up to 3,000 surface voxels; above,
+/// Longest distance between two points (world mm). Exact for up to 1,000 surface voxels; above,
 /// the candidates are the extreme points along 614 directions (a Fibonacci sphere), whose
-/// diameter is within 0.1 % of the true one for the compact shapes lesions and organs have.
+/// diameter is within 0.3 % of the true one (the directions are about 8° apart).
 fn feret_diameter(g: &Geometry, surface: &[[usize; 3]]) -> f64 {
     let points: Vec<[f64; 3]> = surface
         .iter()
@@ -292,29 +321,29 @@ fn feret_diameter(g: &Geometry, surface: &[[usize; 3]]) -> f64 {
     } else {
         let n = 614;
         let golden = std::f64::consts::PI * (3.0 - 5f64.sqrt());
-        let mut extremes = Vec::with_capacity(2 * n);
-        for d in 0..n {
-            let z = 1.0 - 2.0 * (d as f64 + 0.5) / n as f64;
-            let r = (1.0 - z * z).sqrt();
-            let dir = [
-                r * (golden * d as f64).cos(),
-                r * (golden * d as f64).sin(),
-                z,
-            ];
-            let proj = |p: &[f64; 3]| p[0] * dir[0] + p[1] * dir[1] + p[2] * dir[2];
-            let (mut lo, mut hi) = (points[0], points[0]);
-            for p in &points {
-                if proj(p) < proj(&lo) {
-                    lo = *p;
+        (0..n)
+            .into_par_iter()
+            .flat_map_iter(|d| {
+                let z = 1.0 - 2.0 * (d as f64 + 0.5) / n as f64;
+                let r = (1.0 - z * z).sqrt();
+                let dir = [
+                    r * (golden * d as f64).cos(),
+                    r * (golden * d as f64).sin(),
+                    z,
+                ];
+                let (mut lo, mut hi) = ((f64::INFINITY, 0), (f64::NEG_INFINITY, 0));
+                for (idx, p) in points.iter().enumerate() {
+                    let v = p[0] * dir[0] + p[1] * dir[1] + p[2] * dir[2];
+                    if v < lo.0 {
+                        lo = (v, idx);
+                    }
+                    if v > hi.0 {
+                        hi = (v, idx);
+                    }
                 }
-                if proj(p) > proj(&hi) {
-                    hi = *p;
-                }
-            }
-            extremes.push(lo);
-            extremes.push(hi);
-        }
-        extremes
+                [points[lo.1], points[hi.1]]
+            })
+            .collect()
     };
     let mut best = 0.0f64;
     for (n, a) in candidates.iter().enumerate() {

@@ -215,4 +215,54 @@ mod tests {
         assert_eq!(m[[0, 4, 4]], 1.0);
         assert!(m[[0, 0, 0]] > 0.0 && m[[0, 0, 0]] < 0.01);
     }
+
+    /// Mirror TTA averages over all flips, so flipping the input flips the output exactly (up to
+    /// float rounding); a window grid that is itself symmetric keeps that true for the whole
+    /// volume.
+    #[test]
+    fn mirrored_prediction_is_flip_equivariant() {
+        let device = Device::flex();
+        device.seed(1);
+        let mut cfg = crate::model::HybridSegNetConfig::preset("tiny", 2, 1, 2).unwrap();
+        cfg.patch_size = vec![32, 32];
+        let model = cfg.init(&device).unwrap();
+        let image = Array4::from_shape_fn([1, 2, 40, 40], |(_, k, j, i)| {
+            ((k * 7 + j * 3 + i * i) % 11) as f32 / 5.0 - 1.0
+        });
+        let window = SlidingWindow {
+            window: [1, 32, 32],
+            overlap: 0.5,
+            batch_size: 4,
+            mirror: true,
+            context: 0,
+        };
+        let p = window.predict(&model, image.view(), &device).unwrap();
+        let mut flipped = image.clone();
+        flipped.invert_axis(ndarray::Axis(3));
+        let mut q = window.predict(&model, flipped.view(), &device).unwrap();
+        q.invert_axis(ndarray::Axis(3));
+        let diff = p
+            .iter()
+            .zip(q.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{diff}");
+        // Without mirroring the network itself is not equivariant.
+        let plain = SlidingWindow {
+            mirror: false,
+            ..window
+        };
+        let p = plain.predict(&model, image.view(), &device).unwrap();
+        let mut q = plain.predict(&model, flipped.view(), &device).unwrap();
+        q.invert_axis(ndarray::Axis(3));
+        let diff = p
+            .iter()
+            .zip(q.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff > 1e-3, "{diff}");
+        // Probabilities sum to one everywhere.
+        let sums = p.sum_axis(ndarray::Axis(0));
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-4));
+    }
 }

@@ -612,9 +612,49 @@ pub fn write_nifti(volume: &Volume, path: &Path, dtype: DataType) -> Result<()> 
     })?;
     bytes.extend_from_slice(&data);
     drop(data);
+    finish_write(path, bytes)
+}
+
+/// Writes a label map `[k, j, i]` as uint8 NIfTI on `geometry`, straight from its bytes (no
+/// float copy of a CT-sized volume).
+pub fn write_label_map(
+    labels: &ndarray::Array3<u8>,
+    geometry: &Geometry,
+    path: &Path,
+) -> Result<()> {
+    let write_err = |reason: String| Error::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !is_nifti_path(path) {
+        return Err(write_err(
+            "the output name must end in .nii or .nii.gz".into(),
+        ));
+    }
+    let [ni, nj, nk] = geometry.dims;
+    if labels.dim() != (nk, nj, ni) {
+        return Err(write_err(format!(
+            "label map {:?} does not match the grid {:?}",
+            labels.dim(),
+            geometry.dims
+        )));
+    }
+    let mut bytes = nifti1_header(geometry, 1, DataType::Uint8).map_err(write_err)?;
+    match labels.as_slice() {
+        Some(data) => bytes.extend_from_slice(data),
+        None => bytes.extend(labels.iter()),
+    }
+    finish_write(path, bytes)
+}
+
+/// Gzips (for `.gz` names) and writes atomically.
+fn finish_write(path: &Path, bytes: Vec<u8>) -> Result<()> {
     let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
     let bytes = if gz {
-        gzip::compress(&bytes).map_err(|e| write_err(e.to_string()))?
+        gzip::compress(&bytes).map_err(|e| Error::Write {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
     } else {
         bytes
     };
@@ -634,6 +674,15 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| Error::io(&dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
+    // Temp files are created owner-only; outputs get the usual rw-r--r-- so others on a shared
+    // server (or a PACS import job) can read them.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }

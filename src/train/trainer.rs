@@ -119,7 +119,8 @@ impl RunLog {
             .map_or(0, |d| d.as_secs());
         let _ = writeln!(self.file, "[{secs}] {text}");
         let _ = self.file.flush();
-        if self.quiet {
+        // Hidden bars (--quiet, or stderr not a terminal) would swallow println.
+        if self.quiet || self.bars.is_hidden() {
             eprintln!("{text}");
         } else {
             let _ = self.bars.println(text);

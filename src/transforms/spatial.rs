@@ -126,43 +126,54 @@ pub fn resampled_geometry(g: &Geometry, target: [f64; 3]) -> Geometry {
 /// Trilinear resampling of `[c, k, j, i]` voxels onto [`resampled_geometry`]'s grid, one axis at a
 /// time (separable, so each pass is a 1D linear interpolation along contiguous lanes).
 pub fn resample_linear(voxels: ArrayView4<f32>, from: &Geometry, to: &Geometry) -> Array4<f32> {
-    let mut current = voxels.to_owned();
-    for a in 0..3 {
-        let (n, m) = (from.dims[a], to.dims[a]);
-        if n != m {
-            current = resample_axis(current.view(), 3 - a, m, |lane, out| {
-                let scale = n as f64 / m as f64;
-                for (o, v) in out.iter_mut().enumerate() {
-                    let x = ((o as f64 + 0.5) * scale - 0.5).clamp(0.0, (n - 1) as f64);
-                    let i0 = x.floor() as usize;
-                    let i1 = (i0 + 1).min(n - 1);
-                    let t = (x - i0 as f64) as f32;
-                    *v = lane[i0] * (1.0 - t) + lane[i1] * t;
-                }
-            });
+    resample_separable(voxels, from, to, |lane, out, n, m| {
+        let scale = n as f64 / m as f64;
+        for (o, v) in out.iter_mut().enumerate() {
+            let x = ((o as f64 + 0.5) * scale - 0.5).clamp(0.0, (n - 1) as f64);
+            let i0 = x.floor() as usize;
+            let i1 = (i0 + 1).min(n - 1);
+            let t = (x - i0 as f64) as f32;
+            *v = lane[i0] * (1.0 - t) + lane[i1] * t;
         }
-    }
-    current
+    })
 }
 
 /// Nearest-neighbour resampling of a label map `[k, j, i]` onto [`resampled_geometry`]'s grid.
 pub fn resample_nearest(labels: ArrayView3<u8>, from: &Geometry, to: &Geometry) -> Array3<u8> {
-    let mut current = labels.insert_axis(Axis(0)).to_owned();
-    for a in 0..3 {
-        let (n, m) = (from.dims[a], to.dims[a]);
-        if n != m {
-            current = resample_axis(current.view(), 3 - a, m, |lane, out| {
-                let scale = n as f64 / m as f64;
-                for (o, v) in out.iter_mut().enumerate() {
-                    let x = ((o as f64 + 0.5) * scale - 0.5)
-                        .round()
-                        .clamp(0.0, (n - 1) as f64);
-                    *v = lane[x as usize];
-                }
-            });
+    resample_separable(labels.insert_axis(Axis(0)), from, to, |lane, out, n, m| {
+        let scale = n as f64 / m as f64;
+        for (o, v) in out.iter_mut().enumerate() {
+            let x = ((o as f64 + 0.5) * scale - 0.5)
+                .round()
+                .clamp(0.0, (n - 1) as f64);
+            *v = lane[x as usize];
         }
+    })
+    .index_axis_move(Axis(0), 0)
+}
+
+/// One 1D pass per axis whose size changes, the most shrinking axis first so intermediate arrays
+/// stay small; the input is never copied whole.
+fn resample_separable<T: Copy + Default + Send + Sync>(
+    voxels: ArrayView4<T>,
+    from: &Geometry,
+    to: &Geometry,
+    f: impl Fn(&[T], &mut [T], usize, usize) + Sync,
+) -> Array4<T> {
+    let mut axes: Vec<usize> = (0..3).filter(|&a| from.dims[a] != to.dims[a]).collect();
+    axes.sort_by(|&a, &b| {
+        let ratio = |x: usize| to.dims[x] as f64 / from.dims[x] as f64;
+        ratio(a).total_cmp(&ratio(b))
+    });
+    let mut current: Option<Array4<T>> = None;
+    for a in axes {
+        let (n, m) = (from.dims[a], to.dims[a]);
+        let input = current.as_ref().map_or(voxels.view(), |c| c.view());
+        current = Some(resample_axis(input, 3 - a, m, |lane, out| {
+            f(lane, out, n, m)
+        }));
     }
-    current.index_axis_move(Axis(0), 0)
+    current.unwrap_or_else(|| voxels.to_owned())
 }
 
 /// Applies `f(input lane, output lane)` along array axis `axis`, giving that axis length `m`.
