@@ -135,19 +135,20 @@ def best_of(fn, n):
     return times[len(times) // 2]
 
 
-for name, p in PRESETS.items():
-    for dims, size in [(2, [224, 224]), (3, [96, 96, 96])]:
-        net = Net(dims, size, p["widths"], p["embed"], p["depth"], p["heads"], p["mlp"])
-        params = sum(q.numel() for q in net.parameters())
-        x = torch.randn(1, 1, *size)
-        y = torch.zeros(1, *size, dtype=torch.long)
-        reps = 5 if dims == 2 else 3
-        with torch.no_grad():
-            fwd = best_of(lambda: net(x), reps)
+if __name__ == "__main__":
+    for name, p in PRESETS.items():
+        for dims, size in [(2, [224, 224]), (3, [96, 96, 96])]:
+            net = Net(dims, size, p["widths"], p["embed"], p["depth"], p["heads"], p["mlp"])
+            params = sum(q.numel() for q in net.parameters())
+            x = torch.randn(1, 1, *size)
+            y = torch.zeros(1, *size, dtype=torch.long)
+            reps = 5 if dims == 2 else 3
+            with torch.no_grad():
+                fwd = best_of(lambda: net(x), reps)
 
-        def step():
-            net.zero_grad()
-            dice_ce(net(x), y).backward()
+            def step():
+                net.zero_grad()
+                dice_ce(net(x), y).backward()
 
-        fb = best_of(step, reps)
-        print(f"{name}/{dims}d params={params} forward={fwd*1000:.1f} ms  forward_backward={fb*1000:.1f} ms")
+            fb = best_of(step, reps)
+            print(f"{name}/{dims}d params={params} forward={fwd*1000:.1f} ms  forward_backward={fb*1000:.1f} ms")
