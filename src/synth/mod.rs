@@ -6,6 +6,7 @@
 //! are still to come.
 
 pub mod lesion;
+pub mod organ;
 
 use ndarray::{Array3, Axis};
 

@@ -81,3 +81,43 @@ fn a_liver_lesion_keeps_the_host_noise_and_has_partial_volume_edges() {
     let change = mean(&ct.voxels) - mean(&before);
     assert!((-48.0..-30.0).contains(&change), "{change}");
 }
+
+/// Lung nodules placed in the eroded lungs of the real 1.5 mm CT stay inside the lungs, do not
+/// overlap, and are solid against the lung (about +800 HU over aerated parenchyma).
+#[test]
+fn lung_nodules_stay_inside_the_lungs() {
+    use medseg::synth::organ::{erode_mm, lung_mask, place};
+    let mut ct =
+        medseg::io::read_nifti(&cache("totalsegmentator/aorta_example_ct.nii.gz")).unwrap();
+    let lungs = lung_mask(ct.voxels.index_axis(Axis(0), 0));
+    let s = ct.geometry.spacing();
+    let lung_ml = lungs.iter().filter(|v| **v).count() as f64 * s[0] * s[1] * s[2] / 1000.0;
+    assert!(lung_ml > 500.0, "lungs {lung_ml} ml");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut taken = Vec::new();
+    let mut labels = Vec::new();
+    for diameter in [5.0, 7.0, 9.0] {
+        // The erosion is a box, so half the diameter keeps a lobulated nodule inside.
+        let allowed = erode_mm(&lungs, &ct.geometry, diameter * 0.5);
+        let reach = diameter * 0.75;
+        let centre =
+            place(&allowed, &ct.geometry, reach, &taken, 5.0, &mut rng).expect("room in the lungs");
+        taken.push((centre, reach));
+        let shape = LesionShape::random(centre, diameter, 0, &mut rng);
+        // A solid nodule (about 0 HU) over aerated lung (about −800 HU).
+        let (f, record) = insert(&mut ct, &shape, 800.0).expect("visible nodule");
+        assert!(record.contrast_to_noise > 5.0, "{record:?}");
+        labels.push(f);
+    }
+    let label = medseg::synth::label_volume(ct.geometry.dims, &labels);
+    let outside = label
+        .iter()
+        .zip(lungs.iter())
+        .filter(|(l, m)| **l == 1 && !**m)
+        .count();
+    let total = label.iter().filter(|l| **l == 1).count();
+    assert!(
+        total > 0 && outside == 0,
+        "{outside} of {total} label voxels outside the lungs"
+    );
+}
