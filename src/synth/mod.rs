@@ -5,6 +5,7 @@
 //! Placement in organ masks, lesion types, host deformation, `medseg synth` and the dataset writer
 //! are still to come.
 
+pub mod dataset;
 pub mod lesion;
 pub mod organ;
 

@@ -121,3 +121,77 @@ fn lung_nodules_stay_inside_the_lungs() {
         "{outside} of {total} label voxels outside the lungs"
     );
 }
+
+/// `medseg synth` builds a Decathlon dataset whose splits are disjoint by host, reproducibly from
+/// the seed, with every labelled lesion visible (contrast-to-noise ≥ 1) and recorded.
+#[test]
+fn synth_dataset_is_reproducible_and_split_by_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("synth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[synth]\nseed = 5\ncases_per_host = 1\ncontrol_fraction = 0.0\nlesions_per_case = [2, 2]\n\
+             [[synth.hosts]]\nimage = {:?}\norgan = \"lung\"\nsplit = \"train\"\n\
+             [[synth.hosts]]\nimage = {:?}\norgan = \"lung\"\nsplit = \"test\"\n",
+            cache("totalsegmentator/aorta_example_ct.nii.gz").display().to_string(),
+            cache("totalsegmentator/example_ct.nii.gz").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let run = |out: &std::path::Path| {
+        let o = std::process::Command::new(crate::common::bin())
+            .args([
+                "synth",
+                "--config",
+                config.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    run(&a);
+    run(&b);
+    for f in [
+        "imagesTr/synthTr_000_0000.nii.gz",
+        "labelsTr/synthTr_000.nii.gz",
+        "imagesTs/synthTs_001_0000.nii.gz",
+        "labelsTs/synthTs_001.nii.gz",
+        "lesions.json",
+    ] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between runs"
+        );
+    }
+    let lesions: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("lesions.json")).unwrap()).unwrap();
+    let rows = lesions["lesions"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    let hosts_of = |prefix: &str| -> std::collections::BTreeSet<String> {
+        rows.iter()
+            .filter(|r| r["case"].as_str().unwrap().starts_with(prefix))
+            .map(|r| r["host"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(hosts_of("synthTr").is_disjoint(&hosts_of("synthTs")));
+    assert!(rows
+        .iter()
+        .all(|r| r["contrast_to_noise"].as_f64().unwrap() >= 1.0));
+    // The label map is the α ≥ 0.5 core of the recorded lesions, on the image's grid.
+    let image = medseg::io::read_nifti(&a.join("imagesTr/synthTr_000_0000.nii.gz")).unwrap();
+    let label = medseg::io::read_nifti(&a.join("labelsTr/synthTr_000.nii.gz")).unwrap();
+    assert_eq!(image.geometry, label.geometry);
+    let labelled: f64 = label.voxels.iter().filter(|v| **v == 1.0).count() as f64;
+    let s = label.geometry.spacing();
+    let recorded: f64 = rows
+        .iter()
+        .filter(|r| r["case"] == "synthTr_000")
+        .map(|r| r["volume_mm3"].as_f64().unwrap())
+        .sum();
+    assert!((labelled * s[0] * s[1] * s[2] - recorded).abs() < 1e-6 * recorded.max(1.0));
+}
