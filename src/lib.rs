@@ -23,6 +23,7 @@ pub mod geometry;
 pub mod infer;
 pub mod io;
 pub mod model;
+pub mod synth;
 pub mod train;
 pub mod transforms;
 pub mod volume;

@@ -5,6 +5,7 @@ mod evaluate;
 mod inspect;
 mod model;
 mod segment;
+mod synth;
 mod train;
 
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Command {
     /// Segment scans with a trained model: masks on each scan's exact grid, lesion tables,
     /// probability maps; batches go on past bad cases, resume and split into shards.
     Segment(segment::Args),
+    /// Build a lesion dataset by inserting realistic synthetic lesions into real host scans.
+    Synth(synth::Args),
 }
 
 /// A failure already reported item by item; only the exit status is left to set.
@@ -71,6 +74,7 @@ pub fn run() -> ExitCode {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Train(args) => train::run(args),
         Command::Segment(args) => segment::run(args),
+        Command::Synth(args) => synth::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,7 +38,8 @@ pub fn sanitize_name(raw: &str) -> String {
     }
 }
 
-/// The output name of a NIfTI file: its file name without `.nii` / `.nii.gz`.
+/// The output name of a NIfTI file: its file name without `.nii` / `.nii.gz`, and without
+/// nnU-Net's first-channel suffix `_0000`, so `CASE_0000.nii.gz` gives `CASE` as its label map does.
 pub fn nifti_case_name(path: &Path) -> String {
     let name = path
         .file_name()
@@ -48,6 +49,10 @@ pub fn nifti_case_name(path: &Path) -> String {
         .strip_suffix(".nii.gz")
         .or_else(|| name.strip_suffix(".nii"))
         .unwrap_or(&name);
+    let stem = stem
+        .strip_suffix("_0000")
+        .filter(|s| !s.is_empty())
+        .unwrap_or(stem);
     sanitize_name(stem)
 }
 
@@ -227,6 +232,10 @@ mod tests {
         assert_eq!(sanitize_name("Müller, Hans"), "M_ller__Hans");
         assert_eq!(sanitize_name(""), "case");
         assert_eq!(nifti_case_name(Path::new("/x/ct_001.nii.gz")), "ct_001");
+        assert_eq!(
+            nifti_case_name(Path::new("/x/lung_007_0000.nii.gz")),
+            "lung_007"
+        );
         let n = dicom_case_name("ABDOMEN 3.0 B30f", "1.2.840.1");
         assert!(
             n.starts_with("ABDOMEN_3.0_B30f-") && !n.contains("1.2.840"),

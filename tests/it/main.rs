@@ -12,4 +12,5 @@ mod model;
 mod nifti_conformance;
 mod roundtrip;
 mod segment;
+mod synth;
 mod train;

@@ -1,0 +1,425 @@
+//! `medseg synth`: a lesion dataset in the Decathlon layout, built by inserting synthetic lesions
+//! into (randomly deformed) real host scans. Splits are disjoint by host; everything follows from
+//! the config's seed.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array3, Axis};
+use rand::{Rng, RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::lesion::LesionShape;
+use super::organ::{erode_mm, lung_mask, place};
+use super::{insert, label_volume, InsertedLesion};
+use crate::error::{Error, Result};
+use crate::geometry::{invert, matmul, Geometry, IDENTITY};
+use crate::io::nifti::{write_atomically, write_label_map, write_nifti};
+use crate::transforms::spatial::{resample_labels_onto, resample_linear_onto};
+use crate::volume::Volume;
+
+/// `[synth]`: what to insert into which hosts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SynthConfig {
+    pub seed: u64,
+    /// `lung_nodule` (CT, contrast in HU) or `brain_tumour` (MR, enhancing rim and necrotic core,
+    /// contrast relative to the local tissue).
+    pub lesion: String,
+    /// Class name of the lesions in `dataset.json`.
+    pub label: String,
+    pub hosts: Vec<HostConfig>,
+    /// Deformed copies made of each host.
+    pub cases_per_host: usize,
+    /// Lesions per case, `[min, max]`.
+    pub lesions_per_case: [usize; 2],
+    /// Share of cases left lesion-free, to measure false positives.
+    pub control_fraction: f64,
+    /// Log-normal diameters: median, σ of the log, and clip range (mm).
+    pub diameter_median_mm: f64,
+    pub diameter_sigma: f64,
+    pub diameter_range_mm: [f64; 2],
+    /// Share of lung nodules with spicules.
+    pub spiculated_fraction: f64,
+    /// Contrast added: HU for CT lesions; for MR, a share of the local tissue intensity.
+    pub delta: [f64; 2],
+    /// Random host deformation: rotation up to this many degrees and isotropic scale up to
+    /// ±this share, about the volume centre, applied in mm before insertion.
+    pub rotation_degrees: f64,
+    pub scale: f64,
+    /// MR only: a smooth multiplicative bias field, up to ±this share across the field of view.
+    pub bias_field: f64,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        SynthConfig {
+            seed: 7,
+            lesion: "lung_nodule".into(),
+            label: "nodule".into(),
+            hosts: Vec::new(),
+            cases_per_host: 4,
+            lesions_per_case: [1, 3],
+            control_fraction: 0.2,
+            // DATA.md: lung nodule median ≈ 6 mm, range 3–30 mm.
+            diameter_median_mm: 6.0,
+            diameter_sigma: 0.45,
+            diameter_range_mm: [3.0, 30.0],
+            spiculated_fraction: 0.3,
+            // Solid nodule (−100…+100 HU) over aerated lung (≈ −750 HU).
+            delta: [650.0, 850.0],
+            rotation_degrees: 8.0,
+            scale: 0.08,
+            bias_field: 0.0,
+        }
+    }
+}
+
+/// One host scan and where lesions may go in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub image: PathBuf,
+    /// `lung` (HU < −500, inner largest components) or `mask:PATH` (non-zero voxels of a mask on
+    /// the host's grid, e.g. a brain mask).
+    pub organ: String,
+    /// `train` or `test`: splits are disjoint by host.
+    pub split: String,
+}
+
+/// The config file: a `[synth]` table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SynthFile {
+    #[serde(default)]
+    synth: SynthConfig,
+}
+
+impl SynthConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let file: SynthFile = toml::from_str(&text).map_err(|e| Error::Config {
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        let c = file.synth;
+        if c.hosts.is_empty() || !c.hosts.iter().any(|h| h.split == "train") {
+            return Err(Error::Config {
+                reason: format!(
+                    "{}: [synth] needs hosts, at least one with split = \"train\"",
+                    path.display()
+                ),
+            });
+        }
+        if let Some(h) = c
+            .hosts
+            .iter()
+            .find(|h| h.split != "train" && h.split != "test")
+        {
+            return Err(Error::Config {
+                reason: format!(
+                    "{}: host {} has split {:?}; use train or test",
+                    path.display(),
+                    h.image.display(),
+                    h.split
+                ),
+            });
+        }
+        if !matches!(c.lesion.as_str(), "lung_nodule" | "brain_tumour") {
+            return Err(Error::Config {
+                reason: format!(
+                    "{}: [synth] lesion must be lung_nodule or brain_tumour",
+                    path.display()
+                ),
+            });
+        }
+        Ok(c)
+    }
+}
+
+/// One lesion of the dataset, as written to `lesions.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LesionRecord {
+    pub case: String,
+    pub id: usize,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub host: String,
+    #[serde(flatten)]
+    pub lesion: InsertedLesion,
+}
+
+/// What was built.
+#[derive(Debug, Clone, Serialize)]
+pub struct SynthSummary {
+    pub train_cases: usize,
+    pub test_cases: usize,
+    pub lesions: usize,
+    pub control_cases: usize,
+}
+
+/// Builds the dataset into `out` (Decathlon layout plus `lesions.json`). `progress(case)` is
+/// called after each case.
+pub fn build_dataset(
+    config: &SynthConfig,
+    out: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<SynthSummary> {
+    for dir in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
+        std::fs::create_dir_all(out.join(dir)).map_err(|e| Error::io(out.join(dir), e))?;
+    }
+    let mut records = Vec::new();
+    let mut summary = SynthSummary {
+        train_cases: 0,
+        test_cases: 0,
+        lesions: 0,
+        control_cases: 0,
+    };
+    let mut training = Vec::new();
+    let mut test = Vec::new();
+    let kind = config.lesion.clone();
+    for (h, host_cfg) in config.hosts.iter().enumerate() {
+        let host = crate::io::read_volume(&host_cfg.image, None)?;
+        let organ = organ_mask(&host, &host_cfg.organ)?;
+        let host_name = crate::export::nifti_case_name(&host_cfg.image);
+        let is_train = host_cfg.split == "train";
+        for c in 0..config.cases_per_host {
+            // Seeds differ per host, per case and between splits.
+            let seed = crate::data::batcher::batch_seed(
+                config.seed ^ if is_train { 0 } else { 0x5eed },
+                h,
+                c,
+            );
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let case = format!(
+                "{}_{:03}",
+                if is_train { "synthTr" } else { "synthTs" },
+                h * config.cases_per_host + c
+            );
+            let (mut scan, organ) = deform(&host, &organ, config, &mut rng);
+            let control = rng.random::<f64>() < config.control_fraction;
+            let wanted = if control {
+                0
+            } else {
+                rng.random_range(
+                    config.lesions_per_case[0]
+                        ..=config.lesions_per_case[1].max(config.lesions_per_case[0]),
+                )
+            };
+            let mut fractions = Vec::new();
+            let mut taken = Vec::new();
+            for _ in 0..wanted * 4 {
+                if fractions.len() >= wanted {
+                    break;
+                }
+                let d = lognormal_diameter(config, &mut rng);
+                let reach = d * 0.5 * 1.35;
+                let allowed = erode_mm(&organ, &scan.geometry, reach);
+                let Some(centre) = place(&allowed, &scan.geometry, reach, &taken, 2.0, &mut rng)
+                else {
+                    continue;
+                };
+                let spicules =
+                    if kind == "lung_nodule" && rng.random::<f64>() < config.spiculated_fraction {
+                        3
+                    } else {
+                        0
+                    };
+                let shape = LesionShape::random(centre, d, spicules, &mut rng);
+                let delta = contrast(config, &scan, centre, &mut rng);
+                if let Some((f, lesion)) = insert(&mut scan, &shape, delta) {
+                    taken.push((centre, reach));
+                    fractions.push(f);
+                    records.push(LesionRecord {
+                        case: case.clone(),
+                        id: fractions.len(),
+                        kind: kind.clone(),
+                        host: host_name.clone(),
+                        lesion,
+                    });
+                }
+            }
+            if fractions.is_empty() {
+                summary.control_cases += 1;
+            }
+            summary.lesions += fractions.len();
+            let label = label_volume(scan.geometry.dims, &fractions);
+            let (images, labels) = if is_train {
+                ("imagesTr", "labelsTr")
+            } else {
+                ("imagesTs", "labelsTs")
+            };
+            write_nifti(
+                &scan,
+                &out.join(images).join(format!("{case}_0000.nii.gz")),
+                writable(scan.info.dtype),
+            )?;
+            write_label_map(
+                &label,
+                &scan.geometry,
+                &out.join(labels).join(format!("{case}.nii.gz")),
+            )?;
+            let entry = serde_json::json!({
+                "image": format!("./{images}/{case}_0000.nii.gz"),
+                "label": format!("./{labels}/{case}.nii.gz"),
+            });
+            if is_train {
+                summary.train_cases += 1;
+                training.push(entry);
+            } else {
+                summary.test_cases += 1;
+                test.push(entry);
+            }
+            progress(&case);
+        }
+    }
+    let modality = if kind == "lung_nodule" { "CT" } else { "MR" };
+    let dataset = serde_json::json!({
+        "name": format!("medseg synthetic {kind}"),
+        "description": "Synthetic lesions inserted into real host scans by medseg synth",
+        "channel_names": {"0": modality},
+        "labels": {"background": 0, config.label.clone(): 1},
+        "numTraining": training.len(),
+        "file_ending": ".nii.gz",
+        "training": training,
+        "test": test,
+    });
+    let json = |v: &serde_json::Value, p: &Path| -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Write {
+            path: p.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        write_atomically(p, &bytes)
+    };
+    json(&dataset, &out.join("dataset.json"))?;
+    json(
+        &serde_json::json!({"lesions": records, "summary": summary}),
+        &out.join("lesions.json"),
+    )?;
+    Ok(summary)
+}
+
+fn writable(dtype: crate::DataType) -> crate::DataType {
+    use crate::DataType::*;
+    match dtype {
+        Uint8 | Int16 | Uint16 => dtype,
+        Int8 | Int32 | Int64 | Uint32 | Uint64 => Int16,
+        _ => Float32,
+    }
+}
+
+fn organ_mask(host: &Volume, organ: &str) -> Result<Array3<bool>> {
+    if organ == "lung" {
+        return Ok(lung_mask(host.voxels.index_axis(Axis(0), 0)));
+    }
+    if let Some(path) = organ.strip_prefix("mask:") {
+        let m = crate::io::read_volume(Path::new(path), None)?;
+        if m.geometry
+            .max_affine_difference(&host.geometry)
+            .is_none_or(|d| d > 1e-3)
+        {
+            return Err(Error::Unsupported {
+                path: PathBuf::from(path),
+                reason: format!(
+                    "the organ mask is not on the host's grid ({})",
+                    host.info.path.display()
+                ),
+            });
+        }
+        return Ok(m.voxels.index_axis(Axis(0), 0).mapv(|v| v > 0.0));
+    }
+    Err(Error::Config {
+        reason: format!("[synth] organ {organ:?}: use lung or mask:PATH"),
+    })
+}
+
+fn lognormal_diameter(config: &SynthConfig, rng: &mut impl Rng) -> f64 {
+    let normal = rand_distr::Normal::new(
+        config.diameter_median_mm.ln(),
+        config.diameter_sigma.max(1e-6),
+    )
+    .expect("finite parameters");
+    let [lo, hi] = config.diameter_range_mm;
+    rng.sample(normal).exp().clamp(lo, hi)
+}
+
+/// The contrast to add: CT in HU directly; MR relative to the host around the centre.
+fn contrast(config: &SynthConfig, scan: &Volume, centre: [f64; 3], rng: &mut impl Rng) -> f64 {
+    let [lo, hi] = config.delta;
+    let d = rng.random_range(lo..=hi.max(lo));
+    if config.lesion == "lung_nodule" {
+        return d;
+    }
+    let local = scan
+        .geometry
+        .world_to_voxel(centre)
+        .map(|p| {
+            scan.voxels[[
+                0,
+                p[2].round() as usize,
+                p[1].round() as usize,
+                p[0].round() as usize,
+            ]] as f64
+        })
+        .unwrap_or(0.0);
+    d * local.abs().max(1.0)
+}
+
+/// A random affine deformation (rotation and scale about the volume centre) of the host and its
+/// organ mask, both resampled onto the host's own grid, plus an MR bias field.
+fn deform(
+    host: &Volume,
+    organ: &Array3<bool>,
+    config: &SynthConfig,
+    rng: &mut impl Rng,
+) -> (Volume, Array3<bool>) {
+    let g = &host.geometry;
+    let centre = g.voxel_to_world(g.dims.map(|n| (n as f64 - 1.0) / 2.0));
+    let angle = rng.random_range(-1.0..=1.0) * config.rotation_degrees.to_radians();
+    let scale = 1.0 + rng.random_range(-1.0..=1.0) * config.scale;
+    let axis = rng.random_range(0..3usize);
+    let (s, c) = angle.sin_cos();
+    let (p, q) = match axis {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let mut a = IDENTITY;
+    a[p][p] = c * scale;
+    a[p][q] = -s * scale;
+    a[q][p] = s * scale;
+    a[q][q] = c * scale;
+    let r = 3 - p - q;
+    a[r][r] = scale;
+    for row in 0..3 {
+        a[row][3] = centre[row] - (0..3).map(|k| a[row][k] * centre[k]).sum::<f64>();
+    }
+    // Sampling the host at A(x) for every grid point x: the source grid is A⁻¹ · H.
+    let source = Geometry::new(g.dims, matmul(&invert(&a).unwrap_or(IDENTITY), &g.affine));
+    let integral = !matches!(
+        host.info.dtype,
+        crate::DataType::Float32 | crate::DataType::Float64
+    );
+    let mut channel = resample_linear_onto(host.voxels.index_axis(Axis(0), 0), &source, g);
+    if integral {
+        channel.mapv_inplace(f32::round);
+    }
+    if config.bias_field > 0.0 {
+        let coef = [0, 1, 2].map(|_| rng.random_range(-1.0..=1.0) * config.bias_field);
+        let [ni, nj, nk] = g.dims;
+        for ((k, j, i), v) in channel.indexed_iter_mut() {
+            let u = [
+                i as f64 / ni as f64 - 0.5,
+                j as f64 / nj as f64 - 0.5,
+                k as f64 / nk as f64 - 0.5,
+            ];
+            *v *= (coef[0] * u[0] + coef[1] * u[1] + coef[2] * u[2]).exp() as f32;
+            if integral {
+                *v = v.round();
+            }
+        }
+    }
+    let organ = resample_labels_onto(organ.mapv(u8::from).view(), &source, g).mapv(|v| v > 0);
+    let mut info = host.info.clone();
+    info.identifiers = Default::default();
+    let volume = Volume::new(channel.insert_axis(Axis(0)), g.clone(), info).expect("same grid");
+    (volume, organ)
+}

@@ -1,0 +1,197 @@
+//! Synthetic lesion insertion into a real CT (work in progress for issue 7): the host's noise
+//! survives under the lesion, edges carry partial volume, values stay in the host's range.
+
+use crate::common::cache;
+use medseg::synth::{insert, lesion::LesionShape, local_noise};
+use ndarray::Axis;
+use rand::SeedableRng;
+
+#[test]
+fn a_liver_lesion_keeps_the_host_noise_and_has_partial_volume_edges() {
+    let series = cache("totalsegmentator/example_ct_dicom");
+    let mut ct = medseg::io::read_volume(&series, None).unwrap();
+    let before = ct.voxels.clone();
+    // The liver's centre from TotalSegmentator's map, reordered onto the series grid.
+    let seg = medseg::io::read_nifti(&cache("totalsegmentator/example_seg_dicom.nii.gz")).unwrap();
+    let liver = medseg::transforms::spatial::resample_labels_onto(
+        seg.voxels
+            .index_axis(Axis(0), 0)
+            .mapv(|v| (v == 5.0) as u8)
+            .view(),
+        &seg.geometry,
+        &ct.geometry,
+    );
+    let mut sum = [0.0f64; 3];
+    let mut n = 0.0;
+    for ((k, j, i), l) in liver.indexed_iter() {
+        if *l == 1 {
+            sum[0] += i as f64;
+            sum[1] += j as f64;
+            sum[2] += k as f64;
+            n += 1.0;
+        }
+    }
+    let centre = ct.geometry.voxel_to_world(sum.map(|s| s / n));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let shape = LesionShape::random(centre, 20.0, 0, &mut rng);
+    let (fraction, record) = insert(&mut ct, &shape, -40.0).expect("visible lesion");
+    assert!(record.contrast_to_noise >= 1.0, "{record:?}");
+    // Values stay integers within the host's range.
+    let lo = before.iter().copied().fold(f32::INFINITY, f32::min) as f64;
+    let hi = before.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    assert!(ct
+        .voxels
+        .iter()
+        .all(|v| v.fract() == 0.0 && (*v as f64) >= lo && (*v as f64) <= hi));
+    // Edges are partial, the label is the α ≥ 0.5 core.
+    let partial = fraction
+        .alpha
+        .iter()
+        .filter(|a| **a > 0.05 && **a < 0.95)
+        .count();
+    assert!(partial > 100, "{partial}");
+    // Noise under the lesion core matches the same voxels before insertion (contrast is added,
+    // never pasted): σ from neighbour differences within 25 %.
+    let (dk, dj, di) = fraction.alpha.dim();
+    let core = [
+        fraction.origin[0] + dk / 3,
+        fraction.origin[1] + dj / 3,
+        fraction.origin[2] + di / 3,
+    ];
+    let size = [dk / 3, dj / 3, di / 3];
+    let after = local_noise(&ct.voxels.index_axis(Axis(0), 0), core, size);
+    let host = local_noise(&before.index_axis(Axis(0), 0), core, size);
+    eprintln!(
+        "noise σ under the lesion: host {host:.1} HU, after insertion {after:.1} HU; {record:?}"
+    );
+    assert!(
+        host > 1.0 && (after / host - 1.0).abs() < 0.25,
+        "host {host}, after {after}"
+    );
+    // The lesion darkened the liver by about Δ in its core.
+    let mean = |v: &ndarray::Array4<f32>| {
+        let c = v.index_axis(Axis(0), 0);
+        let region = c.slice(ndarray::s![
+            core[0]..core[0] + size[0],
+            core[1]..core[1] + size[1],
+            core[2]..core[2] + size[2]
+        ]);
+        region.iter().map(|x| *x as f64).sum::<f64>() / region.len() as f64
+    };
+    let change = mean(&ct.voxels) - mean(&before);
+    assert!((-48.0..-30.0).contains(&change), "{change}");
+}
+
+/// Lung nodules placed in the eroded lungs of the real 1.5 mm CT stay inside the lungs, do not
+/// overlap, and are solid against the lung (about +800 HU over aerated parenchyma).
+#[test]
+fn lung_nodules_stay_inside_the_lungs() {
+    use medseg::synth::organ::{erode_mm, lung_mask, place};
+    let mut ct =
+        medseg::io::read_nifti(&cache("totalsegmentator/aorta_example_ct.nii.gz")).unwrap();
+    let lungs = lung_mask(ct.voxels.index_axis(Axis(0), 0));
+    let s = ct.geometry.spacing();
+    let lung_ml = lungs.iter().filter(|v| **v).count() as f64 * s[0] * s[1] * s[2] / 1000.0;
+    assert!(lung_ml > 500.0, "lungs {lung_ml} ml");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut taken = Vec::new();
+    let mut labels = Vec::new();
+    for diameter in [5.0, 7.0, 9.0] {
+        // The erosion is a box, so half the diameter keeps a lobulated nodule inside.
+        let allowed = erode_mm(&lungs, &ct.geometry, diameter * 0.5);
+        let reach = diameter * 0.75;
+        let centre =
+            place(&allowed, &ct.geometry, reach, &taken, 5.0, &mut rng).expect("room in the lungs");
+        taken.push((centre, reach));
+        let shape = LesionShape::random(centre, diameter, 0, &mut rng);
+        // A solid nodule (about 0 HU) over aerated lung (about −800 HU).
+        let (f, record) = insert(&mut ct, &shape, 800.0).expect("visible nodule");
+        assert!(record.contrast_to_noise > 5.0, "{record:?}");
+        labels.push(f);
+    }
+    let label = medseg::synth::label_volume(ct.geometry.dims, &labels);
+    let outside = label
+        .iter()
+        .zip(lungs.iter())
+        .filter(|(l, m)| **l == 1 && !**m)
+        .count();
+    let total = label.iter().filter(|l| **l == 1).count();
+    assert!(
+        total > 0 && outside == 0,
+        "{outside} of {total} label voxels outside the lungs"
+    );
+}
+
+/// `medseg synth` builds a Decathlon dataset whose splits are disjoint by host, reproducibly from
+/// the seed, with every labelled lesion visible (contrast-to-noise ≥ 1) and recorded.
+#[test]
+fn synth_dataset_is_reproducible_and_split_by_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("synth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[synth]\nseed = 5\ncases_per_host = 1\ncontrol_fraction = 0.0\nlesions_per_case = [2, 2]\n\
+             [[synth.hosts]]\nimage = {:?}\norgan = \"lung\"\nsplit = \"train\"\n\
+             [[synth.hosts]]\nimage = {:?}\norgan = \"lung\"\nsplit = \"test\"\n",
+            cache("totalsegmentator/aorta_example_ct.nii.gz").display().to_string(),
+            cache("totalsegmentator/example_ct.nii.gz").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let run = |out: &std::path::Path| {
+        let o = std::process::Command::new(crate::common::bin())
+            .args([
+                "synth",
+                "--config",
+                config.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    run(&a);
+    run(&b);
+    for f in [
+        "imagesTr/synthTr_000_0000.nii.gz",
+        "labelsTr/synthTr_000.nii.gz",
+        "imagesTs/synthTs_001_0000.nii.gz",
+        "labelsTs/synthTs_001.nii.gz",
+        "lesions.json",
+    ] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between runs"
+        );
+    }
+    let lesions: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("lesions.json")).unwrap()).unwrap();
+    let rows = lesions["lesions"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    let hosts_of = |prefix: &str| -> std::collections::BTreeSet<String> {
+        rows.iter()
+            .filter(|r| r["case"].as_str().unwrap().starts_with(prefix))
+            .map(|r| r["host"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(hosts_of("synthTr").is_disjoint(&hosts_of("synthTs")));
+    assert!(rows
+        .iter()
+        .all(|r| r["contrast_to_noise"].as_f64().unwrap() >= 1.0));
+    // The label map is the α ≥ 0.5 core of the recorded lesions, on the image's grid.
+    let image = medseg::io::read_nifti(&a.join("imagesTr/synthTr_000_0000.nii.gz")).unwrap();
+    let label = medseg::io::read_nifti(&a.join("labelsTr/synthTr_000.nii.gz")).unwrap();
+    assert_eq!(image.geometry, label.geometry);
+    let labelled: f64 = label.voxels.iter().filter(|v| **v == 1.0).count() as f64;
+    let s = label.geometry.spacing();
+    let recorded: f64 = rows
+        .iter()
+        .filter(|r| r["case"] == "synthTr_000")
+        .map(|r| r["volume_mm3"].as_f64().unwrap())
+        .sum();
+    assert!((labelled * s[0] * s[1] * s[2] - recorded).abs() < 1e-6 * recorded.max(1.0));
+}
