@@ -174,10 +174,6 @@ impl Loader {
             wait_seconds: 0.0,
         }
     }
-
-    pub fn steps(&self) -> usize {
-        self.steps
-    }
 }
 
 impl Iterator for Loader {

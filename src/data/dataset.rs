@@ -17,7 +17,7 @@ use crate::config::{IntensityConfig, RunConfig};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::io;
-use crate::transforms::intensity::Normalization;
+use crate::transforms::intensity::{normalize_channels, Normalization};
 use crate::transforms::spatial::{
     crop, cropped_geometry, nonzero_box, resample_labels_onto, resample_linear, resample_nearest,
     resampled_geometry, Orientation,
@@ -70,10 +70,7 @@ impl SpatialPlan {
         let orientation = if self.reorient {
             Orientation::of(source)
         } else {
-            Orientation {
-                axis: [0, 1, 2],
-                flip: [false; 3],
-            }
+            Orientation::IDENTITY
         };
         let mut source_spacing = [0.0; 3];
         for w in 0..3 {
@@ -508,7 +505,6 @@ pub struct Dataset {
     pub train: Vec<Arc<PreparedCase>>,
     pub validation: Vec<Arc<PreparedCase>>,
     pub split: Split,
-    pub normalization: Vec<Normalization>,
 }
 
 /// Reads the manifest named by `config.data`, fills in what the config leaves to the dataset
@@ -705,7 +701,6 @@ pub fn build(config: &mut RunConfig, progress: &indicatif::ProgressBar) -> Resul
         train,
         validation,
         split,
-        normalization,
     })
 }
 
@@ -733,9 +728,7 @@ pub fn prepare(
     classes: usize,
 ) -> PreparedCase {
     let mut image = s.image;
-    for (c, n) in normalization.iter().enumerate() {
-        n.apply(image.index_axis_mut(Axis(0), c));
-    }
+    normalize_channels(&mut image, normalization);
     let (_, nk, nj, ni) = image.dim();
     let label = s.label.unwrap_or_else(|| Array3::zeros([nk, nj, ni]));
     let mut foreground = vec![Vec::new(); classes.saturating_sub(1)];

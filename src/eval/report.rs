@@ -12,6 +12,7 @@ use super::lesions::{detection_scores, froc, LesionRecord, FROC_FP_RATES};
 use super::{CaseResult, EvalConfig};
 use crate::error::{Error, Result};
 use crate::io::nifti::write_atomically;
+use crate::train::curves::plot_err;
 
 const METRICS: [&str; 11] = [
     "dice",
@@ -331,13 +332,6 @@ fn markdown(s: &Value, montage: bool) -> String {
         md.push_str("\n## Worst cases\n\nTruth contours green, prediction red, on the slice with the largest error.\n\n![worst cases](worst_cases.png)\n");
     }
     md
-}
-
-fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Write {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
 }
 
 /// Box plot of per-case Dice for each class.

@@ -12,8 +12,10 @@ use crate::data::dataset::SpatialPlan;
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::model::HybridSegNet;
-use crate::transforms::intensity::Normalization;
-use crate::transforms::spatial::{resample_labels_onto, resample_linear_onto, voxel_map};
+use crate::transforms::intensity::{normalize_channels, Normalization};
+use crate::transforms::spatial::{
+    apply_affine, nearest_voxel, resample_labels_onto, resample_linear_onto, voxel_map,
+};
 use crate::volume::Volume;
 
 /// A model and everything needed to apply it to a scan.
@@ -124,9 +126,7 @@ impl Predictor {
         let mut spatial = self
             .plan
             .apply(volume.voxels.view(), None, &volume.geometry);
-        for (c, n) in self.normalization.iter().enumerate() {
-            n.apply(spatial.image.index_axis_mut(Axis(0), c));
-        }
+        normalize_channels(&mut spatial.image, &self.normalization);
         let probabilities = self
             .window
             .predict(&self.model, spatial.image.view(), &self.device)?;
@@ -164,26 +164,12 @@ impl Prediction {
     pub fn lesions(&mut self, names: &[String], filter: &LesionFilter) -> Vec<Lesion> {
         let to_grid = voxel_map(&self.grid, &self.geometry);
         let probs = &self.probabilities;
-        let (k_classes, nd, nh, nw) = probs.dim();
+        let (classes, nd, nh, nw) = probs.dim();
         let probability = |class: u32, [k, j, i]: [usize; 3]| {
-            let p = [0, 1, 2].map(|r| {
-                to_grid[r][0] * i as f64
-                    + to_grid[r][1] * j as f64
-                    + to_grid[r][2] * k as f64
-                    + to_grid[r][3]
-            });
-            let (x, y, z) = (p[0].round(), p[1].round(), p[2].round());
-            if (class as usize) < k_classes
-                && x >= 0.0
-                && y >= 0.0
-                && z >= 0.0
-                && (x as usize) < nw
-                && (y as usize) < nh
-                && (z as usize) < nd
-            {
-                probs[[class as usize, z as usize, y as usize, x as usize]]
-            } else {
-                0.0
+            let p = apply_affine(&to_grid, [i as f64, j as f64, k as f64]);
+            match nearest_voxel(p, [nd, nh, nw]) {
+                Some([z, y, x]) if (class as usize) < classes => probs[[class as usize, z, y, x]],
+                _ => 0.0,
             }
         };
         extract_lesions(&mut self.labels, &self.geometry, names, filter, probability)

@@ -588,11 +588,7 @@ pub fn write_nifti(volume: &Volume, path: &Path, dtype: DataType) -> Result<()> 
         path: path.to_path_buf(),
         reason,
     };
-    if !is_nifti_path(path) {
-        return Err(write_err(
-            "the output name must end in .nii or .nii.gz".into(),
-        ));
-    }
+    check_output_name(path)?;
     let mut bytes = nifti1_header(&volume.geometry, volume.channels(), dtype).map_err(write_err)?;
     let voxels = volume
         .voxels
@@ -626,11 +622,7 @@ pub fn write_label_map(
         path: path.to_path_buf(),
         reason,
     };
-    if !is_nifti_path(path) {
-        return Err(write_err(
-            "the output name must end in .nii or .nii.gz".into(),
-        ));
-    }
+    check_output_name(path)?;
     let [ni, nj, nk] = geometry.dims;
     if labels.dim() != (nk, nj, ni) {
         return Err(write_err(format!(
@@ -645,6 +637,18 @@ pub fn write_label_map(
         None => bytes.extend(labels.iter()),
     }
     finish_write(path, bytes)
+}
+
+/// Refuses output names NIfTI readers would not recognise.
+fn check_output_name(path: &Path) -> Result<()> {
+    if is_nifti_path(path) {
+        Ok(())
+    } else {
+        Err(Error::Write {
+            path: path.to_path_buf(),
+            reason: "the output name must end in .nii or .nii.gz".into(),
+        })
+    }
 }
 
 /// Gzips (for `.gz` names) and writes atomically.

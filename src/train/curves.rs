@@ -52,7 +52,8 @@ pub fn write_metrics_csv(path: &Path, history: &[EpochRecord], classes: &[String
     crate::io::nifti::write_atomically(path, out.as_bytes())
 }
 
-fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+/// A plotting failure as a write error naming the image.
+pub(crate) fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Write {
         path: path.to_path_buf(),
         reason: e.to_string(),

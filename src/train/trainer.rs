@@ -295,7 +295,7 @@ pub fn train(mut config: RunConfig, options: &TrainOptions) -> Result<TrainOutco
                 t.warmup_steps,
                 t.poly_exponent,
             );
-            let loss = step_loss(&model, &batch, &ad, &ds_weights, t.dice_weight, t.ce_weight)?;
+            let loss = step_loss(&model, batch, &ad, &ds_weights, t.dice_weight, t.ce_weight);
             let value: f64 = loss
                 .clone()
                 .try_to_vec_as::<f32>()
@@ -474,16 +474,13 @@ fn deep_supervision_weights(given: &[f64], deep_supervision: bool, stages: usize
 /// - batch image `[B, C, D, H, W]`, labels `[B, D, H, W]` → loss `[1]`
 fn step_loss(
     model: &HybridSegNet,
-    batch: &Batch,
+    batch: Batch,
     device: &Device,
     weights: &[f64],
     dice_weight: f64,
     ce_weight: f64,
-) -> Result<Tensor<1>> {
-    let x = Tensor::<5>::from_data(
-        TensorData::new(batch.image.clone(), batch.image_shape),
-        device,
-    );
+) -> Tensor<1> {
+    let x = Tensor::<5>::from_data(TensorData::new(batch.image, batch.image_shape), device);
     let out = model.forward(x);
     let target = |shape: [usize; 4]| {
         let labels = downsample_labels(&batch.label, batch.label_shape, shape);
@@ -499,7 +496,7 @@ fn step_loss(
         let [b, _, d, h, wd] = logits.dims();
         loss = loss + dice_ce_loss(logits, target([b, d, h, wd]), dice_weight, ce_weight) * *w;
     }
-    Ok(loss)
+    loss
 }
 
 /// Nearest-neighbour label downsampling (voxel centres) for deep-supervision targets.

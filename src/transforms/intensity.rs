@@ -137,6 +137,13 @@ impl Normalization {
     }
 }
 
+/// Normalises each channel of `[C, D, H, W]` voxels with its own scheme.
+pub fn normalize_channels(image: &mut ndarray::Array4<f32>, normalization: &[Normalization]) {
+    for (c, n) in normalization.iter().enumerate() {
+        n.apply(image.index_axis_mut(ndarray::Axis(0), c));
+    }
+}
+
 /// Mean and standard deviation, accumulated in f64.
 pub fn mean_std(values: &[f32]) -> (f32, f32) {
     let n = values.len().max(1) as f64;

@@ -20,6 +20,12 @@ pub struct Orientation {
 }
 
 impl Orientation {
+    /// Voxel axes already along R, A, S.
+    pub const IDENTITY: Orientation = Orientation {
+        axis: [0, 1, 2],
+        flip: [false; 3],
+    };
+
     /// The closest RAS axis assignment of `geometry` (largest direction cosine first, as nibabel's
     /// `io_orientation`); oblique grids keep their obliquity.
     pub fn of(geometry: &Geometry) -> Self {
@@ -189,11 +195,24 @@ fn resample_axis<T: Copy + Default + Send + Sync>(
     Zip::from(input.lanes(Axis(axis)))
         .and(out.lanes_mut(Axis(axis)))
         .par_for_each(|lane, mut out_lane| {
-            let lane: Vec<T> = lane.iter().copied().collect();
-            let mut buf = vec![T::default(); m];
-            f(&lane, &mut buf);
-            for (o, v) in out_lane.iter_mut().zip(buf) {
-                *o = v;
+            // Lanes along i are contiguous and used in place; others are gathered once.
+            let gathered;
+            let lane = match lane.as_slice() {
+                Some(s) => s,
+                None => {
+                    gathered = lane.to_vec();
+                    &gathered[..]
+                }
+            };
+            match out_lane.as_slice_mut() {
+                Some(out) => f(lane, out),
+                None => {
+                    let mut buf = vec![T::default(); m];
+                    f(lane, &mut buf);
+                    for (o, v) in out_lane.iter_mut().zip(buf) {
+                        *o = v;
+                    }
+                }
             }
         });
     out
@@ -207,31 +226,47 @@ pub fn resample_labels_onto(
     from: &Geometry,
     onto: &Geometry,
 ) -> Array3<u8> {
+    let (sk, sj, si) = labels.dim();
+    map_onto(from, onto, |p| {
+        nearest_voxel(p, [sk, sj, si]).map_or(0, |at| labels[at])
+    })
+}
+
+/// Fills `onto`'s grid `[k, j, i]` with `sample(p)`, `p` the voxel centre's continuous index
+/// `(i, j, k)` on `from` (parallel over slices).
+fn map_onto<T: Copy + Default + Send + Sync>(
+    from: &Geometry,
+    onto: &Geometry,
+    sample: impl Fn([f64; 3]) -> T + Sync,
+) -> Array3<T> {
     let to_source = voxel_map(from, onto);
     let [ni, nj, nk] = onto.dims;
-    let (sk, sj, si) = labels.dim();
-    let mut out = Array3::<u8>::zeros([nk, nj, ni]);
+    let mut out = Array3::<T>::default([nk, nj, ni]);
     out.axis_iter_mut(Axis(0))
         .into_par_iter()
         .enumerate()
         .for_each(|(k, mut plane)| {
             for j in 0..nj {
                 for i in 0..ni {
-                    let p = apply(&to_source, [i as f64, j as f64, k as f64]);
-                    let (x, y, z) = (p[0].round(), p[1].round(), p[2].round());
-                    if x >= 0.0
-                        && y >= 0.0
-                        && z >= 0.0
-                        && (x as usize) < si
-                        && (y as usize) < sj
-                        && (z as usize) < sk
-                    {
-                        plane[[j, i]] = labels[[z as usize, y as usize, x as usize]];
-                    }
+                    plane[[j, i]] =
+                        sample(apply_affine(&to_source, [i as f64, j as f64, k as f64]));
                 }
             }
         });
     out
+}
+
+/// The array index `[k, j, i]` of the voxel whose centre is nearest the continuous index
+/// `p = (i, j, k)`, or `None` outside an array of shape `dims` (`[nk, nj, ni]`).
+pub fn nearest_voxel(p: [f64; 3], dims: [usize; 3]) -> Option<[usize; 3]> {
+    let (x, y, z) = (p[0].round(), p[1].round(), p[2].round());
+    (x >= 0.0
+        && y >= 0.0
+        && z >= 0.0
+        && (z as usize) < dims[0]
+        && (y as usize) < dims[1]
+        && (x as usize) < dims[2])
+        .then_some([z as usize, y as usize, x as usize])
 }
 
 /// Affine taking voxel indices of `onto` to voxel indices of `from`.
@@ -240,7 +275,8 @@ pub fn voxel_map(from: &Geometry, onto: &Geometry) -> Affine {
     matmul(&invert(&from.affine).unwrap_or(IDENTITY), &onto.affine)
 }
 
-fn apply(a: &Affine, p: [f64; 3]) -> [f64; 3] {
+/// `a · (p, 1)` without the homogeneous row.
+pub fn apply_affine(a: &Affine, p: [f64; 3]) -> [f64; 3] {
     let mut out = [0.0; 3];
     for (r, o) in out.iter_mut().enumerate() {
         *o = a[r][0] * p[0] + a[r][1] * p[1] + a[r][2] * p[2] + a[r][3];
@@ -285,21 +321,7 @@ pub fn resample_linear_onto(
     from: &Geometry,
     onto: &Geometry,
 ) -> Array3<f32> {
-    let to_source = voxel_map(from, onto);
-    let [ni, nj, nk] = onto.dims;
-    let mut out = Array3::<f32>::zeros([nk, nj, ni]);
-    out.axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(k, mut plane)| {
-            for j in 0..nj {
-                for i in 0..ni {
-                    let p = apply(&to_source, [i as f64, j as f64, k as f64]);
-                    plane[[j, i]] = sample_linear(values, [p[2], p[1], p[0]]);
-                }
-            }
-        });
-    out
+    map_onto(from, onto, |p| sample_linear(values, [p[2], p[1], p[0]]))
 }
 
 /// Bounding box `[k, j, i]` ranges of voxels where any channel is non-zero; `None` when all zero.
