@@ -123,6 +123,30 @@ impl SynthConfig {
                 ),
             });
         }
+        let bad = |what: &str| Error::Config {
+            reason: format!("{}: [synth] {what}", path.display()),
+        };
+        let [dlo, dhi] = c.diameter_range_mm;
+        if !(c.diameter_median_mm > 0.0 && c.diameter_sigma >= 0.0 && dlo > 0.0 && dlo <= dhi) {
+            return Err(bad("diameter_median_mm and diameter_range_mm must be positive (low <= high), diameter_sigma >= 0"));
+        }
+        if c.cases_per_host == 0 || c.lesions_per_case[0] > c.lesions_per_case[1] {
+            return Err(bad(
+                "cases_per_host must be positive and lesions_per_case [min, max] with min <= max",
+            ));
+        }
+        let shares = [
+            c.control_fraction,
+            c.spiculated_fraction,
+            c.scale,
+            c.bias_field,
+        ];
+        if !(shares.iter().all(|v| (0.0..=1.0).contains(v))
+            && c.rotation_degrees >= 0.0
+            && c.delta[0] <= c.delta[1])
+        {
+            return Err(bad("control_fraction, spiculated_fraction, scale and bias_field must be in [0, 1], rotation_degrees >= 0, delta [low, high]"));
+        }
         if !matches!(c.lesion.as_str(), "lung_nodule" | "brain_tumour") {
             return Err(Error::Config {
                 reason: format!(

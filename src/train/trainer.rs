@@ -164,6 +164,7 @@ pub fn train(mut config: RunConfig, options: &TrainOptions) -> Result<TrainOutco
     let prep = bars.add(ProgressBar::new(0));
     prep.set_style(bar_style("{msg:18} [{bar:30}] {pos}/{len} cases {elapsed}"));
     let data = dataset::build(&mut config, &prep)?;
+    let metric_class = metric_class(&config.validate.metric, &config.data.labels[1..])?;
     prep.finish_and_clear();
     let run_config = config.to_toml()?;
     crate::io::nifti::write_atomically(&run_dir.join(RUN_CONFIG), run_config.as_bytes())?;
@@ -349,7 +350,7 @@ pub fn train(mut config: RunConfig, options: &TrainOptions) -> Result<TrainOutco
             patches_per_second: (done * t.batch_size) as f64 / train_seconds.max(1e-9),
         };
         state.epoch = epoch + 1;
-        let metric = selection_metric(&config.validate.metric, &record, &classes)?;
+        let metric = selection_metric(metric_class, &record);
         let mut improved = false;
         if let Some(m) = metric {
             if state.best_metric.is_none_or(|b| m > b) {
@@ -577,22 +578,28 @@ pub fn validation_dice(
         .collect())
 }
 
-/// The number that selects the best checkpoint: mean Dice, or one class's Dice by name.
-fn selection_metric(metric: &str, record: &EpochRecord, classes: &[String]) -> Result<Option<f64>> {
-    if record.validation_dice.is_empty() {
+/// Which number selects the best checkpoint: `None` for mean Dice, else a class's index. Checked
+/// before training so a misspelt class name fails at once, not after the first epoch.
+fn metric_class(metric: &str, classes: &[String]) -> Result<Option<usize>> {
+    if metric == "mean_dice" {
         return Ok(None);
     }
-    if metric == "mean_dice" {
-        return Ok(record.mean_dice());
-    }
     match classes.iter().position(|c| c == metric) {
-        Some(i) => Ok(Some(record.validation_dice[i])),
+        Some(i) => Ok(Some(i)),
         None => Err(Error::Config {
             reason: format!(
                 "[validate] metric must be mean_dice or a class name ({}), not {metric:?}",
                 classes.join(", ")
             ),
         }),
+    }
+}
+
+/// The selection number of an epoch, when it validated.
+fn selection_metric(class: Option<usize>, record: &EpochRecord) -> Option<f64> {
+    match class {
+        None => record.mean_dice(),
+        Some(i) => record.validation_dice.get(i).copied(),
     }
 }
 

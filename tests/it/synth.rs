@@ -195,3 +195,31 @@ fn synth_dataset_is_reproducible_and_split_by_host() {
         .sum();
     assert!((labelled * s[0] * s[1] * s[2] - recorded).abs() < 1e-6 * recorded.max(1.0));
 }
+
+/// Impossible synthesis settings are refused with the file and the setting named, never a panic.
+#[test]
+fn bad_synth_settings_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad.toml");
+    let host = cache("totalsegmentator/example_ct.nii.gz")
+        .display()
+        .to_string();
+    for (setting, named) in [
+        ("diameter_median_mm = -2.0", "diameter_median_mm"),
+        ("lesions_per_case = [3, 1]", "lesions_per_case"),
+        ("control_fraction = 1.5", "control_fraction"),
+    ] {
+        std::fs::write(
+            &path,
+            format!("[synth]\n{setting}\n[[synth.hosts]]\nimage = {host:?}\norgan = \"lung\"\nsplit = \"train\"\n"),
+        )
+        .unwrap();
+        let e = medseg::synth::dataset::SynthConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bad.toml") && e.contains(named),
+            "{setting}: {e}"
+        );
+    }
+}

@@ -275,6 +275,26 @@ fn config_layers_and_unknown_keys() {
         err.contains("[train]") && err.contains("learning_rate"),
         "{err}"
     );
+    // A best-checkpoint metric naming no class fails before any epoch is trained.
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = train(&[
+        "--config",
+        CONFIG,
+        "--set",
+        "validate.metric=tumour",
+        "--set",
+        &format!("output.dir={:?}", run.display().to_string()),
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[validate] metric") && err.contains("\"tumour\""),
+        "{err}"
+    );
+    assert!(!err.contains("epoch 1/"), "{err}");
+    assert!(!run.join("checkpoints/last").exists());
 }
 
 /// Every shipped config parses and names a dataset manifest that exists.
