@@ -1,35 +1,45 @@
 #!/usr/bin/env bash
-# The main job, on the defaults: fetch the real sample scans, build medseg, describe the
-# TotalSegmentator CT series and convert it to NIfTI with its exact geometry, then train the `tiny`
-# model on the liver of the two sample CTs (configs/liver-ct-2d.toml) and segment the held-out one.
-# (Synthetic lesions, segmentation and evaluation join this script as they land.)
+# The main job, on the defaults in configs/: fetch the real sample scans, build medseg, insert
+# synthetic lung nodules into the two TotalSegmentator CTs (one host for training, the other for
+# testing), train the `tiny` model, segment the test scans and evaluate against their nodule labels.
+# A second run reuses the fetched scans, the synthetic dataset, the preprocessed cases, the trained
+# model and the masks already written.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out=datasets/cache/quickstart
-mkdir -p "$out"
+data=datasets/cache/lung-ct
+run=runs/quickstart-lung-ct
+out=runs/quickstart-lung-ct/test
+started=$SECONDS
 
-echo "== 1/5 fetch sample scans"
+echo "== 1/6 fetch the sample scans"
 scripts/fetch-data.sh
-echo "== 2/5 build medseg (release)"
-cargo build --release --locked --quiet
+echo "== 2/6 build medseg (release)"
+cargo build --release --locked
 medseg=target/release/medseg
+stage=$SECONDS
 
-echo "== 3/5 inspect and convert the CT series"
-series=datasets/cache/totalsegmentator/example_ct_dicom
-"$medseg" inspect "$series"
-"$medseg" convert "$series" "$out/example_ct.nii.gz"
-"$medseg" inspect "$out/example_ct.nii.gz"
-echo "$out/example_ct.nii.gz lies on the grid of the series above"
+echo "== 3/6 insert synthetic lung nodules into the sample CTs (configs/synth-lung-ct.toml)"
+"$medseg" synth --config configs/synth-lung-ct.toml --output "$data"
 
-echo "== 4/5 train the liver model (2D, tiny)"
-run=runs/quickstart-liver-ct-2d
+echo "== 4/6 train the tiny model (configs/quickstart-lung-ct.toml)"
 if [ -f "$run/checkpoints/last/state.json" ]; then
   "$medseg" train --resume "$run"
 else
-  "$medseg" train --config configs/liver-ct-2d.toml --set "output.dir=\"$run\""
+  "$medseg" train --config configs/quickstart-lung-ct.toml
 fi
-echo "metrics in $run/metrics.csv, curve in $run/training_curve.png, model in $run/checkpoints/best"
 
-echo "== 5/5 segment the held-out DICOM series with the trained model"
-"$medseg" segment --model "$run" "$series" --output "$out/segment" --overlay --skip-existing
-echo "done: masks, lesion tables and overlays in $out/segment"
+echo "== 5/6 segment the test scans (a host the model never saw)"
+"$medseg" segment --model "$run" "$data/imagesTs" --output "$out/masks" --overlay --skip-existing
+
+echo "== 6/6 evaluate against the inserted nodules"
+"$medseg" evaluate --pred "$out/masks" --truth "$data/labelsTs" --images "$data/imagesTs" \
+  --output "$out/evaluation" | tee "$out/summary.txt"
+
+cat <<EOF | tee -a "$out/summary.txt"
+
+quickstart done in $((SECONDS - started)) s ($((SECONDS - stage)) s after the build)
+  synthetic dataset  $data (dataset.json, lesions.json)
+  model              $run/checkpoints/best (training curve $run/training_curve.png)
+  masks              $out/masks (NAME.nii.gz, NAME_lesions.csv, NAME_overlay.png)
+  report             $out/evaluation/report.md
+EOF

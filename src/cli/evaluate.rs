@@ -87,10 +87,20 @@ fn worst_tile(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(p) => EvalConfig::from_file(p)?,
         None => EvalConfig::default(),
     };
+    if config.labels.is_empty() {
+        // Truth inside a Decathlon layout (`labelsTs/` beside `dataset.json`) names the classes.
+        if let Some(m) = args
+            .truth
+            .parent()
+            .and_then(|root| medseg::data::manifest::read_decathlon(root).ok())
+        {
+            config.labels = m.labels;
+        }
+    }
     let (pairs, unmatched) = pair_cases(&args.pred, &args.truth)?;
     let bar = indicatif::ProgressBar::new(pairs.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(

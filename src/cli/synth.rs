@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medseg::synth::dataset::{build_dataset, SynthConfig};
 
@@ -14,11 +15,30 @@ pub struct Args {
     /// labelsTs/, lesions.json).
     #[arg(long)]
     output: PathBuf,
+    /// Rebuild even when DIR already holds the dataset of this exact config.
+    #[arg(long)]
+    force: bool,
 }
+
+/// The config a finished dataset was built from, written last: its presence marks it complete.
+const STAMP: &str = "synth.toml";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = SynthConfig::from_file(&args.config)?;
-    let bar = ProgressBar::new((config.hosts.len() * config.cases_per_host) as u64);
+    let stamp = args.output.join(STAMP);
+    let wanted = toml::to_string(&SynthFileOut { synth: &config })?;
+    if !args.force && std::fs::read_to_string(&stamp).is_ok_and(|done| done == wanted) {
+        println!(
+            "synth: {} already holds the dataset of this config (--force rebuilds it)",
+            args.output.display()
+        );
+        return Ok(());
+    }
+    // A rebuild invalidates the stamp first, so an interrupted one is never taken as done.
+    if stamp.exists() {
+        std::fs::remove_file(&stamp).with_context(|| stamp.display().to_string())?;
+    }
+    let bar = ProgressBar::new(config.total_cases() as u64);
     bar.set_style(
         ProgressStyle::with_template("synth [{bar:30}] {pos}/{len} {msg} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -29,6 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
+    medseg::io::nifti::write_atomically(&stamp, wanted.as_bytes())?;
     println!(
         "synth: {} training and {} test cases, {} lesions, {} lesion-free controls — {}",
         summary.train_cases,
@@ -38,4 +59,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct SynthFileOut<'a> {
+    synth: &'a SynthConfig,
 }

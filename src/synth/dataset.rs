@@ -8,13 +8,12 @@ use ndarray::{Array3, Axis};
 use rand::{Rng, RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::deform::{deform_host, DeformSettings};
 use super::lesion::LesionShape;
 use super::organ::{erode_mm, lung_mask, place};
-use super::{insert, label_volume, InsertedLesion};
+use super::{insert, label_volume, InsertedLesion, LesionSpec};
 use crate::error::{Error, Result};
-use crate::geometry::{invert, matmul, Geometry, IDENTITY};
 use crate::io::nifti::{write_atomically, write_label_map, write_nifti};
-use crate::transforms::spatial::{resample_labels_onto, resample_linear_onto};
 use crate::volume::Volume;
 
 /// `[synth]`: what to insert into which hosts.
@@ -40,12 +39,24 @@ pub struct SynthConfig {
     pub diameter_range_mm: [f64; 2],
     /// Share of lung nodules with spicules.
     pub spiculated_fraction: f64,
-    /// Contrast added: HU for CT lesions; for MR, a share of the local tissue intensity.
+    /// Contrast added: HU for CT lesions; for MR, a share of the local tissue intensity (the
+    /// enhancing rim of a brain tumour).
     pub delta: [f64; 2],
+    /// Low-frequency texture inside the lesion, σ as a share of the contrast.
+    pub texture: [f64; 2],
+    /// Brain tumours at least this large (mm) get a necrotic core; smaller ones enhance solidly.
+    pub core_min_diameter_mm: f64,
+    /// Core radius as a share of the lesion's.
+    pub core_fraction: [f64; 2],
+    /// Contrast of the core, as `delta` (MR: a share of the local tissue; negative = darker).
+    pub core_delta: [f64; 2],
     /// Random host deformation: rotation up to this many degrees and isotropic scale up to
     /// ±this share, about the volume centre, applied in mm before insertion.
     pub rotation_degrees: f64,
     pub scale: f64,
+    /// Elastic deformation: peak displacement (mm) of a smooth field with these wavelengths (mm).
+    pub elastic_mm: f64,
+    pub elastic_wavelength_mm: [f64; 2],
     /// MR only: a smooth multiplicative bias field, up to ±this share across the field of view.
     pub bias_field: f64,
 }
@@ -67,8 +78,15 @@ impl Default for SynthConfig {
             spiculated_fraction: 0.3,
             // Solid nodule (−100…+100 HU) over aerated lung (≈ −750 HU).
             delta: [650.0, 850.0],
+            texture: [0.05, 0.15],
+            core_min_diameter_mm: 12.0,
+            // DATA.md: T1 hypointense core −10…−30 % under an enhancing rim.
+            core_fraction: [0.4, 0.7],
+            core_delta: [-0.3, -0.1],
             rotation_degrees: 8.0,
             scale: 0.08,
+            elastic_mm: 3.0,
+            elastic_wavelength_mm: [80.0, 160.0],
             bias_field: 0.0,
         }
     }
@@ -79,11 +97,15 @@ impl Default for SynthConfig {
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
     pub image: PathBuf,
-    /// `lung` (HU < −500, inner largest components) or `mask:PATH` (non-zero voxels of a mask on
-    /// the host's grid, e.g. a brain mask).
+    /// `lung` (HU < −500, inner largest components), or a mask on the host's grid:
+    /// `mask:PATH` (non-zero voxels, e.g. a brain mask), `mask:PATH>T` (a probability map above
+    /// T) or `mask:PATH=V` (one value of a label map, e.g. TotalSegmentator's liver = 5).
     pub organ: String,
     /// `train` or `test`: splits are disjoint by host.
     pub split: String,
+    /// Deformed copies of this host; default `cases_per_host`.
+    #[serde(default)]
+    pub cases: Option<usize>,
 }
 
 /// The config file: a `[synth]` table.
@@ -95,6 +117,14 @@ struct SynthFile {
 }
 
 impl SynthConfig {
+    /// Cases the dataset will hold.
+    pub fn total_cases(&self) -> usize {
+        self.hosts
+            .iter()
+            .map(|h| h.cases.unwrap_or(self.cases_per_host))
+            .sum()
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let file: SynthFile = toml::from_str(&text).map_err(|e| Error::Config {
@@ -130,9 +160,12 @@ impl SynthConfig {
         if !(c.diameter_median_mm > 0.0 && c.diameter_sigma >= 0.0 && dlo > 0.0 && dlo <= dhi) {
             return Err(bad("diameter_median_mm and diameter_range_mm must be positive (low <= high), diameter_sigma >= 0"));
         }
-        if c.cases_per_host == 0 || c.lesions_per_case[0] > c.lesions_per_case[1] {
+        if c.cases_per_host == 0
+            || c.hosts.iter().any(|h| h.cases == Some(0))
+            || c.lesions_per_case[0] > c.lesions_per_case[1]
+        {
             return Err(bad(
-                "cases_per_host must be positive and lesions_per_case [min, max] with min <= max",
+                "cases_per_host (and a host's cases) must be positive and lesions_per_case [min, max] with min <= max",
             ));
         }
         let shares = [
@@ -143,9 +176,18 @@ impl SynthConfig {
         ];
         if !(shares.iter().all(|v| (0.0..=1.0).contains(v))
             && c.rotation_degrees >= 0.0
-            && c.delta[0] <= c.delta[1])
+            && c.delta[0] <= c.delta[1]
+            && c.core_delta[0] <= c.core_delta[1]
+            && c.texture[0] >= 0.0
+            && c.texture[0] <= c.texture[1])
         {
-            return Err(bad("control_fraction, spiculated_fraction, scale and bias_field must be in [0, 1], rotation_degrees >= 0, delta [low, high]"));
+            return Err(bad("control_fraction, spiculated_fraction, scale and bias_field must be in [0, 1], rotation_degrees >= 0, delta, core_delta and texture [low, high] (texture >= 0)"));
+        }
+        let [clo, chi] = c.core_fraction;
+        let [wlo, whi] = c.elastic_wavelength_mm;
+        if !(clo > 0.0 && clo <= chi && chi < 1.0 && c.elastic_mm >= 0.0 && wlo > 0.0 && wlo <= whi)
+        {
+            return Err(bad("core_fraction must be [low, high] within (0, 1), elastic_mm >= 0 and elastic_wavelength_mm positive [low, high]"));
         }
         if !matches!(c.lesion.as_str(), "lung_nodule" | "brain_tumour") {
             return Err(Error::Config {
@@ -200,12 +242,24 @@ pub fn build_dataset(
     let mut training = Vec::new();
     let mut test = Vec::new();
     let kind = config.lesion.clone();
+    let deform_settings = DeformSettings {
+        rotation_degrees: config.rotation_degrees,
+        scale: config.scale,
+        elastic_mm: config.elastic_mm,
+        elastic_wavelength_mm: config.elastic_wavelength_mm,
+        bias_field: config.bias_field,
+    };
     for (h, host_cfg) in config.hosts.iter().enumerate() {
         let host = crate::io::read_volume(&host_cfg.image, None)?;
         let organ = organ_mask(&host, &host_cfg.organ)?;
         let host_name = crate::export::nifti_case_name(&host_cfg.image);
         let is_train = host_cfg.split == "train";
-        for c in 0..config.cases_per_host {
+        // Case numbers run on across hosts.
+        let first_case = config.hosts[..h]
+            .iter()
+            .map(|x| x.cases.unwrap_or(config.cases_per_host))
+            .sum::<usize>();
+        for c in 0..host_cfg.cases.unwrap_or(config.cases_per_host) {
             // Seeds differ per host, per case and between splits.
             let seed = crate::data::batcher::batch_seed(
                 config.seed ^ if is_train { 0 } else { 0x5eed },
@@ -216,9 +270,9 @@ pub fn build_dataset(
             let case = format!(
                 "{}_{:03}",
                 if is_train { "synthTr" } else { "synthTs" },
-                h * config.cases_per_host + c
+                first_case + c
             );
-            let (mut scan, organ) = deform(&host, &organ, config, &mut rng);
+            let (mut scan, organ) = deform_host(&host, &organ, &deform_settings, &mut rng);
             let control = rng.random::<f64>() < config.control_fraction;
             let wanted = if control {
                 0
@@ -248,8 +302,22 @@ pub fn build_dataset(
                         0
                     };
                 let shape = LesionShape::random(centre, d, spicules, &mut rng);
-                let delta = contrast(config, &scan, centre, &mut rng);
-                if let Some((f, lesion)) = insert(&mut scan, &shape, delta) {
+                let local = local_tissue(&scan, centre);
+                let delta = contrast(config, config.delta, local, &mut rng);
+                let core =
+                    (kind == "brain_tumour" && d >= config.core_min_diameter_mm).then(|| {
+                        let [lo, hi] = config.core_fraction;
+                        let share = rng.random_range(lo..=hi);
+                        (share, contrast(config, config.core_delta, local, &mut rng))
+                    });
+                let [tlo, thi] = config.texture;
+                let spec = LesionSpec {
+                    shape,
+                    delta,
+                    core,
+                    texture: rng.random_range(tlo..=thi),
+                };
+                if let Some((f, lesion)) = insert(&mut scan, &spec, &mut rng) {
                     taken.push((centre, reach));
                     fractions.push(f);
                     records.push(LesionRecord {
@@ -334,7 +402,18 @@ fn organ_mask(host: &Volume, organ: &str) -> Result<Array3<bool>> {
     if organ == "lung" {
         return Ok(lung_mask(host.voxels.index_axis(Axis(0), 0)));
     }
-    if let Some(path) = organ.strip_prefix("mask:") {
+    if let Some(spec) = organ.strip_prefix("mask:") {
+        // `PATH` (non-zero), `PATH>T` (a probability map above T) or `PATH=V` (one label value).
+        type Test = Box<dyn Fn(f32) -> bool>;
+        let (path, test): (&str, Test) = if let Some((p, t)) = spec.rsplit_once('>') {
+            let t: f32 = t.trim().parse().map_err(|_| bad_organ(organ))?;
+            (p, Box::new(move |v| v > t))
+        } else if let Some((p, t)) = spec.rsplit_once('=') {
+            let t: f32 = t.trim().parse().map_err(|_| bad_organ(organ))?;
+            (p, Box::new(move |v| v == t))
+        } else {
+            (spec, Box::new(|v| v != 0.0))
+        };
         let m = crate::io::read_volume(Path::new(path), None)?;
         if m.geometry
             .max_affine_difference(&host.geometry)
@@ -348,11 +427,24 @@ fn organ_mask(host: &Volume, organ: &str) -> Result<Array3<bool>> {
                 ),
             });
         }
-        return Ok(m.voxels.index_axis(Axis(0), 0).mapv(|v| v > 0.0));
+        let mask = m.voxels.index_axis(Axis(0), 0).mapv(test);
+        if !mask.iter().any(|v| *v) {
+            return Err(Error::Unsupported {
+                path: PathBuf::from(path),
+                reason: format!("the organ mask {organ:?} selects no voxel"),
+            });
+        }
+        return Ok(mask);
     }
-    Err(Error::Config {
-        reason: format!("[synth] organ {organ:?}: use lung or mask:PATH"),
-    })
+    Err(bad_organ(organ))
+}
+
+fn bad_organ(organ: &str) -> Error {
+    Error::Config {
+        reason: format!(
+            "[synth] organ {organ:?}: use lung, mask:PATH, mask:PATH>THRESHOLD or mask:PATH=LABEL"
+        ),
+    }
 }
 
 fn lognormal_diameter(config: &SynthConfig, rng: &mut impl Rng) -> f64 {
@@ -365,85 +457,30 @@ fn lognormal_diameter(config: &SynthConfig, rng: &mut impl Rng) -> f64 {
     rng.sample(normal).exp().clamp(lo, hi)
 }
 
-/// The contrast to add: CT in HU directly; MR relative to the host around the centre.
-fn contrast(config: &SynthConfig, scan: &Volume, centre: [f64; 3], rng: &mut impl Rng) -> f64 {
-    let [lo, hi] = config.delta;
-    let d = rng.random_range(lo..=hi.max(lo));
-    if config.lesion == "lung_nodule" {
-        return d;
-    }
-    let local = scan
-        .geometry
-        .world_to_voxel(centre)
-        .map(|p| {
-            scan.voxels[[
-                0,
-                p[2].round() as usize,
-                p[1].round() as usize,
-                p[0].round() as usize,
-            ]] as f64
-        })
-        .unwrap_or(0.0);
-    d * local.abs().max(1.0)
+/// Mean host intensity in the 5×5×5 voxels around a world point (MR contrast is relative to it).
+fn local_tissue(scan: &Volume, centre: [f64; 3]) -> f64 {
+    let Some(p) = scan.geometry.world_to_voxel(centre) else {
+        return 0.0;
+    };
+    let channel = scan.voxels.index_axis(Axis(0), 0);
+    let (nk, nj, ni) = channel.dim();
+    let at = |x: f64, n: usize| (x.round().max(0.0) as usize).min(n - 1);
+    let (ci, cj, ck) = (at(p[0], ni), at(p[1], nj), at(p[2], nk));
+    let region = channel.slice(ndarray::s![
+        ck.saturating_sub(2)..(ck + 3).min(nk),
+        cj.saturating_sub(2)..(cj + 3).min(nj),
+        ci.saturating_sub(2)..(ci + 3).min(ni)
+    ]);
+    region.iter().map(|v| *v as f64).sum::<f64>() / region.len().max(1) as f64
 }
 
-/// A random affine deformation (rotation and scale about the volume centre) of the host and its
-/// organ mask, both resampled onto the host's own grid, plus an MR bias field.
-fn deform(
-    host: &Volume,
-    organ: &Array3<bool>,
-    config: &SynthConfig,
-    rng: &mut impl Rng,
-) -> (Volume, Array3<bool>) {
-    let g = &host.geometry;
-    let centre = g.voxel_to_world(g.dims.map(|n| (n as f64 - 1.0) / 2.0));
-    let angle = rng.random_range(-1.0..=1.0) * config.rotation_degrees.to_radians();
-    let scale = 1.0 + rng.random_range(-1.0..=1.0) * config.scale;
-    let axis = rng.random_range(0..3usize);
-    let (s, c) = angle.sin_cos();
-    let (p, q) = match axis {
-        0 => (1, 2),
-        1 => (0, 2),
-        _ => (0, 1),
-    };
-    let mut a = IDENTITY;
-    a[p][p] = c * scale;
-    a[p][q] = -s * scale;
-    a[q][p] = s * scale;
-    a[q][q] = c * scale;
-    let r = 3 - p - q;
-    a[r][r] = scale;
-    for row in 0..3 {
-        a[row][3] = centre[row] - (0..3).map(|k| a[row][k] * centre[k]).sum::<f64>();
+/// A contrast drawn from `range`: CT in HU directly; MR as a share of the local tissue.
+fn contrast(config: &SynthConfig, range: [f64; 2], local: f64, rng: &mut impl Rng) -> f64 {
+    let [lo, hi] = range;
+    let d = rng.random_range(lo..=hi.max(lo));
+    if config.lesion == "lung_nodule" {
+        d
+    } else {
+        d * local.abs().max(1.0)
     }
-    // Sampling the host at A(x) for every grid point x: the source grid is A⁻¹ · H.
-    let source = Geometry::new(g.dims, matmul(&invert(&a).unwrap_or(IDENTITY), &g.affine));
-    let integral = !matches!(
-        host.info.dtype,
-        crate::DataType::Float32 | crate::DataType::Float64
-    );
-    let mut channel = resample_linear_onto(host.voxels.index_axis(Axis(0), 0), &source, g);
-    if integral {
-        channel.mapv_inplace(f32::round);
-    }
-    if config.bias_field > 0.0 {
-        let coef = [0, 1, 2].map(|_| rng.random_range(-1.0..=1.0) * config.bias_field);
-        let [ni, nj, nk] = g.dims;
-        for ((k, j, i), v) in channel.indexed_iter_mut() {
-            let u = [
-                i as f64 / ni as f64 - 0.5,
-                j as f64 / nj as f64 - 0.5,
-                k as f64 / nk as f64 - 0.5,
-            ];
-            *v *= (coef[0] * u[0] + coef[1] * u[1] + coef[2] * u[2]).exp() as f32;
-            if integral {
-                *v = v.round();
-            }
-        }
-    }
-    let organ = resample_labels_onto(organ.mapv(u8::from).view(), &source, g).mapv(|v| v > 0);
-    let mut info = host.info.clone();
-    info.identifiers = Default::default();
-    let volume = Volume::new(channel.insert_axis(Axis(0)), g.clone(), info).expect("same grid");
-    (volume, organ)
 }

@@ -67,6 +67,15 @@ impl LesionShape {
         }
     }
 
+    /// The same shape shrunk about its centre by `factor`, without spicules: a necrotic core.
+    pub fn scaled(&self, factor: f64) -> Self {
+        LesionShape {
+            radii_mm: self.radii_mm.map(|r| r * factor),
+            spicules: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// Largest distance from the centre that can be inside, mm (for bounding boxes).
     pub fn reach_mm(&self) -> f64 {
         let rmax = self.radii_mm.iter().copied().fold(0.0, f64::max);
@@ -111,7 +120,8 @@ impl LesionShape {
     }
 }
 
-fn unit(rng: &mut impl Rng) -> [f64; 3] {
+/// A uniformly random unit vector.
+pub(super) fn unit(rng: &mut impl Rng) -> [f64; 3] {
     loop {
         let v = [0, 1, 2].map(|_| rng.random_range(-1.0f64..1.0));
         let n = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
@@ -164,9 +174,24 @@ pub fn rasterise(shape: &LesionShape, grid: &Geometry) -> Option<Fraction> {
         lo[a] = l as usize;
         hi[a] = h as usize;
     }
-    let (ni, nj, nk) = (hi[0] - lo[0] + 1, hi[1] - lo[1] + 1, hi[2] - lo[2] + 1);
+    let origin = [lo[2], lo[1], lo[0]];
+    let dims = [hi[2] - lo[2] + 1, hi[1] - lo[1] + 1, hi[0] - lo[0] + 1];
+    Some(Fraction {
+        origin,
+        alpha: rasterise_box(shape, grid, origin, dims),
+    })
+}
+
+/// Partial-volume fractions of `shape` in the voxel box at `origin` `[k, j, i]` of size `dims`
+/// `[k, j, i]` on `grid`, by 4×4×4 sub-voxel sampling.
+pub fn rasterise_box(
+    shape: &LesionShape,
+    grid: &Geometry,
+    origin: [usize; 3],
+    dims: [usize; 3],
+) -> Array3<f32> {
     let n = SUPERSAMPLE as f64;
-    let mut alpha = Array3::<f32>::zeros([nk, nj, ni]);
+    let mut alpha = Array3::<f32>::zeros(dims);
     for ((k, j, i), a) in alpha.indexed_iter_mut() {
         let mut inside = 0usize;
         for sk in 0..SUPERSAMPLE {
@@ -174,9 +199,9 @@ pub fn rasterise(shape: &LesionShape, grid: &Geometry) -> Option<Fraction> {
                 for si in 0..SUPERSAMPLE {
                     let off = |s: usize| (s as f64 + 0.5) / n - 0.5;
                     let p = grid.voxel_to_world([
-                        (lo[0] + i) as f64 + off(si),
-                        (lo[1] + j) as f64 + off(sj),
-                        (lo[2] + k) as f64 + off(sk),
+                        (origin[2] + i) as f64 + off(si),
+                        (origin[1] + j) as f64 + off(sj),
+                        (origin[0] + k) as f64 + off(sk),
                     ]);
                     inside += shape.contains(p) as usize;
                 }
@@ -184,10 +209,7 @@ pub fn rasterise(shape: &LesionShape, grid: &Geometry) -> Option<Fraction> {
         }
         *a = inside as f32 / (SUPERSAMPLE * SUPERSAMPLE * SUPERSAMPLE) as f32;
     }
-    Some(Fraction {
-        origin: [lo[2], lo[1], lo[0]],
-        alpha,
-    })
+    alpha
 }
 
 /// Separable Gaussian blur of a small array with σ per axis `[k, j, i]` in voxels (0: none),

@@ -1,20 +1,37 @@
 //! Realistic synthetic lesions inserted into real host scans (DATA.md's recipe), for benchmark
 //! datasets and for augmenting scarce lesion data.
 //!
-//! In place: shapes in mm (lobulated, spiculated) with 4× partial volume, contrast added through
-//! the PSF and re-quantised, lung masks and placement, host rotation/scale and MR bias fields,
-//! and `medseg synth` writing a Decathlon dataset with `lesions.json`. Still to come (issue 7):
-//! necrotic core + enhancing rim for brain tumours, elastic deformation, liver lesions, and the
-//! quickstart on this data.
+//! Shapes in mm (lobulated, spiculated, necrotic core + enhancing rim) with 4× partial volume,
+//! contrast and texture added through the PSF and re-quantised, organ masks and placement, host
+//! deformation (affine + elastic) and MR bias fields, and `medseg synth` writing a Decathlon
+//! dataset with `lesions.json`.
 
 pub mod dataset;
+pub mod deform;
 pub mod lesion;
 pub mod organ;
 
 use ndarray::{Array3, Axis};
+use rand::{Rng, RngExt};
 
 use crate::volume::Volume;
-use lesion::{add_to_host, gaussian_blur, rasterise, Fraction, LesionShape};
+use lesion::{add_to_host, gaussian_blur, rasterise, rasterise_box, Fraction, LesionShape};
+
+/// What to insert: a shape, the contrast it adds, an optional necrotic core and its texture.
+#[derive(Debug, Clone)]
+pub struct LesionSpec {
+    pub shape: LesionShape,
+    /// Contrast added inside the lesion, host units (HU for CT).
+    pub delta: f64,
+    /// Necrotic core `(radius share, contrast added inside it instead of delta)`; the rest of
+    /// the lesion is the (enhancing) rim.
+    pub core: Option<(f64, f64)>,
+    /// Low-frequency texture: σ as a share of `|delta|` (DATA.md: 5–15 %).
+    pub texture: f64,
+}
+
+/// Smoothing of the texture field, mm (low frequency: a few voxels).
+const TEXTURE_SIGMA_MM: f64 = 2.0;
 
 /// One inserted lesion, as recorded in `lesions.json`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -22,6 +39,8 @@ pub struct InsertedLesion {
     pub volume_mm3: f64,
     pub diameter_mm: f64,
     pub delta: f64,
+    /// Contrast of the necrotic core, when there is one.
+    pub core_delta: Option<f64>,
     /// Mean added contrast inside the label over the host's noise σ there.
     pub contrast_to_noise: f64,
     pub centre_mm: [f64; 3],
@@ -56,21 +75,48 @@ pub fn local_noise(
     1.4826 * dev[dev.len() / 2] / std::f64::consts::SQRT_2
 }
 
-/// Inserts `shape` with contrast `delta` (host units) into channel 0 of `host`: the partial-volume
-/// fraction times `delta` is blurred by the scanner PSF (σ = FWHM / 2.355, FWHM = the voxel size
+/// Inserts `lesion` into channel 0 of `host`: `α · (Δ + texture)` (with the core's contrast
+/// inside the core) is blurred by the scanner PSF (σ = FWHM / 2.355, FWHM = the voxel size
 /// in-plane and the slice thickness through-plane) and added, then re-quantised and clipped to the
 /// host's dtype range. Returns the label box (`α ≥ 0.5`) and the record, or `None` when the shape
 /// misses the grid or would be invisible (contrast-to-noise below 1).
 pub fn insert(
     host: &mut Volume,
-    shape: &LesionShape,
-    delta: f64,
+    lesion: &LesionSpec,
+    rng: &mut impl Rng,
 ) -> Option<(Fraction, InsertedLesion)> {
+    let shape = &lesion.shape;
+    let delta = lesion.delta;
     let f = rasterise(shape, &host.geometry)?;
+    let mut intensity = f.alpha.mapv(|a| a * delta as f32);
+    if let Some((share, core_delta)) = lesion.core {
+        let core = rasterise_box(
+            &shape.scaled(share),
+            &host.geometry,
+            f.origin,
+            f.alpha.dim().into(),
+        );
+        intensity.zip_mut_with(&core, |v, c| *v += c * (core_delta - delta) as f32);
+    }
+    if lesion.texture > 0.0 {
+        let s = host.geometry.spacing();
+        let noise = Array3::<f32>::from_shape_simple_fn(f.alpha.dim(), || {
+            rng.sample::<f32, _>(rand_distr::StandardNormal)
+        });
+        let smooth = gaussian_blur(&noise, [s[2], s[1], s[0]].map(|sp| TEXTURE_SIGMA_MM / sp));
+        let sd = (smooth.iter().map(|v| (v * v) as f64).sum::<f64>() / smooth.len() as f64)
+            .sqrt()
+            .max(1e-12);
+        let scale = (lesion.texture * delta.abs() / sd) as f32;
+        ndarray::Zip::from(&mut intensity)
+            .and(&f.alpha)
+            .and(&smooth)
+            .for_each(|v, a, t| *v += a * t * scale);
+    }
     // FWHM of one voxel along each axis (through-plane: the slice spacing, ≈ the thickness), so
     // σ is 1/2.355 voxel on every axis of the voxel grid.
     let sigma = [1.0 / 2.355; 3];
-    let contribution = gaussian_blur(&f.alpha.mapv(|a| a * delta as f32), sigma);
+    let contribution = gaussian_blur(&intensity, sigma);
     let (k, j, i) = f.alpha.dim();
     let noise = local_noise(&host.voxels.index_axis(Axis(0), 0), f.origin, [k, j, i]);
     let label = f.alpha.mapv(|a| a >= 0.5);
@@ -82,7 +128,7 @@ pub fn insert(
         .iter()
         .zip(label.iter())
         .filter(|(_, l)| **l)
-        .map(|(c, _)| *c as f64)
+        .map(|(c, _)| c.abs() as f64)
         .sum::<f64>()
         / voxels as f64;
     let cnr = if noise > 0.0 {
@@ -131,6 +177,7 @@ pub fn insert(
         volume_mm3,
         diameter_mm: 2.0 * (3.0 * volume_mm3 / (4.0 * std::f64::consts::PI)).cbrt(),
         delta,
+        core_delta: lesion.core.map(|c| c.1),
         contrast_to_noise: cnr,
         centre_mm: shape.centre_mm,
         bbox_voxel: [lo, hi],

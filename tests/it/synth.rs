@@ -2,7 +2,7 @@
 //! survives under the lesion, edges carry partial volume, values stay in the host's range.
 
 use crate::common::cache;
-use medseg::synth::{insert, lesion::LesionShape, local_noise};
+use medseg::synth::{insert, lesion::LesionShape, local_noise, LesionSpec};
 use ndarray::Axis;
 use rand::SeedableRng;
 
@@ -34,7 +34,14 @@ fn a_liver_lesion_keeps_the_host_noise_and_has_partial_volume_edges() {
     let centre = ct.geometry.voxel_to_world(sum.map(|s| s / n));
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let shape = LesionShape::random(centre, 20.0, 0, &mut rng);
-    let (fraction, record) = insert(&mut ct, &shape, -40.0).expect("visible lesion");
+    // No texture here, so the noise comparison below sees the host's noise alone.
+    let spec = LesionSpec {
+        shape,
+        delta: -40.0,
+        core: None,
+        texture: 0.0,
+    };
+    let (fraction, record) = insert(&mut ct, &spec, &mut rng).expect("visible lesion");
     assert!(record.contrast_to_noise >= 1.0, "{record:?}");
     // Values stay integers within the host's range.
     let lo = before.iter().copied().fold(f32::INFINITY, f32::min) as f64;
@@ -105,7 +112,13 @@ fn lung_nodules_stay_inside_the_lungs() {
         taken.push((centre, reach));
         let shape = LesionShape::random(centre, diameter, 0, &mut rng);
         // A solid nodule (about 0 HU) over aerated lung (about −800 HU).
-        let (f, record) = insert(&mut ct, &shape, 800.0).expect("visible nodule");
+        let spec = LesionSpec {
+            shape,
+            delta: 800.0,
+            core: None,
+            texture: 0.1,
+        };
+        let (f, record) = insert(&mut ct, &spec, &mut rng).expect("visible nodule");
         assert!(record.contrast_to_noise > 5.0, "{record:?}");
         labels.push(f);
     }
@@ -151,10 +164,14 @@ fn synth_dataset_is_reproducible_and_split_by_host() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
     };
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     run(&a);
     run(&b);
+    // A rerun on the same config reuses the finished dataset.
+    let again = run(&a);
+    assert!(again.contains("already holds"), "{again}");
     for f in [
         "imagesTr/synthTr_000_0000.nii.gz",
         "labelsTr/synthTr_000.nii.gz",
@@ -222,4 +239,111 @@ fn bad_synth_settings_are_refused() {
             "{setting}: {e}"
         );
     }
+}
+
+/// A brain tumour in the real Colin27 T1: an enhancing rim brighter than the tissue around a
+/// darker necrotic core, all labelled, inside the brain mask, within uint8's range.
+#[test]
+fn a_brain_tumour_has_an_enhancing_rim_and_a_necrotic_core() {
+    use medseg::synth::organ::{erode_mm, place};
+    let mut mr = medseg::io::read_nifti(&cache("mricron/ch2.nii.gz")).unwrap();
+    let before = mr.voxels.clone();
+    let brain = medseg::io::read_nifti(&cache("mricron/ch2bet.nii.gz"))
+        .unwrap()
+        .voxels
+        .index_axis(Axis(0), 0)
+        .mapv(|v| v > 0.0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let allowed = erode_mm(&brain, &mr.geometry, 14.0);
+    let centre = place(&allowed, &mr.geometry, 14.0, &[], 0.0, &mut rng).expect("room");
+    let shape = LesionShape::random(centre, 20.0, 0, &mut rng);
+    let spec = LesionSpec {
+        shape: shape.clone(),
+        delta: 60.0,
+        core: Some((0.5, -25.0)),
+        texture: 0.1,
+    };
+    let (f, record) = insert(&mut mr, &spec, &mut rng).expect("visible tumour");
+    assert_eq!(record.core_delta, Some(-25.0));
+    assert!(mr
+        .voxels
+        .iter()
+        .all(|v| v.fract() == 0.0 && (0.0..=255.0).contains(v)));
+    // Mean change in the core (radius < 0.3 of the lesion's) and in the rim shell.
+    let change = |inside: &dyn Fn(f64) -> bool| {
+        let (mut sum, mut n) = (0.0, 0.0);
+        let (dk, dj, di) = f.alpha.dim();
+        for k in 0..dk {
+            for j in 0..dj {
+                for i in 0..di {
+                    let at = [k + f.origin[0], j + f.origin[1], i + f.origin[2]];
+                    let p = mr
+                        .geometry
+                        .voxel_to_world([at[2] as f64, at[1] as f64, at[0] as f64]);
+                    let r = (0..3)
+                        .map(|a| (p[a] - centre[a]).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    if inside(r / 10.0) {
+                        sum += (mr.voxels[[0, at[0], at[1], at[2]]]
+                            - before[[0, at[0], at[1], at[2]]])
+                            as f64;
+                        n += 1.0;
+                    }
+                }
+            }
+        }
+        sum / n
+    };
+    let core = change(&|r| r < 0.3);
+    let rim = change(&|r| (0.62..0.75).contains(&r));
+    assert!(core < -5.0 && rim > 20.0, "core {core}, rim {rim}");
+    // The label covers the core too, and stays inside the brain.
+    let label = medseg::synth::label_volume(mr.geometry.dims, &[f]);
+    let c = mr.geometry.world_to_voxel(centre).unwrap();
+    assert_eq!(
+        label[[
+            c[2].round() as usize,
+            c[1].round() as usize,
+            c[0].round() as usize
+        ]],
+        1
+    );
+    assert!(label.iter().zip(brain.iter()).all(|(l, b)| *l == 0 || *b));
+}
+
+/// A deformed host and its organ mask move together: the mask derived from the deformed scan
+/// agrees with the deformed mask, and the deformation really moves voxels.
+#[test]
+fn hosts_and_organ_masks_are_deformed_identically() {
+    use medseg::synth::deform::{deform_host, DeformSettings};
+    let mr = medseg::io::read_nifti(&cache("mricron/ch2.nii.gz")).unwrap();
+    let tissue = mr.voxels.index_axis(Axis(0), 0).mapv(|v| v > 100.0);
+    let settings = DeformSettings {
+        rotation_degrees: 6.0,
+        scale: 0.06,
+        elastic_mm: 3.0,
+        elastic_wavelength_mm: [80.0, 160.0],
+        bias_field: 0.0,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (moved, mask) = deform_host(&mr, &tissue, &settings, &mut rng);
+    assert_eq!(moved.geometry, mr.geometry);
+    let derived = moved.voxels.index_axis(Axis(0), 0).mapv(|v| v > 100.0);
+    let n = tissue.len() as f64;
+    let disagree = derived
+        .iter()
+        .zip(mask.iter())
+        .filter(|(a, b)| a != b)
+        .count() as f64
+        / n;
+    let moved_share = tissue
+        .iter()
+        .zip(mask.iter())
+        .filter(|(a, b)| a != b)
+        .count() as f64
+        / n;
+    eprintln!("deformed mask vs mask of the deformed scan: {disagree:.4}; moved {moved_share:.4}");
+    assert!(moved_share > 0.01, "{moved_share}");
+    assert!(disagree < moved_share / 5.0, "{disagree} vs {moved_share}");
 }

@@ -307,8 +307,19 @@ fn shipped_configs_are_valid() {
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).unwrap();
             if text.lines().any(|l| l.trim() == "[synth]") {
-                medseg::synth::dataset::SynthConfig::from_file(&path)
+                let c = medseg::synth::dataset::SynthConfig::from_file(&path)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                // Hosts and their masks are fetched by scripts/fetch-data.sh.
+                let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+                for h in &c.hosts {
+                    let mask = h
+                        .organ
+                        .strip_prefix("mask:")
+                        .map(|m| m.split(['>', '=']).next().unwrap_or(m).to_string());
+                    for f in std::iter::once(h.image.display().to_string()).chain(mask) {
+                        assert!(root.join(&f).is_file(), "{}: {f} missing", path.display());
+                    }
+                }
                 seen += 1;
                 continue;
             }
