@@ -97,9 +97,10 @@ impl Default for SynthConfig {
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
     pub image: PathBuf,
-    /// `lung` (HU < −500, inner largest components), or a mask on the host's grid:
-    /// `mask:PATH` (non-zero voxels, e.g. a brain mask), `mask:PATH>T` (a probability map above
-    /// T) or `mask:PATH=V` (one value of a label map, e.g. TotalSegmentator's liver = 5).
+    /// `lung` (chest CTs: HU < −500, the lung-sized inner air regions), or a mask on the host's
+    /// grid: `mask:PATH` (non-zero voxels, e.g. a brain mask), `mask:PATH>T` (a probability map
+    /// above T) or `mask:PATH=V,W,...` (values of a label map, e.g. TotalSegmentator's lung lobes
+    /// 10-14 or liver 5).
     pub organ: String,
     /// `train` or `test`: splits are disjoint by host.
     pub split: String,
@@ -398,19 +399,38 @@ fn writable(dtype: crate::DataType) -> crate::DataType {
     }
 }
 
+/// Less lung than this (ml) means the scan is not a chest CT.
+const MIN_LUNG_ML: f64 = 400.0;
+
 fn organ_mask(host: &Volume, organ: &str) -> Result<Array3<bool>> {
     if organ == "lung" {
-        return Ok(lung_mask(host.voxels.index_axis(Axis(0), 0)));
+        let mask = lung_mask(host.voxels.index_axis(Axis(0), 0));
+        let s = host.geometry.spacing();
+        let ml = mask.iter().filter(|v| **v).count() as f64 * s[0] * s[1] * s[2] / 1000.0;
+        if ml < MIN_LUNG_ML {
+            return Err(Error::Unsupported {
+                path: host.info.path.clone(),
+                reason: format!(
+                    "organ = \"lung\" found only {ml:.0} ml of lung (HU < -500 inside the body); \
+                     it needs a chest CT, or give a lung label map as mask:PATH=LABELS"
+                ),
+            });
+        }
+        return Ok(mask);
     }
     if let Some(spec) = organ.strip_prefix("mask:") {
-        // `PATH` (non-zero), `PATH>T` (a probability map above T) or `PATH=V` (one label value).
+        // `PATH` (non-zero), `PATH>T` (a probability map above T) or `PATH=V,W,...` (label values).
         type Test = Box<dyn Fn(f32) -> bool>;
         let (path, test): (&str, Test) = if let Some((p, t)) = spec.rsplit_once('>') {
             let t: f32 = t.trim().parse().map_err(|_| bad_organ(organ))?;
             (p, Box::new(move |v| v > t))
         } else if let Some((p, t)) = spec.rsplit_once('=') {
-            let t: f32 = t.trim().parse().map_err(|_| bad_organ(organ))?;
-            (p, Box::new(move |v| v == t))
+            let values = t
+                .split(',')
+                .map(|x| x.trim().parse::<f32>())
+                .collect::<std::result::Result<Vec<f32>, _>>()
+                .map_err(|_| bad_organ(organ))?;
+            (p, Box::new(move |v| values.contains(&v)))
         } else {
             (spec, Box::new(|v| v != 0.0))
         };
@@ -442,7 +462,7 @@ fn organ_mask(host: &Volume, organ: &str) -> Result<Array3<bool>> {
 fn bad_organ(organ: &str) -> Error {
     Error::Config {
         reason: format!(
-            "[synth] organ {organ:?}: use lung, mask:PATH, mask:PATH>THRESHOLD or mask:PATH=LABEL"
+            "[synth] organ {organ:?}: use lung, mask:PATH, mask:PATH>THRESHOLD or mask:PATH=LABEL[,LABEL...]"
         ),
     }
 }

@@ -10,8 +10,15 @@ use crate::infer::postprocess::connected_components;
 /// Air inside the body below this (HU) is lung (DATA.md: lung from HU < −500).
 pub const LUNG_HU: f32 = -500.0;
 
+/// The second-largest air region counts as a lung only when it is at least this share of the
+/// largest: two lungs are of a size, while stomach or bowel gas is far smaller than a lung.
+const SECOND_LUNG_SHARE: f64 = 1.0 / 3.0;
+
 /// The lungs of a CT `[k, j, i]`: voxels below −500 HU, without the air around the body (components
-/// touching the in-plane border), the two largest components kept.
+/// touching the in-plane border); the largest component, and the second when it is as large as a
+/// lung (the lungs are one component when the bronchi join them). Meant for chest CTs: in a scan
+/// that holds only the lung bases, bowel gas can be larger, so place lesions there by a lung label
+/// map instead (`mask:PATH=LABELS`).
 pub fn lung_mask(ct: ArrayView3<f32>) -> Array3<bool> {
     let (nk, nj, ni) = ct.dim();
     let air: Vec<bool> = ct.iter().map(|v| *v < LUNG_HU).collect();
@@ -31,7 +38,13 @@ pub fn lung_mask(ct: ArrayView3<f32>) -> Array3<bool> {
         .map(|id| (cc.sizes[id - 1], id))
         .collect();
     inner.sort_unstable_by(|a, b| b.cmp(a));
-    let keep: Vec<u32> = inner.iter().take(2).map(|(_, id)| *id as u32).collect();
+    let largest = inner.first().map_or(0, |(size, _)| *size) as f64;
+    let keep: Vec<u32> = inner
+        .iter()
+        .take(2)
+        .filter(|(size, _)| *size as f64 >= largest * SECOND_LUNG_SHARE)
+        .map(|(_, id)| *id as u32)
+        .collect();
     Array3::from_shape_vec(
         [nk, nj, ni],
         cc.labels
@@ -131,6 +144,17 @@ mod tests {
         }
         let m = lung_mask(ct.view());
         assert_eq!(m.iter().filter(|v| **v).count(), 6 * 10 * (8 + 10));
+        // A gas pocket far smaller than a lung is not one.
+        let mut gas = ct.clone();
+        for j in 5..15 {
+            for i in 4..12 {
+                gas[[1, j, i]] = 0.0;
+                gas[[2, j, i]] = 0.0;
+                gas[[4, j, i]] = 0.0;
+            }
+        }
+        let without_gas = lung_mask(gas.view());
+        assert_eq!(without_gas.iter().filter(|v| **v).count(), 6 * 10 * 10);
         assert!(!m[[0, 0, 0]]);
         let g = Geometry::new([30, 20, 6], crate::geometry::IDENTITY);
         let e = erode_mm(&m, &g, 2.0);

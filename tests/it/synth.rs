@@ -146,9 +146,10 @@ fn synth_dataset_is_reproducible_and_split_by_host() {
         format!(
             "[synth]\nseed = 5\ncases_per_host = 1\ncontrol_fraction = 0.0\nlesions_per_case = [2, 2]\n\
              [[synth.hosts]]\nimage = {:?}\norgan = \"lung\"\nsplit = \"train\"\n\
-             [[synth.hosts]]\nimage = {:?}\norgan = \"lung\"\nsplit = \"test\"\n",
+             [[synth.hosts]]\nimage = {:?}\norgan = \"mask:{}=10,11,12,13,14\"\nsplit = \"test\"\n",
             cache("totalsegmentator/aorta_example_ct.nii.gz").display().to_string(),
             cache("totalsegmentator/example_ct.nii.gz").display().to_string(),
+            cache("totalsegmentator/example_seg_fast_force_split.nii.gz").display(),
         ),
     )
     .unwrap();
@@ -199,6 +200,44 @@ fn synth_dataset_is_reproducible_and_split_by_host() {
     assert!(rows
         .iter()
         .all(|r| r["contrast_to_noise"].as_f64().unwrap() >= 1.0));
+    // Every nodule sits in aerated lung: just outside its box the deformed host reads about
+    // −800 HU (parenchyma), neither soft tissue nor the −1000 HU of bowel or stomach gas.
+    for r in rows {
+        let case = r["case"].as_str().unwrap();
+        let dir = if case.starts_with("synthTr") {
+            "imagesTr"
+        } else {
+            "imagesTs"
+        };
+        let scan =
+            medseg::io::read_nifti(&a.join(dir).join(format!("{case}_0000.nii.gz"))).unwrap();
+        let b = &r["bbox_voxel"];
+        let at = |c: usize, lo: bool| {
+            let v = b[if lo { 0 } else { 1 }][c].as_u64().unwrap() as usize;
+            if lo {
+                v.saturating_sub(2)
+            } else {
+                v + 2
+            }
+        };
+        let k = (b[0][2].as_u64().unwrap() + b[1][2].as_u64().unwrap()) as usize / 2;
+        let mut ring = Vec::new();
+        for j in at(1, true)..=at(1, false) {
+            for i in at(0, true)..=at(0, false) {
+                let edge =
+                    j == at(1, true) || j == at(1, false) || i == at(0, true) || i == at(0, false);
+                if edge {
+                    ring.push(scan.voxels[[0, k, j, i]]);
+                }
+            }
+        }
+        ring.sort_by(f32::total_cmp);
+        let median = ring[ring.len() / 2];
+        assert!(
+            (-950.0..-600.0).contains(&median),
+            "{case}: lesion ring median {median} HU"
+        );
+    }
     // The label map is the α ≥ 0.5 core of the recorded lesions, on the image's grid.
     let image = medseg::io::read_nifti(&a.join("imagesTr/synthTr_000_0000.nii.gz")).unwrap();
     let label = medseg::io::read_nifti(&a.join("labelsTr/synthTr_000.nii.gz")).unwrap();
