@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The main job, on the defaults in configs/: fetch the real sample scans, build medseg, insert
-# synthetic lung nodules into the two TotalSegmentator CTs (one host for training, the other for
-# testing), train the `tiny` model, segment the test scans and evaluate against their nodule labels.
+# synthetic brain tumours into real T1 MR scans (Colin27 and MNI152 for training, ITK's T1 for
+# testing), train the `tiny` model, segment the test scans and evaluate against their tumour labels.
 # A second run reuses the fetched scans, the synthetic dataset, the preprocessed cases, the trained
 # model and the masks already written.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-data=datasets/cache/lung-ct
-run=runs/quickstart-lung-ct
-out=runs/quickstart-lung-ct/test
+data=datasets/cache/brain-mr
+run=runs/quickstart-brain-mr
+out=runs/quickstart-brain-mr/test
 started=$SECONDS
 
 echo "== 1/6 fetch the sample scans"
@@ -18,20 +18,20 @@ cargo build --release --locked
 medseg=target/release/medseg
 stage=$SECONDS
 
-echo "== 3/6 insert synthetic lung nodules into the sample CTs (configs/synth-lung-ct.toml)"
-"$medseg" synth --config configs/synth-lung-ct.toml --output "$data"
+echo "== 3/6 insert synthetic brain tumours into the sample MRs (configs/synth-brain-mr.toml)"
+"$medseg" synth --config configs/synth-brain-mr.toml --output "$data"
 
-echo "== 4/6 train the tiny model (configs/quickstart-lung-ct.toml)"
+echo "== 4/6 train the tiny model (configs/quickstart-brain-mr.toml)"
 if [ -f "$run/checkpoints/last/state.json" ]; then
   "$medseg" train --resume "$run"
 else
-  "$medseg" train --config configs/quickstart-lung-ct.toml
+  "$medseg" train --config configs/quickstart-brain-mr.toml
 fi
 
 echo "== 5/6 segment the test scans (a host the model never saw)"
 "$medseg" segment --model "$run" "$data/imagesTs" --output "$out/masks" --overlay --skip-existing
 
-echo "== 6/6 evaluate against the inserted nodules"
+echo "== 6/6 evaluate against the inserted tumours"
 "$medseg" evaluate --pred "$out/masks" --truth "$data/labelsTs" --images "$data/imagesTs" \
   --output "$out/evaluation" | tee "$out/summary.txt"
 
