@@ -102,6 +102,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let (pairs, unmatched) = pair_cases(&args.pred, &args.truth)?;
+    // A synthetic dataset's lesions.json adds results by contrast-to-noise ratio.
+    let synth = medseg::eval::synth_lesions(&args.truth);
     let bar = indicatif::ProgressBar::new(pairs.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "evaluate {bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
@@ -112,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for pair in &pairs {
         bar.set_message(pair.case.clone());
-        match evaluate_case(pair, &config) {
+        match evaluate_case(pair, &config, synth.as_deref()) {
             Ok(r) => results.push(r),
             Err(e) => {
                 bar.suspend(|| eprintln!("error: {e}"));

@@ -18,6 +18,10 @@ pub struct LesionRecord {
     pub id: u32,
     pub voxels: usize,
     pub volume_mm3: f64,
+    /// Inclusive voxel bounding box `[[i, j, k], [i, j, k]]`.
+    pub bbox_voxel: [[usize; 3]; 2],
+    /// Contrast-to-noise ratio of a synthetic truth lesion, from `medseg synth`'s `lesions.json`.
+    pub contrast_to_noise: Option<f64>,
     /// Id of the matched component in the other mask, if any.
     pub matched: Option<u32>,
     pub iou: f64,
@@ -70,7 +74,21 @@ pub fn match_lesions(
     let cp = connected_components(pred, dims);
     let mut overlap: HashMap<(u32, u32), usize> = HashMap::new();
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); cp.count()];
+    let empty_box = [[usize::MAX; 3], [0; 3]];
+    let mut truth_boxes = vec![empty_box; ct.count()];
+    let mut pred_boxes = vec![empty_box; cp.count()];
+    let [_, nj, ni] = dims;
     for (idx, (&a, &b)) in ct.labels.iter().zip(&cp.labels).enumerate() {
+        let at = [idx % ni, (idx / ni) % nj, idx / (nj * ni)];
+        for (id, boxes) in [(a, &mut truth_boxes), (b, &mut pred_boxes)] {
+            if id > 0 {
+                let bb = &mut boxes[id as usize - 1];
+                for axis in 0..3 {
+                    bb[0][axis] = bb[0][axis].min(at[axis]);
+                    bb[1][axis] = bb[1][axis].max(at[axis]);
+                }
+            }
+        }
         if b > 0 {
             members[b as usize - 1].push(idx);
             if a > 0 {
@@ -88,13 +106,15 @@ pub fn match_lesions(
         .collect();
     // Highest IoU first; ties by ids so the result is deterministic.
     pairs.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    let record = |source, id: u32, size: usize, conf| LesionRecord {
+    let record = |source, id: u32, size: usize, bbox_voxel, conf| LesionRecord {
         case: case.to_string(),
         class,
         source,
         id,
         voxels: size,
         volume_mm3: size as f64 * voxel_mm3,
+        bbox_voxel,
+        contrast_to_noise: None,
         matched: None,
         iou: 0.0,
         dice: 0.0,
@@ -105,13 +125,16 @@ pub fn match_lesions(
             .sizes
             .iter()
             .enumerate()
-            .map(|(n, &s)| record("truth", n as u32 + 1, s, f64::NAN))
+            .map(|(n, &s)| record("truth", n as u32 + 1, s, truth_boxes[n], f64::NAN))
             .collect(),
         pred: cp
             .sizes
             .iter()
             .enumerate()
-            .map(|(n, &s)| record("pred", n as u32 + 1, s, confidence(&members[n])))
+            .map(|(n, &s)| {
+                let conf = confidence(&members[n]);
+                record("pred", n as u32 + 1, s, pred_boxes[n], conf)
+            })
             .collect(),
     };
     for (iou, a, b, inter) in pairs {
@@ -215,6 +238,9 @@ mod tests {
         assert!((m.truth[0].iou - 0.5).abs() < 1e-12); // 2 shared of 4
         assert!((m.truth[0].dice - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(m.truth[1].volume_mm3, 6.0);
+        // Boxes in (i, j, k): the line runs along i.
+        assert_eq!(m.truth[1].bbox_voxel, [[5, 0, 0], [7, 0, 0]]);
+        assert_eq!(m.pred[1].bbox_voxel, [[9, 0, 0], [9, 0, 0]]);
         // A higher IoU threshold rejects the pair.
         let m = match_lesions("c", 1, &t, &p, GRID, 0.6, &|_| 1.0);
         assert_eq!(m.tp(), 0);

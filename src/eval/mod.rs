@@ -204,6 +204,45 @@ fn lesion_table(pair: &CasePair) -> Result<Option<Vec<LesionTableRow>>> {
     Ok(Some(table.lesions))
 }
 
+/// A lesion as `medseg synth` records it in `lesions.json` (other fields are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SynthLesion {
+    pub case: String,
+    pub bbox_voxel: [[usize; 3]; 2],
+    pub contrast_to_noise: f64,
+}
+
+#[derive(Deserialize)]
+struct SynthLesions {
+    lesions: Vec<SynthLesion>,
+}
+
+/// The synthetic lesions of a dataset whose label maps are in `truth_dir`: `lesions.json` beside
+/// `labelsTs/` (or `labelsTr/`), as `medseg synth` writes it. `None` when there is none or it is
+/// another kind of file.
+pub fn synth_lesions(truth_dir: &Path) -> Option<Vec<SynthLesion>> {
+    let path = truth_dir.parent()?.join("lesions.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str::<SynthLesions>(&text)
+        .ok()
+        .map(|l| l.lesions)
+}
+
+/// Gives each truth lesion of `m` the contrast-to-noise ratio of the synthetic lesion whose label
+/// box holds it (a lesion's label may split into several components).
+pub fn attach_contrast_to_noise(m: &mut LesionMatch, synth: &[SynthLesion]) {
+    for t in &mut m.truth {
+        let [lo, hi] = t.bbox_voxel;
+        t.contrast_to_noise = synth
+            .iter()
+            .find(|s| {
+                s.case == t.case
+                    && (0..3).all(|a| s.bbox_voxel[0][a] <= lo[a] && hi[a] <= s.bbox_voxel[1][a])
+            })
+            .map(|s| s.contrast_to_noise);
+    }
+}
+
 /// Inclusive `(i, j, k)` bounding box of voxel indices on a `[nk, nj, ni]` grid.
 fn bbox_ijk(members: &[usize], dims: [usize; 3]) -> [[usize; 3]; 2] {
     let [_, nj, ni] = dims;
@@ -234,7 +273,11 @@ fn confidence_source(pair: &CasePair, dims: [usize; 3]) -> Option<Vec<f32>> {
 }
 
 /// Evaluates one case: every class's metrics and, for lesion classes, the lesion matching.
-pub fn evaluate_case(pair: &CasePair, config: &EvalConfig) -> Result<CaseResult> {
+pub fn evaluate_case(
+    pair: &CasePair,
+    config: &EvalConfig,
+    synth: Option<&[SynthLesion]>,
+) -> Result<CaseResult> {
     let truth = read_nifti(&pair.truth)?;
     let pred = match &pair.pred {
         Some(p) => Some(read_nifti(p)?),
@@ -312,7 +355,7 @@ pub fn evaluate_case(pair: &CasePair, config: &EvalConfig) -> Result<CaseResult>
             .is_none_or(|l| l.contains(&c));
         if lesion_class {
             let confidence = |members: &[usize]| confidence_of(c, members);
-            let m = match_lesions(
+            let mut m = match_lesions(
                 &pair.case,
                 c,
                 &tm,
@@ -321,6 +364,9 @@ pub fn evaluate_case(pair: &CasePair, config: &EvalConfig) -> Result<CaseResult>
                 config.lesion_iou_threshold,
                 &confidence,
             );
+            if let Some(synth) = synth {
+                attach_contrast_to_noise(&mut m, synth);
+            }
             result.lesions.push((c, m));
         }
     }

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::io::nifti::write_atomically;
 use crate::train::curves::plot_err;
 
+/// Lower edges of the contrast-to-noise bins for synthetic lesions (medseg synth labels none below 1).
+const CNR_BINS: [f64; 4] = [1.0, 3.0, 10.0, 30.0];
+
 const METRICS: [&str; 11] = [
     "dice",
     "iou",
@@ -146,6 +149,27 @@ pub fn summarize(inp: &ReportInputs) -> Value {
                 "pred_lesions": p.len(), "false_positives": false_pos, "precision": prec,
             }));
         }
+        // Synthetic truth lesions (lesions.json beside the labels): sensitivity by contrast-to-noise.
+        let mut by_cnr = Vec::new();
+        if truth.iter().any(|l| l.contrast_to_noise.is_some()) {
+            for (i, &lo) in CNR_BINS.iter().enumerate() {
+                let hi = CNR_BINS.get(i + 1).copied().unwrap_or(f64::INFINITY);
+                let t: Vec<_> = truth
+                    .iter()
+                    .filter(|l| l.contrast_to_noise.is_some_and(|v| v >= lo && v < hi))
+                    .collect();
+                let detected = t.iter().filter(|l| l.matched.is_some()).count();
+                let (sens, _, _) = detection_scores(detected, 0, t.len() - detected);
+                let bin = if hi.is_finite() {
+                    format!("{lo}-{hi}")
+                } else {
+                    format!(">={lo}")
+                };
+                by_cnr.push(json!({
+                    "bin": bin, "truth_lesions": t.len(), "detected": detected, "sensitivity": sens,
+                }));
+            }
+        }
         lesions.insert(
             c.to_string(),
             json!({
@@ -159,6 +183,7 @@ pub fn summarize(inp: &ReportInputs) -> Value {
                     "curve": curve.iter().map(|(f, s)| [*f, *s]).collect::<Vec<_>>(),
                 },
                 "by_volume": bins,
+                "by_contrast_to_noise": by_cnr,
             }),
         );
     }
@@ -204,14 +229,14 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<Value> {
     write_text(&dir.join("per_case.csv"), &csv)?;
     // per_lesion.csv
     let mut csv = String::from(
-        "case,class,label,source,id,voxels,volume_mm3,volume_bin,matched_id,iou,dice,confidence\n",
+        "case,class,label,source,id,voxels,volume_mm3,volume_bin,matched_id,iou,dice,confidence,contrast_to_noise\n",
     );
     for r in inp.results {
         for (_, m) in &r.lesions {
             for l in m.truth.iter().chain(&m.pred) {
                 let _ = writeln!(
                     csv,
-                    "{},{},{},{},{},{},{:.3},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{:.3},{},{},{},{},{},{}",
                     l.case,
                     l.class,
                     cfg.label_name(l.class),
@@ -224,6 +249,7 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<Value> {
                     num(l.iou),
                     num(l.dice),
                     num(l.confidence),
+                    l.contrast_to_noise.map(num).unwrap_or_default(),
                 );
             }
         }
@@ -309,6 +335,26 @@ fn markdown(s: &Value, montage: bool) -> String {
                 f(&e["lesion_dice"]["mean"]),
                 f(&e["froc"]["average"]),
             );
+        }
+        for (c, e) in lesions {
+            let cnr = e["by_contrast_to_noise"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if cnr.is_empty() {
+                continue;
+            }
+            let _ = writeln!(md, "\n### Class {c} by contrast-to-noise ratio (synthetic lesions)\n\n| CNR | truth | detected | sensitivity |\n|---|---|---|---|");
+            for b in cnr {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    b["bin"].as_str().unwrap_or_default(),
+                    b["truth_lesions"],
+                    b["detected"],
+                    f(&b["sensitivity"])
+                );
+            }
         }
         for (c, e) in lesions {
             let _ = writeln!(md, "\n### Class {c} by lesion volume\n\n| volume | truth | detected | sensitivity | pred | FP | precision |\n|---|---|---|---|---|---|---|");

@@ -250,6 +250,41 @@ fn synth_dataset_is_reproducible_and_split_by_host() {
         .map(|r| r["volume_mm3"].as_f64().unwrap())
         .sum();
     assert!((labelled * s[0] * s[1] * s[2] - recorded).abs() < 1e-6 * recorded.max(1.0));
+    // medseg evaluate finds lesions.json beside labelsTs and reports sensitivity by
+    // contrast-to-noise ratio: the truth against itself detects every recorded test lesion.
+    let report = tmp.path().join("report");
+    let o = std::process::Command::new(crate::common::bin())
+        .args(["evaluate", "--pred"])
+        .arg(a.join("labelsTs"))
+        .arg("--truth")
+        .arg(a.join("labelsTs"))
+        .arg("--output")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("summary.json")).unwrap()).unwrap();
+    let by_cnr = summary["lesions"]["1"]["by_contrast_to_noise"]
+        .as_array()
+        .unwrap();
+    let test_lesions = rows
+        .iter()
+        .filter(|r| r["case"].as_str().unwrap().starts_with("synthTs"))
+        .count() as u64;
+    let counted: u64 = by_cnr
+        .iter()
+        .map(|b| b["truth_lesions"].as_u64().unwrap())
+        .sum();
+    let detected: u64 = by_cnr.iter().map(|b| b["detected"].as_u64().unwrap()).sum();
+    // A lesion's label may split into components; every component gets its lesion's ratio.
+    assert!(counted >= test_lesions && detected == counted, "{by_cnr:?}");
+    assert_eq!(
+        summary["lesions"]["1"]["truth_lesions"].as_u64(),
+        Some(counted),
+        "every truth component has its lesion's ratio"
+    );
+    assert_eq!(summary["classes"]["1"]["label"], "nodule");
 }
 
 /// Impossible synthesis settings are refused with the file and the setting named, never a panic.
