@@ -26,7 +26,7 @@ const STAMP: &str = "synth.toml";
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = SynthConfig::from_file(&args.config)?;
     let stamp = args.output.join(STAMP);
-    let wanted = toml::to_string(&SynthFileOut { synth: &config })?;
+    let wanted = config.to_toml()?;
     if !args.force && std::fs::read_to_string(&stamp).is_ok_and(|done| done == wanted) {
         println!(
             "synth: {} already holds the dataset of this config (--force rebuilds it)",
@@ -59,9 +59,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.display()
     );
     Ok(())
-}
-
-#[derive(serde::Serialize)]
-struct SynthFileOut<'a> {
-    synth: &'a SynthConfig,
 }

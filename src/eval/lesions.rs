@@ -7,6 +7,9 @@ use serde::Serialize;
 
 use crate::infer::postprocess::connected_components;
 
+/// An inclusive voxel bounding box `[[i, j, k], [i, j, k]]`.
+pub type VoxelBox = [[usize; 3]; 2];
+
 /// One lesion of a case: a connected component of the truth or the prediction.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LesionRecord {
@@ -18,8 +21,7 @@ pub struct LesionRecord {
     pub id: u32,
     pub voxels: usize,
     pub volume_mm3: f64,
-    /// Inclusive voxel bounding box `[[i, j, k], [i, j, k]]`.
-    pub bbox_voxel: [[usize; 3]; 2],
+    pub bbox_voxel: VoxelBox,
     /// Contrast-to-noise ratio of a synthetic truth lesion, from `medseg synth`'s `lesions.json`.
     pub contrast_to_noise: Option<f64>,
     /// Id of the matched component in the other mask, if any.
@@ -58,8 +60,8 @@ pub struct LesionGrid {
 
 /// Finds the lesions of `truth` and `pred` (binary masks on `grid`) and
 /// matches them one to one, greedily by decreasing IoU, accepting pairs with IoU above
-/// `iou_threshold` (0 = any overlap). `confidence(component voxels)` gives each predicted lesion's
-/// confidence.
+/// `iou_threshold` (0 = any overlap). `confidence(component voxels, inclusive (i, j, k) box)` gives
+/// each predicted lesion's confidence.
 pub fn match_lesions(
     case: &str,
     class: u32,
@@ -67,14 +69,14 @@ pub fn match_lesions(
     pred: &[bool],
     grid: LesionGrid,
     iou_threshold: f64,
-    confidence: &dyn Fn(&[usize]) -> f64,
+    confidence: &dyn Fn(&[usize], VoxelBox) -> f64,
 ) -> LesionMatch {
     let LesionGrid { dims, voxel_mm3 } = grid;
     let ct = connected_components(truth, dims);
     let cp = connected_components(pred, dims);
     let mut overlap: HashMap<(u32, u32), usize> = HashMap::new();
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); cp.count()];
-    let empty_box = [[usize::MAX; 3], [0; 3]];
+    let empty_box: VoxelBox = [[usize::MAX; 3], [0; 3]];
     let mut truth_boxes = vec![empty_box; ct.count()];
     let mut pred_boxes = vec![empty_box; cp.count()];
     let [_, nj, ni] = dims;
@@ -132,7 +134,7 @@ pub fn match_lesions(
             .iter()
             .enumerate()
             .map(|(n, &s)| {
-                let conf = confidence(&members[n]);
+                let conf = confidence(&members[n], pred_boxes[n]);
                 record("pred", n as u32 + 1, s, pred_boxes[n], conf)
             })
             .collect(),
@@ -232,7 +234,7 @@ mod tests {
         // 1 × 1 × 10 line: truth lesions [0..3) and [5..8); prediction [1..4) and [9..10).
         let t: Vec<bool> = (0..10).map(|i| i < 3 || (5..8).contains(&i)).collect();
         let p: Vec<bool> = (0..10).map(|i| (1..4).contains(&i) || i == 9).collect();
-        let m = match_lesions("c", 1, &t, &p, GRID, 0.0, &|_| 1.0);
+        let m = match_lesions("c", 1, &t, &p, GRID, 0.0, &|_, _| 1.0);
         assert_eq!((m.tp(), m.fp(), m.fn_()), (1, 1, 1));
         assert_eq!(m.truth[0].matched, Some(1));
         assert!((m.truth[0].iou - 0.5).abs() < 1e-12); // 2 shared of 4
@@ -242,7 +244,7 @@ mod tests {
         assert_eq!(m.truth[1].bbox_voxel, [[5, 0, 0], [7, 0, 0]]);
         assert_eq!(m.pred[1].bbox_voxel, [[9, 0, 0], [9, 0, 0]]);
         // A higher IoU threshold rejects the pair.
-        let m = match_lesions("c", 1, &t, &p, GRID, 0.6, &|_| 1.0);
+        let m = match_lesions("c", 1, &t, &p, GRID, 0.6, &|_, _| 1.0);
         assert_eq!(m.tp(), 0);
     }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::io::read_nifti;
 use crate::volume::Volume;
-use lesions::{match_lesions, LesionGrid, LesionMatch};
+use lesions::{match_lesions, LesionGrid, LesionMatch, VoxelBox};
 use metrics::{class_metrics, ClassMetrics};
 
 /// Evaluation settings (`[evaluate]` in a run config, or a file of its own).
@@ -208,7 +208,7 @@ fn lesion_table(pair: &CasePair) -> Result<Option<Vec<LesionTableRow>>> {
 #[derive(Debug, Clone, Deserialize)]
 pub struct SynthLesion {
     pub case: String,
-    pub bbox_voxel: [[usize; 3]; 2],
+    pub bbox_voxel: VoxelBox,
     pub contrast_to_noise: f64,
 }
 
@@ -241,21 +241,6 @@ pub fn attach_contrast_to_noise(m: &mut LesionMatch, synth: &[SynthLesion]) {
             })
             .map(|s| s.contrast_to_noise);
     }
-}
-
-/// Inclusive `(i, j, k)` bounding box of voxel indices on a `[nk, nj, ni]` grid.
-fn bbox_ijk(members: &[usize], dims: [usize; 3]) -> [[usize; 3]; 2] {
-    let [_, nj, ni] = dims;
-    let mut lo = [usize::MAX; 3];
-    let mut hi = [0usize; 3];
-    for &x in members {
-        let p = [x % ni, (x / ni) % nj, x / (nj * ni)];
-        for a in 0..3 {
-            lo[a] = lo[a].min(p[a]);
-            hi[a] = hi[a].max(p[a]);
-        }
-    }
-    [lo, hi]
 }
 
 /// Confidence per predicted lesion from a probability map beside the prediction
@@ -320,9 +305,8 @@ pub fn evaluate_case(
     // else its maximum probability, else 1.
     let table = lesion_table(pair)?;
     let probabilities = confidence_source(pair, dims);
-    let confidence_of = |class: u32, members: &[usize]| -> f64 {
+    let confidence_of = |class: u32, members: &[usize], bbox: VoxelBox| -> f64 {
         if let Some(rows) = &table {
-            let bbox = bbox_ijk(members, dims);
             let row = rows
                 .iter()
                 .find(|r| r.class == class && r.bbox_voxel == bbox);
@@ -354,7 +338,7 @@ pub fn evaluate_case(
             .as_ref()
             .is_none_or(|l| l.contains(&c));
         if lesion_class {
-            let confidence = |members: &[usize]| confidence_of(c, members);
+            let confidence = |members: &[usize], bbox| confidence_of(c, members, bbox);
             let mut m = match_lesions(
                 &pair.case,
                 c,

@@ -236,30 +236,29 @@ mod tests {
             mirror: true,
             context: 0,
         };
-        let p = window.predict(&model, image.view(), &device).unwrap();
         let mut flipped = image.clone();
         flipped.invert_axis(ndarray::Axis(3));
-        let mut q = window.predict(&model, flipped.view(), &device).unwrap();
-        q.invert_axis(ndarray::Axis(3));
-        let diff = p
-            .iter()
-            .zip(q.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        // Largest difference between the prediction and the flipped prediction of the flipped
+        // image.
+        let flip_error = |w: &SlidingWindow| {
+            let p = w.predict(&model, image.view(), &device).unwrap();
+            let mut q = w.predict(&model, flipped.view(), &device).unwrap();
+            q.invert_axis(ndarray::Axis(3));
+            let diff = p
+                .iter()
+                .zip(q.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            (diff, p)
+        };
+        let (diff, _) = flip_error(&window);
         assert!(diff < 1e-4, "{diff}");
         // Without mirroring the network itself is not equivariant.
         let plain = SlidingWindow {
             mirror: false,
             ..window
         };
-        let p = plain.predict(&model, image.view(), &device).unwrap();
-        let mut q = plain.predict(&model, flipped.view(), &device).unwrap();
-        q.invert_axis(ndarray::Axis(3));
-        let diff = p
-            .iter()
-            .zip(q.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let (diff, p) = flip_error(&plain);
         assert!(diff > 1e-3, "{diff}");
         // Probabilities sum to one everywhere.
         let sums = p.sum_axis(ndarray::Axis(0));

@@ -109,6 +109,67 @@ pub struct HostConfig {
     pub cases: Option<usize>,
 }
 
+/// Where lesions go in a host, parsed from [`HostConfig::organ`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Organ {
+    /// Lungs of a chest CT by HU.
+    Lung,
+    /// Voxels of a mask file on the host's grid that pass `select`.
+    Mask { path: PathBuf, select: MaskSelect },
+}
+
+/// Which voxels of an organ mask file count.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MaskSelect {
+    NonZero,
+    Above(f32),
+    Values(Vec<f32>),
+}
+
+impl MaskSelect {
+    fn test(&self, v: f32) -> bool {
+        match self {
+            MaskSelect::NonZero => v != 0.0,
+            MaskSelect::Above(t) => v > *t,
+            MaskSelect::Values(values) => values.contains(&v),
+        }
+    }
+}
+
+impl HostConfig {
+    /// The parsed `organ`: `lung`, `mask:PATH`, `mask:PATH>T` or `mask:PATH=V,W,...`.
+    pub fn organ(&self) -> Result<Organ> {
+        let bad = || {
+            Error::Config {
+            reason: format!(
+                "[synth] organ {:?}: use lung, mask:PATH, mask:PATH>THRESHOLD or mask:PATH=LABEL[,LABEL...]",
+                self.organ
+            ),
+        }
+        };
+        if self.organ == "lung" {
+            return Ok(Organ::Lung);
+        }
+        let spec = self.organ.strip_prefix("mask:").ok_or_else(bad)?;
+        let (path, select) = if let Some((p, t)) = spec.rsplit_once('>') {
+            (p, MaskSelect::Above(t.trim().parse().map_err(|_| bad())?))
+        } else if let Some((p, t)) = spec.rsplit_once('=') {
+            let values = t
+                .split(',')
+                .map(|x| x.trim().parse::<f32>())
+                .collect::<std::result::Result<Vec<f32>, _>>()
+                .map_err(|_| bad())?;
+            (p, MaskSelect::Values(values))
+        } else {
+            (spec, MaskSelect::NonZero)
+        };
+        Ok(Organ::Mask {
+            path: PathBuf::from(path),
+            select,
+        })
+    }
+}
+
 /// The config file: a `[synth]` table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +179,16 @@ struct SynthFile {
 }
 
 impl SynthConfig {
+    /// The config as a file's text (`[synth]` table), as [`SynthConfig::from_file`] reads it.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(&SynthFile {
+            synth: self.clone(),
+        })
+        .map_err(|e| Error::Config {
+            reason: e.to_string(),
+        })
+    }
+
     /// Cases the dataset will hold.
     pub fn total_cases(&self) -> usize {
         self.hosts
@@ -190,6 +261,11 @@ impl SynthConfig {
         {
             return Err(bad("core_fraction must be [low, high] within (0, 1), elastic_mm >= 0 and elastic_wavelength_mm positive [low, high]"));
         }
+        for h in &c.hosts {
+            h.organ().map_err(|e| Error::Config {
+                reason: format!("{}: {e}", path.display()),
+            })?;
+        }
         if !matches!(c.lesion.as_str(), "lung_nodule" | "brain_tumour") {
             return Err(Error::Config {
                 reason: format!(
@@ -252,7 +328,7 @@ pub fn build_dataset(
     };
     for (h, host_cfg) in config.hosts.iter().enumerate() {
         let host = crate::io::read_volume(&host_cfg.image, None)?;
-        let organ = organ_mask(&host, &host_cfg.organ)?;
+        let organ = organ_mask(&host, &host_cfg.organ()?)?;
         let host_name = crate::export::nifti_case_name(&host_cfg.image);
         let is_train = host_cfg.split == "train";
         // Case numbers run on across hosts.
@@ -402,68 +478,46 @@ fn writable(dtype: crate::DataType) -> crate::DataType {
 /// Less lung than this (ml) means the scan is not a chest CT.
 const MIN_LUNG_ML: f64 = 400.0;
 
-fn organ_mask(host: &Volume, organ: &str) -> Result<Array3<bool>> {
-    if organ == "lung" {
-        let mask = lung_mask(host.voxels.index_axis(Axis(0), 0));
-        let s = host.geometry.spacing();
-        let ml = mask.iter().filter(|v| **v).count() as f64 * s[0] * s[1] * s[2] / 1000.0;
-        if ml < MIN_LUNG_ML {
-            return Err(Error::Unsupported {
-                path: host.info.path.clone(),
-                reason: format!(
-                    "organ = \"lung\" found only {ml:.0} ml of lung (HU < -500 inside the body); \
-                     it needs a chest CT, or give a lung label map as mask:PATH=LABELS"
-                ),
-            });
+fn organ_mask(host: &Volume, organ: &Organ) -> Result<Array3<bool>> {
+    match organ {
+        Organ::Lung => {
+            let mask = lung_mask(host.voxels.index_axis(Axis(0), 0));
+            let s = host.geometry.spacing();
+            let ml = mask.iter().filter(|v| **v).count() as f64 * s[0] * s[1] * s[2] / 1000.0;
+            if ml < MIN_LUNG_ML {
+                return Err(Error::Unsupported {
+                    path: host.info.path.clone(),
+                    reason: format!(
+                        "organ = \"lung\" found only {ml:.0} ml of lung (HU < -500 inside the body); \
+                         it needs a chest CT, or give a lung label map as mask:PATH=LABELS"
+                    ),
+                });
+            }
+            Ok(mask)
         }
-        return Ok(mask);
-    }
-    if let Some(spec) = organ.strip_prefix("mask:") {
-        // `PATH` (non-zero), `PATH>T` (a probability map above T) or `PATH=V,W,...` (label values).
-        type Test = Box<dyn Fn(f32) -> bool>;
-        let (path, test): (&str, Test) = if let Some((p, t)) = spec.rsplit_once('>') {
-            let t: f32 = t.trim().parse().map_err(|_| bad_organ(organ))?;
-            (p, Box::new(move |v| v > t))
-        } else if let Some((p, t)) = spec.rsplit_once('=') {
-            let values = t
-                .split(',')
-                .map(|x| x.trim().parse::<f32>())
-                .collect::<std::result::Result<Vec<f32>, _>>()
-                .map_err(|_| bad_organ(organ))?;
-            (p, Box::new(move |v| values.contains(&v)))
-        } else {
-            (spec, Box::new(|v| v != 0.0))
-        };
-        let m = crate::io::read_volume(Path::new(path), None)?;
-        if m.geometry
-            .max_affine_difference(&host.geometry)
-            .is_none_or(|d| d > 1e-3)
-        {
-            return Err(Error::Unsupported {
-                path: PathBuf::from(path),
-                reason: format!(
-                    "the organ mask is not on the host's grid ({})",
-                    host.info.path.display()
-                ),
-            });
+        Organ::Mask { path, select } => {
+            let m = crate::io::read_volume(path, None)?;
+            if m.geometry
+                .max_affine_difference(&host.geometry)
+                .is_none_or(|d| d > 1e-3)
+            {
+                return Err(Error::Unsupported {
+                    path: path.clone(),
+                    reason: format!(
+                        "the organ mask is not on the host's grid ({})",
+                        host.info.path.display()
+                    ),
+                });
+            }
+            let mask = m.voxels.index_axis(Axis(0), 0).mapv(|v| select.test(v));
+            if !mask.iter().any(|v| *v) {
+                return Err(Error::Unsupported {
+                    path: path.clone(),
+                    reason: format!("the organ mask selects no voxel ({select:?})"),
+                });
+            }
+            Ok(mask)
         }
-        let mask = m.voxels.index_axis(Axis(0), 0).mapv(test);
-        if !mask.iter().any(|v| *v) {
-            return Err(Error::Unsupported {
-                path: PathBuf::from(path),
-                reason: format!("the organ mask {organ:?} selects no voxel"),
-            });
-        }
-        return Ok(mask);
-    }
-    Err(bad_organ(organ))
-}
-
-fn bad_organ(organ: &str) -> Error {
-    Error::Config {
-        reason: format!(
-            "[synth] organ {organ:?}: use lung, mask:PATH, mask:PATH>THRESHOLD or mask:PATH=LABEL[,LABEL...]"
-        ),
     }
 }
 

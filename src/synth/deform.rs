@@ -3,10 +3,9 @@
 
 use ndarray::{Array3, ArrayView3, Axis};
 use rand::{Rng, RngExt};
-use rayon::prelude::*;
 
 use crate::geometry::{invert, Affine, Geometry, IDENTITY};
-use crate::transforms::spatial::{apply_affine, nearest_voxel, sample_linear};
+use crate::transforms::spatial::{apply_affine, fill_grid, nearest_voxel, sample_linear_within};
 use crate::volume::Volume;
 
 /// How strongly hosts are deformed (from `[synth]`).
@@ -103,7 +102,7 @@ impl Deformation {
 }
 
 /// Fills the grid `[k, j, i]` with `sample(p)`, `p` the host's continuous voxel index `(i, j, k)`
-/// for that voxel under `deformation` (parallel over slices).
+/// for that voxel under `deformation`.
 fn warp<T: Copy + Default + Send + Sync>(
     grid: &Geometry,
     deformation: &Deformation,
@@ -111,20 +110,12 @@ fn warp<T: Copy + Default + Send + Sync>(
 ) -> Array3<T> {
     // The host and the output share the grid; only the world map differs.
     let to_voxel = invert(&grid.affine).unwrap_or(IDENTITY);
-    let [ni, nj, nk] = grid.dims;
-    let mut out = Array3::<T>::default([nk, nj, ni]);
-    out.axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(k, mut plane)| {
-            for j in 0..nj {
-                for i in 0..ni {
-                    let x = grid.voxel_to_world([i as f64, j as f64, k as f64]);
-                    plane[[j, i]] = sample(apply_affine(&to_voxel, deformation.map(x)));
-                }
-            }
-        });
-    out
+    fill_grid(grid.dims, |ijk| {
+        sample(apply_affine(
+            &to_voxel,
+            deformation.map(grid.voxel_to_world(ijk)),
+        ))
+    })
 }
 
 /// The host scan (channel 0) and its organ mask, both deformed onto the host's own grid: linear
@@ -144,24 +135,11 @@ pub fn deform_host(
     );
     let source: ArrayView3<f32> = host.voxels.index_axis(Axis(0), 0);
     let (lowest, _) = host.value_range().unwrap_or((0.0, 0.0));
-    let (nk, nj, ni) = source.dim();
-    let inside = |p: [f64; 3]| {
-        p[0] >= -0.5
-            && p[1] >= -0.5
-            && p[2] >= -0.5
-            && p[0] <= ni as f64 - 0.5
-            && p[1] <= nj as f64 - 0.5
-            && p[2] <= nk as f64 - 0.5
-    };
     let mut channel = warp(g, &deformation, |p| {
-        if !inside(p) {
-            return lowest;
-        }
-        let v = sample_linear(source, [p[2], p[1], p[0]]);
-        if integral {
-            v.round()
-        } else {
-            v
+        match sample_linear_within(source, [p[2], p[1], p[0]]) {
+            Some(v) if integral => v.round(),
+            Some(v) => v,
+            None => lowest,
         }
     });
     if settings.bias_field > 0.0 {
@@ -175,7 +153,7 @@ pub fn deform_host(
         );
     }
     let organ = warp(g, &deformation, |p| {
-        nearest_voxel(p, [nk, nj, ni]).is_some_and(|at| organ[at])
+        nearest_voxel(p, organ.dim().into()).is_some_and(|at| organ[at])
     });
     let mut info = host.info.clone();
     info.identifiers = Default::default();

@@ -30,6 +30,9 @@ pub struct LesionSpec {
     pub texture: f64,
 }
 
+/// Partial-volume fraction from which a voxel is labelled lesion (DATA.md: α ≥ 0.5).
+pub const LABEL_FRACTION: f32 = 0.5;
+
 /// Smoothing of the texture field, mm (low frequency: a few voxels).
 const TEXTURE_SIGMA_MM: f64 = 2.0;
 
@@ -41,7 +44,7 @@ pub struct InsertedLesion {
     pub delta: f64,
     /// Contrast of the necrotic core, when there is one.
     pub core_delta: Option<f64>,
-    /// Mean added contrast inside the label over the host's noise σ there.
+    /// Mean absolute added contrast inside the label over the host's noise σ there.
     pub contrast_to_noise: f64,
     pub centre_mm: [f64; 3],
     /// Inclusive voxel box `[[i, j, k], [i, j, k]]` of the label.
@@ -119,7 +122,7 @@ pub fn insert(
     let contribution = gaussian_blur(&intensity, sigma);
     let (k, j, i) = f.alpha.dim();
     let noise = local_noise(&host.voxels.index_axis(Axis(0), 0), f.origin, [k, j, i]);
-    let label = f.alpha.mapv(|a| a >= 0.5);
+    let label = f.alpha.mapv(|a| a >= LABEL_FRACTION);
     let voxels = label.iter().filter(|l| **l).count();
     if voxels == 0 {
         return None;
@@ -132,7 +135,7 @@ pub fn insert(
         .sum::<f64>()
         / voxels as f64;
     let cnr = if noise > 0.0 {
-        mean_added.abs() / noise
+        mean_added / noise
     } else {
         f64::INFINITY
     };
@@ -192,7 +195,7 @@ pub fn label_volume(dims: [usize; 3], fractions: &[Fraction]) -> Array3<u8> {
     for f in fractions {
         for ((k, j, i), a) in f.alpha.indexed_iter() {
             let (k, j, i) = (k + f.origin[0], j + f.origin[1], i + f.origin[2]);
-            if *a >= 0.5 && k < nk && j < nj && i < ni {
+            if *a >= LABEL_FRACTION && k < nk && j < nj && i < ni {
                 out[[k, j, i]] = 1;
             }
         }

@@ -233,14 +233,23 @@ pub fn resample_labels_onto(
 }
 
 /// Fills `onto`'s grid `[k, j, i]` with `sample(p)`, `p` the voxel centre's continuous index
-/// `(i, j, k)` on `from` (parallel over slices).
+/// `(i, j, k)` on `from`.
 fn map_onto<T: Copy + Default + Send + Sync>(
     from: &Geometry,
     onto: &Geometry,
     sample: impl Fn([f64; 3]) -> T + Sync,
 ) -> Array3<T> {
     let to_source = voxel_map(from, onto);
-    let [ni, nj, nk] = onto.dims;
+    fill_grid(onto.dims, |ijk| sample(apply_affine(&to_source, ijk)))
+}
+
+/// An array `[k, j, i]` for a grid of `dims` `(i, j, k)`, each voxel `value(i, j, k)` (parallel
+/// over slices).
+pub fn fill_grid<T: Copy + Default + Send + Sync>(
+    dims: [usize; 3],
+    value: impl Fn([f64; 3]) -> T + Sync,
+) -> Array3<T> {
+    let [ni, nj, nk] = dims;
     let mut out = Array3::<T>::default([nk, nj, ni]);
     out.axis_iter_mut(Axis(0))
         .into_par_iter()
@@ -248,8 +257,7 @@ fn map_onto<T: Copy + Default + Send + Sync>(
         .for_each(|(k, mut plane)| {
             for j in 0..nj {
                 for i in 0..ni {
-                    plane[[j, i]] =
-                        sample(apply_affine(&to_source, [i as f64, j as f64, k as f64]));
+                    plane[[j, i]] = value([i as f64, j as f64, k as f64]);
                 }
             }
         });
@@ -286,10 +294,16 @@ pub fn apply_affine(a: &Affine, p: [f64; 3]) -> [f64; 3] {
 
 /// Linear interpolation at continuous index `p` (`[k, j, i]`); 0 outside the volume.
 pub fn sample_linear(v: ArrayView3<f32>, p: [f64; 3]) -> f32 {
+    sample_linear_within(v, p).unwrap_or(0.0)
+}
+
+/// Linear interpolation at continuous index `p` (`[k, j, i]`); `None` outside the volume (beyond
+/// half a voxel from the outer centres).
+pub fn sample_linear_within(v: ArrayView3<f32>, p: [f64; 3]) -> Option<f32> {
     let (nk, nj, ni) = v.dim();
     let n = [nk, nj, ni];
     if (0..3).any(|a| p[a] < -0.5 || p[a] > n[a] as f64 - 0.5) {
-        return 0.0;
+        return None;
     }
     let mut i0 = [0usize; 3];
     let mut t = [0.0f64; 3];
@@ -311,7 +325,7 @@ pub fn sample_linear(v: ArrayView3<f32>, p: [f64; 3]) -> f32 {
             acc += weight * v[[idx[0], idx[1], idx[2]]] as f64;
         }
     }
-    acc as f32
+    Some(acc as f32)
 }
 
 /// Linear resampling of a scalar map `[k, j, i]` from one grid onto another through the

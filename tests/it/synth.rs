@@ -313,6 +313,19 @@ fn bad_synth_settings_are_refused() {
             "{setting}: {e}"
         );
     }
+    // A malformed organ is refused when the config loads, before any host is built.
+    std::fs::write(
+        &path,
+        format!("[synth]\n[[synth.hosts]]\nimage = {host:?}\norgan = \"mask:x.nii.gz=liver\"\nsplit = \"train\"\n"),
+    )
+    .unwrap();
+    let e = medseg::synth::dataset::SynthConfig::from_file(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.toml") && e.contains("mask:x.nii.gz=liver"),
+        "{e}"
+    );
 }
 
 /// A brain tumour in the real Colin27 T1: an enhancing rim brighter than the tissue around a

@@ -312,12 +312,12 @@ fn shipped_configs_are_valid() {
                 // Hosts and their masks are fetched by scripts/fetch-data.sh.
                 let root = Path::new(env!("CARGO_MANIFEST_DIR"));
                 for h in &c.hosts {
-                    let mask = h
-                        .organ
-                        .strip_prefix("mask:")
-                        .map(|m| m.split(['>', '=']).next().unwrap_or(m).to_string());
-                    for f in std::iter::once(h.image.display().to_string()).chain(mask) {
-                        assert!(root.join(&f).is_file(), "{}: {f} missing", path.display());
+                    let mask = match h.organ().unwrap() {
+                        medseg::synth::dataset::Organ::Mask { path, .. } => Some(path),
+                        medseg::synth::dataset::Organ::Lung => None,
+                    };
+                    for f in std::iter::once(h.image.clone()).chain(mask) {
+                        assert!(root.join(&f).is_file(), "{}: {f:?} missing", path.display());
                     }
                 }
                 seen += 1;
