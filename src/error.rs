@@ -33,7 +33,9 @@ fn list(series: &[SeriesChoice]) -> String {
         .collect::<String>()
 }
 
+/// Everything the library can fail with; each variant names the file, case or setting.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{path}: {source}", path = path.display())]
     Io {
@@ -80,8 +82,17 @@ pub enum Error {
     #[error("{path}: cannot write: {reason}", path = path.display())]
     Write { path: PathBuf, reason: String },
 
+    /// A setting that cannot work, found before any work started.
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
+
+    /// The compute backend failed (device set-up, reading a tensor back).
+    #[error("compute backend: {reason}")]
+    Backend { reason: String },
+
+    /// Training cannot go on (the loss diverged, …).
+    #[error("training failed: {reason}")]
+    Training { reason: String },
 
     #[error("{path}: cannot load checkpoint: {reason}", path = path.display())]
     Checkpoint { path: PathBuf, reason: String },
@@ -122,7 +133,10 @@ impl Error {
             | Error::Write { path, .. }
             | Error::Checkpoint { path, .. }
             | Error::Dataset { path, .. } => path,
-            Error::Config { .. } | Error::Case { .. } => return None,
+            Error::Config { .. }
+            | Error::Backend { .. }
+            | Error::Training { .. }
+            | Error::Case { .. } => return None,
         })
     }
 }

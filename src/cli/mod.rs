@@ -4,6 +4,7 @@ mod convert;
 mod evaluate;
 mod inspect;
 mod model;
+mod progress;
 mod segment;
 mod synth;
 mod train;
@@ -64,7 +65,13 @@ pub fn run() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!("note: internal panic{at}");
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        eprintln!("note: internal panic{at}: {message}");
     }));
     let cli = Cli::parse();
     let result = match cli.command {
@@ -83,5 +90,16 @@ pub fn run() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks (conflicting names, bad defaults) over every subcommand.
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

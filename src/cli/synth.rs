@@ -3,18 +3,26 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
-use medseg::synth::dataset::{build_dataset, SynthConfig};
+use medseg::config::load_layered;
+use medseg::synth::dataset::{build_dataset, SynthFile};
+
+use super::progress;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// A TOML file with a `[synth]` table (see configs/synth-lung-ct.toml).
+    #[arg(long, required_unless_present = "dump_config")]
+    config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set synth.seed=7`; repeatable.
+    #[arg(long = "set", value_name = "synth.KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the effective config (defaults ← file ← --set) as TOML and exit.
     #[arg(long)]
-    config: PathBuf,
+    dump_config: bool,
     /// Where the Decathlon-layout dataset goes (dataset.json, imagesTr/, labelsTr/, imagesTs/,
     /// labelsTs/, lesions.json).
-    #[arg(long)]
-    output: PathBuf,
+    #[arg(long, required_unless_present = "dump_config")]
+    output: Option<PathBuf>,
     /// Rebuild even when DIR already holds the dataset of this exact config.
     #[arg(long)]
     force: bool,
@@ -24,13 +32,21 @@ pub struct Args {
 const STAMP: &str = "synth.toml";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let config = SynthConfig::from_file(&args.config)?;
-    let stamp = args.output.join(STAMP);
-    let wanted = config.to_toml()?;
+    let file: SynthFile = load_layered(args.config.as_deref(), &args.set)?;
+    let wanted = medseg::config::to_toml(&file)?;
+    if args.dump_config {
+        print!("{wanted}");
+        return Ok(());
+    }
+    let Some(output) = args.output else {
+        anyhow::bail!("give --output DIR");
+    };
+    let config = file.synth;
+    let stamp = output.join(STAMP);
     if !args.force && std::fs::read_to_string(&stamp).is_ok_and(|done| done == wanted) {
         println!(
             "synth: {} already holds the dataset of this config (--force rebuilds it)",
-            args.output.display()
+            output.display()
         );
         return Ok(());
     }
@@ -38,25 +54,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if stamp.exists() {
         std::fs::remove_file(&stamp).with_context(|| stamp.display().to_string())?;
     }
-    let bar = ProgressBar::new(config.total_cases() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("synth [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = progress::bar(
+        config.total_cases() as u64,
+        "synth [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        false,
     );
-    let summary = build_dataset(&config, &args.output, &|case| {
+    let summary = build_dataset(&config, &output, &|case| {
         bar.set_message(case.to_string());
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    medseg::io::nifti::write_atomically(&stamp, wanted.as_bytes())?;
+    medseg::io::write_atomically(&stamp, wanted.as_bytes())?;
     println!(
         "synth: {} training and {} test cases, {} lesions, {} lesion-free controls — {}",
         summary.train_cases,
         summary.test_cases,
         summary.lesions,
         summary.control_cases,
-        args.output.display()
+        output.display()
     );
     Ok(())
 }

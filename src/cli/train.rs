@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use medseg::config::RunConfig;
+use medseg::io::layout::{RunDir, RUN_CONFIG_FILE};
+use medseg::train::trainer::TrainEvent;
 use medseg::train::{train, TrainOptions};
+
+use super::progress;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,12 +35,12 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = match (&args.resume, &args.config) {
         (Some(dir), _) => {
-            let saved = dir.join(medseg::train::trainer::RUN_CONFIG);
+            let saved = RunDir::new(dir).config();
             if !saved.is_file() {
                 anyhow::bail!(
                     "{}: no {} here; is this a run directory written by `medseg train`?",
                     dir.display(),
-                    medseg::train::trainer::RUN_CONFIG
+                    RUN_CONFIG_FILE
                 );
             }
             let mut set = args.set.clone();
@@ -52,14 +56,59 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", config.to_toml()?);
         return Ok(());
     }
+    let bars = progress::multi(args.quiet);
+    let prep = bars.add(progress::bar(
+        0,
+        "preparing cases [{bar:30}] {pos}/{len} {elapsed}",
+        args.quiet,
+    ));
+    let epoch_bar = bars.add(progress::bar(
+        config.train.epochs as u64,
+        "epoch {pos}/{len} [{bar:30}] {msg} eta {eta}",
+        args.quiet,
+    ));
+    let step_bar = bars.add(progress::bar(
+        0,
+        "step  {pos}/{len} [{bar:30}] {msg} {per_sec} eta {eta}",
+        args.quiet,
+    ));
     let outcome = train(
         config,
         &TrainOptions {
             resume: args.resume.is_some(),
-            quiet: args.quiet,
+        },
+        &mut |event| match event {
+            TrainEvent::Preparing { done, total } => {
+                prep.set_length(total as u64);
+                prep.set_position(done as u64);
+            }
+            TrainEvent::Log(line) => progress::say(&bars, &line),
+            TrainEvent::EpochStarted { epoch, steps, .. } => {
+                prep.finish_and_clear();
+                epoch_bar.set_position(epoch as u64);
+                step_bar.reset();
+                step_bar.set_length(steps as u64);
+            }
+            TrainEvent::Step { mean_loss } => {
+                step_bar.set_message(format!("loss {mean_loss:.4}"));
+                step_bar.inc(1);
+            }
+            TrainEvent::Validating => step_bar.set_message("validating"),
+            TrainEvent::EpochFinished {
+                epochs_done,
+                mean_dice,
+            } => {
+                epoch_bar.set_position(epochs_done as u64);
+                if let Some(d) = mean_dice {
+                    epoch_bar.set_message(format!("Dice {d:.3}"));
+                }
+            }
         },
     )
     .context("training failed")?;
+    prep.finish_and_clear();
+    step_bar.finish_and_clear();
+    epoch_bar.finish_and_clear();
     let s = &outcome.state;
     println!(
         "trained {} epochs{}; best {} at epoch {}; run directory {}",

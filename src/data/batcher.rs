@@ -4,6 +4,7 @@
 //! random choice inside it. Threads only change when a batch is ready, never what it holds, so a
 //! run is reproducible and resumes exactly.
 
+use crate::transforms::augment::derive_seed;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -45,17 +46,6 @@ pub fn collate(patches: &[Patch]) -> Batch {
     }
 }
 
-/// The RNG seed of one batch.
-pub fn batch_seed(seed: u64, epoch: usize, step: usize) -> u64 {
-    // SplitMix64 finaliser over the packed triple: neighbouring steps get unrelated streams.
-    let mut z = seed
-        .wrapping_add((epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add((step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Which case each patch of an epoch comes from: every case `patches_per_volume` times, shuffled.
 #[derive(Debug, Clone)]
 pub struct EpochPlan {
@@ -77,7 +67,7 @@ impl EpochPlan {
         let mut slots: Vec<usize> = (0..cases)
             .flat_map(|c| std::iter::repeat_n(c, patches_per_volume))
             .collect();
-        slots.shuffle(&mut rand::rngs::StdRng::seed_from_u64(batch_seed(
+        slots.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derive_seed(
             seed,
             epoch,
             usize::MAX,
@@ -111,7 +101,7 @@ pub fn make_batch(
     epoch: usize,
     step: usize,
 ) -> Batch {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(batch_seed(seed, epoch, step));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, epoch, step));
     let patches: Vec<Patch> = plan
         .cases_of(step)
         .into_iter()

@@ -1,11 +1,10 @@
 //! Cases ready for training: read, checked, spatially preprocessed (cached on disk), normalised,
 //! and split into training, validation and test sets.
 
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::{Array3, Array4, ArrayView4, Axis};
+use ndarray::{Array3, Array4, Axis};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -13,111 +12,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{self, CaseEntry};
-use crate::config::{IntensityConfig, RunConfig};
+use crate::config::{DataFormat, IntensityConfig, IntensityScheme, RunConfig};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::io;
 use crate::transforms::intensity::{normalize_channels, Normalization};
-use crate::transforms::spatial::{
-    crop, cropped_geometry, nonzero_box, resample_labels_onto, resample_linear, resample_nearest,
-    resampled_geometry, Orientation,
-};
+pub use crate::transforms::preprocessing::{SpatialPlan, SpatialResult};
+use crate::transforms::spatial::{resample_labels_onto, Orientation};
 
 /// Largest affine difference (mm) at which a label map counts as on its image's grid.
 pub const GRID_TOLERANCE_MM: f64 = 1e-3;
 /// Foreground voxels kept per class for oversampling (nnU-Net keeps 10,000).
 const FOREGROUND_SAMPLES: usize = 10_000;
-
-/// The spatial half of preprocessing: reorient to RAS, resample to `spacing`, crop to non-zero.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpatialPlan {
-    /// Target spacing along the (reoriented) voxel axes `i, j, k`, mm.
-    pub spacing: [f64; 3],
-    pub reorient: bool,
-    pub crop_to_nonzero: bool,
-}
-
-/// A scan after [`SpatialPlan::apply`]: voxels `[c, k, j, i]` on `geometry`, and where they came
-/// from, so predictions can be mapped back.
-#[derive(Debug, Clone)]
-pub struct SpatialResult {
-    pub image: Array4<f32>,
-    pub label: Option<Array3<u8>>,
-    pub geometry: Geometry,
-}
-
-impl SpatialPlan {
-    /// The grid before resampling: the source grid, reoriented if asked.
-    pub fn oriented(&self, source: &Geometry) -> Geometry {
-        if self.reorient {
-            Orientation::of(source).apply_to_geometry(source)
-        } else {
-            source.clone()
-        }
-    }
-
-    /// Applies the plan to an image (and its label map on the same grid).
-    pub fn apply(
-        &self,
-        image: ArrayView4<f32>,
-        label: Option<ArrayView4<u8>>,
-        source: &Geometry,
-    ) -> SpatialResult {
-        // Resample in the source's own axis order first, then reorient the (usually much
-        // smaller) result: the same voxels as the other order, without a full-size copy of a
-        // CT-sized scan. Corner-aligned linear resampling commutes with axis permutations and
-        // flips.
-        let orientation = if self.reorient {
-            Orientation::of(source)
-        } else {
-            Orientation::IDENTITY
-        };
-        let mut source_spacing = [0.0; 3];
-        for w in 0..3 {
-            source_spacing[orientation.axis[w]] = self.spacing[w];
-        }
-        let resampled = resampled_geometry(source, source_spacing);
-        let image = resample_linear(image, source, &resampled);
-        let label = label.map(|l| {
-            resample_nearest(l.index_axis(Axis(0), 0), source, &resampled).insert_axis(Axis(0))
-        });
-        let (image, label, target) = if orientation.is_identity() {
-            (image, label, resampled)
-        } else {
-            (
-                orientation.apply(image.view()),
-                label.map(|l| orientation.apply(l.view())),
-                orientation.apply_to_geometry(&resampled),
-            )
-        };
-        let label = label.map(|l| l.index_axis_move(Axis(0), 0));
-        if self.crop_to_nonzero {
-            if let Some(bbox) = nonzero_box(image.view()) {
-                return crop_all(image, label, &target, &bbox);
-            }
-        }
-        SpatialResult {
-            image,
-            label,
-            geometry: target,
-        }
-    }
-}
-
-fn crop_all(
-    image: Array4<f32>,
-    label: Option<Array3<u8>>,
-    g: &Geometry,
-    bbox: &[Range<usize>; 3],
-) -> SpatialResult {
-    let label =
-        label.map(|l| crop(l.insert_axis(Axis(0)).view(), bbox).index_axis_move(Axis(0), 0));
-    SpatialResult {
-        image: crop(image.view(), bbox),
-        label,
-        geometry: cropped_geometry(g, bbox),
-    }
-}
 
 /// A case ready for patch sampling: normalised image, class labels, and foreground positions.
 #[derive(Debug, Clone)]
@@ -368,7 +274,7 @@ impl CaseCache {
         if let Some(l) = &result.label {
             bytes.extend(l.iter());
         }
-        io::nifti::write_atomically(&path, &bytes)?;
+        io::write_atomically(&path, &bytes)?;
         Ok(result)
     }
 
@@ -431,7 +337,7 @@ impl CaseCache {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        io::nifti::write_atomically(&path, &json)?;
+        io::write_atomically(&path, &json)?;
         Ok(g)
     }
 }
@@ -510,15 +416,15 @@ pub struct Dataset {
 /// Reads the manifest named by `config.data`, fills in what the config leaves to the dataset
 /// (channels, labels, target spacing, intensity statistics: `config` is updated to the resolved
 /// values), checks every case, and prepares the training and validation cases. All problems are
-/// reported together, one line per case.
-pub fn build(config: &mut RunConfig, progress: &indicatif::ProgressBar) -> Result<Dataset> {
+/// reported together, one line per case. `progress(done, total)` follows the case preparation.
+pub fn build(config: &mut RunConfig, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Dataset> {
     let data = &config.data;
-    let (manifest_path, manifest) = match data.format.as_str() {
-        "decathlon" => (
+    let (manifest_path, manifest) = match data.format {
+        DataFormat::Decathlon => (
             data.root.join("dataset.json"),
             manifest::read_decathlon(&data.root)?,
         ),
-        _ => {
+        DataFormat::Csv => {
             let path = data.root.join(&data.manifest);
             let m = manifest::read_csv(&path, &data.root)?;
             (path, m)
@@ -619,13 +525,17 @@ pub fn build(config: &mut RunConfig, progress: &indicatif::ProgressBar) -> Resul
         .chain(&split.validation)
         .filter_map(entry)
         .collect();
-    progress.set_length(wanted.len() as u64);
-    progress.set_message("preparing cases");
+    let total = wanted.len();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    progress(0, total);
     let loaded: Vec<(String, Result<SpatialResult>)> = wanted
         .par_iter()
         .map(|e| {
             let r = cache.load(e, channels, &labels, &plan);
-            progress.inc(1);
+            progress(
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+                total,
+            );
             (e.id.clone(), r)
         })
         .collect();
@@ -653,11 +563,10 @@ pub fn build(config: &mut RunConfig, progress: &indicatif::ProgressBar) -> Resul
             .iter()
             .map(|name| IntensityConfig {
                 scheme: if name.eq_ignore_ascii_case("ct") {
-                    "ct"
+                    IntensityScheme::Ct
                 } else {
-                    "zscore"
-                }
-                .into(),
+                    IntensityScheme::Zscore
+                },
                 ..IntensityConfig::default()
             })
             .collect();

@@ -2,7 +2,8 @@
 
 pub mod batcher;
 pub mod dataset;
-pub mod manifest;
 pub mod sampler;
 
+/// Manifests are part of the on-disk contract and live in `io`; re-exported where datasets use them.
+pub use crate::io::manifest;
 pub use dataset::{build, Dataset, PreparedCase, SpatialPlan};

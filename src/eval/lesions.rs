@@ -5,10 +5,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::infer::postprocess::connected_components;
-
-/// An inclusive voxel bounding box `[[i, j, k], [i, j, k]]`.
-pub type VoxelBox = [[usize; 3]; 2];
+use crate::transforms::post::connected_components;
+pub use crate::transforms::post::VoxelBox;
 
 /// One lesion of a case: a connected component of the truth or the prediction.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -76,21 +74,9 @@ pub fn match_lesions(
     let cp = connected_components(pred, dims);
     let mut overlap: HashMap<(u32, u32), usize> = HashMap::new();
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); cp.count()];
-    let empty_box: VoxelBox = [[usize::MAX; 3], [0; 3]];
-    let mut truth_boxes = vec![empty_box; ct.count()];
-    let mut pred_boxes = vec![empty_box; cp.count()];
-    let [_, nj, ni] = dims;
+    let truth_boxes = ct.boxes(dims);
+    let pred_boxes = cp.boxes(dims);
     for (idx, (&a, &b)) in ct.labels.iter().zip(&cp.labels).enumerate() {
-        let at = [idx % ni, (idx / ni) % nj, idx / (nj * ni)];
-        for (id, boxes) in [(a, &mut truth_boxes), (b, &mut pred_boxes)] {
-            if id > 0 {
-                let bb = &mut boxes[id as usize - 1];
-                for axis in 0..3 {
-                    bb[0][axis] = bb[0][axis].min(at[axis]);
-                    bb[1][axis] = bb[1][axis].max(at[axis]);
-                }
-            }
-        }
         if b > 0 {
             members[b as usize - 1].push(idx);
             if a > 0 {

@@ -13,6 +13,7 @@
 //!   other surface. When either mask is empty, HD95 and ASSD are undefined (NaN) and NSD is 0, or
 //!   NaN when both are empty — MONAI's behaviour. Aggregates skip NaN and report how many.
 
+use crate::transforms::intensity::percentile;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -135,17 +136,6 @@ impl PointTree {
         search(&self.points, 0, q, &mut best);
         best
     }
-}
-
-/// NumPy's default percentile (linear interpolation between closest ranks).
-pub fn percentile(values: &mut [f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = q / 100.0 * (values.len() - 1) as f64;
-    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-    values[lo] + (values[hi] - values[lo]) * (rank - lo as f64)
 }
 
 /// All metrics of one class: `truth` and `pred` are binary masks on a `[nk, nj, ni]` grid with

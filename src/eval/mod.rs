@@ -12,8 +12,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{load_layered, section, ConfigFile};
 use crate::error::{Error, Result};
-use crate::io::read_nifti;
+use crate::io::layout::{case_name, CaseOutputs, Lesion, LesionTable, SynthLesion, SynthLesions};
+use crate::io::nifti::is_nifti_path;
+use crate::io::plot::overlay_tile;
+use crate::io::{read_json, read_nifti};
+use crate::transforms::intensity::display_window;
 use crate::volume::Volume;
 use lesions::{match_lesions, LesionGrid, LesionMatch, VoxelBox};
 use metrics::{class_metrics, ClassMetrics};
@@ -54,21 +59,47 @@ impl Default for EvalConfig {
     }
 }
 
-impl EvalConfig {
-    /// Reads the `[evaluate]` table of a TOML file (or the whole file when it has none).
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: toml::Value = toml::from_str(&text).map_err(|e| Error::Config {
-            reason: format!("{}: {e}", path.display()),
-        })?;
-        let table = value.get("evaluate").cloned().unwrap_or(value);
-        table
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config {
-                reason: format!("{}: {e}", path.display()),
-            })
+/// An evaluation config file: an `[evaluate]` table, layered like every config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalFile {
+    /// The settings.
+    #[serde(default)]
+    pub evaluate: EvalConfig,
+}
+
+impl ConfigFile for EvalFile {
+    const SECTIONS: &'static [&'static str] = &["evaluate"];
+
+    fn from_sections(table: &mut toml::Table, origin: &str) -> Result<Self> {
+        Ok(EvalFile {
+            evaluate: section(table, "evaluate", origin)?,
+        })
     }
 
+    fn validate(&self, origin: &str) -> Result<()> {
+        let e = &self.evaluate;
+        let sorted = e.volume_bins_mm3.windows(2).all(|w| w[0] < w[1]);
+        if !(e.nsd_tolerance_mm >= 0.0
+            && (0.0..1.0).contains(&e.lesion_iou_threshold)
+            && e.grid_tolerance_mm >= 0.0
+            && sorted)
+        {
+            return Err(Error::Config {
+                reason: format!("{origin}: [evaluate] nsd_tolerance_mm and grid_tolerance_mm must be >= 0, lesion_iou_threshold in [0, 1) and volume_bins_mm3 increasing"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl EvalConfig {
+    /// Reads the `[evaluate]` table of a TOML file (see [`EvalFile`]).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        load_layered::<EvalFile>(Some(path), &[]).map(|f| f.evaluate)
+    }
+
+    /// The name of class `class`.
     pub fn label_name(&self, class: u32) -> String {
         self.labels
             .get(class as usize)
@@ -96,20 +127,11 @@ pub struct CasePair {
     pub pred: Option<PathBuf>,
 }
 
-/// Case name of a NIfTI path: the file name without `.nii` / `.nii.gz`.
-pub fn case_name(path: &Path) -> Option<String> {
-    let name = path.file_name()?.to_string_lossy().to_string();
-    let stem = name
-        .strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))?;
-    Some(stem.to_string())
-}
-
 fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && case_name(p).is_some())
+        .filter(|p| p.is_file() && is_nifti_path(p))
         .collect();
     files.sort();
     Ok(files)
@@ -126,28 +148,25 @@ pub fn pair_cases(pred_dir: &Path, truth_dir: &Path) -> Result<(Vec<CasePair>, V
         });
     }
     let preds = nifti_files(pred_dir)?;
-    let truth_names: BTreeSet<String> = truth.iter().filter_map(|p| case_name(p)).collect();
+    let truth_names: BTreeSet<String> = truth.iter().map(|p| case_name(p)).collect();
     let pairs = truth
         .iter()
-        .filter_map(|t| {
-            let case = case_name(t)?;
-            let pred = preds
-                .iter()
-                .find(|p| case_name(p).as_deref() == Some(case.as_str()))
-                .cloned();
-            Some(CasePair {
+        .map(|t| {
+            let case = case_name(t);
+            let pred = preds.iter().find(|p| case_name(p) == case).cloned();
+            CasePair {
                 case,
                 truth: t.clone(),
                 pred,
-            })
+            }
         })
         .collect();
     // Sidecars of medseg segment (probabilities) are not cases of their own.
     let unmatched = preds
         .into_iter()
         .filter(|p| {
-            let name = case_name(p).unwrap_or_default();
-            !truth_names.contains(&name) && !name.ends_with("_probabilities")
+            let name = case_name(p);
+            !truth_names.contains(&name) && !CaseOutputs::is_sidecar(&name)
         })
         .collect();
     Ok((pairs, unmatched))
@@ -171,60 +190,27 @@ fn labels_of(v: &Volume) -> Vec<u32> {
         .collect()
 }
 
-/// One row of a lesion table beside a prediction (`CASE_lesions.json`, as `medseg segment` writes
-/// it): `{"lesions": [{"class": 1, "bbox_voxel": [[i0, j0, k0], [i1, j1, k1]], "confidence": 0.9}]}`
-/// with an inclusive voxel bounding box; `max_probability` stands in when `confidence` is absent.
-#[derive(Debug, Clone, Deserialize)]
-pub struct LesionTableRow {
-    pub class: u32,
-    pub bbox_voxel: [[usize; 3]; 2],
-    #[serde(default)]
-    pub confidence: Option<f64>,
-    #[serde(default)]
-    pub max_probability: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct LesionTable {
-    lesions: Vec<LesionTableRow>,
-}
-
-fn lesion_table(pair: &CasePair) -> Result<Option<Vec<LesionTableRow>>> {
+/// The lesion table beside a prediction (`CASE_lesions.json`, as `medseg segment` writes it, or
+/// another tool's with only `class`, `bbox_voxel` and `confidence`).
+fn lesion_table(pair: &CasePair) -> Result<Option<Vec<Lesion>>> {
     let Some(dir) = pair.pred.as_ref().and_then(|p| p.parent()) else {
         return Ok(None);
     };
-    let path = dir.join(format!("{}_lesions.json", pair.case));
+    let path = CaseOutputs::new(dir, &pair.case, false, false).lesions_json;
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let table: LesionTable = serde_json::from_str(&text).map_err(|e| Error::Config {
-        reason: format!("{}: not a lesion table: {e}", path.display()),
-    })?;
-    Ok(Some(table.lesions))
-}
-
-/// A lesion as `medseg synth` records it in `lesions.json` (other fields are ignored).
-#[derive(Debug, Clone, Deserialize)]
-pub struct SynthLesion {
-    pub case: String,
-    pub bbox_voxel: VoxelBox,
-    pub contrast_to_noise: f64,
-}
-
-#[derive(Deserialize)]
-struct SynthLesions {
-    lesions: Vec<SynthLesion>,
+    Ok(Some(read_json::<LesionTable>(&path)?.lesions))
 }
 
 /// The synthetic lesions of a dataset whose label maps are in `truth_dir`: `lesions.json` beside
 /// `labelsTs/` (or `labelsTr/`), as `medseg synth` writes it. `None` when there is none or it is
 /// another kind of file.
 pub fn synth_lesions(truth_dir: &Path) -> Option<Vec<SynthLesion>> {
-    let path = truth_dir.parent()?.join("lesions.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str::<SynthLesions>(&text)
-        .ok()
+    let path = SynthLesions::path(truth_dir.parent()?);
+    path.is_file()
+        .then(|| read_json::<SynthLesions>(&path).ok())
+        .flatten()
         .map(|l| l.lesions)
 }
 
@@ -248,10 +234,7 @@ pub fn attach_contrast_to_noise(m: &mut LesionMatch, synth: &[SynthLesion]) {
 fn confidence_source(pair: &CasePair, dims: [usize; 3]) -> Option<Vec<f32>> {
     let pred = pair.pred.as_ref()?;
     let dir = pred.parent()?;
-    let path = [".nii.gz", ".nii"]
-        .iter()
-        .map(|ext| dir.join(format!("{}_probabilities{ext}", pair.case)))
-        .find(|p| p.exists())?;
+    let path = CaseOutputs::new(dir, &pair.case, true, false).probabilities?;
     let prob = read_nifti(&path).ok()?;
     let g = prob.geometry.dims;
     ([g[2], g[1], g[0]] == dims).then(|| prob.voxels.iter().copied().collect())
@@ -310,7 +293,12 @@ pub fn evaluate_case(
             let row = rows
                 .iter()
                 .find(|r| r.class == class && r.bbox_voxel == bbox);
-            if let Some(c) = row.and_then(|r| r.confidence.or(r.max_probability)) {
+            // Another tool's table may carry only a maximum probability.
+            let confidence = |r: &Lesion| {
+                r.confidence
+                    .or((r.max_probability > 0.0).then_some(r.max_probability))
+            };
+            if let Some(c) = row.and_then(confidence) {
                 return c;
             }
         }
@@ -355,4 +343,103 @@ pub fn evaluate_case(
         }
     }
     Ok(result)
+}
+
+/// Evaluates every pair in order; a case that fails is recorded with its reason and the others go
+/// on. `on_case(case, error)` is called after each.
+pub fn evaluate_cases(
+    pairs: &[CasePair],
+    config: &EvalConfig,
+    synth: Option<&[SynthLesion]>,
+    on_case: &mut dyn FnMut(&str, Option<&Error>),
+) -> (Vec<CaseResult>, Vec<(String, String)>) {
+    let mut results = Vec::new();
+    let mut failed = Vec::new();
+    for pair in pairs {
+        match evaluate_case(pair, config, synth) {
+            Ok(r) => {
+                on_case(&pair.case, None);
+                results.push(r);
+            }
+            Err(e) => {
+                on_case(&pair.case, Some(&e));
+                failed.push((pair.case.clone(), e.to_string()));
+            }
+        }
+    }
+    (results, failed)
+}
+
+/// The scan of a case for its overlay: `CASE_0000` or `CASE` (`.nii.gz`, `.nii`) in `images`.
+fn case_scan(images: &Path, case: &str) -> Option<PathBuf> {
+    [
+        format!("{case}_0000.nii.gz"),
+        format!("{case}.nii.gz"),
+        format!("{case}_0000.nii"),
+        format!("{case}.nii"),
+    ]
+    .iter()
+    .map(|n| images.join(n))
+    .find(|p| p.exists())
+}
+
+/// The overlay tile of a case: the slice where truth and prediction disagree most, on its scan
+/// from `images` when one is there on the same grid, else on black.
+fn worst_tile(r: &CaseResult, pair: &CasePair, images: Option<&Path>) -> Option<image::RgbImage> {
+    let t = read_nifti(&pair.truth).ok()?;
+    let truth_fg: Vec<bool> = t.voxels.iter().map(|&v| v > 0.0).collect();
+    let pred_fg: Vec<bool> = match &pair.pred {
+        Some(p) => read_nifti(p)
+            .ok()?
+            .voxels
+            .iter()
+            .map(|&v| v > 0.0)
+            .collect(),
+        None => vec![false; truth_fg.len()],
+    };
+    let [nk, nj, ni] = r.dims;
+    let plane = nj * ni;
+    let k = (0..nk).max_by_key(|&k| {
+        (k * plane..(k + 1) * plane)
+            .filter(|&x| truth_fg[x] != pred_fg[x])
+            .count()
+    })?;
+    let scan: Option<Vec<f32>> = images
+        .and_then(|dir| case_scan(dir, &r.case))
+        .and_then(|p| read_nifti(&p).ok())
+        .filter(|v| v.geometry.dims == t.geometry.dims)
+        .map(|v| {
+            v.voxels
+                .index_axis(ndarray::Axis(0), 0)
+                .iter()
+                .copied()
+                .collect()
+        });
+    let scan = scan.as_deref().map(|s| {
+        let window = display_window(&s[k * plane..(k + 1) * plane]);
+        (s, window)
+    });
+    Some(overlay_tile(scan, &truth_fg, &pred_fg, r.dims, k))
+}
+
+/// Overlay tiles of the `n` worst cases by mean Dice over classes (see [`report::ReportInputs`]).
+pub fn worst_case_tiles(
+    results: &[CaseResult],
+    pairs: &[CasePair],
+    images: Option<&Path>,
+    n: usize,
+) -> Vec<(String, image::RgbImage)> {
+    let mean_dice = |r: &CaseResult| {
+        r.classes.iter().map(|(_, m)| m.dice).sum::<f64>() / r.classes.len().max(1) as f64
+    };
+    let mut order: Vec<&CaseResult> = results.iter().collect();
+    order.sort_by(|a, b| mean_dice(a).total_cmp(&mean_dice(b)));
+    order
+        .into_iter()
+        .take(n)
+        .filter_map(|r| {
+            let pair = pairs.iter().find(|p| p.case == r.case)?;
+            Some((r.case.clone(), worst_tile(r, pair, images)?))
+        })
+        .collect()
 }

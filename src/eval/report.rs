@@ -6,13 +6,13 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use plotters::prelude::*;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use super::lesions::{detection_scores, froc, LesionRecord, FROC_FP_RATES};
 use super::{CaseResult, EvalConfig};
 use crate::error::{Error, Result};
-use crate::io::nifti::write_atomically;
-use crate::train::curves::plot_err;
+use crate::io::plot::{plot_err, register_font, save_montage};
+use crate::io::{write_atomically, write_json_atomically};
 
 /// Lower edges of the contrast-to-noise bins for synthetic lesions (medseg synth labels none below 1).
 const CNR_BINS: [f64; 4] = [1.0, 3.0, 10.0, 30.0];
@@ -55,18 +55,171 @@ fn num(v: f64) -> String {
     }
 }
 
-/// Mean, standard deviation, median over the finite values, and how many were NaN.
-fn stats(values: &[f64]) -> Value {
-    let mut finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    let n = finite.len();
-    let nan = values.len() - n;
-    if n == 0 {
-        return json!({ "mean": null, "std": null, "median": null, "n": 0, "nan": nan });
+/// Mean, standard deviation and median over the finite values of a metric, and how many were NaN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// `None` when no value was finite.
+    pub mean: Option<f64>,
+    /// Population standard deviation.
+    pub std: Option<f64>,
+    /// Median.
+    pub median: Option<f64>,
+    /// Finite values.
+    pub n: usize,
+    /// NaN values (e.g. HD95 with an empty mask).
+    pub nan: usize,
+}
+
+impl Stats {
+    fn of(values: &[f64]) -> Stats {
+        let mut finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        let n = finite.len();
+        let nan = values.len() - n;
+        if n == 0 {
+            return Stats {
+                mean: None,
+                std: None,
+                median: None,
+                n,
+                nan,
+            };
+        }
+        let mean = finite.iter().sum::<f64>() / n as f64;
+        let std = (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        let median = crate::transforms::intensity::percentile(&mut finite, 50.0);
+        Stats {
+            mean: Some(mean),
+            std: Some(std),
+            median: Some(median),
+            n,
+            nan,
+        }
     }
-    let mean = finite.iter().sum::<f64>() / n as f64;
-    let std = (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
-    let median = super::metrics::percentile(&mut finite, 50.0);
-    json!({ "mean": mean, "std": std, "median": median, "n": n, "nan": nan })
+}
+
+/// `summary.json`: everything `medseg evaluate` concluded, by class. Maps are keyed by label
+/// value (written as JSON strings, read back as numbers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    /// Cases evaluated.
+    pub cases: usize,
+    /// Cases that could not be evaluated.
+    pub failed_cases: Vec<FailedCase>,
+    /// Truth cases without a prediction (counted as empty).
+    pub missing_predictions: Vec<String>,
+    /// Predictions without truth.
+    pub unmatched_predictions: Vec<std::path::PathBuf>,
+    /// The settings used.
+    pub settings: EvalConfig,
+    /// How empty masks are scored.
+    pub conventions: String,
+    /// Overlap and surface metrics per class.
+    pub classes: BTreeMap<u32, ClassSummary>,
+    /// Lesion-wise detection per class.
+    pub lesions: BTreeMap<u32, LesionSummary>,
+}
+
+/// A case that could not be evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedCase {
+    /// The case name.
+    pub case: String,
+    /// Why.
+    pub error: String,
+}
+
+/// One class's metrics over cases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassSummary {
+    /// The class name.
+    pub label: String,
+    /// Metric statistics by metric name (`dice`, `iou`, …, `hd95_mm`, `assd_mm`, `nsd`).
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, Stats>,
+}
+
+impl ClassSummary {
+    /// The mean of metric `name`, if any value was finite.
+    pub fn mean(&self, name: &str) -> Option<f64> {
+        self.metrics.get(name).and_then(|s| s.mean)
+    }
+}
+
+/// One class's lesion detection, pooled over cases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LesionSummary {
+    /// The class name.
+    pub label: String,
+    /// Truth lesions.
+    pub truth_lesions: usize,
+    /// Predicted lesions.
+    pub pred_lesions: usize,
+    /// Detected truth lesions.
+    pub tp: usize,
+    /// Unmatched predicted lesions.
+    pub fp: usize,
+    /// Missed truth lesions.
+    #[serde(rename = "fn")]
+    pub fn_: usize,
+    /// TP / (TP + FN); NaN (null) without truth lesions.
+    pub sensitivity: f64,
+    /// TP / (TP + FP).
+    pub precision: f64,
+    /// Harmonic mean of the two.
+    pub f1: f64,
+    /// Dice of the detected lesions.
+    pub lesion_dice: Stats,
+    /// The FROC curve.
+    pub froc: FrocSummary,
+    /// Detection by lesion volume.
+    pub by_volume: Vec<VolumeBin>,
+    /// Detection by contrast-to-noise ratio (synthetic lesions).
+    pub by_contrast_to_noise: Vec<ContrastBin>,
+}
+
+/// FROC: sensitivity at fixed false positives per scan, their average, and the whole curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrocSummary {
+    /// The operating points, FP per scan.
+    pub fp_per_scan: Vec<f64>,
+    /// Sensitivity at each.
+    pub sensitivity: Vec<f64>,
+    /// Their mean.
+    pub average: f64,
+    /// `[fp_per_scan, sensitivity]` over confidence thresholds.
+    pub curve: Vec<[f64; 2]>,
+}
+
+/// Detection within one lesion-volume bin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeBin {
+    /// e.g. `65-524 mm3`.
+    pub bin: String,
+    /// Truth lesions in the bin.
+    pub truth_lesions: usize,
+    /// Of which detected.
+    pub detected: usize,
+    /// Their share.
+    pub sensitivity: f64,
+    /// Predicted lesions in the bin.
+    pub pred_lesions: usize,
+    /// Of which unmatched.
+    pub false_positives: usize,
+    /// Matched share.
+    pub precision: f64,
+}
+
+/// Detection within one contrast-to-noise bin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContrastBin {
+    /// e.g. `3-10`.
+    pub bin: String,
+    /// Truth lesions in the bin.
+    pub truth_lesions: usize,
+    /// Of which detected.
+    pub detected: usize,
+    /// Their share.
+    pub sensitivity: f64,
 }
 
 /// Everything `write_report` needs besides the per-case results.
@@ -76,12 +229,12 @@ pub struct ReportInputs<'a> {
     /// Cases that could not be evaluated, with the reason.
     pub failed: &'a [(String, String)],
     pub unmatched_predictions: &'a [std::path::PathBuf],
-    /// Overlay tiles of the worst cases, already rendered (see [`overlay_tile`]).
+    /// Overlay tiles of the worst cases, already rendered (see [`crate::io::plot::overlay_tile`]).
     pub worst_tiles: Vec<(String, image::RgbImage)>,
 }
 
 /// Builds `summary.json`'s content.
-pub fn summarize(inp: &ReportInputs) -> Value {
+pub fn summarize(inp: &ReportInputs) -> EvalSummary {
     let cfg = inp.config;
     let mut classes = BTreeMap::new();
     let mut per_class: BTreeMap<u32, Vec<[f64; 11]>> = BTreeMap::new();
@@ -91,13 +244,21 @@ pub fn summarize(inp: &ReportInputs) -> Value {
         }
     }
     for (c, rows) in &per_class {
-        let mut entry = serde_json::Map::new();
-        entry.insert("label".into(), json!(cfg.label_name(*c)));
-        for (i, name) in METRICS.iter().enumerate() {
-            let values: Vec<f64> = rows.iter().map(|r| r[i]).collect();
-            entry.insert((*name).into(), stats(&values));
-        }
-        classes.insert(c.to_string(), Value::Object(entry));
+        let metrics = METRICS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let values: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+                (name.to_string(), Stats::of(&values))
+            })
+            .collect();
+        classes.insert(
+            *c,
+            ClassSummary {
+                label: cfg.label_name(*c),
+                metrics,
+            },
+        );
     }
     let mut lesions = BTreeMap::new();
     let scans = inp.results.len();
@@ -144,10 +305,15 @@ pub fn summarize(inp: &ReportInputs) -> Value {
             let false_pos = p.iter().filter(|l| l.matched.is_none()).count();
             let (sens, _, _) = detection_scores(detected, 0, t.len() - detected);
             let (_, prec, _) = detection_scores(p.len() - false_pos, false_pos, 0);
-            bins.push(json!({
-                "bin": bin, "truth_lesions": t.len(), "detected": detected, "sensitivity": sens,
-                "pred_lesions": p.len(), "false_positives": false_pos, "precision": prec,
-            }));
+            bins.push(VolumeBin {
+                bin: bin.clone(),
+                truth_lesions: t.len(),
+                detected,
+                sensitivity: sens,
+                pred_lesions: p.len(),
+                false_positives: false_pos,
+                precision: prec,
+            });
         }
         // Synthetic truth lesions (lesions.json beside the labels): sensitivity by contrast-to-noise.
         let mut by_cnr = Vec::new();
@@ -165,38 +331,60 @@ pub fn summarize(inp: &ReportInputs) -> Value {
                 } else {
                     format!(">={lo}")
                 };
-                by_cnr.push(json!({
-                    "bin": bin, "truth_lesions": t.len(), "detected": detected, "sensitivity": sens,
-                }));
+                by_cnr.push(ContrastBin {
+                    bin,
+                    truth_lesions: t.len(),
+                    detected,
+                    sensitivity: sens,
+                });
             }
         }
         lesions.insert(
-            c.to_string(),
-            json!({
-                "label": cfg.label_name(*c),
-                "truth_lesions": truth.len(), "pred_lesions": pred.len(),
-                "tp": tp, "fp": fp, "fn": fn_,
-                "sensitivity": sensitivity, "precision": precision, "f1": f1,
-                "lesion_dice": stats(&dices),
-                "froc": {
-                    "fp_per_scan": FROC_FP_RATES, "sensitivity": at, "average": average,
-                    "curve": curve.iter().map(|(f, s)| [*f, *s]).collect::<Vec<_>>(),
+            *c,
+            LesionSummary {
+                label: cfg.label_name(*c),
+                truth_lesions: truth.len(),
+                pred_lesions: pred.len(),
+                tp,
+                fp,
+                fn_,
+                sensitivity,
+                precision,
+                f1,
+                lesion_dice: Stats::of(&dices),
+                froc: FrocSummary {
+                    fp_per_scan: FROC_FP_RATES.to_vec(),
+                    sensitivity: at.to_vec(),
+                    average,
+                    curve: curve.iter().map(|(f, s)| [*f, *s]).collect(),
                 },
-                "by_volume": bins,
-                "by_contrast_to_noise": by_cnr,
-            }),
+                by_volume: bins,
+                by_contrast_to_noise: by_cnr,
+            },
         );
     }
-    json!({
-        "cases": inp.results.len(),
-        "failed_cases": inp.failed.iter().map(|(c, e)| json!({"case": c, "error": e})).collect::<Vec<_>>(),
-        "missing_predictions": inp.results.iter().filter(|r| r.missing_prediction).map(|r| &r.case).collect::<Vec<_>>(),
-        "unmatched_predictions": inp.unmatched_predictions,
-        "settings": inp.config,
-        "conventions": "overlap metrics: Metrics Reloaded (both empty = 1, one empty = 0); surface metrics: MONAI (NaN if either mask is empty; NSD 0 if exactly one is empty); aggregates skip NaN and count them",
-        "classes": classes,
-        "lesions": lesions,
-    })
+    EvalSummary {
+        cases: inp.results.len(),
+        failed_cases: inp
+            .failed
+            .iter()
+            .map(|(case, error)| FailedCase {
+                case: case.clone(),
+                error: error.clone(),
+            })
+            .collect(),
+        missing_predictions: inp
+            .results
+            .iter()
+            .filter(|r| r.missing_prediction)
+            .map(|r| r.case.clone())
+            .collect(),
+        unmatched_predictions: inp.unmatched_predictions.to_vec(),
+        settings: inp.config.clone(),
+        conventions: "overlap metrics: Metrics Reloaded (both empty = 1, one empty = 0); surface metrics: MONAI (NaN if either mask is empty; NSD 0 if exactly one is empty); aggregates skip NaN and count them".into(),
+        classes,
+        lesions,
+    }
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
@@ -204,7 +392,7 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Writes every output into `dir`.
-pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<Value> {
+pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<EvalSummary> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg = inp.config;
     // per_case.csv
@@ -256,8 +444,7 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<Value> {
     }
     write_text(&dir.join("per_lesion.csv"), &csv)?;
     let summary = summarize(inp);
-    let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    write_text(&dir.join("summary.json"), &json)?;
+    write_json_atomically(&dir.join("summary.json"), &summary)?;
     plot_dice(inp, &dir.join("dice_per_class.png"))?;
     plot_froc(&summary, &dir.join("froc.png"))?;
     let montage = !inp.worst_tiles.is_empty();
@@ -268,109 +455,98 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<Value> {
     Ok(summary)
 }
 
-fn f(v: &Value) -> String {
-    v.as_f64().map_or("-".into(), |x| format!("{x:.3}"))
+/// Three decimals, or `-` for a missing or non-finite value.
+fn f(v: impl Into<Option<f64>>) -> String {
+    v.into()
+        .filter(|x| x.is_finite())
+        .map_or("-".into(), |x| format!("{x:.3}"))
 }
 
-fn markdown(s: &Value, montage: bool) -> String {
+fn markdown(s: &EvalSummary, montage: bool) -> String {
     let mut md = String::from("# Evaluation report\n\n");
-    let _ = writeln!(
-        md,
-        "{} cases. {}\n",
-        s["cases"],
-        s["conventions"].as_str().unwrap_or_default()
-    );
-    let missing = s["missing_predictions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if !missing.is_empty() {
-        let names: Vec<String> = missing
-            .iter()
-            .map(|m| m.as_str().unwrap_or_default().to_string())
-            .collect();
+    let _ = writeln!(md, "{} cases. {}\n", s.cases, s.conventions);
+    if !s.missing_predictions.is_empty() {
         let _ = writeln!(
             md,
             "**Missing predictions (counted as empty):** {}\n",
-            names.join(", ")
+            s.missing_predictions.join(", ")
         );
     }
-    for fc in s["failed_cases"].as_array().cloned().unwrap_or_default() {
-        let _ = writeln!(md, "**Failed:** {}: {}\n", fc["case"], fc["error"]);
+    for fc in &s.failed_cases {
+        let _ = writeln!(md, "**Failed:** {}: {}\n", fc.case, fc.error);
     }
     md.push_str("## Per class (mean ± std over cases)\n\n| class | Dice | IoU | precision | recall | HD95 mm | ASSD mm | NSD | rel. vol. diff |\n|---|---|---|---|---|---|---|---|---|\n");
-    if let Some(classes) = s["classes"].as_object() {
-        for (c, e) in classes {
-            let ms = |k: &str| format!("{} ± {}", f(&e[k]["mean"]), f(&e[k]["std"]));
+    for (c, e) in &s.classes {
+        let ms = |k: &str| {
+            let st = e.metrics.get(k);
+            format!(
+                "{} ± {}",
+                f(st.and_then(|s| s.mean)),
+                f(st.and_then(|s| s.std))
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {c} {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            e.label,
+            ms("dice"),
+            ms("iou"),
+            ms("precision"),
+            ms("recall"),
+            ms("hd95_mm"),
+            ms("assd_mm"),
+            ms("nsd"),
+            ms("relative_volume_difference"),
+        );
+    }
+    md.push_str("\n![Dice per class](dice_per_class.png)\n\n## Lesions (pooled over cases)\n\n| class | truth | pred | TP | FP | FN | sensitivity | precision | F1 | lesion Dice | FROC average |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (c, e) in &s.lesions {
+        let _ = writeln!(
+            md,
+            "| {c} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            e.label,
+            e.truth_lesions,
+            e.pred_lesions,
+            e.tp,
+            e.fp,
+            e.fn_,
+            f(e.sensitivity),
+            f(e.precision),
+            f(e.f1),
+            f(e.lesion_dice.mean),
+            f(e.froc.average),
+        );
+    }
+    for (c, e) in &s.lesions {
+        if e.by_contrast_to_noise.is_empty() {
+            continue;
+        }
+        let _ = writeln!(md, "\n### Class {c} by contrast-to-noise ratio (synthetic lesions)\n\n| CNR | truth | detected | sensitivity |\n|---|---|---|---|");
+        for b in &e.by_contrast_to_noise {
             let _ = writeln!(
                 md,
-                "| {c} {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                e["label"].as_str().unwrap_or_default(),
-                ms("dice"),
-                ms("iou"),
-                ms("precision"),
-                ms("recall"),
-                ms("hd95_mm"),
-                ms("assd_mm"),
-                ms("nsd"),
-                ms("relative_volume_difference"),
+                "| {} | {} | {} | {} |",
+                b.bin,
+                b.truth_lesions,
+                b.detected,
+                f(b.sensitivity)
             );
         }
     }
-    md.push_str("\n![Dice per class](dice_per_class.png)\n\n## Lesions (pooled over cases)\n\n| class | truth | pred | TP | FP | FN | sensitivity | precision | F1 | lesion Dice | FROC average |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
-    if let Some(lesions) = s["lesions"].as_object() {
-        for (c, e) in lesions {
+    for (c, e) in &s.lesions {
+        let _ = writeln!(md, "\n### Class {c} by lesion volume\n\n| volume | truth | detected | sensitivity | pred | FP | precision |\n|---|---|---|---|---|---|---|");
+        for b in &e.by_volume {
             let _ = writeln!(
                 md,
-                "| {c} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                e["label"].as_str().unwrap_or_default(),
-                e["truth_lesions"],
-                e["pred_lesions"],
-                e["tp"],
-                e["fp"],
-                e["fn"],
-                f(&e["sensitivity"]),
-                f(&e["precision"]),
-                f(&e["f1"]),
-                f(&e["lesion_dice"]["mean"]),
-                f(&e["froc"]["average"]),
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                b.bin,
+                b.truth_lesions,
+                b.detected,
+                f(b.sensitivity),
+                b.pred_lesions,
+                b.false_positives,
+                f(b.precision)
             );
-        }
-        for (c, e) in lesions {
-            let cnr = e["by_contrast_to_noise"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if cnr.is_empty() {
-                continue;
-            }
-            let _ = writeln!(md, "\n### Class {c} by contrast-to-noise ratio (synthetic lesions)\n\n| CNR | truth | detected | sensitivity |\n|---|---|---|---|");
-            for b in cnr {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} |",
-                    b["bin"].as_str().unwrap_or_default(),
-                    b["truth_lesions"],
-                    b["detected"],
-                    f(&b["sensitivity"])
-                );
-            }
-        }
-        for (c, e) in lesions {
-            let _ = writeln!(md, "\n### Class {c} by lesion volume\n\n| volume | truth | detected | sensitivity | pred | FP | precision |\n|---|---|---|---|---|---|---|");
-            for b in e["by_volume"].as_array().cloned().unwrap_or_default() {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {} | {} | {} |",
-                    b["bin"].as_str().unwrap_or_default(),
-                    b["truth_lesions"],
-                    b["detected"],
-                    f(&b["sensitivity"]),
-                    b["pred_lesions"],
-                    b["false_positives"],
-                    f(&b["precision"])
-                );
-            }
         }
     }
     md.push_str("\n![FROC](froc.png)\n");
@@ -382,7 +558,7 @@ fn markdown(s: &Value, montage: bool) -> String {
 
 /// Box plot of per-case Dice for each class.
 fn plot_dice(inp: &ReportInputs, path: &Path) -> Result<()> {
-    crate::train::curves::register_font();
+    register_font();
     let mut per_class: BTreeMap<u32, Vec<f32>> = BTreeMap::new();
     for r in inp.results {
         for (c, m) in &r.classes {
@@ -428,8 +604,8 @@ fn plot_dice(inp: &ReportInputs, path: &Path) -> Result<()> {
 }
 
 /// FROC curve of each lesion class, with the operating points read at the standard FP rates.
-fn plot_froc(summary: &Value, path: &Path) -> Result<()> {
-    crate::train::curves::register_font();
+fn plot_froc(summary: &EvalSummary, path: &Path) -> Result<()> {
+    register_font();
     let tmp = path.with_extension("tmp.png");
     {
         let root = BitMapBackend::new(&tmp, (640, 420)).into_drawing_area();
@@ -448,32 +624,27 @@ fn plot_froc(summary: &Value, path: &Path) -> Result<()> {
             .draw()
             .map_err(|e| plot_err(path, e))?;
         let palette = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
-        if let Some(lesions) = summary["lesions"].as_object() {
-            // At most the 8 classes with the most truth lesions, so the legend stays readable.
-            let mut shown: Vec<(&String, &Value)> = lesions.iter().collect();
-            shown.sort_by_key(|(_, e)| std::cmp::Reverse(e["truth_lesions"].as_u64().unwrap_or(0)));
-            shown.truncate(8);
-            for (n, (c, e)) in shown.into_iter().enumerate() {
-                let color = palette[n % palette.len()];
-                let points: Vec<(f64, f64)> = e["froc"]["curve"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|p| Some((p[0].as_f64()?.max(0.1), p[1].as_f64()?)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let _ = c;
-                let label = e["label"].as_str().unwrap_or_default().to_string();
-                chart
-                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                    .map_err(|e| plot_err(path, e))?
-                    .label(label)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-                chart
-                    .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
-                    .map_err(|e| plot_err(path, e))?;
-            }
+        // At most the 8 classes with the most truth lesions, so the legend stays readable.
+        let mut shown: Vec<&LesionSummary> = summary.lesions.values().collect();
+        shown.sort_by_key(|e| std::cmp::Reverse(e.truth_lesions));
+        shown.truncate(8);
+        for (n, e) in shown.into_iter().enumerate() {
+            let color = palette[n % palette.len()];
+            let points: Vec<(f64, f64)> = e
+                .froc
+                .curve
+                .iter()
+                .filter(|p| p[0].is_finite() && p[1].is_finite())
+                .map(|p| (p[0].max(0.1), p[1]))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(|e| plot_err(path, e))?
+                .label(e.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart
+                .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+                .map_err(|e| plot_err(path, e))?;
         }
         chart
             .configure_series_labels()
@@ -484,85 +655,4 @@ fn plot_froc(summary: &Value, path: &Path) -> Result<()> {
         root.present().map_err(|e| plot_err(path, e))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// A tile: the slice `k` of a `[nk, nj, ni]` scan (grey, windowed to its 1st–99th percentile) with
-/// truth (green) and prediction (red) contours, rows flipped so anterior is up for RAS-like grids.
-pub fn overlay_tile(
-    scan: Option<&[f32]>,
-    truth: &[bool],
-    pred: &[bool],
-    dims: [usize; 3],
-    k: usize,
-) -> image::RgbImage {
-    let [_, nj, ni] = dims;
-    let plane = nj * ni;
-    let at = |m: &[bool], j: usize, i: usize| m[k * plane + j * ni + i];
-    let (lo, hi) = match scan {
-        Some(s) => {
-            let mut v: Vec<f64> = s[k * plane..(k + 1) * plane]
-                .iter()
-                .map(|&x| x as f64)
-                .collect();
-            let lo = super::metrics::percentile(&mut v, 1.0);
-            (lo, super::metrics::percentile(&mut v, 99.0).max(lo + 1e-6))
-        }
-        None => (0.0, 1.0),
-    };
-    let edge = |m: &[bool], j: usize, i: usize| {
-        at(m, j, i)
-            && (j == 0
-                || i == 0
-                || j + 1 == nj
-                || i + 1 == ni
-                || !at(m, j - 1, i)
-                || !at(m, j + 1, i)
-                || !at(m, j, i - 1)
-                || !at(m, j, i + 1))
-    };
-    image::RgbImage::from_fn(ni as u32, nj as u32, |x, y| {
-        let (i, j) = (x as usize, nj - 1 - y as usize);
-        if edge(truth, j, i) {
-            return image::Rgb([0, 220, 0]);
-        }
-        if edge(pred, j, i) {
-            return image::Rgb([230, 0, 0]);
-        }
-        let g = match scan {
-            Some(s) => {
-                (((s[k * plane + j * ni + i] as f64 - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0)
-                    as u8
-            }
-            None => 0,
-        };
-        image::Rgb([g, g, g])
-    })
-}
-
-/// Tiles side by side (scaled to a common height), written as PNG.
-pub fn save_montage(tiles: &[(String, image::RgbImage)], path: &Path) -> Result<()> {
-    let height = 256u32;
-    let scaled: Vec<image::RgbImage> = tiles
-        .iter()
-        .map(|(_, t)| {
-            let w = (t.width() as f64 * height as f64 / t.height().max(1) as f64)
-                .round()
-                .max(1.0) as u32;
-            image::imageops::resize(t, w, height, image::imageops::FilterType::Nearest)
-        })
-        .collect();
-    let width = scaled.iter().map(|t| t.width() + 4).sum::<u32>().max(1);
-    let mut out = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    let mut x = 0;
-    for t in &scaled {
-        image::imageops::overlay(&mut out, t, x as i64, 0);
-        x += t.width() + 4;
-    }
-    let mut bytes = Vec::new();
-    out.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| plot_err(path, e))?;
-    write_atomically(path, &bytes)
 }

@@ -2,137 +2,12 @@
 //! removal, keep-largest for organs, and per-lesion measurements in millimetres.
 
 use ndarray::Array3;
-use serde::{Deserialize, Serialize};
 
 use rayon::prelude::*;
 
 use crate::geometry::Geometry;
-
-/// Connected components of a binary mask on a `[nk, nj, ni]` grid (C order, `i` fastest).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Components {
-    /// Per voxel: 0 for background, else the component id `1..=count`, numbered in raster order
-    /// of each component's first voxel.
-    pub labels: Vec<u32>,
-    /// Voxel count of component `id` at index `id - 1`.
-    pub sizes: Vec<usize>,
-}
-
-impl Components {
-    pub fn count(&self) -> usize {
-        self.sizes.len()
-    }
-}
-
-fn find(parent: &mut [u32], mut x: u32) -> u32 {
-    while parent[x as usize] != x {
-        let up = parent[parent[x as usize] as usize];
-        parent[x as usize] = up; // path halving
-        x = up;
-    }
-    x
-}
-
-/// Labels the 26-connected components of `mask` (two-pass union-find: each foreground voxel is
-/// joined with its 13 already-visited neighbours).
-pub fn connected_components(mask: &[bool], dims: [usize; 3]) -> Components {
-    let [nk, nj, ni] = dims;
-    assert_eq!(
-        mask.len(),
-        nk * nj * ni,
-        "mask length does not match the grid {dims:?}"
-    );
-    let mut provisional = vec![0u32; mask.len()];
-    let mut parent: Vec<u32> = vec![0]; // id 0 = background
-                                        // Neighbours before (k, j, i) in raster order: all of slice k-1, the row j-1 of slice k, and
-                                        // (k, j, i-1).
-    let mut offsets: Vec<(isize, isize, isize)> = Vec::with_capacity(13);
-    for dk in -1..=0isize {
-        for dj in -1..=1isize {
-            for di in -1..=1isize {
-                if dk < 0 || dj < 0 || (dj == 0 && di < 0) {
-                    offsets.push((dk, dj, di));
-                }
-            }
-        }
-    }
-    for k in 0..nk {
-        for j in 0..nj {
-            for i in 0..ni {
-                let idx = (k * nj + j) * ni + i;
-                if !mask[idx] {
-                    continue;
-                }
-                let mut root = 0u32;
-                for &(dk, dj, di) in &offsets {
-                    let (kk, jj, ii) = (k as isize + dk, j as isize + dj, i as isize + di);
-                    if kk < 0 || jj < 0 || ii < 0 || jj >= nj as isize || ii >= ni as isize {
-                        continue;
-                    }
-                    let n = provisional[(kk as usize * nj + jj as usize) * ni + ii as usize];
-                    if n == 0 {
-                        continue;
-                    }
-                    let r = find(&mut parent, n);
-                    if root == 0 {
-                        root = r;
-                    } else if r != root {
-                        let (lo, hi) = (root.min(r), root.max(r));
-                        parent[hi as usize] = lo;
-                        root = lo;
-                    }
-                }
-                if root == 0 {
-                    root = parent.len() as u32;
-                    parent.push(root);
-                }
-                provisional[idx] = root;
-            }
-        }
-    }
-    // Second pass: compact ids in order of first appearance.
-    let mut compact = vec![0u32; parent.len()];
-    let mut sizes = Vec::new();
-    for label in provisional.iter_mut() {
-        if *label == 0 {
-            continue;
-        }
-        let r = find(&mut parent, *label) as usize;
-        if compact[r] == 0 {
-            sizes.push(0);
-            compact[r] = sizes.len() as u32;
-        }
-        *label = compact[r];
-        sizes[*label as usize - 1] += 1;
-    }
-    Components {
-        labels: provisional,
-        sizes,
-    }
-}
-
-/// One connected component of a class in a label map, measured on the map's own grid.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Lesion {
-    /// 1-based, in raster order of the lesions' first voxels, class by class.
-    pub id: usize,
-    pub class: u32,
-    pub label: String,
-    pub voxels: usize,
-    pub volume_mm3: f64,
-    /// Mean voxel-centre position, RAS mm.
-    pub centroid_mm: [f64; 3],
-    /// Inclusive voxel bounding box `[[i, j, k] min, [i, j, k] max]`.
-    pub bbox_voxel: [[usize; 3]; 2],
-    /// World bounding box (RAS mm) of the voxel-box corners' centres.
-    pub bbox_mm: [[f64; 3]; 2],
-    /// Longest distance between two voxel centres of the lesion's surface, mm (3D Feret diameter).
-    pub diameter_mm: f64,
-    pub mean_probability: f64,
-    pub max_probability: f64,
-    /// The detection confidence: the lesion's maximum probability.
-    pub confidence: f64,
-}
+pub use crate::io::layout::Lesion;
+use crate::transforms::post::connected_components;
 
 /// What to remove from a label map before measuring its lesions.
 #[derive(Debug, Clone, Default)]
@@ -182,8 +57,6 @@ pub fn extract_lesions(
         // Accumulate each kept component's statistics in one raster pass over the box.
         let n = cc.count();
         let mut sum = vec![[0.0f64; 3]; n];
-        let mut lo = vec![[usize::MAX; 3]; n];
-        let mut hi = vec![[0usize; 3]; n];
         let mut p_sum = vec![0.0f64; n];
         let mut p_max = vec![0.0f32; n];
         let mut surface: Vec<Vec<[usize; 3]>> = vec![Vec::new(); n];
@@ -217,8 +90,6 @@ pub fn extract_lesions(
                     }
                     for (a, x) in [i, j, k].into_iter().enumerate() {
                         sum[c][a] += x as f64;
-                        lo[c][a] = lo[c][a].min(x);
-                        hi[c][a] = hi[c][a].max(x);
                     }
                     let p = probability(class, [k, j, i]);
                     p_sum[c] += p as f64;
@@ -237,13 +108,17 @@ pub fn extract_lesions(
                 }
             }
         }
+        // Component boxes are box-local `[i, j, k]`; shift them onto the full grid.
+        let origin = [bi.start, bj.start, bk.start];
+        let boxes = cc.boxes(box_dims);
         for c in 0..n {
             if !keep[c] {
                 continue;
             }
             let size = cc.sizes[c];
+            let [lo, hi] = boxes[c].map(|corner| [0, 1, 2].map(|a| corner[a] + origin[a]));
             let mean = [0, 1, 2].map(|a| sum[c][a] / size as f64);
-            let corners = corner_extent(geometry, lo[c], hi[c]);
+            let corners = corner_extent(geometry, lo, hi);
             lesions.push(Lesion {
                 id: lesions.len() + 1,
                 class,
@@ -254,12 +129,12 @@ pub fn extract_lesions(
                 voxels: size,
                 volume_mm3: size as f64 * voxel_mm3,
                 centroid_mm: geometry.voxel_to_world(mean),
-                bbox_voxel: [lo[c], hi[c]],
+                bbox_voxel: [lo, hi],
                 bbox_mm: corners,
                 diameter_mm: feret_diameter(geometry, &surface[c]),
                 mean_probability: p_sum[c] / size as f64,
                 max_probability: p_max[c] as f64,
-                confidence: p_max[c] as f64,
+                confidence: Some(p_max[c] as f64),
             });
         }
     }
@@ -360,40 +235,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn diagonal_neighbours_join_and_separate_blobs_stay_apart() {
-        // 3 × 3 × 3: a corner-to-corner diagonal (26-connected only) and an isolated voxel.
-        let mut m = vec![false; 27];
-        m[0] = true; // (0,0,0)
-        m[13] = true; // (1,1,1)
-        m[26] = true; // (2,2,2)
-        m[2] = true; // (0,0,2): touches (1,1,1) diagonally too
-        let c = connected_components(&m, [3, 3, 3]);
-        assert_eq!(c.count(), 1);
-        let mut m = vec![false; 27];
-        m[0] = true;
-        m[2] = true; // (0,0,2) is two voxels away from (0,0,0)
-        let c = connected_components(&m, [3, 3, 3]);
-        assert_eq!(c.sizes, vec![1, 1]);
-        assert_eq!((c.labels[0], c.labels[2]), (1, 2));
-    }
-
-    #[test]
-    fn u_shape_merges_into_one_component() {
-        // Two arms that only meet at the bottom row: union-find must merge their provisional ids.
-        let (nk, nj, ni) = (1, 4, 5);
-        let mut m = vec![false; nk * nj * ni];
-        for j in 0..4 {
-            m[j * ni] = true;
-            m[j * ni + 4] = true;
-        }
-        for i in 0..5 {
-            m[3 * ni + i] = true;
-        }
-        let c = connected_components(&m, [nk, nj, ni]);
-        assert_eq!(c.sizes, vec![11]);
-    }
-
-    #[test]
     fn lesions_are_filtered_and_measured_in_mm() {
         // 2 mm isotropic grid: a 2×2×2 cube (64 mm³) and a single voxel (8 mm³) of class 1, and a
         // 3-voxel row of class 2 next to a 1-voxel speck of class 2.
@@ -432,7 +273,7 @@ mod tests {
         assert_eq!(cube.centroid_mm, [-5.0 + 3.0, 3.0, 3.0]);
         // Opposite corners of the 2×2×2 cube of 2 mm voxels: √(3 · 2²).
         assert!((cube.diameter_mm - 12f64.sqrt()).abs() < 1e-12);
-        assert_eq!((cube.max_probability, cube.confidence), (0.25, 0.25));
+        assert_eq!((cube.max_probability, cube.confidence), (0.25, Some(0.25)));
         let organ = &lesions[1];
         assert_eq!((organ.class, organ.voxels, organ.diameter_mm), (2, 3, 4.0));
         // The small voxel and the smaller organ piece were removed from the map.

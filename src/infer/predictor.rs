@@ -1,18 +1,19 @@
 //! A trained model with its preprocessing, rebuilt from a checkpoint alone, predicting label maps
 //! on the exact grid of the scan they came from.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::{Array3, Array4, Axis};
 
 use super::postprocess::{extract_lesions, Lesion, LesionFilter};
 use super::sliding_window::SlidingWindow;
 use crate::config::RunConfig;
-use crate::data::dataset::SpatialPlan;
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
+use crate::io::layout::Checkpoint;
 use crate::model::HybridSegNet;
-use crate::transforms::intensity::{normalize_channels, Normalization};
+use crate::transforms::post::decide_classes;
+use crate::transforms::preprocessing::Preprocessing;
 use crate::transforms::spatial::{
     apply_affine, nearest_voxel, resample_labels_onto, resample_linear_onto, voxel_map,
 };
@@ -23,8 +24,7 @@ pub struct Predictor {
     pub config: RunConfig,
     pub model: HybridSegNet,
     pub device: burn::prelude::Device,
-    pub plan: SpatialPlan,
-    pub normalization: Vec<Normalization>,
+    pub preprocessing: Preprocessing,
     pub window: SlidingWindow,
     /// Class names, background first.
     pub labels: Vec<String>,
@@ -40,47 +40,22 @@ pub struct Prediction {
     pub grid: Geometry,
 }
 
-/// The checkpoint a path names: a checkpoint directory itself, or a run directory's best
-/// (else last) checkpoint.
-pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
-    if path.join("model.json").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    for name in ["best", "last"] {
-        let dir = path.join("checkpoints").join(name);
-        if dir.join("model.json").is_file() {
-            return Ok(dir);
-        }
-    }
-    Err(Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason: "neither a checkpoint (model.json) nor a run directory with checkpoints/best or checkpoints/last".into(),
-    })
-}
-
 impl Predictor {
-    /// Loads the model and its preprocessing from `path` (see [`checkpoint_dir`]) onto `device`
+    /// Loads the model and its preprocessing from `path` (see [`Checkpoint::find`]) onto `device`
     /// (`cpu`, `wgpu`, `cuda`; default: the one it was trained on). `overrides`
     /// (`segment.key=value`) change the saved config's inference settings.
     pub fn load(path: &Path, device: Option<&str>, overrides: &[String]) -> Result<Self> {
-        let dir = checkpoint_dir(path)?;
-        let config_path = dir.join(crate::config::CONFIG_FILE);
+        let checkpoint = Checkpoint::find(path)?;
+        let dir = checkpoint.dir.clone();
+        let config_path = checkpoint.run_config();
         let config = RunConfig::load(Some(&config_path), overrides)?;
-        let device = crate::model::device(device.unwrap_or(&config.train.device))?;
+        let device = crate::model::device(device.unwrap_or(config.train.device.name()))?;
         let (model_config, model) = crate::model::load(&dir, &device)?;
-        let s = &config.preprocess.spacing;
-        if s.len() != 3 {
-            return Err(Error::Checkpoint {
-                path: config_path,
-                reason: "the saved config has no resolved [preprocess] spacing".into(),
-            });
-        }
-        let normalization = config
-            .preprocess
-            .intensity
-            .iter()
-            .map(|ic| Normalization::resolve(ic, None, config.preprocess.crop_to_nonzero))
-            .collect::<Result<Vec<_>>>()?;
+        let preprocessing =
+            Preprocessing::from_config(&config.preprocess).map_err(|e| Error::Checkpoint {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            })?;
         let p = &model_config.patch_size;
         let window = SlidingWindow {
             window: if p.len() == 3 {
@@ -96,15 +71,10 @@ impl Predictor {
         let mut labels = config.data.labels.clone();
         labels.resize(model_config.num_classes.max(labels.len()), String::new());
         Ok(Predictor {
-            plan: SpatialPlan {
-                spacing: [s[0], s[1], s[2]],
-                reorient: config.preprocess.reorient,
-                crop_to_nonzero: config.preprocess.crop_to_nonzero,
-            },
+            preprocessing,
             config,
             model,
             device,
-            normalization,
             window,
             labels,
         })
@@ -113,41 +83,15 @@ impl Predictor {
     /// Segments one scan: preprocess as in training, sliding window, argmax, and the label map
     /// mapped back onto the scan's grid (nearest neighbour through the voxel→world affines).
     pub fn predict(&self, volume: &Volume) -> Result<Prediction> {
-        if volume.channels() != self.normalization.len() {
-            return Err(Error::Unsupported {
-                path: volume.info.path.clone(),
-                reason: format!(
-                    "has {} channel(s); the model takes {}",
-                    volume.channels(),
-                    self.normalization.len()
-                ),
-            });
-        }
-        let mut spatial = self
-            .plan
-            .apply(volume.voxels.view(), None, &volume.geometry);
-        normalize_channels(&mut spatial.image, &self.normalization);
+        let spatial = self.preprocessing.apply(volume)?;
         let probabilities = self
             .window
             .predict(&self.model, spatial.image.view(), &self.device)?;
-        let threshold = self.config.segment.threshold as f32;
-        let argmax = probabilities.map_axis(Axis(0), |p| {
-            if p.len() == 2 {
-                // Binary: a threshold on the foreground probability.
-                return (p[1] >= threshold) as u8;
-            }
-            p.iter()
-                .enumerate()
-                .fold((0u8, f32::NEG_INFINITY), |best, (c, &v)| {
-                    if v > best.1 {
-                        (c as u8, v)
-                    } else {
-                        best
-                    }
-                })
-                .0
-        });
-        let labels = resample_labels_onto(argmax.view(), &spatial.geometry, &volume.geometry);
+        let classes = decide_classes(
+            probabilities.view(),
+            Some(self.config.segment.threshold as f32),
+        );
+        let labels = resample_labels_onto(classes.view(), &spatial.geometry, &volume.geometry);
         Ok(Prediction {
             labels,
             geometry: volume.geometry.clone(),

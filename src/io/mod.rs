@@ -5,7 +5,10 @@
 
 pub mod dicom;
 pub mod gzip;
+pub mod layout;
+pub mod manifest;
 pub mod nifti;
+pub mod plot;
 
 use std::path::{Path, PathBuf};
 
@@ -274,5 +277,71 @@ pub fn select(
             path: path.to_path_buf(),
             series: sources.iter().map(ScanSource::choice).collect(),
         }),
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".medseg-")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
+    // Temp files are created owner-only; outputs get the usual rw-r--r-- so others on a shared
+    // server (or a PACS import job) can read them.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Serialises `value` as pretty JSON and writes it atomically to `path`.
+pub fn write_json_atomically<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_atomically(path, &bytes)
+}
+
+/// Reads a JSON file written by [`write_json_atomically`] (or by another tool in the same shape).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Unsupported {
+        path: path.to_path_buf(),
+        reason: format!("not the expected JSON: {e}"),
+    })
+}
+
+/// The environment variable that names an [`abort_point`] to die at.
+pub const ABORT_AT_ENV: &str = "MEDSEG_ABORT_AT";
+
+/// A crash-safety test hook. When `MEDSEG_ABORT_AT` is `NAME` or `NAME:N`, the process aborts (as
+/// a kill would: no unwinding, no cleanup) the first, or `N`th, time it passes point `NAME`. Tests
+/// use it to stop a run at a named point instead of sleeping and racing a kill.
+pub fn abort_point(name: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PASSED: AtomicUsize = AtomicUsize::new(0);
+    let Ok(wanted) = std::env::var(ABORT_AT_ENV) else {
+        return;
+    };
+    let (point, nth) = match wanted.split_once(':') {
+        Some((p, n)) => (p, n.trim().parse::<usize>().unwrap_or(1)),
+        None => (wanted.as_str(), 1),
+    };
+    if point == name && PASSED.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        eprintln!("{ABORT_AT_ENV}: aborting at {name}");
+        std::process::abort();
     }
 }

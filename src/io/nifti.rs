@@ -662,33 +662,7 @@ fn finish_write(path: &Path, bytes: Vec<u8>) -> Result<()> {
     } else {
         bytes
     };
-    write_atomically(path, &bytes)
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".medseg-")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
-    // Temp files are created owner-only; outputs get the usual rw-r--r-- so others on a shared
-    // server (or a PACS import job) can read them.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| Error::io(path, e))?;
-    }
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    super::write_atomically(path, &bytes)
 }
 
 /// A storage type medseg writes: converts an `f32` voxel exactly, or refuses.

@@ -11,20 +11,11 @@ use burn::nn::conv::{
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d, PaddingConfig3d};
 use burn::prelude::*;
 use burn::tensor::activation;
-use serde::{Deserialize, Serialize};
 
 /// Negative slope of the activations, as nnU-Net's LeakyReLU (Isensee et al., 2021).
 const LEAKY_SLOPE: f64 = 0.01;
 
-/// Normalisation after each convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NormKind {
-    /// Instance norm (nnU-Net's choice; one group per channel).
-    Instance,
-    /// Group norm with up to 8 groups (MONAI's UNETR blocks use groups too).
-    Group,
-}
+pub use crate::config::NormKind;
 
 impl NormKind {
     fn groups(self, channels: usize) -> usize {

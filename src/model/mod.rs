@@ -10,6 +10,7 @@ pub mod stem;
 pub mod summary;
 pub mod vit;
 
+use crate::io::layout::Checkpoint;
 use std::path::Path;
 
 use burn::prelude::*;
@@ -310,37 +311,31 @@ fn missing_backend(name: &str) -> Error {
     }
 }
 
-/// File names inside a model directory.
-const CONFIG_FILE: &str = "model.json";
-const WEIGHTS_FILE: &str = "weights.bpk";
-
 /// Saves the config (`model.json`) and weights (`weights.bpk`) into `dir`, both atomically.
 pub fn save(config: &HybridSegNetConfig, model: &HybridSegNet, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let json = serde_json::to_vec_pretty(config).map_err(|e| Error::Write {
-        path: dir.join(CONFIG_FILE),
-        reason: e.to_string(),
-    })?;
-    crate::io::nifti::write_atomically(&dir.join(CONFIG_FILE), &json)?;
+    let files = Checkpoint::new(dir);
+    crate::io::write_json_atomically(&files.model_config(), config)?;
     model
         .clone()
-        .save_file(dir.join(WEIGHTS_FILE))
+        .save_file(files.weights())
         .map_err(|e| Error::Write {
-            path: dir.join(WEIGHTS_FILE),
+            path: files.weights(),
             reason: e.to_string(),
         })
 }
 
 /// Rebuilds a model from a directory written by [`save`]: the config alone defines the network.
 pub fn load(dir: &Path, device: &Device) -> Result<(HybridSegNetConfig, HybridSegNet)> {
-    let path = dir.join(CONFIG_FILE);
+    let files = Checkpoint::new(dir);
+    let path = files.model_config();
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let config: HybridSegNetConfig =
         serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    let weights = dir.join(WEIGHTS_FILE);
+    let weights = files.weights();
     let model = config
         .init(device)?
         .try_load_file(&weights)

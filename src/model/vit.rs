@@ -10,19 +10,10 @@ use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use serde::{Deserialize, Serialize};
 
 use super::blocks::{ConvNd, ConvNdConfig};
 
-/// How tokens learn where they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PositionEmbedding {
-    /// Learned for the training token grid (ViT); interpolated when the grid differs.
-    Learned,
-    /// Fixed sines and cosines per axis (Vaswani et al., 2017), valid for any grid.
-    Sinusoidal,
-}
+pub use crate::config::PositionEmbedding;
 
 #[derive(Config, Debug)]
 pub struct VitConfig {

@@ -11,10 +11,46 @@ use serde::{Deserialize, Serialize};
 use super::deform::{deform_host, DeformSettings};
 use super::lesion::LesionShape;
 use super::organ::{erode_mm, lung_mask, place};
-use super::{insert, label_volume, InsertedLesion, LesionSpec};
+use super::{insert, label_volume, LesionSpec};
+use crate::config::{load_layered, section, ConfigFile};
 use crate::error::{Error, Result};
-use crate::io::nifti::{write_atomically, write_label_map, write_nifti};
+use crate::io::layout::{
+    case_name, DatasetCase, DatasetJson, LabelEntry, SynthLesion, SynthLesions, SynthSummary,
+    TestCase, IMAGES_TEST, IMAGES_TRAIN, LABELS_TEST, LABELS_TRAIN,
+};
+use crate::io::nifti::{write_label_map, write_nifti};
+use crate::io::write_json_atomically;
 use crate::volume::Volume;
+
+/// The kind of lesion a synthetic dataset holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LesionKind {
+    /// CT lung nodules, contrast in HU.
+    LungNodule,
+    /// MR brain tumours with enhancing rim and necrotic core, contrast relative to the tissue.
+    BrainTumour,
+}
+
+impl LesionKind {
+    /// The name recorded in `lesions.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LesionKind::LungNodule => "lung_nodule",
+            LesionKind::BrainTumour => "brain_tumour",
+        }
+    }
+}
+
+/// Which split a host's cases go to; splits are disjoint by host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostSplit {
+    /// `imagesTr/`, `labelsTr/`.
+    Train,
+    /// `imagesTs/`, `labelsTs/`.
+    Test,
+}
 
 /// `[synth]`: what to insert into which hosts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,7 +59,7 @@ pub struct SynthConfig {
     pub seed: u64,
     /// `lung_nodule` (CT, contrast in HU) or `brain_tumour` (MR, enhancing rim and necrotic core,
     /// contrast relative to the local tissue).
-    pub lesion: String,
+    pub lesion: LesionKind,
     /// Class name of the lesions in `dataset.json`.
     pub label: String,
     pub hosts: Vec<HostConfig>,
@@ -65,7 +101,7 @@ impl Default for SynthConfig {
     fn default() -> Self {
         SynthConfig {
             seed: 7,
-            lesion: "lung_nodule".into(),
+            lesion: LesionKind::LungNodule,
             label: "nodule".into(),
             hosts: Vec::new(),
             cases_per_host: 4,
@@ -103,7 +139,7 @@ pub struct HostConfig {
     /// 10-14 or liver 5).
     pub organ: String,
     /// `train` or `test`: splits are disjoint by host.
-    pub split: String,
+    pub split: HostSplit,
     /// Deformed copies of this host; default `cases_per_host`.
     #[serde(default)]
     pub cases: Option<usize>,
@@ -170,12 +206,27 @@ impl HostConfig {
     }
 }
 
-/// The config file: a `[synth]` table.
+/// The config file: a `[synth]` table, layered like every config (see [`ConfigFile`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SynthFile {
+pub struct SynthFile {
+    /// The settings.
     #[serde(default)]
-    synth: SynthConfig,
+    pub synth: SynthConfig,
+}
+
+impl ConfigFile for SynthFile {
+    const SECTIONS: &'static [&'static str] = &["synth"];
+
+    fn from_sections(table: &mut toml::Table, origin: &str) -> Result<Self> {
+        Ok(SynthFile {
+            synth: section(table, "synth", origin)?,
+        })
+    }
+
+    fn validate(&self, origin: &str) -> Result<()> {
+        self.synth.validate(origin)
+    }
 }
 
 impl SynthConfig {
@@ -197,31 +248,20 @@ impl SynthConfig {
             .sum()
     }
 
+    /// Reads a `[synth]` file (see [`SynthFile`]).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: SynthFile = toml::from_str(&text).map_err(|e| Error::Config {
-            reason: format!("{}: {e}", path.display()),
-        })?;
-        let c = file.synth;
-        if c.hosts.is_empty() || !c.hosts.iter().any(|h| h.split == "train") {
+        load_layered::<SynthFile>(Some(path), &[]).map(|f| f.synth)
+    }
+
+    /// Checks that need no host; `origin` names the file in messages.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let c = self;
+        let path = Path::new(origin);
+        if c.hosts.is_empty() || !c.hosts.iter().any(|h| h.split == HostSplit::Train) {
             return Err(Error::Config {
                 reason: format!(
                     "{}: [synth] needs hosts, at least one with split = \"train\"",
                     path.display()
-                ),
-            });
-        }
-        if let Some(h) = c
-            .hosts
-            .iter()
-            .find(|h| h.split != "train" && h.split != "test")
-        {
-            return Err(Error::Config {
-                reason: format!(
-                    "{}: host {} has split {:?}; use train or test",
-                    path.display(),
-                    h.image.display(),
-                    h.split
                 ),
             });
         }
@@ -266,37 +306,8 @@ impl SynthConfig {
                 reason: format!("{}: {e}", path.display()),
             })?;
         }
-        if !matches!(c.lesion.as_str(), "lung_nodule" | "brain_tumour") {
-            return Err(Error::Config {
-                reason: format!(
-                    "{}: [synth] lesion must be lung_nodule or brain_tumour",
-                    path.display()
-                ),
-            });
-        }
-        Ok(c)
+        Ok(())
     }
-}
-
-/// One lesion of the dataset, as written to `lesions.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct LesionRecord {
-    pub case: String,
-    pub id: usize,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub host: String,
-    #[serde(flatten)]
-    pub lesion: InsertedLesion,
-}
-
-/// What was built.
-#[derive(Debug, Clone, Serialize)]
-pub struct SynthSummary {
-    pub train_cases: usize,
-    pub test_cases: usize,
-    pub lesions: usize,
-    pub control_cases: usize,
 }
 
 /// Builds the dataset into `out` (Decathlon layout plus `lesions.json`). `progress(case)` is
@@ -306,19 +317,14 @@ pub fn build_dataset(
     out: &Path,
     progress: &dyn Fn(&str),
 ) -> Result<SynthSummary> {
-    for dir in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
+    for dir in [IMAGES_TRAIN, LABELS_TRAIN, IMAGES_TEST, LABELS_TEST] {
         std::fs::create_dir_all(out.join(dir)).map_err(|e| Error::io(out.join(dir), e))?;
     }
     let mut records = Vec::new();
-    let mut summary = SynthSummary {
-        train_cases: 0,
-        test_cases: 0,
-        lesions: 0,
-        control_cases: 0,
-    };
+    let mut summary = SynthSummary::default();
     let mut training = Vec::new();
     let mut test = Vec::new();
-    let kind = config.lesion.clone();
+    let kind = config.lesion;
     let deform_settings = DeformSettings {
         rotation_degrees: config.rotation_degrees,
         scale: config.scale,
@@ -329,8 +335,8 @@ pub fn build_dataset(
     for (h, host_cfg) in config.hosts.iter().enumerate() {
         let host = crate::io::read_volume(&host_cfg.image, None)?;
         let organ = organ_mask(&host, &host_cfg.organ()?)?;
-        let host_name = crate::export::nifti_case_name(&host_cfg.image);
-        let is_train = host_cfg.split == "train";
+        let host_name = case_name(&host_cfg.image);
+        let is_train = host_cfg.split == HostSplit::Train;
         // Case numbers run on across hosts.
         let first_case = config.hosts[..h]
             .iter()
@@ -338,7 +344,7 @@ pub fn build_dataset(
             .sum::<usize>();
         for c in 0..host_cfg.cases.unwrap_or(config.cases_per_host) {
             // Seeds differ per host, per case and between splits.
-            let seed = crate::data::batcher::batch_seed(
+            let seed = crate::transforms::augment::derive_seed(
                 config.seed ^ if is_train { 0 } else { 0x5eed },
                 h,
                 c,
@@ -372,17 +378,18 @@ pub fn build_dataset(
                 else {
                     continue;
                 };
-                let spicules =
-                    if kind == "lung_nodule" && rng.random::<f64>() < config.spiculated_fraction {
-                        3
-                    } else {
-                        0
-                    };
+                let spicules = if kind == LesionKind::LungNodule
+                    && rng.random::<f64>() < config.spiculated_fraction
+                {
+                    3
+                } else {
+                    0
+                };
                 let shape = LesionShape::random(centre, d, spicules, &mut rng);
                 let local = local_tissue(&scan, centre);
                 let delta = contrast(config, config.delta, local, &mut rng);
-                let core =
-                    (kind == "brain_tumour" && d >= config.core_min_diameter_mm).then(|| {
+                let core = (kind == LesionKind::BrainTumour && d >= config.core_min_diameter_mm)
+                    .then(|| {
                         let [lo, hi] = config.core_fraction;
                         let share = rng.random_range(lo..=hi);
                         (share, contrast(config, config.core_delta, local, &mut rng))
@@ -397,12 +404,18 @@ pub fn build_dataset(
                 if let Some((f, lesion)) = insert(&mut scan, &spec, &mut rng) {
                     taken.push((centre, reach));
                     fractions.push(f);
-                    records.push(LesionRecord {
+                    records.push(SynthLesion {
                         case: case.clone(),
                         id: fractions.len(),
-                        kind: kind.clone(),
+                        kind: kind.name().into(),
                         host: host_name.clone(),
-                        lesion,
+                        volume_mm3: lesion.volume_mm3,
+                        diameter_mm: lesion.diameter_mm,
+                        delta: lesion.delta,
+                        core_delta: lesion.core_delta,
+                        contrast_to_noise: lesion.contrast_to_noise,
+                        centre_mm: lesion.centre_mm,
+                        bbox_voxel: lesion.bbox_voxel,
                     });
                 }
             }
@@ -412,9 +425,9 @@ pub fn build_dataset(
             summary.lesions += fractions.len();
             let label = label_volume(scan.geometry.dims, &fractions);
             let (images, labels) = if is_train {
-                ("imagesTr", "labelsTr")
+                (IMAGES_TRAIN, LABELS_TRAIN)
             } else {
-                ("imagesTs", "labelsTs")
+                (IMAGES_TEST, LABELS_TEST)
             };
             write_nifti(
                 &scan,
@@ -426,42 +439,46 @@ pub fn build_dataset(
                 &scan.geometry,
                 &out.join(labels).join(format!("{case}.nii.gz")),
             )?;
-            let entry = serde_json::json!({
-                "image": format!("./{images}/{case}_0000.nii.gz"),
-                "label": format!("./{labels}/{case}.nii.gz"),
-            });
+            let entry = DatasetCase {
+                image: format!("./{images}/{case}_0000.nii.gz"),
+                label: format!("./{labels}/{case}.nii.gz"),
+            };
             if is_train {
                 summary.train_cases += 1;
                 training.push(entry);
             } else {
                 summary.test_cases += 1;
-                test.push(entry);
+                test.push(TestCase::Labelled(entry));
             }
             progress(&case);
         }
     }
-    let modality = if kind == "lung_nodule" { "CT" } else { "MR" };
-    let dataset = serde_json::json!({
-        "name": format!("medseg synthetic {kind}"),
-        "description": "Synthetic lesions inserted into real host scans by medseg synth",
-        "channel_names": {"0": modality},
-        "labels": {"background": 0, config.label.clone(): 1},
-        "numTraining": training.len(),
-        "file_ending": ".nii.gz",
-        "training": training,
-        "test": test,
-    });
-    let json = |v: &serde_json::Value, p: &Path| -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Write {
-            path: p.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        write_atomically(p, &bytes)
+    let modality = match kind {
+        LesionKind::LungNodule => "CT",
+        LesionKind::BrainTumour => "MR",
     };
-    json(&dataset, &out.join("dataset.json"))?;
-    json(
-        &serde_json::json!({"lesions": records, "summary": summary}),
-        &out.join("lesions.json"),
+    let dataset = DatasetJson {
+        name: format!("medseg synthetic {}", kind.name()),
+        description: "Synthetic lesions inserted into real host scans by medseg synth".into(),
+        channel_names: [("0".to_string(), modality.to_string())].into(),
+        labels: [
+            ("background".to_string(), LabelEntry::Value(0)),
+            (config.label.clone(), LabelEntry::Value(1)),
+        ]
+        .into(),
+        num_training: Some(training.len()),
+        file_ending: Some(".nii.gz".into()),
+        training: Some(training),
+        test,
+        ..DatasetJson::default()
+    };
+    write_json_atomically(&DatasetJson::path(out), &dataset)?;
+    write_json_atomically(
+        &SynthLesions::path(out),
+        &SynthLesions {
+            lesions: records,
+            summary: summary.clone(),
+        },
     )?;
     Ok(summary)
 }
@@ -552,7 +569,7 @@ fn local_tissue(scan: &Volume, centre: [f64; 3]) -> f64 {
 fn contrast(config: &SynthConfig, range: [f64; 2], local: f64, rng: &mut impl Rng) -> f64 {
     let [lo, hi] = range;
     let d = rng.random_range(lo..=hi.max(lo));
-    if config.lesion == "lung_nodule" {
+    if config.lesion == LesionKind::LungNodule {
         d
     } else {
         d * local.abs().max(1.0)

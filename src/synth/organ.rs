@@ -5,7 +5,7 @@ use ndarray::{Array3, ArrayView3};
 use rand::{Rng, RngExt};
 
 use crate::geometry::Geometry;
-use crate::infer::postprocess::connected_components;
+use crate::transforms::post::connected_components;
 
 /// Air inside the body below this (HU) is lung (DATA.md: lung from HU < −500).
 pub const LUNG_HU: f32 = -500.0;

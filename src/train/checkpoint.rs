@@ -5,17 +5,12 @@
 //! A checkpoint is written whole into `NAME.partial/` and then swapped in by renames, so a process
 //! killed at any moment leaves either the previous checkpoint or the new one, never a mix.
 
-use std::path::{Path, PathBuf};
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::io::layout::{Checkpoint, CheckpointKind, RunDir};
+use crate::io::{write_atomically, write_json_atomically};
 use crate::model::{HybridSegNet, HybridSegNetConfig};
-
-pub const STATE_FILE: &str = "state.json";
-pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
-/// The effective run config, so inference can rebuild preprocessing from the checkpoint alone.
-pub const CONFIG_FILE: &str = crate::config::CONFIG_FILE;
 
 /// One finished epoch, as written to `metrics.csv`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,61 +50,52 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
 }
 
-/// Writes checkpoint `name` (`last`, `best`) under `dir`.
+/// Writes checkpoint `kind` of the run in `run`.
 pub fn save(
-    dir: &Path,
-    name: &str,
+    run: &RunDir,
+    kind: CheckpointKind,
     model_config: &HybridSegNetConfig,
     model: &HybridSegNet,
     optimizer: &burn::optim::ModuleOptimizer,
     state: &TrainState,
     run_config: &str,
 ) -> Result<()> {
-    let target = dir.join(name);
-    let partial = dir.join(format!("{name}.partial"));
-    let previous = dir.join(format!("{name}.previous"));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    let target = run.checkpoint(kind);
+    let (partial_dir, previous) = target.swap_paths();
+    if partial_dir.exists() {
+        std::fs::remove_dir_all(&partial_dir).map_err(|e| Error::io(&partial_dir, e))?;
     }
-    std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
-    crate::model::save(model_config, model, &partial)?;
+    std::fs::create_dir_all(&partial_dir).map_err(|e| Error::io(&partial_dir, e))?;
+    let partial = Checkpoint::new(&partial_dir);
+    crate::model::save(model_config, model, &partial_dir)?;
     optimizer
-        .save(partial.join(OPTIMIZER_FILE))
+        .save(partial.optimizer())
         .map_err(|e| Error::Write {
-            path: partial.join(OPTIMIZER_FILE),
+            path: partial.optimizer(),
             reason: e.to_string(),
         })?;
-    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Write {
-        path: partial.join(STATE_FILE),
-        reason: e.to_string(),
-    })?;
-    crate::io::nifti::write_atomically(&partial.join(STATE_FILE), &json)?;
-    crate::io::nifti::write_atomically(&partial.join(CONFIG_FILE), run_config.as_bytes())?;
+    write_json_atomically(&partial.state(), state)?;
+    write_atomically(&partial.run_config(), run_config.as_bytes())?;
     // Swap: target → previous, partial → target, drop previous. A crash between the two renames
-    // leaves `previous`, which `resolve` falls back to.
+    // leaves `previous`, which `RunDir::resolve` falls back to.
+    let target = &target.dir;
     if target.exists() {
         if previous.exists() {
             std::fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
         }
-        std::fs::rename(&target, &previous).map_err(|e| Error::io(&target, e))?;
+        std::fs::rename(target, &previous).map_err(|e| Error::io(target, e))?;
     }
-    std::fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
+    crate::io::abort_point(&format!("checkpoint-swap-{}", kind.name()));
+    std::fs::rename(&partial_dir, target).map_err(|e| Error::io(target, e))?;
     if previous.exists() {
         std::fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
     }
     Ok(())
 }
 
-/// The directory of checkpoint `name`, or its previous version when a crash interrupted the swap.
-pub fn resolve(dir: &Path, name: &str) -> Option<PathBuf> {
-    [dir.join(name), dir.join(format!("{name}.previous"))]
-        .into_iter()
-        .find(|p| p.join(STATE_FILE).is_file())
-}
-
 /// Reads a checkpoint's training state.
-pub fn load_state(checkpoint: &Path) -> Result<TrainState> {
-    let path = checkpoint.join(STATE_FILE);
+pub fn load_state(checkpoint: &Checkpoint) -> Result<TrainState> {
+    let path = checkpoint.state();
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
         path,
@@ -119,10 +105,10 @@ pub fn load_state(checkpoint: &Path) -> Result<TrainState> {
 
 /// Loads a checkpoint's optimizer state into `optimizer`.
 pub fn load_optimizer(
-    checkpoint: &Path,
+    checkpoint: &Checkpoint,
     optimizer: burn::optim::ModuleOptimizer,
 ) -> Result<burn::optim::ModuleOptimizer> {
-    let path = checkpoint.join(OPTIMIZER_FILE);
+    let path = checkpoint.optimizer();
     optimizer.load(&path).map_err(|e| Error::Checkpoint {
         path,
         reason: e.to_string(),

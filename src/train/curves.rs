@@ -4,22 +4,10 @@
 use std::path::Path;
 
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 use super::checkpoint::EpochRecord;
 use crate::error::{Error, Result};
-
-/// Registers the embedded font plotters draws text with (no system fontconfig needed on servers).
-pub fn register_font() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            epaint_default_fonts::UBUNTU_LIGHT,
-        );
-    });
-}
+use crate::io::plot::{plot_err, register_font};
 
 /// `metrics.csv`: one row per epoch; Dice columns are empty for epochs without validation.
 pub fn write_metrics_csv(path: &Path, history: &[EpochRecord], classes: &[String]) -> Result<()> {
@@ -49,15 +37,7 @@ pub fn write_metrics_csv(path: &Path, history: &[EpochRecord], classes: &[String
         }
         out.push('\n');
     }
-    crate::io::nifti::write_atomically(path, out.as_bytes())
-}
-
-/// A plotting failure as a write error naming the image.
-pub(crate) fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Write {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
+    crate::io::write_atomically(path, out.as_bytes())
 }
 
 /// Training loss (left axis) and validation Dice per class (right axis, 0–1) against epochs.

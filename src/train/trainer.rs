@@ -2,41 +2,71 @@
 //! whole volumes, checkpoints after every epoch and exact resume.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::checkpoint::{self, EpochRecord, TrainState};
 use super::curves::{plot_training_curve, write_metrics_csv};
 use super::loss::dice_ce_loss;
 use super::schedule::learning_rate;
-use crate::config::RunConfig;
-use crate::data::batcher::{batch_seed, Batch, EpochPlan, Loader};
-use crate::data::dataset::{self, PreparedCase};
+use crate::config::{RunConfig, SelectionMetric};
+use crate::data::batcher::{Batch, EpochPlan, Loader};
+use crate::data::dataset::{self, Dataset, PreparedCase};
 use crate::data::sampler::PatchSampler;
 use crate::error::{Error, Result};
 use crate::infer::sliding_window::SlidingWindow;
-use crate::model::{HybridSegNet, HybridSegNetConfig, NormKind, PositionEmbedding};
-
-/// Files in a run directory.
-pub const RUN_CONFIG: &str = crate::config::CONFIG_FILE;
-pub const METRICS_CSV: &str = "metrics.csv";
-pub const CURVE_PNG: &str = "training_curve.png";
-pub const LOG_FILE: &str = "train.log";
-pub const SPLIT_JSON: &str = "split.json";
-pub const CHECKPOINTS: &str = "checkpoints";
+use crate::io::layout::{Checkpoint, CheckpointKind, RunDir};
+use crate::io::{write_atomically, write_json_atomically};
+use crate::model::{HybridSegNet, HybridSegNetConfig};
+use crate::transforms::augment::derive_seed;
+use crate::transforms::post::decide_classes;
 
 /// How to run, beside the config.
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
     /// Continue the run in `output.dir` from its last checkpoint (from the start if it has none).
     pub resume: bool,
-    /// No progress bars; one line per epoch on stderr.
-    pub quiet: bool,
+}
+
+/// What training reports as it goes; drawing it is the caller's business.
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    /// Cases prepared so far.
+    Preparing {
+        /// Prepared.
+        done: usize,
+        /// To prepare.
+        total: usize,
+    },
+    /// A line for the log (also written to the run's `train.log`).
+    Log(String),
+    /// An epoch starts.
+    EpochStarted {
+        /// 0-based.
+        epoch: usize,
+        /// Epochs in the run.
+        epochs: usize,
+        /// Steps in this epoch.
+        steps: usize,
+    },
+    /// A training step finished.
+    Step {
+        /// The epoch's mean loss so far.
+        mean_loss: f64,
+    },
+    /// Validation of the epoch's model started.
+    Validating,
+    /// An epoch finished (and was checkpointed).
+    EpochFinished {
+        /// Epochs done.
+        epochs_done: usize,
+        /// Its validation mean Dice, when it validated.
+        mean_dice: Option<f64>,
+    },
 }
 
 /// What a finished (or early-stopped) run left.
@@ -53,7 +83,7 @@ pub fn model_config(config: &RunConfig) -> Result<HybridSegNetConfig> {
     let m = &config.model;
     let dims = config.sampling.patch_size.len();
     let mut c = HybridSegNetConfig::preset(
-        &m.preset,
+        m.preset.name(),
         dims,
         config.data.channels.len().max(1),
         config.data.labels.len().max(2),
@@ -77,234 +107,276 @@ pub fn model_config(config: &RunConfig) -> Result<HybridSegNetConfig> {
         transformer_skips,
         deep_supervision
     );
-    if let Some(p) = &m.position {
-        c.position = match p.as_str() {
-            "learned" => PositionEmbedding::Learned,
-            "sinusoidal" => PositionEmbedding::Sinusoidal,
-            other => {
-                return Err(Error::Config {
-                    reason: format!(
-                        "[model] position must be learned or sinusoidal, not {other:?}"
-                    ),
-                })
-            }
-        };
+    if let Some(p) = m.position {
+        c.position = p;
     }
-    if let Some(n) = &m.norm {
-        c.norm = match n.as_str() {
-            "instance" => NormKind::Instance,
-            "group" => NormKind::Group,
-            other => {
-                return Err(Error::Config {
-                    reason: format!("[model] norm must be instance or group, not {other:?}"),
-                })
-            }
-        };
+    if let Some(n) = m.norm {
+        c.norm = n;
     }
     c.validate()?;
     Ok(c)
 }
 
-/// Logs to the run's `train.log` and to the terminal (above the bars, or plain when quiet).
+/// The run's `train.log`; every line is also reported as a [`TrainEvent::Log`].
 struct RunLog {
     file: std::fs::File,
-    bars: MultiProgress,
-    quiet: bool,
 }
 
 impl RunLog {
-    fn line(&mut self, text: &str) {
+    fn line(&mut self, text: &str, on_event: &mut dyn FnMut(TrainEvent)) {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let _ = writeln!(self.file, "[{secs}] {text}");
         let _ = self.file.flush();
-        // Hidden bars (--quiet, or stderr not a terminal) would swallow println.
-        if self.quiet || self.bars.is_hidden() {
-            eprintln!("{text}");
-        } else {
-            let _ = self.bars.println(text);
+        on_event(TrainEvent::Log(text.to_string()));
+    }
+}
+
+/// Best-checkpoint selection and early stopping on the validation metric.
+#[derive(Debug, Clone, Copy)]
+pub struct EarlyStopping {
+    /// `None`: mean Dice; else the index of the class whose Dice selects.
+    pub class: Option<usize>,
+    /// Validations without improvement before stopping; 0 never stops.
+    pub patience: usize,
+    /// Whether validation happens at all (else the newest model is the best).
+    pub validates: bool,
+}
+
+impl EarlyStopping {
+    /// Updates `state` with a finished epoch's record; returns whether it is the new best.
+    pub fn update(&self, state: &mut TrainState, record: &EpochRecord) -> bool {
+        let epoch = record.epoch;
+        match selection_metric(self.class, record) {
+            Some(m) if state.best_metric.is_none_or(|b| m > b) => {
+                state.best_metric = Some(m);
+                state.best_epoch = Some(epoch);
+                state.validations_without_improvement = 0;
+                true
+            }
+            Some(_) => {
+                state.validations_without_improvement += 1;
+                if self.patience > 0 && state.validations_without_improvement >= self.patience {
+                    state.stopped_early = true;
+                }
+                false
+            }
+            None if !self.validates => {
+                // Nothing to select on: the newest model is the best one.
+                state.best_epoch = Some(epoch);
+                true
+            }
+            None => false,
         }
     }
 }
 
-/// Trains the model `config` describes; see [`TrainOptions`].
-pub fn train(mut config: RunConfig, options: &TrainOptions) -> Result<TrainOutcome> {
-    let run_dir = config.output.dir.clone();
-    let ckpt_dir = run_dir.join(CHECKPOINTS);
-    let previous = checkpoint::resolve(&ckpt_dir, "last");
-    if previous.is_some() && !options.resume {
-        return Err(Error::Config {
-            reason: format!(
-                "{} already holds a run; continue it with --resume {} or set [output] dir to a new directory",
-                run_dir.display(),
-                run_dir.display()
-            ),
-        });
-    }
-    std::fs::create_dir_all(&ckpt_dir).map_err(|e| Error::io(&ckpt_dir, e))?;
-    let log_path = run_dir.join(LOG_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| Error::io(&log_path, e))?;
-    let bars = MultiProgress::with_draw_target(if options.quiet {
-        ProgressDrawTarget::hidden()
-    } else {
-        ProgressDrawTarget::stderr()
-    });
-    let mut log = RunLog {
-        file,
-        bars: bars.clone(),
-        quiet: options.quiet,
-    };
+/// A run directory opened for training: created, or found with a checkpoint to resume.
+struct RunSetup {
+    run: RunDir,
+    log: RunLog,
+    resume_from: Option<Checkpoint>,
+}
 
-    // Data: checks every case, fills in what the config left to the dataset.
-    let prep = bars.add(ProgressBar::new(0));
-    prep.set_style(bar_style("{msg:18} [{bar:30}] {pos}/{len} cases {elapsed}"));
-    let data = dataset::build(&mut config, &prep)?;
-    let metric_class = metric_class(&config.validate.metric, &config.data.labels[1..])?;
-    prep.finish_and_clear();
-    let run_config = config.to_toml()?;
-    crate::io::nifti::write_atomically(&run_dir.join(RUN_CONFIG), run_config.as_bytes())?;
-    let split_json = serde_json::to_vec_pretty(&data.split).map_err(|e| Error::Write {
-        path: run_dir.join(SPLIT_JSON),
-        reason: e.to_string(),
-    })?;
-    crate::io::nifti::write_atomically(&run_dir.join(SPLIT_JSON), &split_json)?;
-    let classes: Vec<String> = config.data.labels[1..].to_vec();
-    log.line(&format!(
-        "data: {} training, {} validation, {} test cases; spacing {:?} mm; patch {:?}",
-        data.train.len(),
-        data.validation.len(),
-        data.split.test.len(),
-        config.preprocess.spacing,
-        config.sampling.patch_size
-    ));
-
-    // Model and optimizer, seeded; restored from the last checkpoint when resuming.
-    let t = config.train.clone();
-    let device = crate::model::device(&t.device)?;
-    let ad = device.clone().autodiff();
-    ad.seed(t.seed);
-    let model_config = model_config(&config)?;
-    let mut model = model_config.init(&ad)?;
-    let mut adamw = AdamWConfig::new().with_weight_decay(t.weight_decay as f32);
-    if t.grad_clip > 0.0 {
-        adamw = adamw.with_grad_clipping(Some(
-            burn::optim::grad_clipping::GradientClippingConfig::Norm(t.grad_clip as f32),
-        ));
-    }
-    let mut optimizer = adamw.init();
-    let mut state = TrainState {
-        seed: t.seed,
-        ..TrainState::default()
-    };
-    if let Some(ckpt) = previous.filter(|_| options.resume) {
-        state = checkpoint::load_state(&ckpt)?;
-        if state.seed != t.seed {
-            return Err(Error::Checkpoint {
-                path: ckpt.clone(),
+impl RunSetup {
+    fn open(config: &RunConfig, options: &TrainOptions) -> Result<Self> {
+        let run = RunDir::new(&config.output.dir);
+        let previous = run.resolve(CheckpointKind::Last);
+        if previous.is_some() && !options.resume {
+            return Err(Error::Config {
                 reason: format!(
-                    "was trained with seed {}, the config says {}",
-                    state.seed, t.seed
+                    "{} already holds a run; continue it with --resume {} or set [output] dir to a new directory",
+                    run.root.display(),
+                    run.root.display()
                 ),
             });
         }
-        let weights = ckpt.join("weights.bpk");
-        model = model
+        let ckpt_dir = run.checkpoints();
+        std::fs::create_dir_all(&ckpt_dir).map_err(|e| Error::io(&ckpt_dir, e))?;
+        let log_path = run.log();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
+        Ok(RunSetup {
+            run,
+            log: RunLog { file },
+            resume_from: previous.filter(|_| options.resume),
+        })
+    }
+}
+
+/// The model, optimizer and data of a run, stepped an epoch at a time.
+pub struct Trainer {
+    config: RunConfig,
+    model_config: HybridSegNetConfig,
+    model: HybridSegNet,
+    optimizer: burn::optim::ModuleOptimizer,
+    device: Device,
+    autodiff: Device,
+    sampler: PatchSampler,
+    train_cases: Arc<Vec<Arc<PreparedCase>>>,
+    validation: Vec<Arc<PreparedCase>>,
+    window: SlidingWindow,
+    deep_supervision: Vec<f64>,
+    /// Epoch, step, best metric and history; what a checkpoint restores.
+    pub state: TrainState,
+}
+
+/// One epoch's training numbers.
+struct EpochStats {
+    mean_loss: f64,
+    learning_rate: f64,
+    steps: usize,
+    data_wait_seconds: f64,
+    seconds: f64,
+}
+
+impl Trainer {
+    /// Builds the model (seeded) and optimizer for `config` over the prepared `data`.
+    fn new(config: RunConfig, data: &Dataset) -> Result<Self> {
+        let t = &config.train;
+        let device = crate::model::device(t.device.name())?;
+        let autodiff = device.clone().autodiff();
+        autodiff.seed(t.seed);
+        let model_config = model_config(&config)?;
+        let model = model_config.init(&autodiff)?;
+        let mut adamw = AdamWConfig::new().with_weight_decay(t.weight_decay as f32);
+        if t.grad_clip > 0.0 {
+            adamw = adamw.with_grad_clipping(Some(
+                burn::optim::grad_clipping::GradientClippingConfig::Norm(t.grad_clip as f32),
+            ));
+        }
+        let sampler = PatchSampler::new(
+            &config.sampling,
+            &config.augment,
+            config.model.context_slices,
+        );
+        let window = SlidingWindow {
+            window: sampler.size,
+            overlap: config.validate.overlap,
+            batch_size: config.validate.batch_size,
+            mirror: false,
+            context: config.model.context_slices,
+        };
+        let deep_supervision = deep_supervision_weights(
+            &t.deep_supervision_weights,
+            model_config.deep_supervision,
+            model_config.stem_widths.len(),
+        );
+        Ok(Trainer {
+            state: TrainState {
+                seed: t.seed,
+                ..TrainState::default()
+            },
+            optimizer: adamw.init(),
+            model,
+            model_config,
+            device,
+            autodiff,
+            sampler,
+            train_cases: Arc::new(data.train.clone()),
+            validation: data.validation.clone(),
+            window,
+            deep_supervision,
+            config,
+        })
+    }
+
+    /// Restores weights, optimizer and state from `checkpoint`.
+    fn restore(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        let state = checkpoint::load_state(checkpoint)?;
+        if state.seed != self.config.train.seed {
+            return Err(Error::Checkpoint {
+                path: checkpoint.dir.clone(),
+                reason: format!(
+                    "was trained with seed {}, the config says {}",
+                    state.seed, self.config.train.seed
+                ),
+            });
+        }
+        let weights = checkpoint.weights();
+        self.model = self
+            .model
+            .clone()
             .try_load_file(&weights)
             .map_err(|e| Error::Checkpoint {
                 path: weights.clone(),
                 reason: e.to_string(),
             })?;
-        optimizer = checkpoint::load_optimizer(&ckpt, optimizer)?;
-        log.line(&format!(
-            "resumed from {} after epoch {}",
-            ckpt.display(),
-            state.epoch
-        ));
+        let fresh = AdamWConfig::new().init();
+        let optimizer = std::mem::replace(&mut self.optimizer, fresh);
+        self.optimizer = checkpoint::load_optimizer(checkpoint, optimizer)?;
+        self.state = state;
+        Ok(())
     }
-    let resumed_at = state.epoch;
-    write_reports(&run_dir, &state, &classes)?;
 
-    let sampler = PatchSampler::new(
-        &config.sampling,
-        &config.augment,
-        config.model.context_slices,
-    );
-    let train_cases = Arc::new(data.train.clone());
-    let plan_for = |epoch| {
+    fn epoch_plan(&self, epoch: usize) -> EpochPlan {
+        let t = &self.config.train;
         EpochPlan::new(
-            train_cases.len(),
-            config.sampling.patches_per_volume,
+            self.train_cases.len(),
+            self.config.sampling.patches_per_volume,
             t.batch_size,
             t.steps_per_epoch,
             t.seed,
             epoch,
         )
-    };
-    let steps = plan_for(0).steps;
-    let total_steps = steps * t.epochs;
-    let window = SlidingWindow {
-        window: sampler.size,
-        overlap: config.validate.overlap,
-        batch_size: config.validate.batch_size,
-        mirror: false,
-        context: config.model.context_slices,
-    };
-    let ds_weights = deep_supervision_weights(
-        &t.deep_supervision_weights,
-        model_config.deep_supervision,
-        model_config.stem_widths.len(),
-    );
+    }
 
-    let epoch_bar = bars.add(ProgressBar::new(t.epochs as u64));
-    epoch_bar.set_style(bar_style("epoch {pos}/{len} [{bar:30}] {msg} eta {eta}"));
-    epoch_bar.set_position(state.epoch as u64);
-    let step_bar = bars.add(ProgressBar::new(steps as u64));
-    step_bar.set_style(bar_style(
-        "step  {pos}/{len} [{bar:30}] {msg} {per_sec} eta {eta}",
-    ));
-
-    while state.epoch < t.epochs && !state.stopped_early {
-        let epoch = state.epoch;
+    /// Trains one epoch (the next one in `state`).
+    fn run_epoch(&mut self, on_event: &mut dyn FnMut(TrainEvent)) -> Result<EpochStats> {
+        let t = self.config.train.clone();
+        let epoch = self.state.epoch;
         let started = Instant::now();
+        let steps = self.epoch_plan(0).steps;
+        let total_steps = steps * t.epochs;
+        on_event(TrainEvent::EpochStarted {
+            epoch,
+            epochs: t.epochs,
+            steps,
+        });
         // Dropout and any other device randomness: a function of seed and epoch.
-        ad.seed(batch_seed(t.seed, epoch, usize::MAX - 1));
+        self.autodiff
+            .seed(derive_seed(t.seed, epoch, usize::MAX - 1));
         let mut loader = Loader::spawn(
-            train_cases.clone(),
-            sampler.clone(),
-            plan_for(epoch),
+            self.train_cases.clone(),
+            self.sampler.clone(),
+            self.epoch_plan(epoch),
             t.seed,
             epoch,
-            config.data.workers,
-            config.data.prefetch,
+            self.config.data.workers,
+            self.config.data.prefetch,
         );
-        step_bar.reset();
-        step_bar.set_length(steps as u64);
         let mut loss_sum = 0.0;
         let mut lr = 0.0;
         let mut done = 0;
         for batch in loader.by_ref() {
             lr = learning_rate(
-                &t.schedule,
+                t.schedule,
                 t.lr,
-                state.global_step,
+                self.state.global_step,
                 total_steps,
                 t.warmup_steps,
                 t.poly_exponent,
             );
-            let loss = step_loss(&model, batch, &ad, &ds_weights, t.dice_weight, t.ce_weight);
+            let loss = step_loss(
+                &self.model,
+                batch,
+                &self.autodiff,
+                &self.deep_supervision,
+                t.dice_weight,
+                t.ce_weight,
+            );
             let value: f64 = loss
                 .clone()
                 .try_to_vec_as::<f32>()
-                .map_err(|e| Error::Config {
+                .map_err(|e| Error::Backend {
                     reason: format!("reading the loss: {e:?}"),
                 })?[0] as f64;
             if !value.is_finite() {
-                return Err(Error::Config {
+                return Err(Error::Training {
                     reason: format!(
                         "the loss became {value} at epoch {} step {}; lower [train] lr (now {})",
                         epoch + 1,
@@ -313,140 +385,199 @@ pub fn train(mut config: RunConfig, options: &TrainOptions) -> Result<TrainOutco
                     ),
                 });
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(lr, model, grads);
-            state.global_step += 1;
+            let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+            self.model = self.optimizer.step(lr, self.model.clone(), grads);
+            self.state.global_step += 1;
             done += 1;
             loss_sum += value;
-            step_bar.set_message(format!("loss {:.4}", loss_sum / done as f64));
-            step_bar.inc(1);
+            on_event(TrainEvent::Step {
+                mean_loss: loss_sum / done as f64,
+            });
         }
-        let wait = loader.wait_seconds;
+        let data_wait_seconds = loader.wait_seconds;
         drop(loader);
-        let train_seconds = started.elapsed().as_secs_f64();
-
-        let validate_now = config.validate.every > 0
-            && !data.validation.is_empty()
-            && ((epoch + 1) % config.validate.every == 0 || epoch + 1 == t.epochs);
-        let validation_dice = if validate_now {
-            step_bar.set_message("validating");
-            validation_dice(
-                &model.valid(),
-                &data.validation,
-                &window,
-                &device,
-                classes.len(),
-            )?
-        } else {
-            Vec::new()
-        };
-        let record = EpochRecord {
-            epoch: epoch + 1,
-            train_loss: loss_sum / done.max(1) as f64,
+        Ok(EpochStats {
+            mean_loss: loss_sum / done.max(1) as f64,
             learning_rate: lr,
+            steps: done,
+            data_wait_seconds,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Validation Dice per class after the epoch just trained, when this epoch validates.
+    fn validate(&self, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<f64>> {
+        let v = &self.config.validate;
+        let epoch = self.state.epoch;
+        let epochs = self.config.train.epochs;
+        if v.every == 0
+            || self.validation.is_empty()
+            || !((epoch + 1) % v.every == 0 || epoch + 1 == epochs)
+        {
+            return Ok(Vec::new());
+        }
+        on_event(TrainEvent::Validating);
+        validation_dice(
+            &self.model.valid(),
+            &self.validation,
+            &self.window,
+            &self.device,
+            self.config.data.labels.len() - 1,
+        )
+    }
+
+    fn save(&self, run: &RunDir, kind: CheckpointKind, run_config: &str) -> Result<()> {
+        checkpoint::save(
+            run,
+            kind,
+            &self.model_config,
+            &self.model,
+            &self.optimizer,
+            &self.state,
+            run_config,
+        )
+    }
+}
+
+/// Trains the model `config` describes; see [`TrainOptions`]. Progress and log lines are
+/// reported through `on_event`.
+pub fn train(
+    mut config: RunConfig,
+    options: &TrainOptions,
+    on_event: &mut (dyn FnMut(TrainEvent) + Send),
+) -> Result<TrainOutcome> {
+    let RunSetup {
+        run,
+        mut log,
+        resume_from,
+    } = RunSetup::open(&config, options)?;
+
+    // Data: checks every case, fills in what the config left to the dataset.
+    let data = {
+        let events = std::sync::Mutex::new(&mut *on_event);
+        dataset::build(&mut config, &|done, total| {
+            if let Ok(mut f) = events.lock() {
+                f(TrainEvent::Preparing { done, total });
+            }
+        })?
+    };
+    let stopping = EarlyStopping {
+        class: metric_class(&config.validate.metric, &config.data.labels[1..])?,
+        patience: config.validate.patience,
+        validates: config.validate.every > 0 && !data.validation.is_empty(),
+    };
+    let run_config = config.to_toml()?;
+    write_atomically(&run.config(), run_config.as_bytes())?;
+    write_json_atomically(&run.split(), &data.split)?;
+    let classes: Vec<String> = config.data.labels[1..].to_vec();
+    log.line(
+        &format!(
+            "data: {} training, {} validation, {} test cases; spacing {:?} mm; patch {:?}",
+            data.train.len(),
+            data.validation.len(),
+            data.split.test.len(),
+            config.preprocess.spacing,
+            config.sampling.patch_size
+        ),
+        on_event,
+    );
+
+    // Model and optimizer, seeded; restored from the last checkpoint when resuming.
+    let epochs = config.train.epochs;
+    let batch_size = config.train.batch_size;
+    let mut trainer = Trainer::new(config, &data)?;
+    if let Some(ckpt) = &resume_from {
+        trainer.restore(ckpt)?;
+        log.line(
+            &format!(
+                "resumed from {} after epoch {}",
+                ckpt.dir.display(),
+                trainer.state.epoch
+            ),
+            on_event,
+        );
+    }
+    let resumed_at = trainer.state.epoch;
+    write_reports(&run, &trainer.state, &classes)?;
+
+    while trainer.state.epoch < epochs && !trainer.state.stopped_early {
+        let started = Instant::now();
+        let stats = trainer.run_epoch(on_event)?;
+        let train_seconds = stats.seconds;
+        let validation_dice = trainer.validate(on_event)?;
+        let epoch = trainer.state.epoch + 1;
+        let record = EpochRecord {
+            epoch,
+            train_loss: stats.mean_loss,
+            learning_rate: stats.learning_rate,
             validation_dice,
             seconds: started.elapsed().as_secs_f64(),
-            data_wait_seconds: wait,
-            patches_per_second: (done * t.batch_size) as f64 / train_seconds.max(1e-9),
+            data_wait_seconds: stats.data_wait_seconds,
+            patches_per_second: (stats.steps * batch_size) as f64 / train_seconds.max(1e-9),
         };
-        state.epoch = epoch + 1;
-        let metric = selection_metric(metric_class, &record);
-        let mut improved = false;
-        if let Some(m) = metric {
-            if state.best_metric.is_none_or(|b| m > b) {
-                state.best_metric = Some(m);
-                state.best_epoch = Some(epoch + 1);
-                state.validations_without_improvement = 0;
-                improved = true;
-            } else {
-                state.validations_without_improvement += 1;
-                if config.validate.patience > 0
-                    && state.validations_without_improvement >= config.validate.patience
-                {
-                    state.stopped_early = true;
-                }
-            }
-        } else if data.validation.is_empty() || config.validate.every == 0 {
-            // Nothing to select on: the newest model is the best one.
-            state.best_epoch = Some(epoch + 1);
-            improved = true;
-        }
+        trainer.state.epoch = epoch;
+        let improved = stopping.update(&mut trainer.state, &record);
+        let selected = improved && selection_metric(stopping.class, &record).is_some();
         let line = format!(
-            "epoch {}/{}: loss {:.4}, lr {:.2e}, {:.1} s ({:.2} patches/s, {:.0}% waiting for data){}{}",
-            epoch + 1,
-            t.epochs,
+            "epoch {epoch}/{epochs}: loss {:.4}, lr {:.2e}, {:.1} s ({:.2} patches/s, {:.0}% waiting for data){}{}",
             record.train_loss,
-            lr,
+            record.learning_rate,
             record.seconds,
             record.patches_per_second,
-            100.0 * wait / train_seconds.max(1e-9),
+            100.0 * record.data_wait_seconds / train_seconds.max(1e-9),
             record
                 .mean_dice()
                 .map(|d| format!(", validation Dice {d:.4}"))
                 .unwrap_or_default(),
-            if improved && metric.is_some() { " (best)" } else { "" }
+            if selected { " (best)" } else { "" }
         );
-        state.history.push(record);
+        let mean_dice = record.mean_dice();
+        trainer.state.history.push(record);
         if improved {
-            checkpoint::save(
-                &ckpt_dir,
-                "best",
-                &model_config,
-                &model,
-                &optimizer,
-                &state,
-                &run_config,
-            )?;
+            trainer.save(&run, CheckpointKind::Best, &run_config)?;
         }
-        checkpoint::save(
-            &ckpt_dir,
-            "last",
-            &model_config,
-            &model,
-            &optimizer,
-            &state,
-            &run_config,
-        )?;
-        write_reports(&run_dir, &state, &classes)?;
-        log.line(&line);
-        epoch_bar.set_position(state.epoch as u64);
-        if let Some(d) = state.history.last().and_then(EpochRecord::mean_dice) {
-            epoch_bar.set_message(format!("Dice {d:.3}"));
-        }
-        if state.stopped_early {
-            log.line(&format!(
-                "stopping early: no improvement in {} validations (best {:.4} at epoch {})",
-                state.validations_without_improvement,
-                state.best_metric.unwrap_or(0.0),
-                state.best_epoch.unwrap_or(0)
-            ));
+        trainer.save(&run, CheckpointKind::Last, &run_config)?;
+        write_reports(&run, &trainer.state, &classes)?;
+        log.line(&line, on_event);
+        on_event(TrainEvent::EpochFinished {
+            epochs_done: epoch,
+            mean_dice,
+        });
+        crate::io::abort_point("train-epoch-saved");
+        let s = &trainer.state;
+        if s.stopped_early {
+            log.line(
+                &format!(
+                    "stopping early: no improvement in {} validations (best {:.4} at epoch {})",
+                    s.validations_without_improvement,
+                    s.best_metric.unwrap_or(0.0),
+                    s.best_epoch.unwrap_or(0)
+                ),
+                on_event,
+            );
         }
     }
-    step_bar.finish_and_clear();
-    epoch_bar.finish_and_clear();
-    log.line(&format!(
-        "done: {} epochs; best checkpoint {} (epoch {})",
-        state.epoch,
-        ckpt_dir.join("best").display(),
-        state.best_epoch.unwrap_or(state.epoch)
-    ));
+    let state = trainer.state;
+    log.line(
+        &format!(
+            "done: {} epochs; best checkpoint {} (epoch {})",
+            state.epoch,
+            run.checkpoint(CheckpointKind::Best).dir.display(),
+            state.best_epoch.unwrap_or(state.epoch)
+        ),
+        on_event,
+    );
     Ok(TrainOutcome {
-        run_dir,
+        run_dir: run.root,
         state,
         resumed_at,
     })
 }
 
-fn bar_style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ")
-}
-
-fn write_reports(run_dir: &Path, state: &TrainState, classes: &[String]) -> Result<()> {
-    write_metrics_csv(&run_dir.join(METRICS_CSV), &state.history, classes)?;
+fn write_reports(run: &RunDir, state: &TrainState, classes: &[String]) -> Result<()> {
+    write_metrics_csv(&run.metrics_csv(), &state.history, classes)?;
     if !state.history.is_empty() {
-        plot_training_curve(&run_dir.join(CURVE_PNG), &state.history, classes)?;
+        plot_training_curve(&run.training_curve(), &state.history, classes)?;
     }
     Ok(())
 }
@@ -538,30 +669,19 @@ pub fn validation_dice(
     let mut fnn = vec![0u64; classes];
     for case in cases {
         let probs = window.predict(model, case.image.view(), device)?;
-        let (k, nd, nh, nw) = probs.dim();
-        for z in 0..nd {
-            for y in 0..nh {
-                for x in 0..nw {
-                    let mut best = (0usize, f32::NEG_INFINITY);
-                    for c in 0..k {
-                        let p = probs[[c, z, y, x]];
-                        if p > best.1 {
-                            best = (c, p);
-                        }
-                    }
-                    let (pred, truth) = (best.0, case.label[[z, y, x]] as usize);
-                    if pred == truth {
-                        if pred > 0 {
-                            tp[pred - 1] += 1;
-                        }
-                    } else {
-                        if pred > 0 {
-                            fp[pred - 1] += 1;
-                        }
-                        if truth > 0 {
-                            fnn[truth - 1] += 1;
-                        }
-                    }
+        let predicted = decide_classes(probs.view(), None);
+        for (&pred, &truth) in predicted.iter().zip(case.label.iter()) {
+            let (pred, truth) = (pred as usize, truth as usize);
+            if pred == truth {
+                if pred > 0 {
+                    tp[pred - 1] += 1;
+                }
+            } else {
+                if pred > 0 {
+                    fp[pred - 1] += 1;
+                }
+                if truth > 0 {
+                    fnn[truth - 1] += 1;
                 }
             }
         }
@@ -580,10 +700,10 @@ pub fn validation_dice(
 
 /// Which number selects the best checkpoint: `None` for mean Dice, else a class's index. Checked
 /// before training so a misspelt class name fails at once, not after the first epoch.
-fn metric_class(metric: &str, classes: &[String]) -> Result<Option<usize>> {
-    if metric == "mean_dice" {
+fn metric_class(metric: &SelectionMetric, classes: &[String]) -> Result<Option<usize>> {
+    let SelectionMetric::ClassDice(metric) = metric else {
         return Ok(None);
-    }
+    };
     match classes.iter().position(|c| c == metric) {
         Some(i) => Ok(Some(i)),
         None => Err(Error::Config {

@@ -230,6 +230,18 @@ fn stats(data: &[f32]) -> (f32, f32, f32) {
     (min, max, (sum / data.len().max(1) as f64) as f32)
 }
 
+/// An independent RNG seed for item `(a, b)` of a seeded run: one batch (epoch, step) of
+/// training, one synthetic case (host, case).
+pub fn derive_seed(seed: u64, a: usize, b: usize) -> u64 {
+    // SplitMix64 finaliser over the packed triple: neighbouring steps get unrelated streams.
+    let mut z = seed
+        .wrapping_add((a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add((b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use ndarray::ArrayViewMut3;
 use rayon::prelude::*;
 
-use crate::config::IntensityConfig;
+use crate::config::{IntensityConfig, IntensityScheme};
 use crate::error::{Error, Result};
 
 /// A resolved normalisation: every number it needs is known.
@@ -36,8 +36,8 @@ impl Normalization {
         foreground: Option<&[f32]>,
         masked: bool,
     ) -> Result<Self> {
-        match config.scheme.as_str() {
-            "ct" => {
+        match config.scheme {
+            IntensityScheme::Ct => {
                 let needs_stats =
                     config.window.len() != 2 || config.mean.is_none() || config.std.is_none();
                 let samples =
@@ -74,8 +74,8 @@ impl Normalization {
                     std: std.max(1e-6),
                 })
             }
-            "zscore" => Ok(Normalization::ZScore { masked }),
-            _ => Ok(Normalization::None),
+            IntensityScheme::Zscore => Ok(Normalization::ZScore { masked }),
+            IntensityScheme::None => Ok(Normalization::None),
         }
     }
 
@@ -88,14 +88,14 @@ impl Normalization {
                 mean,
                 std,
             } => IntensityConfig {
-                scheme: "ct".into(),
+                scheme: IntensityScheme::Ct,
                 window: vec![low as f64, high as f64],
                 mean: Some(mean as f64),
                 std: Some(std as f64),
             },
             Normalization::ZScore { .. } => IntensityConfig::default(),
             Normalization::None => IntensityConfig {
-                scheme: "none".into(),
+                scheme: IntensityScheme::None,
                 ..IntensityConfig::default()
             },
         }
@@ -156,21 +156,46 @@ pub fn mean_std(values: &[f32]) -> (f32, f32) {
     (mean as f32, var.sqrt() as f32)
 }
 
-/// Linear-interpolated percentiles (numpy's default) of `values`, `q` in percent.
+/// NumPy's default percentile (linear interpolation between closest ranks) of ascending `sorted`
+/// values, `q` in percent.
+fn interpolate_sorted(sorted: &[f64], q: f64) -> f64 {
+    let x = q / 100.0 * (sorted.len() - 1) as f64;
+    let (i0, t) = (x.floor() as usize, x - x.floor());
+    let i1 = (i0 + 1).min(sorted.len() - 1);
+    sorted[i0] * (1.0 - t) + sorted[i1] * t
+}
+
+/// NumPy's default percentile of `values` (sorted in place), `q` in percent; NaN when empty.
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    interpolate_sorted(values, q)
+}
+
+/// Percentiles of the finite `values` (see [`percentile`]), `q` in percent; zeros when none is
+/// finite.
 pub fn percentiles(values: &[f32], q: &[f64]) -> Vec<f32> {
-    let mut sorted: Vec<f32> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    sorted.sort_by(f32::total_cmp);
+    let mut sorted: Vec<f64> = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| v as f64)
+        .collect();
     if sorted.is_empty() {
         return vec![0.0; q.len()];
     }
+    sorted.sort_by(f64::total_cmp);
     q.iter()
-        .map(|p| {
-            let x = p / 100.0 * (sorted.len() - 1) as f64;
-            let (i0, t) = (x.floor() as usize, x - x.floor());
-            let i1 = (i0 + 1).min(sorted.len() - 1);
-            (sorted[i0] as f64 * (1.0 - t) + sorted[i1] as f64 * t) as f32
-        })
+        .map(|&p| interpolate_sorted(&sorted, p) as f32)
         .collect()
+}
+
+/// The grey-level window of a picture of `values`: their 1st and 99th percentiles.
+pub fn display_window(values: &[f32]) -> [f64; 2] {
+    let mut v: Vec<f64> = values.iter().map(|&x| x as f64).collect();
+    let lo = percentile(&mut v, 1.0);
+    [lo, percentile(&mut v, 99.0).max(lo + 1e-6)]
 }
 
 #[cfg(test)]
@@ -185,7 +210,7 @@ mod tests {
         assert_eq!(percentiles(&fg, &CT_PERCENTILES), vec![5.0, 995.0]);
         let n = Normalization::resolve(
             &IntensityConfig {
-                scheme: "ct".into(),
+                scheme: IntensityScheme::Ct,
                 ..Default::default()
             },
             Some(&fg),

@@ -4,9 +4,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use crate::common::{affine_diff, bin, cache};
 
@@ -14,7 +13,8 @@ use crate::common::{affine_diff, bin, cache};
 fn model() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let run = std::env::temp_dir().join(format!("medseg-segment-test-{}", std::process::id()));
+        // Under cargo's per-target temp dir, not /tmp: nothing is left outside target/.
+        let run = Path::new(env!("CARGO_TARGET_TMPDIR")).join("segment-test-model");
         let _ = std::fs::remove_dir_all(&run);
         let out = Command::new(bin())
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -278,11 +278,20 @@ fn batch_writes_aligned_masks_and_lesion_tables_past_a_bad_file() {
 fn shards_partition_the_inputs() {
     let dir = cache("nibabel");
     let list = |shard: Option<&str>| -> Vec<String> {
-        let mut args = vec![dir.to_str().unwrap(), "--output", "/nonexistent", "--list"];
+        // --list stops before the model is loaded: no training needed.
+        let mut args = vec![
+            "segment",
+            "--model",
+            "/nonexistent",
+            dir.to_str().unwrap(),
+            "--output",
+            "/nonexistent",
+            "--list",
+        ];
         if let Some(s) = shard {
             args.extend(["--shard", s]);
         }
-        let out = segment(&args);
+        let out = Command::new(bin()).args(&args).output().unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -304,15 +313,12 @@ fn shards_partition_the_inputs() {
     }
     assert_eq!(total, all.len(), "a case fell in two shards");
     assert_eq!(union, all);
-    let out = segment(&[
-        dir.to_str().unwrap(),
-        "--output",
-        "/x",
-        "--list",
-        "--shard",
-        "3/3",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = Command::new(bin())
+        .args(["segment", "--model", "/x", dir.to_str().unwrap()])
+        .args(["--output", "/x", "--list", "--shard", "3/3"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
 }
 
 /// A batch killed mid-way leaves only whole files; `--skip-existing` finishes it without redoing
@@ -337,33 +343,18 @@ fn killed_batch_resumes_with_skip_existing() {
     ];
     args.extend(inputs.iter().map(|p| p.display().to_string()));
     args.extend(["--output".into(), out_dir.display().to_string()]);
-    let mut child = Command::new(bin())
+    // The batch dies (abort, as a kill) right after its second case, at a named point.
+    let died = Command::new(bin())
         .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .env(medseg::io::ABORT_AT_ENV, "segment-case-written:2")
+        .output()
         .unwrap();
-    let first = out_dir.join("scan0.nii.gz");
-    let start = Instant::now();
-    while !first.exists() {
-        assert!(start.elapsed() < Duration::from_secs(300));
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the batch ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(!died.status.success(), "the batch was not stopped");
     let finished: Vec<&PathBuf> = inputs
         .iter()
         .filter(|p| out_dir.join(p.file_name().unwrap()).exists())
         .collect();
-    assert!(
-        !finished.is_empty() && finished.len() < 4,
-        "{} finished",
-        finished.len()
-    );
+    assert_eq!(finished.len(), 2, "the batch stopped after the wrong case");
     for p in &finished {
         // Whole files only: every mask present reads back.
         medseg::io::read_nifti(&out_dir.join(p.file_name().unwrap())).unwrap();

@@ -2,8 +2,7 @@
 //! one DICOM series), validated on the held-out DICOM scan.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use crate::common::{bin, cache};
 
@@ -105,36 +104,22 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
             .unwrap();
     assert_eq!(state["epoch"], 3);
 
-    // Kill a second run once its first checkpoint is on disk, mid-way through epoch 2.
+    // A second run dies (abort, as a kill: no cleanup) right after its first epoch is saved, at a
+    // named point rather than after a guessed sleep.
     let args_b = set(&b);
-    let mut child = Command::new(bin())
+    let died = Command::new(bin())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("train")
         .args(&args_b)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .env(medseg::io::ABORT_AT_ENV, "train-epoch-saved:1")
+        .output()
         .unwrap();
+    assert!(!died.status.success(), "the run was not stopped");
     let state_file = b.join("checkpoints/last/state.json");
-    let start = Instant::now();
-    while !state_file.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "no checkpoint after 10 min"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "training ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
     let killed_at: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
     let killed_at = killed_at["epoch"].as_u64().unwrap();
-    assert!(killed_at < 3, "the run finished before it was killed");
+    assert_eq!(killed_at, 1, "the run stopped after the wrong epoch");
 
     let out = train(&["--resume", b.to_str().unwrap(), "--quiet"]);
     ok(&out);
@@ -326,7 +311,7 @@ fn shipped_configs_are_valid() {
             let c = medseg::config::RunConfig::load(Some(&path), &[])
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             medseg::train::model_config(&c).unwrap();
-            if c.data.format == "csv" {
+            if c.data.format == medseg::config::DataFormat::Csv {
                 let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join(&c.data.root)
                     .join(&c.data.manifest);
@@ -386,7 +371,7 @@ fn decathlon_layout_prepares_and_caches_cases() {
     ];
     let build = || {
         let mut config = medseg::config::RunConfig::load(None, &overrides).unwrap();
-        let data = medseg::data::build(&mut config, &indicatif::ProgressBar::hidden()).unwrap();
+        let data = medseg::data::build(&mut config, &|_, _| {}).unwrap();
         (config, data)
     };
     let (config, data) = build();
@@ -395,7 +380,7 @@ fn decathlon_layout_prepares_and_caches_cases() {
     assert_eq!(config.data.labels, vec!["background", "liver"]);
     assert_eq!(config.preprocess.spacing, vec![3.0, 3.0, 3.0]);
     let ct = &config.preprocess.intensity[0];
-    assert_eq!(ct.scheme, "ct");
+    assert_eq!(ct.scheme, medseg::config::IntensityScheme::Ct);
     assert!(
         ct.window[0] > -200.0 && ct.window[1] < 400.0,
         "liver window {:?}",

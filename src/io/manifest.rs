@@ -1,10 +1,12 @@
 //! Dataset manifests: the Medical Segmentation Decathlon / nnU-Net layout (`dataset.json`,
 //! `imagesTr/CASE_0000.nii.gz`, `labelsTr/CASE.nii.gz`) and plain CSV files.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::io::layout::{
+    case_name_with, file_stem, sanitize_name, DatasetJson, IMAGES_TRAIN, LABELS_TRAIN,
+};
 
 /// One case: its image file(s) (each a NIfTI file, DICOM file or DICOM series directory; a file may
 /// hold several channels) and its label map.
@@ -39,81 +41,29 @@ fn invalid(path: &Path, reason: impl Into<String>) -> Error {
 /// - nnU-Net v2: `channel_names`, `labels` as `{name: value}`, `file_ending`, cases found as
 ///   `imagesTr/CASE_XXXX{file_ending}`.
 pub fn read_decathlon(root: &Path) -> Result<Manifest> {
-    let path = root.join("dataset.json");
+    let path = DatasetJson::path(root);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| invalid(&path, format!("not JSON: {e}")))?;
-    let index_map = |key: &str| -> Vec<(usize, String)> {
-        let mut out: Vec<(usize, String)> = json
-            .get(key)
-            .and_then(|v| v.as_object())
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
-    };
-    let mut channels: Vec<String> = index_map("channel_names")
-        .into_iter()
-        .map(|p| p.1)
-        .collect();
-    if channels.is_empty() {
-        channels = index_map("modality").into_iter().map(|p| p.1).collect();
-    }
-    // Labels: v1 {"0": "background"}; v2 {"background": 0}.
-    let mut labels_by_value: BTreeMap<u64, String> = BTreeMap::new();
-    if let Some(obj) = json.get("labels").and_then(|v| v.as_object()) {
-        for (k, v) in obj {
-            match (k.parse::<u64>(), v) {
-                (Ok(value), serde_json::Value::String(name)) => {
-                    labels_by_value.insert(value, name.clone());
-                }
-                (_, serde_json::Value::Number(n)) => {
-                    if let Some(value) = n.as_u64() {
-                        labels_by_value.insert(value, k.clone());
-                    }
-                }
-                _ => {
-                    return Err(invalid(
-                        &path,
-                        format!("labels entry {k:?}: expected \"value\": \"name\" or \"name\": value (region labels are not supported)"),
-                    ))
-                }
-            }
-        }
-    }
-    let labels: Vec<String> = labels_by_value.values().cloned().collect();
-    if labels_by_value.keys().copied().ne(0..labels.len() as u64) {
-        return Err(invalid(
-            &path,
-            "label values must be 0, 1, 2, … without gaps",
-        ));
-    }
+    let json: DatasetJson = serde_json::from_str(&text)
+        .map_err(|e| invalid(&path, format!("not a dataset.json: {e}")))?;
+    let channels = json.channel_names();
+    let labels = json.label_names(&path)?;
     let ending = json
-        .get("file_ending")
-        .and_then(|v| v.as_str())
-        .unwrap_or(".nii.gz")
-        .to_string();
+        .file_ending
+        .clone()
+        .unwrap_or_else(|| ".nii.gz".to_string());
     let n_channels = channels.len().max(1);
     let mut cases = Vec::new();
-    if let Some(list) = json.get("training").and_then(|v| v.as_array()) {
-        for (n, item) in list.iter().enumerate() {
-            let field = |name: &str| {
-                item.get(name)
-                    .and_then(|v| v.as_str())
-                    .ok_or_else(|| invalid(&path, format!("training[{n}] has no \"{name}\" path")))
-            };
-            let image = root.join(field("image")?);
-            let label = root.join(field("label")?);
-            let id = case_id(&label, &ending);
+    if let Some(list) = &json.training {
+        for item in list {
+            let image = root.join(&item.image);
+            let label = root.join(&item.label);
+            let id = case_name_with(&label, &ending);
             let images = if image.exists() {
                 vec![image]
             } else {
                 // nnU-Net names one file per channel: CASE_0000, CASE_0001, …
-                channel_files(&root.join("imagesTr"), &id, n_channels, &ending)
+                let stem = file_stem(&label, &ending);
+                channel_files(&root.join(IMAGES_TRAIN), &stem, n_channels, &ending)
             };
             cases.push(CaseEntry {
                 id,
@@ -122,7 +72,7 @@ pub fn read_decathlon(root: &Path) -> Result<Manifest> {
             });
         }
     } else {
-        let dir = root.join("imagesTr");
+        let dir = root.join(IMAGES_TRAIN);
         let suffix = format!("_0000{ending}");
         let mut ids: Vec<String> = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(&dir, e))?
@@ -133,11 +83,11 @@ pub fn read_decathlon(root: &Path) -> Result<Manifest> {
             })
             .collect();
         ids.sort();
-        for id in ids {
+        for stem in ids {
             cases.push(CaseEntry {
-                images: channel_files(&dir, &id, n_channels, &ending),
-                label: Some(root.join("labelsTr").join(format!("{id}{ending}"))),
-                id,
+                images: channel_files(&dir, &stem, n_channels, &ending),
+                label: Some(root.join(LABELS_TRAIN).join(format!("{stem}{ending}"))),
+                id: sanitize_name(&stem),
             });
         }
     }
@@ -158,18 +108,6 @@ fn channel_files(dir: &Path, id: &str, channels: usize, ending: &str) -> Vec<Pat
     (0..channels)
         .map(|c| dir.join(format!("{id}_{c:04}{ending}")))
         .collect()
-}
-
-fn case_id(label: &Path, ending: &str) -> String {
-    let name = label
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    name.strip_suffix(ending)
-        .or_else(|| name.strip_suffix(".nii.gz"))
-        .or_else(|| name.strip_suffix(".nii"))
-        .unwrap_or(&name)
-        .to_string()
 }
 
 /// Reads a CSV manifest: a header `case,image[,image2...],label` (the label column may be left
@@ -211,7 +149,8 @@ pub fn read_csv(path: &Path, root: &Path) -> Result<Manifest> {
                 ),
             ));
         }
-        let id = fields[0].to_string();
+        // Ids name output files: the one naming rule, so `case 1` is `case_1` everywhere.
+        let id = sanitize_name(fields[0]);
         if id.is_empty() || !seen.insert(id.clone()) {
             return Err(invalid(
                 path,

@@ -1,0 +1,334 @@
+//! Batch segmentation: inputs expanded into named cases, deduplicated, split into shards, resumed
+//! past finished cases, read one case ahead of the model, and summarised. Progress is reported
+//! through events; drawing it is the caller's business.
+//!
+//! What is done to each case (predict, measure, write) is the caller's `segment` function, so the
+//! batch logic sits below the writers that use it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::io::layout::{
+    case_name, dicom_case_name, sanitize_name, BatchCase, BatchSummary, CaseStatus,
+};
+use crate::io::{discover, manifest, ScanSource};
+use crate::volume::Volume;
+
+/// Where a case's voxels come from.
+#[derive(Debug, Clone)]
+pub enum CaseInput {
+    /// A volume found in a file or directory.
+    Source(ScanSource),
+    /// One file per channel (a CSV manifest row).
+    Channels(Vec<PathBuf>),
+    /// The input could not even be listed; the reason is reported as this case's failure.
+    Unreadable(String),
+}
+
+/// One case of a batch.
+#[derive(Debug, Clone)]
+pub struct BatchInput {
+    /// The unique output name.
+    pub name: String,
+    /// Where it came from, for messages and the summary.
+    pub origin: String,
+    /// How to read it.
+    pub input: CaseInput,
+}
+
+impl BatchInput {
+    /// Decodes the case's volume.
+    pub fn load(&self) -> Result<Volume> {
+        match &self.input {
+            CaseInput::Source(s) => s.load(),
+            CaseInput::Channels(paths) => crate::io::read_channels(paths, 1e-3),
+            CaseInput::Unreadable(reason) => Err(Error::Unsupported {
+                path: PathBuf::from(&self.origin),
+                reason: reason.clone(),
+            }),
+        }
+    }
+}
+
+/// Shard `index` of `count`: every case belongs to exactly one, by a hash of its output name, so
+/// machines given the same inputs split them with no coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// 0-based, below `count`.
+    pub index: u64,
+    /// How many shards.
+    pub count: u64,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+
+    /// `I/N`, `0 <= I < N`.
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || Error::Config {
+            reason: format!("--shard {text:?}: expected I/N with 0 <= I < N, e.g. 0/4"),
+        };
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u64, u64) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl Shard {
+    /// Whether case `name` belongs to this shard.
+    pub fn holds(&self, name: &str) -> bool {
+        let h = Sha256::digest(name.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h[..8]);
+        u64::from_le_bytes(first) % self.count == self.index
+    }
+}
+
+fn source_name(source: &ScanSource) -> String {
+    match source {
+        ScanSource::Nifti(p) => case_name(p),
+        ScanSource::DicomSeries(_) => {
+            let c = source.choice();
+            dicom_case_name(&c.description, &c.uid)
+        }
+        ScanSource::DicomFile { label, .. } => dicom_case_name("", label),
+    }
+}
+
+/// Expands NIfTI files, DICOM files, series directories, directories searched recursively and
+/// CSV manifests (`case,image[,image2...]`) into named cases, in input order; repeated names are
+/// made unique with `-2`, `-3`. An input that cannot be listed becomes a failing case.
+pub fn expand(inputs: &[PathBuf]) -> Vec<BatchInput> {
+    let mut cases = Vec::new();
+    for path in inputs {
+        let origin = path.display().to_string();
+        let unreadable = |e: Error| BatchInput {
+            name: case_name(path),
+            origin: origin.clone(),
+            input: CaseInput::Unreadable(e.to_string()),
+        };
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+        {
+            let root = path.parent().unwrap_or(Path::new("."));
+            match manifest::read_csv(path, root) {
+                Ok(m) => cases.extend(m.cases.into_iter().map(|c| BatchInput {
+                    name: sanitize_name(&c.id),
+                    origin: format!("{origin}: {}", c.id),
+                    input: CaseInput::Channels(c.images),
+                })),
+                Err(e) => cases.push(unreadable(e)),
+            }
+            continue;
+        }
+        match discover(path) {
+            Ok(d) => cases.extend(d.sources.into_iter().map(|source| BatchInput {
+                name: source_name(&source),
+                origin: source.path().display().to_string(),
+                input: CaseInput::Source(source),
+            })),
+            Err(e) => cases.push(unreadable(e)),
+        }
+    }
+    let mut seen = HashSet::new();
+    for case in &mut cases {
+        let base = case.name.clone();
+        let mut n = 1;
+        while !seen.insert(case.name.clone()) {
+            n += 1;
+            case.name = format!("{base}-{n}");
+        }
+    }
+    cases
+}
+
+/// The cases of `shard` (all without one).
+pub fn select_shard(cases: Vec<BatchInput>, shard: Option<Shard>) -> Vec<BatchInput> {
+    match shard {
+        Some(s) => cases.into_iter().filter(|c| s.holds(&c.name)).collect(),
+        None => cases,
+    }
+}
+
+/// Seconds per named stage of one case.
+#[derive(Debug, Clone)]
+pub struct Stages {
+    lap: Instant,
+    /// Seconds by stage name, rounded to 10 ms.
+    pub seconds: BTreeMap<String, f64>,
+}
+
+impl Stages {
+    fn starting_at(lap: Instant) -> Self {
+        Stages {
+            lap,
+            seconds: BTreeMap::new(),
+        }
+    }
+
+    /// Ends stage `name` now and starts the next.
+    pub fn lap(&mut self, name: &str) {
+        let s = (self.lap.elapsed().as_secs_f64() * 100.0).round() / 100.0;
+        self.seconds.insert(name.into(), s);
+        self.lap = Instant::now();
+    }
+}
+
+/// What a batch reports as it goes.
+#[derive(Debug, Clone)]
+pub enum BatchEvent<'a> {
+    /// `todo` cases will be segmented.
+    Started {
+        /// Cases to segment.
+        todo: usize,
+    },
+    /// A case is being segmented.
+    CaseStarted {
+        /// Its output name.
+        name: &'a str,
+    },
+    /// A case is done, or failed.
+    CaseFinished(&'a BatchCase),
+}
+
+/// What the batch should do besides segmenting.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOptions {
+    /// Skip a case when `is_done(name)` says its outputs all exist.
+    pub skip_existing: bool,
+    /// The shard the summary is named for.
+    pub shard: Option<Shard>,
+}
+
+/// Segments `cases` in order, reading the next one while the current one is segmented.
+/// `is_done(name)` tells whether a case's outputs already exist; `segment(case, scan, stages)`
+/// does the work and returns its lesion count. A failing case is recorded and the batch goes on.
+/// The summary is written atomically to `output` (see [`BatchSummary::path`]) and returned.
+pub fn run_batch(
+    cases: Vec<BatchInput>,
+    total_inputs: usize,
+    output: &Path,
+    options: &BatchOptions,
+    is_done: &dyn Fn(&str) -> bool,
+    segment: &mut dyn FnMut(&BatchInput, Volume, &mut Stages) -> Result<usize>,
+    on_event: &mut dyn FnMut(BatchEvent),
+) -> Result<BatchSummary> {
+    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
+    let mut summary = BatchSummary {
+        inputs: total_inputs,
+        ..BatchSummary::default()
+    };
+    let (todo, done): (Vec<BatchInput>, Vec<BatchInput>) = cases
+        .into_iter()
+        .partition(|c| !(options.skip_existing && is_done(&c.name)));
+    for c in &done {
+        summary.skipped += 1;
+        summary.cases.push(BatchCase {
+            case: c.name.clone(),
+            input: c.origin.clone(),
+            status: CaseStatus::Skipped,
+            lesions: None,
+            seconds: None,
+            stages: BTreeMap::new(),
+            reason: None,
+        });
+    }
+    on_event(BatchEvent::Started { todo: todo.len() });
+
+    // Reading the next scan overlaps segmenting the current one.
+    let (tx, rx) = sync_channel::<(usize, Result<Volume>)>(1);
+    let reader_cases = todo.clone();
+    let reader = std::thread::spawn(move || {
+        for (n, case) in reader_cases.iter().enumerate() {
+            if tx.send((n, case.load())).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let waited = Instant::now();
+        let Ok((n, scan)) = rx.recv() else {
+            break;
+        };
+        let case = &todo[n];
+        on_event(BatchEvent::CaseStarted { name: &case.name });
+        let mut stages = Stages::starting_at(waited);
+        let result = scan.and_then(|scan| {
+            stages.lap("wait_for_read");
+            segment(case, scan, &mut stages)
+        });
+        let seconds = waited.elapsed().as_secs_f64();
+        let record = match result {
+            Ok(lesions) => {
+                summary.segmented += 1;
+                BatchCase {
+                    case: case.name.clone(),
+                    input: case.origin.clone(),
+                    status: CaseStatus::Segmented,
+                    lesions: Some(lesions),
+                    seconds: Some(seconds),
+                    stages: stages.seconds,
+                    reason: None,
+                }
+            }
+            Err(e) => {
+                summary.failed += 1;
+                BatchCase {
+                    case: case.name.clone(),
+                    input: case.origin.clone(),
+                    status: CaseStatus::Failed,
+                    lesions: None,
+                    seconds: None,
+                    stages: BTreeMap::new(),
+                    reason: Some(e.to_string()),
+                }
+            }
+        };
+        on_event(BatchEvent::CaseFinished(&record));
+        summary.cases.push(record);
+        crate::io::abort_point("segment-case-written");
+    }
+    // The reader only sends; a panic there would already have closed the channel.
+    let _ = reader.join();
+    let path = BatchSummary::path(output, options.shard.map(|s| (s.index, s.count)));
+    crate::io::write_json_atomically(&path, &summary)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_parse_and_partition() {
+        assert!("1/0".parse::<Shard>().is_err());
+        assert!("2/2".parse::<Shard>().is_err());
+        assert!("x".parse::<Shard>().is_err());
+        let shards: Vec<Shard> = (0..3).map(|i| format!("{i}/3").parse().unwrap()).collect();
+        for name in ["a", "b", "case_7", "series-0a1b2c3d"] {
+            assert_eq!(shards.iter().filter(|s| s.holds(name)).count(), 1);
+        }
+    }
+
+    #[test]
+    fn repeated_names_become_unique_and_bad_inputs_fail_alone() {
+        let missing = PathBuf::from("/nonexistent/a.nii.gz");
+        let cases = expand(&[missing.clone(), missing]);
+        let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a", "a-2"]);
+        assert!(matches!(cases[0].input, CaseInput::Unreadable(_)));
+        assert!(cases[0].load().is_err());
+    }
+}

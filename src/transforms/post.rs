@@ -1,0 +1,226 @@
+//! Label-map post-processing shared by inference, evaluation and lesion synthesis: 3D connected
+//! components with their boxes, and class decisions from probabilities.
+//!
+//! Axis order: flat masks and arrays are `[k, j, i]` (C order, `i` fastest); boxes are given as
+//! `[[i, j, k] min, [i, j, k] max]`, inclusive, as lesion tables print them.
+
+use ndarray::{Array3, ArrayView4, Axis};
+
+/// An inclusive voxel bounding box `[[i, j, k] min, [i, j, k] max]`.
+pub type VoxelBox = [[usize; 3]; 2];
+
+/// Connected components of a binary mask on a `[nk, nj, ni]` grid (C order, `i` fastest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Components {
+    /// Per voxel: 0 for background, else the component id `1..=count`, numbered in raster order
+    /// of each component's first voxel.
+    pub labels: Vec<u32>,
+    /// Voxel count of component `id` at index `id - 1`.
+    pub sizes: Vec<usize>,
+}
+
+impl Components {
+    pub fn count(&self) -> usize {
+        self.sizes.len()
+    }
+}
+
+fn find(parent: &mut [u32], mut x: u32) -> u32 {
+    while parent[x as usize] != x {
+        let up = parent[parent[x as usize] as usize];
+        parent[x as usize] = up; // path halving
+        x = up;
+    }
+    x
+}
+
+/// Labels the 26-connected components of `mask` (two-pass union-find: each foreground voxel is
+/// joined with its 13 already-visited neighbours).
+pub fn connected_components(mask: &[bool], dims: [usize; 3]) -> Components {
+    let [nk, nj, ni] = dims;
+    assert_eq!(
+        mask.len(),
+        nk * nj * ni,
+        "mask length does not match the grid {dims:?}"
+    );
+    let mut provisional = vec![0u32; mask.len()];
+    let mut parent: Vec<u32> = vec![0]; // id 0 = background
+                                        // Neighbours before (k, j, i) in raster order: all of slice k-1, the row j-1 of slice k, and
+                                        // (k, j, i-1).
+    let mut offsets: Vec<(isize, isize, isize)> = Vec::with_capacity(13);
+    for dk in -1..=0isize {
+        for dj in -1..=1isize {
+            for di in -1..=1isize {
+                if dk < 0 || dj < 0 || (dj == 0 && di < 0) {
+                    offsets.push((dk, dj, di));
+                }
+            }
+        }
+    }
+    for k in 0..nk {
+        for j in 0..nj {
+            for i in 0..ni {
+                let idx = (k * nj + j) * ni + i;
+                if !mask[idx] {
+                    continue;
+                }
+                let mut root = 0u32;
+                for &(dk, dj, di) in &offsets {
+                    let (kk, jj, ii) = (k as isize + dk, j as isize + dj, i as isize + di);
+                    if kk < 0 || jj < 0 || ii < 0 || jj >= nj as isize || ii >= ni as isize {
+                        continue;
+                    }
+                    let n = provisional[(kk as usize * nj + jj as usize) * ni + ii as usize];
+                    if n == 0 {
+                        continue;
+                    }
+                    let r = find(&mut parent, n);
+                    if root == 0 {
+                        root = r;
+                    } else if r != root {
+                        let (lo, hi) = (root.min(r), root.max(r));
+                        parent[hi as usize] = lo;
+                        root = lo;
+                    }
+                }
+                if root == 0 {
+                    root = parent.len() as u32;
+                    parent.push(root);
+                }
+                provisional[idx] = root;
+            }
+        }
+    }
+    // Second pass: compact ids in order of first appearance.
+    let mut compact = vec![0u32; parent.len()];
+    let mut sizes = Vec::new();
+    for label in provisional.iter_mut() {
+        if *label == 0 {
+            continue;
+        }
+        let r = find(&mut parent, *label) as usize;
+        if compact[r] == 0 {
+            sizes.push(0);
+            compact[r] = sizes.len() as u32;
+        }
+        *label = compact[r];
+        sizes[*label as usize - 1] += 1;
+    }
+    Components {
+        labels: provisional,
+        sizes,
+    }
+}
+
+impl Components {
+    /// The inclusive `[i, j, k]` box of every component, in id order, on the `[nk, nj, ni]` grid
+    /// the components were labelled on.
+    pub fn boxes(&self, dims: [usize; 3]) -> Vec<VoxelBox> {
+        let [_, nj, ni] = dims;
+        let mut boxes = vec![[[usize::MAX; 3], [0; 3]]; self.count()];
+        for (idx, &id) in self.labels.iter().enumerate() {
+            if id == 0 {
+                continue;
+            }
+            let at = [idx % ni, (idx / ni) % nj, idx / (nj * ni)];
+            let b = &mut boxes[id as usize - 1];
+            for axis in 0..3 {
+                b[0][axis] = b[0][axis].min(at[axis]);
+                b[1][axis] = b[1][axis].max(at[axis]);
+            }
+        }
+        boxes
+    }
+}
+
+/// The class of every voxel from `[K, D, H, W]` probabilities: with two classes and a `threshold`,
+/// foreground where its probability reaches it; otherwise the most probable class (the first on
+/// ties).
+pub fn decide_classes(probabilities: ArrayView4<f32>, threshold: Option<f32>) -> Array3<u8> {
+    probabilities.map_axis(Axis(0), |p| {
+        if let (2, Some(t)) = (p.len(), threshold) {
+            return (p[1] >= t) as u8;
+        }
+        p.iter()
+            .enumerate()
+            .fold((0u8, f32::NEG_INFINITY), |best, (c, &v)| {
+                if v > best.1 {
+                    (c as u8, v)
+                } else {
+                    best
+                }
+            })
+            .0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diagonal_neighbours_join_and_separate_blobs_stay_apart() {
+        // 3 × 3 × 3: a corner-to-corner diagonal (26-connected only) and an isolated voxel.
+        let mut m = vec![false; 27];
+        m[0] = true; // (0,0,0)
+        m[13] = true; // (1,1,1)
+        m[26] = true; // (2,2,2)
+        m[2] = true; // (0,0,2): touches (1,1,1) diagonally too
+        let c = connected_components(&m, [3, 3, 3]);
+        assert_eq!(c.count(), 1);
+        let mut m = vec![false; 27];
+        m[0] = true;
+        m[2] = true; // (0,0,2) is two voxels away from (0,0,0)
+        let c = connected_components(&m, [3, 3, 3]);
+        assert_eq!(c.sizes, vec![1, 1]);
+        assert_eq!((c.labels[0], c.labels[2]), (1, 2));
+    }
+
+    #[test]
+    fn u_shape_merges_into_one_component() {
+        // Two arms that only meet at the bottom row: union-find must merge their provisional ids.
+        let (nk, nj, ni) = (1, 4, 5);
+        let mut m = vec![false; nk * nj * ni];
+        for j in 0..4 {
+            m[j * ni] = true;
+            m[j * ni + 4] = true;
+        }
+        for i in 0..5 {
+            m[3 * ni + i] = true;
+        }
+        let c = connected_components(&m, [nk, nj, ni]);
+        assert_eq!(c.sizes, vec![11]);
+    }
+
+    #[test]
+    fn boxes_are_inclusive_and_in_ijk_order() {
+        // [nk, nj, ni] = [2, 3, 4]: component 1 at (k0, j0, i1..=2), component 2 at (k1, j2, i3).
+        let mut m = vec![false; 24];
+        m[1] = true;
+        m[2] = true;
+        m[12 + 2 * 4 + 3] = true;
+        let c = connected_components(&m, [2, 3, 4]);
+        assert_eq!(
+            c.boxes([2, 3, 4]),
+            vec![[[1, 0, 0], [2, 0, 0]], [[3, 2, 1], [3, 2, 1]]]
+        );
+    }
+
+    #[test]
+    fn binary_threshold_and_multiclass_argmax() {
+        let p = ndarray::Array4::from_shape_vec([2, 1, 1, 2], vec![0.6, 0.5, 0.4, 0.5]).unwrap();
+        // Threshold 0.5 takes the tie as foreground; plain argmax keeps the first class.
+        assert_eq!(
+            decide_classes(p.view(), Some(0.5))
+                .into_raw_vec_and_offset()
+                .0,
+            vec![0, 1]
+        );
+        assert_eq!(
+            decide_classes(p.view(), None).into_raw_vec_and_offset().0,
+            vec![0, 0]
+        );
+        let p3 = ndarray::Array4::from_shape_vec([3, 1, 1, 1], vec![0.2, 0.3, 0.5]).unwrap();
+        assert_eq!(decide_classes(p3.view(), Some(0.9))[[0, 0, 0]], 2);
+    }
+}
