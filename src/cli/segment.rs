@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use medseg::export::segment_case;
 use medseg::infer::batch::{expand, run_batch, select_shard, BatchEvent, BatchOptions, Shard};
 use medseg::infer::predictor::Predictor;
-use medseg::io::layout::{CaseOutputs, CaseStatus};
+use medseg::io::layout::{BatchCase, CaseOutputs, CaseStatus};
 
 use super::{progress, Reported};
 
@@ -100,18 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             BatchEvent::Started { todo } => bar.set_length(todo as u64),
             BatchEvent::CaseStarted { name } => bar.set_message(name.to_string()),
             BatchEvent::CaseFinished(c) => {
-                let line = match (c.status, &c.reason) {
-                    (CaseStatus::Failed, reason) => {
-                        format!("{}: FAILED: {}", c.case, reason.as_deref().unwrap_or(""))
-                    }
-                    _ => format!(
-                        "{}: {} lesion(s), {:.1} s",
-                        c.case,
-                        c.lesions.unwrap_or(0),
-                        c.seconds.unwrap_or(0.0)
-                    ),
-                };
-                progress::say(&bars, &line);
+                progress::say(&bars, &case_line(c));
                 bar.inc(1);
             }
         },
@@ -135,4 +124,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("failed: {}: {}", c.case, c.reason.as_deref().unwrap_or(""));
     }
     Err(Reported.into())
+}
+
+/// The log line of a finished case.
+fn case_line(c: &BatchCase) -> String {
+    match c.status {
+        CaseStatus::Failed => format!("{}: FAILED: {}", c.case, c.reason.as_deref().unwrap_or("")),
+        _ => format!(
+            "{}: {} lesion(s), {:.1} s",
+            c.case,
+            c.lesions.unwrap_or(0),
+            c.seconds.unwrap_or(0.0)
+        ),
+    }
 }

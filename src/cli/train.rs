@@ -56,59 +56,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", config.to_toml()?);
         return Ok(());
     }
-    let bars = progress::multi(args.quiet);
-    let prep = bars.add(progress::bar(
-        0,
-        "preparing cases [{bar:30}] {pos}/{len} {elapsed}",
-        args.quiet,
-    ));
-    let epoch_bar = bars.add(progress::bar(
-        config.train.epochs as u64,
-        "epoch {pos}/{len} [{bar:30}] {msg} eta {eta}",
-        args.quiet,
-    ));
-    let step_bar = bars.add(progress::bar(
-        0,
-        "step  {pos}/{len} [{bar:30}] {msg} {per_sec} eta {eta}",
-        args.quiet,
-    ));
+    let bars = TrainBars::new(config.train.epochs, args.quiet);
     let outcome = train(
         config,
         &TrainOptions {
             resume: args.resume.is_some(),
         },
-        &mut |event| match event {
-            TrainEvent::Preparing { done, total } => {
-                prep.set_length(total as u64);
-                prep.set_position(done as u64);
-            }
-            TrainEvent::Log(line) => progress::say(&bars, &line),
-            TrainEvent::EpochStarted { epoch, steps, .. } => {
-                prep.finish_and_clear();
-                epoch_bar.set_position(epoch as u64);
-                step_bar.reset();
-                step_bar.set_length(steps as u64);
-            }
-            TrainEvent::Step { mean_loss } => {
-                step_bar.set_message(format!("loss {mean_loss:.4}"));
-                step_bar.inc(1);
-            }
-            TrainEvent::Validating => step_bar.set_message("validating"),
-            TrainEvent::EpochFinished {
-                epochs_done,
-                mean_dice,
-            } => {
-                epoch_bar.set_position(epochs_done as u64);
-                if let Some(d) = mean_dice {
-                    epoch_bar.set_message(format!("Dice {d:.3}"));
-                }
-            }
-        },
+        &mut |event| bars.draw(event),
     )
     .context("training failed")?;
-    prep.finish_and_clear();
-    step_bar.finish_and_clear();
-    epoch_bar.finish_and_clear();
+    bars.finish();
     let s = &outcome.state;
     println!(
         "trained {} epochs{}; best {} at epoch {}; run directory {}",
@@ -125,4 +82,64 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outcome.run_dir.display()
     );
     Ok(())
+}
+
+/// Case preparation, epochs and steps, drawn from the trainer's events.
+struct TrainBars {
+    bars: indicatif::MultiProgress,
+    prep: indicatif::ProgressBar,
+    epoch: indicatif::ProgressBar,
+    step: indicatif::ProgressBar,
+}
+
+impl TrainBars {
+    fn new(epochs: usize, quiet: bool) -> Self {
+        let bars = progress::multi(quiet);
+        let add = |len, template| bars.add(progress::bar(len, template, quiet));
+        TrainBars {
+            prep: add(0, "preparing cases [{bar:30}] {pos}/{len} {elapsed}"),
+            epoch: add(
+                epochs as u64,
+                "epoch {pos}/{len} [{bar:30}] {msg} eta {eta}",
+            ),
+            step: add(0, "step  {pos}/{len} [{bar:30}] {msg} {per_sec} eta {eta}"),
+            bars,
+        }
+    }
+
+    fn draw(&self, event: TrainEvent) {
+        match event {
+            TrainEvent::Preparing { done, total } => {
+                self.prep.set_length(total as u64);
+                self.prep.set_position(done as u64);
+            }
+            TrainEvent::Log(line) => progress::say(&self.bars, &line),
+            TrainEvent::EpochStarted { epoch, steps, .. } => {
+                self.prep.finish_and_clear();
+                self.epoch.set_position(epoch as u64);
+                self.step.reset();
+                self.step.set_length(steps as u64);
+            }
+            TrainEvent::Step { mean_loss } => {
+                self.step.set_message(format!("loss {mean_loss:.4}"));
+                self.step.inc(1);
+            }
+            TrainEvent::Validating => self.step.set_message("validating"),
+            TrainEvent::EpochFinished {
+                epochs_done,
+                mean_dice,
+            } => {
+                self.epoch.set_position(epochs_done as u64);
+                if let Some(d) = mean_dice {
+                    self.epoch.set_message(format!("Dice {d:.3}"));
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        for bar in [&self.prep, &self.step, &self.epoch] {
+            bar.finish_and_clear();
+        }
+    }
 }

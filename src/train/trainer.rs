@@ -518,19 +518,7 @@ pub fn train(
         trainer.state.epoch = epoch;
         let improved = stopping.update(&mut trainer.state, &record);
         let selected = improved && selection_metric(stopping.class, &record).is_some();
-        let line = format!(
-            "epoch {epoch}/{epochs}: loss {:.4}, lr {:.2e}, {:.1} s ({:.2} patches/s, {:.0}% waiting for data){}{}",
-            record.train_loss,
-            record.learning_rate,
-            record.seconds,
-            record.patches_per_second,
-            100.0 * record.data_wait_seconds / train_seconds.max(1e-9),
-            record
-                .mean_dice()
-                .map(|d| format!(", validation Dice {d:.4}"))
-                .unwrap_or_default(),
-            if selected { " (best)" } else { "" }
-        );
+        let line = epoch_line(&record, epochs, train_seconds, selected);
         let mean_dice = record.mean_dice();
         trainer.state.history.push(record);
         if improved {
@@ -572,6 +560,24 @@ pub fn train(
         state,
         resumed_at,
     })
+}
+
+/// The log line of a finished epoch.
+fn epoch_line(record: &EpochRecord, epochs: usize, train_seconds: f64, best: bool) -> String {
+    format!(
+        "epoch {}/{epochs}: loss {:.4}, lr {:.2e}, {:.1} s ({:.2} patches/s, {:.0}% waiting for data){}{}",
+        record.epoch,
+        record.train_loss,
+        record.learning_rate,
+        record.seconds,
+        record.patches_per_second,
+        100.0 * record.data_wait_seconds / train_seconds.max(1e-9),
+        record
+            .mean_dice()
+            .map(|d| format!(", validation Dice {d:.4}"))
+            .unwrap_or_default(),
+        if best { " (best)" } else { "" }
+    )
 }
 
 fn write_reports(run: &RunDir, state: &TrainState, classes: &[String]) -> Result<()> {
