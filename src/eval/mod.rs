@@ -223,9 +223,12 @@ pub fn attach_contrast_to_noise(m: &mut LesionMatch, synth: &[SynthLesion]) {
             .iter()
             .find(|s| {
                 s.case == t.case
-                    && (0..3).all(|a| s.bbox_voxel[0][a] <= lo[a] && hi[a] <= s.bbox_voxel[1][a])
+                    && (0..3).all(|a| {
+                        let b = s.lesion.bbox_voxel;
+                        b[0][a] <= lo[a] && hi[a] <= b[1][a]
+                    })
             })
-            .map(|s| s.contrast_to_noise);
+            .map(|s| s.lesion.contrast_to_noise);
     }
 }
 

@@ -615,6 +615,14 @@ pub struct SynthLesion {
     pub kind: String,
     /// The host scan's case name.
     pub host: String,
+    /// What was inserted, measured.
+    #[serde(flatten)]
+    pub lesion: InsertedLesion,
+}
+
+/// The measurements of one inserted lesion (the flattened tail of a [`SynthLesion`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InsertedLesion {
     /// Volume of the label, mm³.
     pub volume_mm3: f64,
     /// Equivalent-sphere diameter, mm.

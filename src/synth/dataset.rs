@@ -409,13 +409,7 @@ pub fn build_dataset(
                         id: fractions.len(),
                         kind: kind.name().into(),
                         host: host_name.clone(),
-                        volume_mm3: lesion.volume_mm3,
-                        diameter_mm: lesion.diameter_mm,
-                        delta: lesion.delta,
-                        core_delta: lesion.core_delta,
-                        contrast_to_noise: lesion.contrast_to_noise,
-                        centre_mm: lesion.centre_mm,
-                        bbox_voxel: lesion.bbox_voxel,
+                        lesion,
                     });
                 }
             }

@@ -36,20 +36,8 @@ pub const LABEL_FRACTION: f32 = 0.5;
 /// Smoothing of the texture field, mm (low frequency: a few voxels).
 const TEXTURE_SIGMA_MM: f64 = 2.0;
 
-/// One inserted lesion, as recorded in `lesions.json`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct InsertedLesion {
-    pub volume_mm3: f64,
-    pub diameter_mm: f64,
-    pub delta: f64,
-    /// Contrast of the necrotic core, when there is one.
-    pub core_delta: Option<f64>,
-    /// Mean absolute added contrast inside the label over the host's noise σ there.
-    pub contrast_to_noise: f64,
-    pub centre_mm: [f64; 3],
-    /// Inclusive voxel box `[[i, j, k], [i, j, k]]` of the label.
-    pub bbox_voxel: [[usize; 3]; 2],
-}
+/// One inserted lesion's measurements, as recorded in `lesions.json`.
+pub use crate::io::layout::InsertedLesion;
 
 /// Host noise σ around a box: the median absolute deviation of the difference between
 /// neighbouring voxels along i (so smooth anatomy cancels), scaled to a Gaussian σ.
