@@ -5,6 +5,9 @@
 //!
 //! `cargo bench --bench model` (filter, e.g. `-- tiny/2d`)
 
+// criterion_group! generates a public function that cannot carry a doc comment.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use burn::prelude::*;
@@ -19,14 +22,11 @@ fn model(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(8));
     for preset in ["tiny", "small"] {
         for dims in [2usize, 3] {
-            let cfg = HybridSegNetConfig::preset(preset, dims, 1, 2).unwrap();
-            let size = cfg.patch_size.clone();
-            let macs: u64 = summary::summarize(&cfg, &size).iter().map(|r| r.macs).sum();
-            let shape = if dims == 2 {
-                [1, 1, 1, size[0], size[1]]
-            } else {
-                [1, 1, size[0], size[1], size[2]]
-            };
+            let patch = HybridSegNetConfig::default_patch(dims).unwrap();
+            let cfg = HybridSegNetConfig::preset(preset.parse().unwrap(), patch, 2);
+            let macs: u64 = summary::summarize(&cfg, patch).iter().map(|r| r.macs).sum();
+            let [d, h, w] = patch.window();
+            let shape = [1, 1, d, h, w];
             let label_shape = [shape[0], shape[2], shape[3], shape[4]];
 
             let device = Device::flex();

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::geometry::PatchSize;
 
 /// How a dataset lists its cases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +68,16 @@ impl ModelPreset {
             ModelPreset::Small => "small",
             ModelPreset::Base => "base",
         }
+    }
+}
+
+impl std::str::FromStr for ModelPreset {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [ModelPreset::Tiny, ModelPreset::Small, ModelPreset::Base]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown preset {s:?}; choose tiny, small or base"))
     }
 }
 
@@ -147,14 +158,23 @@ impl From<SelectionMetric> for String {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
+    /// `[data]`: the dataset, its cases and their split.
     pub data: DataConfig,
+    /// `[preprocess]`: resampling, reorientation and intensity normalisation.
     pub preprocess: PreprocessConfig,
+    /// `[sampling]`: training patch size and how patches are drawn.
     pub sampling: SamplingConfig,
+    /// `[augment]`: random augmentation of training patches.
     pub augment: AugmentConfig,
+    /// `[model]`: the network preset and its overrides.
     pub model: ModelConfig,
+    /// `[train]`: optimiser, schedule, loss and device.
     pub train: TrainConfig,
+    /// `[validate]`: whole-volume validation and best-checkpoint selection.
     pub validate: ValidateConfig,
+    /// `[segment]`: inference settings saved with the model.
     pub segment: SegmentConfig,
+    /// `[output]`: where the run is written.
     pub output: OutputConfig,
 }
 
@@ -185,9 +205,11 @@ pub struct DataConfig {
     pub test_fraction: f64,
     /// More than 1: k-fold cross-validation over the non-test cases, validating on fold `fold`.
     pub folds: usize,
+    /// The fold validated on, 0-based (below `folds`).
     pub fold: usize,
     /// Explicit validation / test case ids; when given they override the fractions.
     pub validation_cases: Vec<String>,
+    /// Explicit test case ids; when given they override `test_fraction`.
     pub test_cases: Vec<String>,
     /// Seed of the case shuffle behind the split.
     pub seed: u64,
@@ -196,6 +218,7 @@ pub struct DataConfig {
     pub cache_dir: PathBuf,
     /// Loader threads (patch extraction and augmentation) and batches prepared ahead.
     pub workers: usize,
+    /// Batches prepared ahead of the training step (at least 1).
     pub prefetch: usize,
 }
 
@@ -261,6 +284,7 @@ pub struct IntensityConfig {
     pub window: Vec<f64>,
     /// CT mean and standard deviation after clipping. Unset: from the training foreground.
     pub mean: Option<f64>,
+    /// CT standard deviation after clipping. Unset: from the training foreground.
     pub std: Option<f64>,
 }
 
@@ -280,8 +304,9 @@ impl Default for IntensityConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SamplingConfig {
     /// Two sizes `[H, W]` train on axial slices (2D; 2.5D with `model.context_slices`); three
-    /// `[D, H, W]` on 3D patches. Order: slices (z), rows (y), columns (x) of the RAS grid.
-    pub patch_size: Vec<usize>,
+    /// `[D, H, W]` on 3D patches. Order: slices (z), rows (y), columns (x) of the RAS grid
+    /// (array order; see `geometry`). Any other length or a zero fails at parse time.
+    pub patch_size: PatchSize,
     /// Share of patches centred on a foreground voxel of a random class (nnU-Net: 0.33).
     pub foreground_fraction: f64,
     /// Patches drawn from each training case per epoch.
@@ -291,7 +316,7 @@ pub struct SamplingConfig {
 impl Default for SamplingConfig {
     fn default() -> Self {
         SamplingConfig {
-            patch_size: vec![128, 128],
+            patch_size: PatchSize::new(&[128, 128]).expect("positive"),
             foreground_fraction: 0.33,
             patches_per_volume: 8,
         }
@@ -309,21 +334,27 @@ pub struct AugmentConfig {
     pub rotate90_prob: f64,
     /// Small rotation (in-plane for 2D, about a random axis for 3D), up to `rotate_degrees`.
     pub rotate_prob: f64,
+    /// Largest rotation angle in degrees; the angle is drawn from `[-rotate_degrees, rotate_degrees]`.
     pub rotate_degrees: f64,
     /// Isotropic zoom by a factor in `scale_range`.
     pub scale_prob: f64,
+    /// Zoom factors `[low, high]`; above 1 magnifies.
     pub scale_range: [f64; 2],
     /// Gamma on the patch rescaled to [0, 1], gamma in `gamma_range`.
     pub gamma_prob: f64,
+    /// Gamma exponents `[low, high]`.
     pub gamma_range: [f64; 2],
     /// Additive Gaussian noise with σ drawn from `[0, noise_std]`.
     pub noise_prob: f64,
+    /// Largest noise σ, in normalised intensity units.
     pub noise_std: f64,
     /// Multiply intensities by a factor in `brightness_range`.
     pub brightness_prob: f64,
+    /// Multiplicative factors `[low, high]`.
     pub brightness_range: [f64; 2],
     /// Scale around the patch mean by a factor in `contrast_range`.
     pub contrast_prob: f64,
+    /// Contrast factors `[low, high]`; the result is clipped to the patch's original range.
     pub contrast_range: [f64; 2],
 }
 
@@ -357,19 +388,30 @@ pub struct ModelConfig {
     pub preset: ModelPreset,
     /// 2.5D: neighbouring slices on each side given as extra channels (2D patches only).
     pub context_slices: usize,
+    /// Stem stage widths; stage `i` works at 1/2^i resolution. Unset: the preset's.
     pub stem_widths: Option<Vec<usize>>,
+    /// Residual blocks in each stem stage. Unset: the preset's.
     pub blocks_per_stage: Option<usize>,
+    /// Stem voxels per token edge. Unset: the preset's.
     pub token_patch: Option<usize>,
+    /// Transformer width. Unset: the preset's.
     pub embed_dim: Option<usize>,
+    /// Transformer blocks. Unset: the preset's.
     pub depth: Option<usize>,
+    /// Attention heads (must divide `embed_dim`). Unset: the preset's.
     pub heads: Option<usize>,
+    /// Transformer MLP width as a multiple of `embed_dim`. Unset: the preset's.
     pub mlp_ratio: Option<usize>,
+    /// Dropout in the transformer. Unset: the preset's.
     pub dropout: Option<f64>,
     /// `learned` or `sinusoidal`.
     pub position: Option<PositionEmbedding>,
     /// `instance` or `group`.
     pub norm: Option<NormKind>,
+    /// UNETR-style skips from intermediate transformer blocks. Unset: the preset's (off).
     pub transformer_skips: Option<bool>,
+    /// Extra logits at coarser decoder levels, trained with `train.deep_supervision_weights`.
+    /// Unset: the preset's (off).
     pub deep_supervision: Option<bool>,
 }
 
@@ -398,21 +440,27 @@ impl Default for ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// Training epochs.
     pub epochs: usize,
     /// Steps per epoch. 0: `ceil(training cases × patches_per_volume / batch_size)`.
     pub steps_per_epoch: usize,
+    /// Patches per optimisation step.
     pub batch_size: usize,
     /// AdamW peak learning rate and decoupled weight decay.
     pub lr: f64,
+    /// AdamW decoupled weight decay.
     pub weight_decay: f64,
     /// Linear warm-up from 0 over this many steps, then `schedule`.
     pub warmup_steps: usize,
     /// `cosine` (to 0), `poly` (`(1 - t)^poly_exponent`, nnU-Net's 0.9) or `constant`.
     pub schedule: Schedule,
+    /// Exponent of the `poly` schedule.
     pub poly_exponent: f64,
     /// Clip the global gradient norm to this (nnU-Net: 12); 0 turns clipping off.
     pub grad_clip: f64,
+    /// Weight of the soft Dice term in the loss.
     pub dice_weight: f64,
+    /// Weight of the cross-entropy term in the loss.
     pub ce_weight: f64,
     /// Loss weights of the deep-supervision outputs, deepest first. Empty: nnU-Net's halving
     /// weights (1/2, 1/4, …), normalised with the full-resolution output's weight of 1.
@@ -504,6 +552,7 @@ impl Default for SegmentConfig {
     }
 }
 
+/// Where the run's files go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputConfig {
@@ -652,7 +701,7 @@ impl RunConfig {
 
     /// Whether the patches are 3D (else 2D slices).
     pub fn is_3d(&self) -> bool {
-        self.sampling.patch_size.len() == 3
+        self.sampling.patch_size.is_3d()
     }
 
     /// Checks that do not need the dataset.
@@ -699,12 +748,6 @@ impl RunConfig {
             }
         }
         let s = &self.sampling;
-        if !(s.patch_size.len() == 2 || s.patch_size.len() == 3) || s.patch_size.contains(&0) {
-            return bad(format!(
-                "[sampling] patch_size must be 2 (2D) or 3 (3D) positive sizes, not {:?}",
-                s.patch_size
-            ));
-        }
         if !(0.0..=1.0).contains(&s.foreground_fraction) || s.patches_per_volume == 0 {
             return bad(
                 "[sampling] foreground_fraction must be in [0, 1] and patches_per_volume positive"
@@ -820,7 +863,7 @@ mod tests {
         assert_eq!(c.train.epochs, 5); // --set beats file
         assert_eq!(c.data.format, DataFormat::Decathlon); // bare word is a string
         assert_eq!(c.train.batch_size, TrainConfig::default().batch_size); // default
-        assert_eq!(c.sampling.patch_size, vec![64, 64]);
+        assert_eq!(c.sampling.patch_size.as_slice(), [64, 64]);
         // The dump reads back to the same config.
         let again = RunConfig::from_toml(&c.to_toml().unwrap(), "dump").unwrap();
         assert_eq!(again, c);

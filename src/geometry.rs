@@ -7,8 +7,113 @@
 //! Voxel indices are `(i, j, k)`. For NIfTI they are the file's first three axes. For DICOM, `i` is
 //! the column, `j` the row and `k` the slice, ordered along the slice normal (row direction × column
 //! direction), so `k` grows with the normal and the affine's third column is the slice step.
+//!
+//! # Axis order
+//!
+//! One convention, everywhere:
+//! - **voxel order `[i, j, k]`** for everything tied to the affine: [`Geometry::dims`],
+//!   [`Geometry::spacing`], world transforms, and every index or box written to disk
+//!   (`bbox_voxel`, lesion centres);
+//! - **array order `[k, j, i]`** for every in-memory array (`Volume::voxels` is `[c, k, j, i]`,
+//!   `k` slowest, which is NIfTI's on-disk order) and for patch and window sizes (`[D, H, W]`).
+//!
+//! Convert only with [`to_array_order`] and [`to_voxel_order`], or [`Geometry::shape`] /
+//! [`Geometry::array_spacing`], never by indexing `[2], [1], [0]` by hand.
 
 use serde::{Deserialize, Serialize};
+
+/// `[i, j, k]` → `[k, j, i]` (voxel order to array order).
+pub fn to_array_order<T>(ijk: [T; 3]) -> [T; 3] {
+    let [i, j, k] = ijk;
+    [k, j, i]
+}
+
+/// `[k, j, i]` → `[i, j, k]` (array order to voxel order).
+pub fn to_voxel_order<T>(kji: [T; 3]) -> [T; 3] {
+    let [k, j, i] = kji;
+    [i, j, k]
+}
+
+/// A training patch or inference window in array order: `[H, W]` for 2D models (one slice, or a
+/// 2.5D stack), `[D, H, W]` for 3D. Serialised as a plain list; any other length or a zero size
+/// fails when the config or checkpoint is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<usize>", into = "Vec<usize>")]
+pub struct PatchSize {
+    /// `[D, H, W]`; `D = 1` for 2D.
+    window: [usize; 3],
+    three_d: bool,
+}
+
+impl PatchSize {
+    /// A 2D (`[H, W]`) or 3D (`[D, H, W]`) size; `None` for any other length or a zero size.
+    pub fn new(sizes: &[usize]) -> Option<Self> {
+        if sizes.contains(&0) {
+            return None;
+        }
+        match *sizes {
+            [h, w] => Some(PatchSize {
+                window: [1, h, w],
+                three_d: false,
+            }),
+            [d, h, w] => Some(PatchSize {
+                window: [d, h, w],
+                three_d: true,
+            }),
+            _ => None,
+        }
+    }
+
+    /// 2 or 3.
+    pub fn spatial_dims(&self) -> usize {
+        if self.three_d {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// True for a 3D patch `[D, H, W]`.
+    pub fn is_3d(&self) -> bool {
+        self.three_d
+    }
+
+    /// The sizes, `[H, W]` or `[D, H, W]`.
+    pub fn as_slice(&self) -> &[usize] {
+        if self.three_d {
+            &self.window
+        } else {
+            &self.window[1..]
+        }
+    }
+
+    /// As a 3D window `[D, H, W]`: a 2D size is one slice deep (`[1, H, W]`).
+    pub fn window(&self) -> [usize; 3] {
+        self.window
+    }
+}
+
+impl TryFrom<Vec<usize>> for PatchSize {
+    type Error = String;
+    fn try_from(sizes: Vec<usize>) -> Result<Self, String> {
+        PatchSize::new(&sizes).ok_or_else(|| {
+            format!("patch_size must be 2 (2D) or 3 (3D) positive sizes, not {sizes:?}")
+        })
+    }
+}
+
+impl From<PatchSize> for Vec<usize> {
+    fn from(p: PatchSize) -> Vec<usize> {
+        p.as_slice().to_vec()
+    }
+}
+
+impl std::fmt::Display for PatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.as_slice().iter().map(usize::to_string).collect();
+        f.write_str(&parts.join("×"))
+    }
+}
 
 /// A 4×4 row-major affine mapping homogeneous voxel indices `(i, j, k, 1)` to RAS+ mm.
 pub type Affine = [[f64; 4]; 4];
@@ -50,6 +155,7 @@ pub const IDENTITY: Affine = [
 ];
 
 impl Geometry {
+    /// A grid of `dims` voxels in voxel order `[ni, nj, nk]`, placed by `affine` (voxel → RAS+ mm).
     pub fn new(dims: [usize; 3], affine: Affine) -> Self {
         Geometry { dims, affine }
     }
@@ -61,6 +167,16 @@ impl Geometry {
             self.affine[1][axis],
             self.affine[2][axis],
         ]
+    }
+
+    /// Array shape `[nk, nj, ni]` of a volume on this grid (see the module's axis order).
+    pub fn shape(&self) -> [usize; 3] {
+        to_array_order(self.dims)
+    }
+
+    /// Spacing in array order `[k, j, i]`, for filters and kernels sized on arrays.
+    pub fn array_spacing(&self) -> [f64; 3] {
+        to_array_order(self.spacing())
     }
 
     /// Voxel spacing in mm along `(i, j, k)`: the lengths of the affine's columns.
@@ -205,6 +321,40 @@ pub fn invert(a: &Affine) -> Option<Affine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patch_sizes_parse_lift_and_reject() {
+        let p2: PatchSize = serde_json::from_str("[64, 32]").unwrap();
+        assert_eq!((p2.spatial_dims(), p2.window()), (2, [1, 64, 32]));
+        assert_eq!(serde_json::to_string(&p2).unwrap(), "[64,32]");
+        let p3 = PatchSize::new(&[8, 16, 24]).unwrap();
+        assert_eq!(
+            (p3.as_slice(), p3.to_string()),
+            (&[8, 16, 24][..], "8×16×24".into())
+        );
+        for bad in ["[64]", "[1,2,3,4]", "[0, 64]"] {
+            let e = serde_json::from_str::<PatchSize>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("patch_size"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn array_order_is_voxel_order_reversed() {
+        let g = Geometry::new(
+            [4, 5, 6],
+            [
+                [1.0, 0.0, 0.0, 0.0],
+                [0.0, 2.0, 0.0, 0.0],
+                [0.0, 0.0, 3.0, 0.0],
+                IDENTITY[3],
+            ],
+        );
+        assert_eq!(g.shape(), [6, 5, 4]);
+        assert_eq!(g.array_spacing(), [3.0, 2.0, 1.0]);
+        assert_eq!(to_voxel_order(g.shape()), g.dims);
+    }
 
     #[test]
     fn lps_series_reports_lps_and_inverts() {

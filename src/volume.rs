@@ -12,11 +12,14 @@ use crate::geometry::Geometry;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
+    /// A NIfTI-1 or NIfTI-2 file.
     Nifti,
+    /// A DICOM file or series.
     Dicom,
 }
 
 impl SourceKind {
+    /// Lower-case name (`nifti`, `dicom`), as serialised.
     pub fn as_str(self) -> &'static str {
         match self {
             SourceKind::Nifti => "nifti",
@@ -29,21 +32,32 @@ impl SourceKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataType {
+    /// Unsigned 8-bit integer.
     Uint8,
+    /// Signed 8-bit integer.
     Int8,
+    /// Unsigned 16-bit integer.
     Uint16,
+    /// Signed 16-bit integer (the usual CT storage type).
     Int16,
+    /// Unsigned 32-bit integer.
     Uint32,
+    /// Signed 32-bit integer.
     Int32,
+    /// Unsigned 64-bit integer.
     Uint64,
+    /// Signed 64-bit integer.
     Int64,
+    /// 32-bit IEEE float.
     Float32,
+    /// 64-bit IEEE float.
     Float64,
     /// Three interleaved 8-bit samples per voxel; read as three channels.
     Rgb24,
 }
 
 impl DataType {
+    /// Lower-case name (`uint8`, `int16`, `float32`, …), as serialised and as `convert --dtype` takes it.
     pub fn as_str(self) -> &'static str {
         match self {
             DataType::Uint8 => "uint8",
@@ -99,9 +113,13 @@ impl DataType {
 /// Patient identifiers. Kept apart so that nothing prints them unless a user asks (`--show-phi`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PatientIdentifiers {
+    /// DICOM PatientName (0010,0010).
     pub patient_name: Option<String>,
+    /// DICOM PatientID (0010,0020).
     pub patient_id: Option<String>,
+    /// DICOM PatientBirthDate (0010,0030), as stored (`YYYYMMDD`).
     pub birth_date: Option<String>,
+    /// DICOM AccessionNumber (0008,0050).
     pub accession_number: Option<String>,
 }
 
@@ -110,11 +128,13 @@ pub struct PatientIdentifiers {
 pub struct VolumeInfo {
     /// The file, or for a DICOM series the directory it was found in.
     pub path: PathBuf,
+    /// NIfTI or DICOM.
     pub kind: SourceKind,
     /// DICOM Modality (`CT`, `MR`, …); `None` for NIfTI, which does not record it.
     pub modality: Option<String>,
     /// SeriesInstanceUID (DICOM only).
     pub series_uid: Option<String>,
+    /// SeriesDescription (DICOM only).
     pub series_description: Option<String>,
     /// Storage type in the source, before rescale.
     pub dtype: DataType,
@@ -122,6 +142,7 @@ pub struct VolumeInfo {
     pub slices: usize,
     /// Things a user should know: missing slices, uneven spacing, qform/sform disagreement …
     pub warnings: Vec<String>,
+    /// Patient identifiers (DICOM only); never serialised.
     #[serde(skip)]
     pub identifiers: PatientIdentifiers,
 }
@@ -133,8 +154,11 @@ pub struct VolumeInfo {
 /// (NIfTI `scl_slope`/`scl_inter`, DICOM Rescale Slope/Intercept), in `f32`.
 #[derive(Debug, Clone)]
 pub struct Volume {
+    /// Voxel values `[c, k, j, i]` (array order), after rescale.
     pub voxels: Array4<f32>,
+    /// Grid size and voxel → RAS+ mm affine; `dims` is `[ni, nj, nk]` (voxel order).
     pub geometry: Geometry,
+    /// What the source said about the volume.
     pub info: VolumeInfo,
 }
 
@@ -159,6 +183,7 @@ impl Volume {
         })
     }
 
+    /// Number of channels (the first axis of `voxels`; 3 for RGB, else usually 1).
     pub fn channels(&self) -> usize {
         self.voxels.shape()[0]
     }

@@ -3,15 +3,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
-use medseg::model::{summary, HybridSegNetConfig};
+use medseg::geometry::PatchSize;
+use medseg::model::{summary, HybridSegNetConfig, ModelPreset};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// tiny, small or base.
     #[arg(long, default_value = "tiny", conflicts_with = "config")]
-    preset: String,
+    preset: ModelPreset,
     /// Spatial dimensions of the preset: 2 (slices) or 3 (patches).
     #[arg(long, default_value_t = 3)]
     dims: usize,
@@ -45,7 +46,7 @@ fn peak_rss_mib() -> Option<f64> {
 /// Times `steps` forward+backward passes of one random sample.
 fn time_steps(
     config: &HybridSegNetConfig,
-    size: &[usize],
+    size: PatchSize,
     device: &str,
     steps: usize,
     macs: u64,
@@ -53,11 +54,8 @@ fn time_steps(
     use burn::prelude::*;
     let device = medseg::model::device(device)?.autodiff();
     let net = config.init(&device)?;
-    let shape = if config.spatial_dims == 2 {
-        [1, config.input_channels(), 1, size[0], size[1]]
-    } else {
-        [1, config.input_channels(), size[0], size[1], size[2]]
-    };
+    let [d, h, w] = size.window();
+    let shape = [1, config.input_channels(), d, h, w];
     let x = Tensor::<5>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
     let y = Tensor::<4, Int>::zeros([1, shape[2], shape[3], shape[4]], &device);
     let step = || {
@@ -110,23 +108,27 @@ fn human(n: f64) -> String {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => load_config(path)?,
-        None => {
-            HybridSegNetConfig::preset(&args.preset, args.dims, args.in_channels, args.classes)?
-        }
+        None => HybridSegNetConfig::preset(
+            args.preset,
+            HybridSegNetConfig::default_patch(args.dims)?,
+            args.classes,
+        )
+        .with_in_channels(args.in_channels),
     };
     config.validate()?;
-    let size = args
-        .size
-        .clone()
-        .unwrap_or_else(|| config.patch_size.clone());
-    if size.len() != config.spatial_dims {
-        bail!(
-            "--size needs {} values for a {}D model",
-            config.spatial_dims,
-            config.spatial_dims
-        );
-    }
-    let rows = summary::summarize(&config, &size);
+    let size = match &args.size {
+        Some(s) => PatchSize::new(s)
+            .filter(|p| p.spatial_dims() == config.spatial_dims())
+            .with_context(|| {
+                format!(
+                    "--size {s:?}: needs {} positive values for a {}D model",
+                    config.spatial_dims(),
+                    config.spatial_dims()
+                )
+            })?,
+        None => config.patch_size,
+    };
+    let rows = summary::summarize(&config, size);
     println!(
         "{:<28} {:>22} {:>12} {:>12}",
         "layer", "output [C, D, H, W]", "params", "MACs"
@@ -146,11 +148,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "total: {} parameters ({params}), {} multiply-adds per forward pass at {:?} (total stride {})",
         human(params as f64),
         human(macs as f64),
-        size,
+        size.as_slice(),
         config.total_stride()
     );
     if let Some(steps) = args.time {
-        time_steps(&config, &size, &args.device, steps, macs)?;
+        time_steps(&config, size, &args.device, steps, macs)?;
     }
     Ok(())
 }

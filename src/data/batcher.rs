@@ -23,9 +23,11 @@ use crate::transforms::augment::Patch;
 pub struct Batch {
     /// `[B, C, D, H, W]`, C order.
     pub image: Vec<f32>,
+    /// `[B, C, D, H, W]` of `image`.
     pub image_shape: [usize; 5],
     /// `[B, D, H, W]` class indices.
     pub label: Vec<u8>,
+    /// `[B, D, H, W]` of `label`.
     pub label_shape: [usize; 4],
 }
 
@@ -49,8 +51,11 @@ pub fn collate(patches: &[Patch]) -> Batch {
 /// Which case each patch of an epoch comes from: every case `patches_per_volume` times, shuffled.
 #[derive(Debug, Clone)]
 pub struct EpochPlan {
+    /// Case index of each patch, in epoch order.
     pub slots: Vec<usize>,
+    /// Patches per batch.
     pub batch_size: usize,
+    /// Batches in the epoch; the slots are cycled when they run out.
     pub steps: usize,
 }
 
@@ -124,6 +129,8 @@ pub struct Loader {
 }
 
 impl Loader {
+    /// Starts `workers` threads building the batches of `plan` for `epoch`; each batch is seeded
+    /// by `(seed, epoch, step)`, so the result does not depend on the thread count.
     pub fn spawn(
         cases: Arc<Vec<Arc<PreparedCase>>>,
         sampler: PatchSampler,
@@ -229,7 +236,7 @@ mod tests {
         ));
         let cases = Arc::new(vec![case.clone(), case]);
         let sampling = SamplingConfig {
-            patch_size: vec![16, 16],
+            patch_size: crate::geometry::PatchSize::new(&[16, 16]).unwrap(),
             ..SamplingConfig::default()
         };
         let sampler = PatchSampler::new(&sampling, &AugmentConfig::default(), 1);

@@ -28,11 +28,13 @@ const FOREGROUND_SAMPLES: usize = 10_000;
 /// A case ready for patch sampling: normalised image, class labels, and foreground positions.
 #[derive(Debug, Clone)]
 pub struct PreparedCase {
+    /// Case name.
     pub id: String,
     /// `[C, D, H, W]` = `[channel, k, j, i]` on the preprocessed grid.
     pub image: Array4<f32>,
     /// `[D, H, W]` class indices.
     pub label: Array3<u8>,
+    /// The preprocessed grid (voxel → RAS+ mm).
     pub geometry: Geometry,
     /// For each foreground class `1..K` (index 0 is class 1): up to 10,000 voxel positions `[k, j, i]`.
     pub foreground: Vec<Vec<[u32; 3]>>,
@@ -41,8 +43,7 @@ pub struct PreparedCase {
 impl PreparedCase {
     /// Spacing in array order `[k, j, i]`, mm.
     pub fn spacing_kji(&self) -> [f64; 3] {
-        let s = self.geometry.spacing();
-        [s[2], s[1], s[0]]
+        self.geometry.array_spacing()
     }
 }
 
@@ -55,6 +56,8 @@ pub struct LabelMap {
 }
 
 impl LabelMap {
+    /// `classes` classes (background included); `values[c]` is class `c`'s value in the source
+    /// files, and values not listed become background. Empty `values`: class `c` is value `c`.
     pub fn new(classes: usize, values: &[u32]) -> Self {
         LabelMap {
             classes,
@@ -220,6 +223,7 @@ pub struct CaseCache {
 }
 
 impl CaseCache {
+    /// A cache in `dir` (created when first written).
     pub fn new(dir: &Path) -> Self {
         CaseCache {
             dir: dir.to_path_buf(),
@@ -345,8 +349,11 @@ impl CaseCache {
 /// The case ids of each split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Split {
+    /// Training cases, sorted.
     pub train: Vec<String>,
+    /// Validation cases (model selection and early stopping).
     pub validation: Vec<String>,
+    /// Held-out test cases, never used in training or selection.
     pub test: Vec<String>,
 }
 
@@ -408,130 +415,174 @@ pub fn split_cases(ids: &[String], config: &crate::config::DataConfig) -> Result
 
 /// Training and validation cases in memory, with everything that preprocessing resolved.
 pub struct Dataset {
+    /// The training cases.
     pub train: Vec<Arc<PreparedCase>>,
+    /// The validation cases.
     pub validation: Vec<Arc<PreparedCase>>,
+    /// The case ids of every split, test included.
     pub split: Split,
 }
 
-/// Reads the manifest named by `config.data`, fills in what the config leaves to the dataset
-/// (channels, labels, target spacing, intensity statistics: `config` is updated to the resolved
-/// values), checks every case, and prepares the training and validation cases. All problems are
-/// reported together, one line per case. `progress(done, total)` follows the case preparation.
-pub fn build(config: &mut RunConfig, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Dataset> {
-    let data = &config.data;
-    let (manifest_path, manifest) = match data.format {
-        DataFormat::Decathlon => (
-            data.root.join("dataset.json"),
-            manifest::read_decathlon(&data.root)?,
-        ),
-        DataFormat::Csv => {
-            let path = data.root.join(&data.manifest);
-            let m = manifest::read_csv(&path, &data.root)?;
-            (path, m)
-        }
-    };
-    if config.data.channels.is_empty() {
-        config.data.channels = manifest.channels.clone();
-    }
-    if config.data.labels.is_empty() {
-        config.data.labels = manifest.labels.clone();
-    }
-    let channels = config.data.channels.len();
-    let classes = config.data.labels.len();
-    if channels == 0 || classes < 2 {
-        return Err(Error::Config {
-            reason: format!(
-                "{}: [data] channels and labels (background first, at least 2) must be given in the config or the dataset.json",
-                manifest_path.display()
-            ),
-        });
-    }
-    if !config.data.label_values.is_empty() && config.data.label_values.len() != classes {
-        return Err(Error::Config {
-            reason: "[data] label_values needs one value per label".into(),
-        });
-    }
-    let labels = LabelMap::new(classes, &config.data.label_values);
-    let ids: Vec<String> = manifest.cases.iter().map(|c| c.id.clone()).collect();
-    let split = split_cases(&ids, &config.data)?;
-    let cache = CaseCache::new(&config.data.cache_dir);
-    let entry = |id: &String| manifest.cases.iter().find(|c| &c.id == id).cloned();
-    let mut problems = Vec::new();
-    for c in &manifest.cases {
-        if c.label.is_none() {
-            problems.push(format!("case {}: no label file", c.id));
-        }
-        for p in c.images.iter().chain(c.label.iter()) {
-            if !p.exists() {
-                problems.push(format!("case {}: {} does not exist", c.id, p.display()));
-            }
-        }
-    }
-    if !problems.is_empty() {
-        return Err(Error::Dataset {
-            path: manifest_path,
-            problems,
-        });
-    }
+/// The manifest's cases with the channel and label names the run uses (the config's, else the
+/// manifest's), every file checked to exist.
+struct Sources {
+    path: PathBuf,
+    cases: Vec<CaseEntry>,
+    channels: Vec<String>,
+    labels: Vec<String>,
+}
 
-    // Target spacing: the median over training cases of the (reoriented) source spacing.
-    let reorient = config.preprocess.reorient;
-    if config.preprocess.spacing.is_empty() {
-        let geometries: Vec<Result<Geometry>> = split
-            .train
-            .par_iter()
-            .filter_map(entry)
-            .map(|e| cache.source_geometry(&e))
-            .collect();
-        let mut spacings = Vec::new();
-        for g in geometries {
-            match g {
-                Ok(g) => {
-                    let plan = SpatialPlan {
-                        spacing: [1.0; 3],
-                        reorient,
-                        crop_to_nonzero: false,
-                    };
-                    spacings.push(plan.oriented(&g).spacing())
-                }
-                Err(e) => problems.push(e.to_string()),
+impl Sources {
+    fn read(data: &crate::config::DataConfig) -> Result<Sources> {
+        let (path, manifest) = match data.format {
+            DataFormat::Decathlon => (
+                data.root.join("dataset.json"),
+                manifest::read_decathlon(&data.root)?,
+            ),
+            DataFormat::Csv => {
+                let path = data.root.join(&data.manifest);
+                let m = manifest::read_csv(&path, &data.root)?;
+                (path, m)
             }
-        }
-        if !problems.is_empty() {
-            return Err(Error::Dataset {
-                path: manifest_path,
-                problems,
+        };
+        let or = |given: &Vec<String>, found: Vec<String>| {
+            if given.is_empty() {
+                found
+            } else {
+                given.clone()
+            }
+        };
+        let channels = or(&data.channels, manifest.channels);
+        let labels = or(&data.labels, manifest.labels);
+        if channels.is_empty() || labels.len() < 2 {
+            return Err(Error::Config {
+                reason: format!(
+                    "{}: [data] channels and labels (background first, at least 2) must be given in the config or the dataset.json",
+                    path.display()
+                ),
             });
         }
-        config.preprocess.spacing = (0..3)
-            .map(|a| {
-                let mut v: Vec<f64> = spacings.iter().map(|s| s[a]).collect();
-                v.sort_by(f64::total_cmp);
-                // Rounded to 1e-4 mm so the saved config reads cleanly.
-                (v[v.len() / 2] * 1e4).round() / 1e4
-            })
-            .collect();
+        if !data.label_values.is_empty() && data.label_values.len() != labels.len() {
+            return Err(Error::Config {
+                reason: "[data] label_values needs one value per label".into(),
+            });
+        }
+        let mut problems = Vec::new();
+        for c in &manifest.cases {
+            if c.label.is_none() {
+                problems.push(format!("case {}: no label file", c.id));
+            }
+            for p in c.images.iter().chain(c.label.iter()) {
+                if !p.exists() {
+                    problems.push(format!("case {}: {} does not exist", c.id, p.display()));
+                }
+            }
+        }
+        let sources = Sources {
+            path,
+            cases: manifest.cases,
+            channels,
+            labels,
+        };
+        sources.check(problems)?;
+        Ok(sources)
     }
-    let s = &config.preprocess.spacing;
-    let plan = SpatialPlan {
-        spacing: [s[0], s[1], s[2]],
-        reorient,
-        crop_to_nonzero: config.preprocess.crop_to_nonzero,
-    };
 
-    let wanted: Vec<CaseEntry> = split
-        .train
+    /// All problems of one stage, reported together against the manifest.
+    fn check(&self, problems: Vec<String>) -> Result<()> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Dataset {
+                path: self.path.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// The entries of `ids`, in that order.
+    fn entries<'a>(&self, ids: impl IntoIterator<Item = &'a String>) -> Vec<CaseEntry> {
+        ids.into_iter()
+            .filter_map(|id| self.cases.iter().find(|c| &c.id == id).cloned())
+            .collect()
+    }
+}
+
+/// Target spacing (nnU-Net's plan): the per-axis median of the training cases' (reoriented)
+/// spacings, rounded to 1e-4 mm so the saved config reads cleanly. `spacings` is not empty.
+pub fn median_spacing(spacings: &[[f64; 3]]) -> [f64; 3] {
+    [0, 1, 2].map(|a| {
+        let mut v: Vec<f64> = spacings.iter().map(|s| s[a]).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2] * 1e4).round() / 1e4
+    })
+}
+
+/// The default intensity scheme of each channel: CT windowing for a channel named `CT`, else a
+/// z-score inside the foreground.
+pub fn default_intensity(channels: &[String]) -> Vec<IntensityConfig> {
+    channels
         .iter()
-        .chain(&split.validation)
-        .filter_map(entry)
+        .map(|name| IntensityConfig {
+            scheme: if name.eq_ignore_ascii_case("ct") {
+                IntensityScheme::Ct
+            } else {
+                IntensityScheme::Zscore
+            },
+            ..IntensityConfig::default()
+        })
+        .collect()
+}
+
+/// The config's spacing, else the median over the training cases' source grids.
+fn plan_spacing(
+    config: &RunConfig,
+    sources: &Sources,
+    split: &Split,
+    cache: &CaseCache,
+) -> Result<[f64; 3]> {
+    if let [x, y, z] = config.preprocess.spacing[..] {
+        return Ok([x, y, z]);
+    }
+    let unit = SpatialPlan {
+        spacing: [1.0; 3],
+        reorient: config.preprocess.reorient,
+        crop_to_nonzero: false,
+    };
+    let geometries: Vec<Result<Geometry>> = sources
+        .entries(&split.train)
+        .par_iter()
+        .map(|e| cache.source_geometry(e))
         .collect();
+    let mut spacings = Vec::new();
+    let mut problems = Vec::new();
+    for g in geometries {
+        match g {
+            Ok(g) => spacings.push(unit.oriented(&g).spacing()),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    sources.check(problems)?;
+    Ok(median_spacing(&spacings))
+}
+
+/// Training and validation cases on the target grid (from the cache when it holds them).
+fn load_resampled(
+    sources: &Sources,
+    split: &Split,
+    cache: &CaseCache,
+    plan: &SpatialPlan,
+    labels: &LabelMap,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Vec<(String, SpatialResult)>> {
+    let wanted = sources.entries(split.train.iter().chain(&split.validation));
     let total = wanted.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
     progress(0, total);
     let loaded: Vec<(String, Result<SpatialResult>)> = wanted
         .par_iter()
         .map(|e| {
-            let r = cache.load(e, channels, &labels, &plan);
+            let r = cache.load(e, sources.channels.len(), labels, plan);
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 total,
@@ -540,6 +591,7 @@ pub fn build(config: &mut RunConfig, progress: &(dyn Fn(usize, usize) + Sync)) -
         })
         .collect();
     let mut spatial = Vec::new();
+    let mut problems = Vec::new();
     for (id, r) in loaded {
         match r {
             Ok(s) if s.label.is_some() => spatial.push((id, s)),
@@ -547,55 +599,72 @@ pub fn build(config: &mut RunConfig, progress: &(dyn Fn(usize, usize) + Sync)) -
             Err(e) => problems.push(e.to_string()),
         }
     }
-    if !problems.is_empty() {
-        return Err(Error::Dataset {
-            path: manifest_path,
-            problems,
-        });
-    }
+    sources.check(problems)?;
+    Ok(spatial)
+}
 
-    // Intensity: resolve each channel's scheme, with foreground statistics of the training cases.
-    let mut intensity = config.preprocess.intensity.clone();
-    if intensity.is_empty() {
-        intensity = config
-            .data
-            .channels
-            .iter()
-            .map(|name| IntensityConfig {
-                scheme: if name.eq_ignore_ascii_case("ct") {
-                    IntensityScheme::Ct
-                } else {
-                    IntensityScheme::Zscore
-                },
-                ..IntensityConfig::default()
-            })
-            .collect();
-    }
-    if intensity.len() != channels {
+/// Each channel's normalisation, resolved with foreground statistics of the training cases.
+fn plan_intensity(
+    config: &RunConfig,
+    channels: &[String],
+    spatial: &[(String, SpatialResult)],
+    split: &Split,
+) -> Result<Vec<Normalization>> {
+    let intensity = if config.preprocess.intensity.is_empty() {
+        default_intensity(channels)
+    } else {
+        config.preprocess.intensity.clone()
+    };
+    if intensity.len() != channels.len() {
         return Err(Error::Config {
             reason: format!(
-                "[preprocess] intensity has {} entries for {channels} channels",
-                intensity.len()
+                "[preprocess] intensity has {} entries for {} channels",
+                intensity.len(),
+                channels.len()
             ),
         });
     }
-    let mut normalization = Vec::new();
-    for (c, ic) in intensity.iter().enumerate() {
-        let samples: Vec<f32> = spatial
-            .iter()
-            .filter(|(id, _)| split.train.contains(id))
-            .flat_map(|(_, s)| foreground_samples(s, c))
-            .collect();
-        normalization.push(Normalization::resolve(
-            ic,
-            Some(&samples),
-            config.preprocess.crop_to_nonzero,
-        )?);
-    }
-    config.preprocess.intensity = normalization.iter().map(Normalization::to_config).collect();
+    intensity
+        .iter()
+        .enumerate()
+        .map(|(c, ic)| {
+            let samples: Vec<f32> = spatial
+                .iter()
+                .filter(|(id, _)| split.train.contains(id))
+                .flat_map(|(_, s)| foreground_samples(s, c))
+                .collect();
+            Normalization::resolve(ic, Some(&samples), config.preprocess.crop_to_nonzero)
+        })
+        .collect()
+}
 
-    let mut train = Vec::new();
-    let mut validation = Vec::new();
+/// Reads the manifest named by `config.data`, checks every case, plans what the config leaves to
+/// the dataset (channels, labels, target spacing, intensity statistics), and prepares the training
+/// and validation cases. The plan is written back into `config`, which the run saves, so inference
+/// repeats it exactly. All problems of a stage are reported together, one line per case.
+/// `progress(done, total)` follows the case preparation.
+pub fn build(config: &mut RunConfig, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Dataset> {
+    let sources = Sources::read(&config.data)?;
+    let classes = sources.labels.len();
+    let labels = LabelMap::new(classes, &config.data.label_values);
+    let ids: Vec<String> = sources.cases.iter().map(|c| c.id.clone()).collect();
+    let split = split_cases(&ids, &config.data)?;
+    let cache = CaseCache::new(&config.data.cache_dir);
+    let spacing = plan_spacing(config, &sources, &split, &cache)?;
+    let plan = SpatialPlan {
+        spacing,
+        reorient: config.preprocess.reorient,
+        crop_to_nonzero: config.preprocess.crop_to_nonzero,
+    };
+    let spatial = load_resampled(&sources, &split, &cache, &plan, &labels, progress)?;
+    let normalization = plan_intensity(config, &sources.channels, &spatial, &split)?;
+
+    config.preprocess.spacing = spacing.to_vec();
+    config.preprocess.intensity = normalization.iter().map(Normalization::to_config).collect();
+    config.data.channels = sources.channels;
+    config.data.labels = sources.labels;
+
+    let (mut train, mut validation) = (Vec::new(), Vec::new());
     for (id, s) in spatial {
         let case = Arc::new(prepare(id.clone(), s, &normalization, classes));
         if split.train.contains(&id) {
@@ -665,6 +734,17 @@ pub fn prepare(
 mod tests {
     use super::*;
     use crate::config::DataConfig;
+
+    #[test]
+    fn plan_takes_the_median_spacing_and_ct_windows_for_ct() {
+        let s = median_spacing(&[[1.0, 1.0, 5.0], [0.7, 0.7, 1.25], [0.8, 0.80004, 3.0]]);
+        assert_eq!(s, [0.8, 0.8, 3.0]);
+        let schemes: Vec<_> = default_intensity(&["CT".into(), "T1".into()])
+            .into_iter()
+            .map(|c| c.scheme)
+            .collect();
+        assert_eq!(schemes, [IntensityScheme::Ct, IntensityScheme::Zscore]);
+    }
 
     #[test]
     fn splits_are_disjoint_seeded_and_cover_every_case() {

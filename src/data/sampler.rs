@@ -12,23 +12,23 @@ use crate::transforms::augment::{augment_patch, cut_patch, rand_affine, Patch, P
 pub struct PatchSampler {
     /// `[D, H, W]`; `D = 1` for 2D.
     pub size: [usize; 3],
+    /// 3D patches (else 2D slices or 2.5D stacks).
     pub three_d: bool,
+    /// 2.5D: neighbouring slices on each side stacked as extra channels (0 = plain 2D).
     pub context: usize,
+    /// Share of patches centred on a foreground voxel.
     pub foreground_fraction: f64,
+    /// Augmentation applied to every patch.
     pub augment: AugmentConfig,
 }
 
 impl PatchSampler {
+    /// A sampler for the `[sampling]` patch size and foreground share, `[augment]` settings and
+    /// `context` 2.5D slices on each side.
     pub fn new(sampling: &SamplingConfig, augment: &AugmentConfig, context: usize) -> Self {
-        let p = &sampling.patch_size;
-        let (size, three_d) = if p.len() == 3 {
-            ([p[0], p[1], p[2]], true)
-        } else {
-            ([1, p[0], p[1]], false)
-        };
         PatchSampler {
-            size,
-            three_d,
+            size: sampling.patch_size.window(),
+            three_d: sampling.patch_size.is_3d(),
             context,
             foreground_fraction: sampling.foreground_fraction,
             augment: augment.clone(),
@@ -119,7 +119,7 @@ mod tests {
             2,
         );
         let sampling = SamplingConfig {
-            patch_size: vec![8, 8, 8],
+            patch_size: crate::geometry::PatchSize::new(&[8, 8, 8]).unwrap(),
             foreground_fraction: 0.33,
             patches_per_volume: 1,
         };

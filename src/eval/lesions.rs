@@ -11,20 +11,27 @@ pub use crate::transforms::post::VoxelBox;
 /// One lesion of a case: a connected component of the truth or the prediction.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LesionRecord {
+    /// Case name.
     pub case: String,
+    /// Label value of the class the lesion belongs to.
     pub class: u32,
     /// `truth` or `pred`.
     pub source: &'static str,
     /// Component id within its mask (1-based, raster order).
     pub id: u32,
+    /// Size in voxels.
     pub voxels: usize,
+    /// Volume in mm³ (voxels × voxel volume).
     pub volume_mm3: f64,
+    /// Inclusive bounding box `[[i, j, k] min, [i, j, k] max]` (voxel order).
     pub bbox_voxel: VoxelBox,
     /// Contrast-to-noise ratio of a synthetic truth lesion, from `medseg synth`'s `lesions.json`.
     pub contrast_to_noise: Option<f64>,
     /// Id of the matched component in the other mask, if any.
     pub matched: Option<u32>,
+    /// IoU with the matched component; 0 when unmatched.
     pub iou: f64,
+    /// Dice with the matched component; 0 when unmatched.
     pub dice: f64,
     /// Detection confidence (predicted lesions only; 1 when the prediction carries none).
     pub confidence: f64,
@@ -33,17 +40,22 @@ pub struct LesionRecord {
 /// Lesions of one class in one case, matched.
 #[derive(Debug, Clone, Default)]
 pub struct LesionMatch {
+    /// Truth lesions, by component id.
     pub truth: Vec<LesionRecord>,
+    /// Predicted lesions, by component id.
     pub pred: Vec<LesionRecord>,
 }
 
 impl LesionMatch {
+    /// True positives: truth lesions matched by a prediction.
     pub fn tp(&self) -> usize {
         self.truth.iter().filter(|l| l.matched.is_some()).count()
     }
+    /// False negatives: truth lesions left unmatched.
     pub fn fn_(&self) -> usize {
         self.truth.len() - self.tp()
     }
+    /// False positives: predicted lesions left unmatched.
     pub fn fp(&self) -> usize {
         self.pred.iter().filter(|l| l.matched.is_none()).count()
     }
@@ -52,7 +64,9 @@ impl LesionMatch {
 /// The grid lesions are found on: `[nk, nj, ni]` and the volume of one voxel.
 #[derive(Debug, Clone, Copy)]
 pub struct LesionGrid {
+    /// Mask shape `[nk, nj, ni]` (array order).
     pub dims: [usize; 3],
+    /// Volume of one voxel in mm³.
     pub voxel_mm3: f64,
 }
 

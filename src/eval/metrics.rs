@@ -20,18 +20,28 @@ use serde::Serialize;
 /// Metrics of one class in one case.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ClassMetrics {
+    /// Dice coefficient `2|T∩P| / (|T| + |P|)`.
     pub dice: f64,
+    /// Intersection over union `|T∩P| / |T∪P|`.
     pub iou: f64,
+    /// `|T∩P| / |P|`.
     pub precision: f64,
+    /// Sensitivity, `|T∩P| / |T|`.
     pub recall: f64,
+    /// Truth volume in mm³.
     pub truth_mm3: f64,
+    /// Predicted volume in mm³.
     pub pred_mm3: f64,
     /// `pred - truth`, mm³.
     pub volume_difference_mm3: f64,
     /// `(pred - truth) / truth`; NaN when the truth is empty.
     pub relative_volume_difference: f64,
+    /// 95th-percentile symmetric Hausdorff distance in mm; NaN when either mask is empty.
     pub hd95_mm: f64,
+    /// Average symmetric surface distance in mm; NaN when either mask is empty.
     pub assd_mm: f64,
+    /// Normalised surface Dice at the evaluation's tolerance (0–1); 0 when one mask is empty, NaN
+    /// when both are.
     pub nsd: f64,
 }
 

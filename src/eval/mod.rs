@@ -121,7 +121,9 @@ impl EvalConfig {
 /// A truth / prediction pair found by case name.
 #[derive(Debug, Clone)]
 pub struct CasePair {
+    /// Case name, from the truth file's name (see `io::layout::case_name`).
     pub case: String,
+    /// The truth label map.
     pub truth: PathBuf,
     /// `None` when the prediction is missing (it counts as empty).
     pub pred: Option<PathBuf>,
@@ -175,11 +177,15 @@ pub fn pair_cases(pred_dir: &Path, truth_dir: &Path) -> Result<(Vec<CasePair>, V
 /// Results of one case.
 #[derive(Debug, Clone)]
 pub struct CaseResult {
+    /// Case name.
     pub case: String,
+    /// No prediction file was found; it was scored as empty.
     pub missing_prediction: bool,
+    /// Overlap and surface metrics per evaluated class (label value).
     pub classes: Vec<(u32, ClassMetrics)>,
+    /// Matched lesions per lesion-evaluated class (label value).
     pub lesions: Vec<(u32, LesionMatch)>,
-    /// Spacing `[sk, sj, si]` and grid `[nk, nj, ni]`, for the overlay montage.
+    /// Truth grid `[nk, nj, ni]` (array order), for the overlay montage.
     pub dims: [usize; 3],
 }
 
@@ -239,8 +245,7 @@ fn confidence_source(pair: &CasePair, dims: [usize; 3]) -> Option<Vec<f32>> {
     let dir = pred.parent()?;
     let path = CaseOutputs::new(dir, &pair.case, true, false).probabilities?;
     let prob = read_nifti(&path).ok()?;
-    let g = prob.geometry.dims;
-    ([g[2], g[1], g[0]] == dims).then(|| prob.voxels.iter().copied().collect())
+    (prob.geometry.shape() == dims).then(|| prob.voxels.iter().copied().collect())
 }
 
 /// Evaluates one case: every class's metrics and, for lesion classes, the lesion matching.
@@ -254,8 +259,7 @@ pub fn evaluate_case(
         Some(p) => Some(read_nifti(p)?),
         None => None,
     };
-    let g = truth.geometry.dims;
-    let dims = [g[2], g[1], g[0]];
+    let dims = truth.geometry.shape();
     if let Some(p) = &pred {
         let diff = truth.geometry.max_affine_difference(&p.geometry);
         if !matches!(diff, Some(d) if d <= config.grid_tolerance_mm) {
@@ -284,9 +288,8 @@ pub fn evaluate_case(
             .into_iter()
             .collect(),
     };
-    let s = truth.geometry.spacing();
-    let spacing = [s[2], s[1], s[0]];
-    let voxel_mm3 = s.iter().product::<f64>();
+    let spacing = truth.geometry.array_spacing();
+    let voxel_mm3 = spacing.iter().product::<f64>();
     // Confidence of a predicted lesion: its lesion-table row (matched by class and bounding box),
     // else its maximum probability, else 1.
     let table = lesion_table(pair)?;

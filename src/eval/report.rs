@@ -224,44 +224,155 @@ pub struct ContrastBin {
 
 /// Everything `write_report` needs besides the per-case results.
 pub struct ReportInputs<'a> {
+    /// The evaluation settings (class names, volume bins, …).
     pub config: &'a EvalConfig,
+    /// Per-case results.
     pub results: &'a [CaseResult],
     /// Cases that could not be evaluated, with the reason.
     pub failed: &'a [(String, String)],
+    /// Prediction files with no truth of the same case name.
     pub unmatched_predictions: &'a [std::path::PathBuf],
     /// Overlay tiles of the worst cases, already rendered (see [`crate::io::plot::overlay_tile`]).
     pub worst_tiles: Vec<(String, image::RgbImage)>,
 }
 
-/// Builds `summary.json`'s content.
-pub fn summarize(inp: &ReportInputs) -> EvalSummary {
-    let cfg = inp.config;
-    let mut classes = BTreeMap::new();
+/// Per-class overlap metrics, aggregated over cases.
+fn class_summaries(inp: &ReportInputs) -> BTreeMap<u32, ClassSummary> {
     let mut per_class: BTreeMap<u32, Vec<[f64; 11]>> = BTreeMap::new();
     for r in inp.results {
         for (c, m) in &r.classes {
             per_class.entry(*c).or_default().push(metric_values(m));
         }
     }
-    for (c, rows) in &per_class {
-        let metrics = METRICS
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let values: Vec<f64> = rows.iter().map(|r| r[i]).collect();
-                (name.to_string(), Stats::of(&values))
-            })
-            .collect();
-        classes.insert(
-            *c,
-            ClassSummary {
-                label: cfg.label_name(*c),
-                metrics,
-            },
-        );
+    per_class
+        .iter()
+        .map(|(c, rows)| {
+            let metrics = METRICS
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let values: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+                    (name.to_string(), Stats::of(&values))
+                })
+                .collect();
+            let label = inp.config.label_name(*c);
+            (*c, ClassSummary { label, metrics })
+        })
+        .collect()
+}
+
+/// Detection by lesion-volume bin.
+fn volume_bins(
+    cfg: &EvalConfig,
+    truth: &[&LesionRecord],
+    pred: &[&LesionRecord],
+) -> Vec<VolumeBin> {
+    let mut bin_names: Vec<String> = cfg
+        .volume_bins_mm3
+        .iter()
+        .map(|&lo| cfg.volume_bin(lo))
+        .collect();
+    bin_names.dedup();
+    bin_names
+        .into_iter()
+        .map(|bin| {
+            let in_bin = |l: &&&LesionRecord| cfg.volume_bin(l.volume_mm3) == bin;
+            let t: Vec<_> = truth.iter().filter(in_bin).collect();
+            let p: Vec<_> = pred.iter().filter(in_bin).collect();
+            let detected = t.iter().filter(|l| l.matched.is_some()).count();
+            let false_positives = p.iter().filter(|l| l.matched.is_none()).count();
+            let (sensitivity, _, _) = detection_scores(detected, 0, t.len() - detected);
+            let (_, precision, _) = detection_scores(p.len() - false_positives, false_positives, 0);
+            VolumeBin {
+                bin,
+                truth_lesions: t.len(),
+                detected,
+                sensitivity,
+                pred_lesions: p.len(),
+                false_positives,
+                precision,
+            }
+        })
+        .collect()
+}
+
+/// Sensitivity by contrast-to-noise bin, for synthetic truth lesions (`lesions.json` beside the
+/// labels); empty when no truth lesion has a known contrast.
+fn contrast_bins(truth: &[&LesionRecord]) -> Vec<ContrastBin> {
+    if !truth.iter().any(|l| l.contrast_to_noise.is_some()) {
+        return Vec::new();
     }
-    let mut lesions = BTreeMap::new();
-    let scans = inp.results.len();
+    CNR_BINS
+        .iter()
+        .enumerate()
+        .map(|(i, &lo)| {
+            let hi = CNR_BINS.get(i + 1).copied().unwrap_or(f64::INFINITY);
+            let t: Vec<_> = truth
+                .iter()
+                .filter(|l| l.contrast_to_noise.is_some_and(|v| v >= lo && v < hi))
+                .collect();
+            let detected = t.iter().filter(|l| l.matched.is_some()).count();
+            let (sensitivity, _, _) = detection_scores(detected, 0, t.len() - detected);
+            ContrastBin {
+                bin: if hi.is_finite() {
+                    format!("{lo}-{hi}")
+                } else {
+                    format!(">={lo}")
+                },
+                truth_lesions: t.len(),
+                detected,
+                sensitivity,
+            }
+        })
+        .collect()
+}
+
+/// One lesion class's detection summary over `scans` scans.
+fn lesion_summary(
+    cfg: &EvalConfig,
+    class: u32,
+    truth: &[&LesionRecord],
+    pred: &[&LesionRecord],
+    scans: usize,
+) -> LesionSummary {
+    let tp = truth.iter().filter(|l| l.matched.is_some()).count();
+    let fn_ = truth.len() - tp;
+    let fp = pred.iter().filter(|l| l.matched.is_none()).count();
+    let (sensitivity, precision, f1) = detection_scores(tp, fp, fn_);
+    let dices: Vec<f64> = truth
+        .iter()
+        .filter(|l| l.matched.is_some())
+        .map(|l| l.dice)
+        .collect();
+    let predictions: Vec<(f64, bool)> = pred
+        .iter()
+        .map(|l| (l.confidence, l.matched.is_some()))
+        .collect();
+    let (curve, at, average) = froc(&predictions, truth.len(), scans);
+    LesionSummary {
+        label: cfg.label_name(class),
+        truth_lesions: truth.len(),
+        pred_lesions: pred.len(),
+        tp,
+        fp,
+        fn_,
+        sensitivity,
+        precision,
+        f1,
+        lesion_dice: Stats::of(&dices),
+        froc: FrocSummary {
+            fp_per_scan: FROC_FP_RATES.to_vec(),
+            sensitivity: at.to_vec(),
+            average,
+            curve: curve.iter().map(|(f, s)| [*f, *s]).collect(),
+        },
+        by_volume: volume_bins(cfg, truth, pred),
+        by_contrast_to_noise: contrast_bins(truth),
+    }
+}
+
+/// Builds `summary.json`'s content.
+pub fn summarize(inp: &ReportInputs) -> EvalSummary {
     let mut by_class: BTreeMap<u32, (Vec<&LesionRecord>, Vec<&LesionRecord>)> = BTreeMap::new();
     for r in inp.results {
         for (c, m) in &r.lesions {
@@ -270,99 +381,11 @@ pub fn summarize(inp: &ReportInputs) -> EvalSummary {
             e.1.extend(m.pred.iter());
         }
     }
-    for (c, (truth, pred)) in &by_class {
-        let tp = truth.iter().filter(|l| l.matched.is_some()).count();
-        let fn_ = truth.len() - tp;
-        let fp = pred.iter().filter(|l| l.matched.is_none()).count();
-        let (sensitivity, precision, f1) = detection_scores(tp, fp, fn_);
-        let dices: Vec<f64> = truth
-            .iter()
-            .filter(|l| l.matched.is_some())
-            .map(|l| l.dice)
-            .collect();
-        let predictions: Vec<(f64, bool)> = pred
-            .iter()
-            .map(|l| (l.confidence, l.matched.is_some()))
-            .collect();
-        let (curve, at, average) = froc(&predictions, truth.len(), scans);
-        let mut bins = Vec::new();
-        let mut bin_names: Vec<String> = cfg
-            .volume_bins_mm3
-            .iter()
-            .map(|&lo| cfg.volume_bin(lo))
-            .collect();
-        bin_names.dedup();
-        for bin in &bin_names {
-            let t: Vec<_> = truth
-                .iter()
-                .filter(|l| &cfg.volume_bin(l.volume_mm3) == bin)
-                .collect();
-            let p: Vec<_> = pred
-                .iter()
-                .filter(|l| &cfg.volume_bin(l.volume_mm3) == bin)
-                .collect();
-            let detected = t.iter().filter(|l| l.matched.is_some()).count();
-            let false_pos = p.iter().filter(|l| l.matched.is_none()).count();
-            let (sens, _, _) = detection_scores(detected, 0, t.len() - detected);
-            let (_, prec, _) = detection_scores(p.len() - false_pos, false_pos, 0);
-            bins.push(VolumeBin {
-                bin: bin.clone(),
-                truth_lesions: t.len(),
-                detected,
-                sensitivity: sens,
-                pred_lesions: p.len(),
-                false_positives: false_pos,
-                precision: prec,
-            });
-        }
-        // Synthetic truth lesions (lesions.json beside the labels): sensitivity by contrast-to-noise.
-        let mut by_cnr = Vec::new();
-        if truth.iter().any(|l| l.contrast_to_noise.is_some()) {
-            for (i, &lo) in CNR_BINS.iter().enumerate() {
-                let hi = CNR_BINS.get(i + 1).copied().unwrap_or(f64::INFINITY);
-                let t: Vec<_> = truth
-                    .iter()
-                    .filter(|l| l.contrast_to_noise.is_some_and(|v| v >= lo && v < hi))
-                    .collect();
-                let detected = t.iter().filter(|l| l.matched.is_some()).count();
-                let (sens, _, _) = detection_scores(detected, 0, t.len() - detected);
-                let bin = if hi.is_finite() {
-                    format!("{lo}-{hi}")
-                } else {
-                    format!(">={lo}")
-                };
-                by_cnr.push(ContrastBin {
-                    bin,
-                    truth_lesions: t.len(),
-                    detected,
-                    sensitivity: sens,
-                });
-            }
-        }
-        lesions.insert(
-            *c,
-            LesionSummary {
-                label: cfg.label_name(*c),
-                truth_lesions: truth.len(),
-                pred_lesions: pred.len(),
-                tp,
-                fp,
-                fn_,
-                sensitivity,
-                precision,
-                f1,
-                lesion_dice: Stats::of(&dices),
-                froc: FrocSummary {
-                    fp_per_scan: FROC_FP_RATES.to_vec(),
-                    sensitivity: at.to_vec(),
-                    average,
-                    curve: curve.iter().map(|(f, s)| [*f, *s]).collect(),
-                },
-                by_volume: bins,
-                by_contrast_to_noise: by_cnr,
-            },
-        );
-    }
+    let scans = inp.results.len();
+    let lesions = by_class
+        .iter()
+        .map(|(c, (truth, pred))| (*c, lesion_summary(inp.config, *c, truth, pred, scans)))
+        .collect();
     EvalSummary {
         cases: inp.results.len(),
         failed_cases: inp
@@ -382,7 +405,7 @@ pub fn summarize(inp: &ReportInputs) -> EvalSummary {
         unmatched_predictions: inp.unmatched_predictions.to_vec(),
         settings: inp.config.clone(),
         conventions: "overlap metrics: Metrics Reloaded (both empty = 1, one empty = 0); surface metrics: MONAI (NaN if either mask is empty; NSD 0 if exactly one is empty); aggregates skip NaN and count them".into(),
-        classes,
+        classes: class_summaries(inp),
         lesions,
     }
 }

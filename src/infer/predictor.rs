@@ -21,10 +21,15 @@ use crate::volume::Volume;
 
 /// A model and everything needed to apply it to a scan.
 pub struct Predictor {
+    /// The run config saved with the checkpoint, with the `segment` overrides applied.
     pub config: RunConfig,
+    /// The trained network.
     pub model: HybridSegNet,
+    /// The device the model runs on.
     pub device: burn::prelude::Device,
+    /// The training run's preprocessing, applied to every scan.
     pub preprocessing: Preprocessing,
+    /// Sliding-window settings: the training patch size, overlap, batch size, mirroring, 2.5D context.
     pub window: SlidingWindow,
     /// Class names, background first.
     pub labels: Vec<String>,
@@ -34,9 +39,11 @@ pub struct Predictor {
 pub struct Prediction {
     /// `[k, j, i]` on `geometry`, the scan's own grid.
     pub labels: Array3<u8>,
+    /// The scan's own grid.
     pub geometry: Geometry,
     /// `[K, D, H, W]` softmax probabilities on `grid`.
     pub probabilities: Array4<f32>,
+    /// The preprocessed grid (resampled, reoriented, possibly cropped) the model saw.
     pub grid: Geometry,
 }
 
@@ -56,13 +63,8 @@ impl Predictor {
                 path: config_path.clone(),
                 reason: e.to_string(),
             })?;
-        let p = &model_config.patch_size;
         let window = SlidingWindow {
-            window: if p.len() == 3 {
-                [p[0], p[1], p[2]]
-            } else {
-                [1, p[0], p[1]]
-            },
+            window: model_config.patch_size.window(),
             overlap: config.segment.overlap,
             batch_size: config.segment.batch_size,
             mirror: config.segment.tta,

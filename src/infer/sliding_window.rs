@@ -223,8 +223,10 @@ mod tests {
     fn mirrored_prediction_is_flip_equivariant() {
         let device = Device::flex();
         device.seed(1);
-        let mut cfg = crate::model::HybridSegNetConfig::preset("tiny", 2, 1, 2).unwrap();
-        cfg.patch_size = vec![32, 32];
+        use crate::geometry::PatchSize;
+        use crate::model::{HybridSegNetConfig, ModelPreset};
+        let cfg =
+            HybridSegNetConfig::preset(ModelPreset::Tiny, PatchSize::new(&[32, 32]).unwrap(), 2);
         let model = cfg.init(&device).unwrap();
         let image = Array4::from_shape_fn([1, 2, 40, 40], |(_, k, j, i)| {
             ((k * 7 + j * 3 + i * i) % 11) as f32 / 5.0 - 1.0

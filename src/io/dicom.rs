@@ -27,15 +27,25 @@ use crate::volume::{DataType, PatientIdentifiers, SourceKind, Volume, VolumeInfo
 /// What medseg reads from a DICOM file's header to group and order slices (pixel data not loaded).
 #[derive(Debug, Clone)]
 pub struct SliceHeader {
+    /// The file.
     pub path: PathBuf,
+    /// SeriesInstanceUID, or [`NO_UID`] when empty or missing.
     pub series_uid: String,
+    /// Modality (`CT`, `MR`, …); `OT` when missing.
     pub modality: String,
+    /// SeriesDescription; empty when missing.
     pub description: String,
+    /// Rows: image height in pixels (size along `j`).
     pub rows: u32,
+    /// Columns: image width in pixels (size along `i`).
     pub columns: u32,
+    /// NumberOfFrames; 1 for single-frame objects.
     pub frames: u32,
+    /// SamplesPerPixel: 1 for greyscale, 3 for RGB.
     pub samples_per_pixel: u16,
+    /// BitsAllocated per sample (16 when missing).
     pub bits_allocated: u16,
+    /// PixelRepresentation is 1: samples are two's-complement signed.
     pub signed: bool,
     /// ImageOrientationPatient (LPS): row direction then column direction.
     pub orientation: Option<[f64; 6]>,
@@ -43,15 +53,21 @@ pub struct SliceHeader {
     pub position: Option<[f64; 3]>,
     /// PixelSpacing: `[between rows, between columns]` in mm.
     pub pixel_spacing: Option<[f64; 2]>,
+    /// SliceThickness in mm (nominal; the slice step comes from the positions).
     pub slice_thickness: Option<f64>,
+    /// SpacingBetweenSlices in mm, when the file states it.
     pub spacing_between_slices: Option<f64>,
+    /// InstanceNumber.
     pub instance_number: Option<i64>,
+    /// EchoNumbers; slices of different echoes go to separate stacks.
     pub echo_number: Option<i64>,
+    /// Transfer syntax UID from the file meta group.
     pub transfer_syntax: String,
     /// The object carries per-frame functional groups (enhanced multi-frame).
     pub enhanced: bool,
     /// Per-frame (position, orientation) in LPS from the functional groups; empty when not enhanced.
     pub frame_geometry: Vec<FrameGeometry>,
+    /// Patient name, ID, birth date and accession number.
     pub identifiers: PatientIdentifiers,
 }
 
@@ -349,10 +365,12 @@ pub struct SeriesStack {
     pub uid: String,
     /// The directory searched.
     pub root: PathBuf,
+    /// Headers of the stack's files, in discovery order (ordered along the normal when read).
     pub slices: Vec<SliceHeader>,
 }
 
 impl SeriesStack {
+    /// How the stack is listed when a choice is needed (UID, modality, slice count, description).
     pub fn choice(&self) -> SeriesChoice {
         let first = &self.slices[0];
         SeriesChoice {

@@ -615,9 +615,50 @@ pub struct SynthLesion {
     pub kind: String,
     /// The host scan's case name.
     pub host: String,
+    /// How the lesion looks against its tissue (domain-randomised datasets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polarity: Option<Polarity>,
+    /// The simulated acquisition's slice thickness in mm, when the case was resampled from
+    /// thick slices (domain-randomised datasets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice_thickness_mm: Option<f64>,
     /// What was inserted, measured.
     #[serde(flatten)]
     pub lesion: InsertedLesion,
+}
+
+/// How a lesion looks against its tissue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Polarity {
+    /// Brighter than the tissue.
+    Hyper,
+    /// Darker than the tissue.
+    Hypo,
+    /// A bright rim around a darker (necrotic) core.
+    Ring,
+    /// Close to the tissue, inside a brighter or darker halo of oedema.
+    IsoOedema,
+}
+
+impl Polarity {
+    /// Every polarity, in a fixed order.
+    pub const ALL: [Polarity; 4] = [
+        Polarity::Hyper,
+        Polarity::Hypo,
+        Polarity::Ring,
+        Polarity::IsoOedema,
+    ];
+
+    /// The name used in `lesions.json` and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Polarity::Hyper => "hyper",
+            Polarity::Hypo => "hypo",
+            Polarity::Ring => "ring",
+            Polarity::IsoOedema => "iso_oedema",
+        }
+    }
 }
 
 /// The measurements of one inserted lesion (the flattened tail of a [`SynthLesion`]).

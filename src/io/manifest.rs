@@ -12,8 +12,11 @@ use crate::io::layout::{
 /// hold several channels) and its label map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseEntry {
+    /// Case name, made safe for file names: from the label file's name or the CSV `case` column.
     pub id: String,
+    /// Image sources in channel order (nnU-Net: `CASE_0000`, `CASE_0001`, …).
     pub images: Vec<PathBuf>,
+    /// Label map; `None` for a CSV without a `label` column.
     pub label: Option<PathBuf>,
 }
 

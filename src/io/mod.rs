@@ -22,15 +22,20 @@ pub use nifti::{read_nifti, write_nifti};
 /// One volume that a path holds, not yet decoded.
 #[derive(Debug, Clone)]
 pub enum ScanSource {
+    /// A NIfTI-1 or NIfTI-2 file (`.nii` or `.nii.gz`).
     Nifti(PathBuf),
     /// A DICOM file read on its own (a multi-frame object, or a slice given by name); `frames`
     /// selects one stack of a multi-frame object, `label` names it (SeriesInstanceUID, `#N` when
     /// one object holds several stacks).
     DicomFile {
+        /// The DICOM file.
         path: PathBuf,
+        /// Frame indices of the stack; `None`: every frame (or the single slice).
         frames: Option<Vec<usize>>,
+        /// Name shown when choosing among stacks.
         label: String,
     },
+    /// Single-frame DICOM images grouped into one stack.
     DicomSeries(dicom::SeriesStack),
 }
 
@@ -79,7 +84,9 @@ impl ScanSource {
 /// What a path holds: volumes, and files that were passed over with the reason.
 #[derive(Debug, Default)]
 pub struct Discovery {
+    /// Volumes found, not yet decoded.
     pub sources: Vec<ScanSource>,
+    /// Files passed over, each with the reason.
     pub skipped: Vec<(PathBuf, String)>,
 }
 

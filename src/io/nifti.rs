@@ -30,17 +30,25 @@ pub struct NiftiHeader {
     pub dims: Vec<usize>,
     /// `NIFTI_TYPE_*` code.
     pub datatype: i16,
+    /// `pixdim[0]` is qfac (its sign flips `k` in the qform); `pixdim[1..=3]` the voxel sizes.
     pub pixdim: [f64; 8],
+    /// Byte offset of the voxel data in the (decompressed) file.
     pub vox_offset: u64,
+    /// Multiplier applied to stored values; 0 or non-finite means no scaling.
     pub scl_slope: f64,
+    /// Offset added after `scl_slope`.
     pub scl_inter: f64,
+    /// `NIFTI_XFORM_*` code of the qform; 0: no qform.
     pub qform_code: i32,
+    /// `NIFTI_XFORM_*` code of the sform; 0: no sform.
     pub sform_code: i32,
     /// `quatern_b, quatern_c, quatern_d`.
     pub quatern: [f64; 3],
     /// `qoffset_x, qoffset_y, qoffset_z`.
     pub qoffset: [f64; 3],
+    /// `srow_x, srow_y, srow_z`: the first three rows of the sform affine.
     pub srow: [[f64; 4]; 3],
+    /// The file is big-endian.
     pub big_endian: bool,
 }
 
@@ -255,6 +263,7 @@ impl NiftiHeader {
         out
     }
 
+    /// The sform affine: `srow_x, srow_y, srow_z` as its first three rows.
     pub fn sform_affine(&self) -> Affine {
         let mut out = IDENTITY;
         out[..3].copy_from_slice(&self.srow);

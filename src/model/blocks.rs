@@ -47,13 +47,16 @@ fn unfold(x: Tensor<4>, b: usize, d: usize) -> Tensor<5> {
     }
 }
 
+/// A [`ConvNd`]: a 2D or 3D convolution with a cubic (square) kernel.
 #[derive(Config, Debug)]
 pub struct ConvNdConfig {
     /// 2 or 3.
     pub spatial_dims: usize,
     /// `[in, out]`.
     pub channels: [usize; 2],
+    /// Kernel edge in voxels, the same along every spatial axis.
     pub kernel: usize,
+    /// Stride along every spatial axis (in 2D, not along depth).
     #[config(default = 1)]
     pub stride: usize,
     /// Off when a normalisation follows, which would cancel the bias (and leave it untrained).
@@ -67,11 +70,14 @@ pub struct ConvNdConfig {
 /// A convolution over the spatial axes of a 5D tensor.
 #[derive(Module, Debug)]
 pub enum ConvNd {
+    /// 2D convolution applied to each depth slice (depth folded into the batch).
     Two(Conv2d),
+    /// 3D convolution.
     Three(Conv3d),
 }
 
 impl ConvNdConfig {
+    /// Builds the convolution with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> ConvNd {
         let (k, s) = (self.kernel, self.stride);
         let p = if self.pad { k / 2 } else { 0 };
@@ -110,8 +116,10 @@ impl ConvNd {
     }
 }
 
+/// An [`UpsampleNd`]: a transposed convolution that multiplies the spatial size by `factor`.
 #[derive(Config, Debug)]
 pub struct UpsampleNdConfig {
+    /// 2 or 3; in 2D depth is not upsampled.
     pub spatial_dims: usize,
     /// `[in, out]`.
     pub channels: [usize; 2],
@@ -122,11 +130,14 @@ pub struct UpsampleNdConfig {
 /// Learned upsampling by a transposed convolution (burn has no 3D interpolate).
 #[derive(Module, Debug)]
 pub enum UpsampleNd {
+    /// 2D transposed convolution applied to each depth slice.
     Two(ConvTranspose2d),
+    /// 3D transposed convolution.
     Three(ConvTranspose3d),
 }
 
 impl UpsampleNdConfig {
+    /// Builds the upsampling layer with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> UpsampleNd {
         let f = self.factor;
         if self.spatial_dims == 2 {
@@ -160,14 +171,20 @@ impl UpsampleNd {
     }
 }
 
+/// A [`ConvNormAct`]: bias-free convolution, normalisation, LeakyReLU.
 #[derive(Config, Debug)]
 pub struct ConvNormActConfig {
+    /// 2 or 3.
     pub spatial_dims: usize,
+    /// `[in, out]`.
     pub channels: [usize; 2],
+    /// Kernel edge in voxels (padded by `kernel / 2`).
     #[config(default = 3)]
     pub kernel: usize,
+    /// Stride along every spatial axis (in 2D, not along depth).
     #[config(default = 1)]
     pub stride: usize,
+    /// Instance or group normalisation.
     #[config(default = "NormKind::Instance")]
     pub norm: NormKind,
 }
@@ -180,6 +197,7 @@ pub struct ConvNormAct {
 }
 
 impl ConvNormActConfig {
+    /// Builds the layer with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> ConvNormAct {
         let out = self.channels[1];
         ConvNormAct {
@@ -205,12 +223,17 @@ impl ConvNormAct {
     }
 }
 
+/// A [`ResidualBlock`].
 #[derive(Config, Debug)]
 pub struct ResidualBlockConfig {
+    /// 2 or 3.
     pub spatial_dims: usize,
+    /// `[in, out]`; a 1×1 projection shortcut is added when they differ.
     pub channels: [usize; 2],
+    /// Stride of the first convolution (and the shortcut): 2 halves the spatial size.
     #[config(default = 1)]
     pub stride: usize,
+    /// Instance or group normalisation.
     #[config(default = "NormKind::Instance")]
     pub norm: NormKind,
 }
@@ -225,6 +248,7 @@ pub struct ResidualBlock {
 }
 
 impl ResidualBlockConfig {
+    /// Builds the block with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> ResidualBlock {
         let [cin, cout] = self.channels;
         let cna = |channels, kernel, stride| {

@@ -8,14 +8,18 @@ use super::blocks::{
     ConvNd, ConvNdConfig, ConvNormAct, ConvNormActConfig, NormKind, UpsampleNd, UpsampleNdConfig,
 };
 
+/// A [`Decoder`] mirroring a stem of `widths` below a transformer of width `embed_dim`.
 #[derive(Config, Debug)]
 pub struct DecoderConfig {
+    /// 2 or 3; in 2D depth is not upsampled.
     pub spatial_dims: usize,
+    /// Transformer width: channels of the token map and of the hidden states.
     pub embed_dim: usize,
     /// Stem widths, shallow to deep (the decoder mirrors them).
     pub widths: Vec<usize>,
     /// Stem feature-map voxels per token edge.
     pub patch: usize,
+    /// Output classes including background (channels of the logits).
     pub num_classes: usize,
     /// Transformer depth (for choosing the hidden states of UNETR skips).
     pub vit_depth: usize,
@@ -25,6 +29,7 @@ pub struct DecoderConfig {
     /// Extra 1×1 heads on the coarser decoder levels (deep supervision, as nnU-Net).
     #[config(default = false)]
     pub deep_supervision: bool,
+    /// Normalisation in the fusion layers.
     #[config(default = "NormKind::Instance")]
     pub norm: NormKind,
 }
@@ -38,6 +43,7 @@ pub struct DecoderLevel {
     hidden_skip: Option<UpsampleNd>,
 }
 
+/// Upsampling levels from the token grid to full resolution, then a 1×1 class head.
 #[derive(Module, Debug)]
 pub struct Decoder {
     /// Deepest first.
@@ -61,6 +67,7 @@ impl DecoderConfig {
             .collect()
     }
 
+    /// Builds the decoder with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> Decoder {
         let s = self.spatial_dims;
         let n = self.widths.len();
@@ -113,13 +120,23 @@ impl Decoder {
     /// - `hidden`: transformer hidden states, each `[B, E, d, h, w]`
     /// - output: logits `[B, K, D, H, W]`, and with deep supervision the coarser logits, deepest
     ///   first, level `i` at `[B, K, D/2^i, H/2^i, W/2^i]`
+    ///
+    /// # Panics
+    /// When `skips` does not have one map per stem level (a wiring bug, not a data error).
     pub fn forward(
         &self,
         tokens: Tensor<5>,
         skips: &[Tensor<5>],
         hidden: &[Tensor<5>],
     ) -> (Tensor<5>, Vec<Tensor<5>>) {
-        let n = skips.len();
+        // Level i fuses skip n-1-i: a stem with another depth would silently misalign scales.
+        let n = self.levels.len();
+        assert_eq!(
+            skips.len(),
+            n,
+            "decoder built for {n} stem levels got {} skip maps",
+            skips.len()
+        );
         let mut x = tokens;
         let mut deep = Vec::new();
         for (i, level) in self.levels.iter().enumerate() {

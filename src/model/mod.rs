@@ -16,103 +16,111 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::ops::PadMode;
 
+pub use crate::config::ModelPreset;
 use crate::error::{Error, Result};
+use crate::geometry::PatchSize;
 pub use blocks::NormKind;
 use decoder::{Decoder, DecoderConfig};
 use stem::{Stem, StemConfig};
 pub use vit::PositionEmbedding;
 use vit::{Vit, VitConfig};
 
+/// The whole network, serialised as `model.json` beside the weights. Build one with
+/// [`HybridSegNetConfig::preset`] or `HybridSegNetConfig::new(patch_size, num_classes)` and the
+/// `with_*` setters; the defaults are the `tiny` preset.
 #[derive(Config, Debug)]
 pub struct HybridSegNetConfig {
-    /// 2 (slices, or 2.5D stacks) or 3 (patches).
-    pub spatial_dims: usize,
-    /// Image channels (MR sequences, CT = 1).
-    pub in_channels: usize,
+    /// Training patch size in array order, `[H, W]` (2D slices or 2.5D stacks) or `[D, H, W]`
+    /// (3D patches): sets the spatial dimensions and sizes the learned position grid.
+    pub patch_size: PatchSize,
     /// Output classes including background.
     pub num_classes: usize,
+    /// Image channels (MR sequences, CT = 1).
+    #[config(default = 1)]
+    pub in_channels: usize,
     /// 2.5D: neighbouring slices on each side stacked as extra input channels (0 = plain 2D).
     #[config(default = 0)]
     pub context_slices: usize,
-    /// Training patch size, spatial (`[H, W]` or `[D, H, W]`); sizes the learned position grid.
-    pub patch_size: Vec<usize>,
     /// Stem stage widths; stage `i` works at 1/2^i resolution.
+    #[config(default = "vec![8, 16, 32]")]
     pub stem_widths: Vec<usize>,
+    /// Residual blocks in each stem stage.
     #[config(default = 1)]
     pub blocks_per_stage: usize,
     /// Stem voxels per token edge; total stride = 2^(stages-1) · token_patch.
     #[config(default = 2)]
     pub token_patch: usize,
+    /// Transformer width.
+    #[config(default = 64)]
     pub embed_dim: usize,
+    /// Transformer blocks.
+    #[config(default = 2)]
     pub depth: usize,
+    /// Attention heads (must divide `embed_dim`).
+    #[config(default = 2)]
     pub heads: usize,
-    #[config(default = 4)]
+    /// MLP width as a multiple of `embed_dim`.
+    #[config(default = 2)]
     pub mlp_ratio: usize,
+    /// Dropout in the transformer.
     #[config(default = 0.0)]
     pub dropout: f64,
+    /// How tokens learn where they are.
     #[config(default = "PositionEmbedding::Learned")]
     pub position: PositionEmbedding,
+    /// Normalisation in the stem and decoder.
     #[config(default = "NormKind::Instance")]
     pub norm: NormKind,
+    /// UNETR-style skips from intermediate transformer blocks.
     #[config(default = false)]
     pub transformer_skips: bool,
+    /// Extra logits at coarser decoder levels (nnU-Net's deep supervision).
     #[config(default = false)]
     pub deep_supervision: bool,
 }
 
-/// Model size presets.
-pub const PRESETS: [&str; 3] = ["tiny", "small", "base"];
-
 impl HybridSegNetConfig {
-    /// A preset for `spatial_dims` with its default patch size (2D 224², 3D 96³).
+    /// A preset for a patch size (2D or 3D) and a class count; see [`ModelPreset`].
     ///
     /// - `tiny`: stem 8-16-32, ViT 64 × 2 layers × 2 heads (trains in minutes on 2 CPU cores)
     /// - `small`: stem 16-32-64, ViT 192 × 4 × 3 (the scale DESIGN.md's PyTorch timing used)
     /// - `base`: stem 64-128-256-512 with 2 blocks per stage, ViT-B 768 × 12 × 12 on 16× coarse
     ///   tokens (TransUNet R50-ViT-B/16 scale, about 10^8 parameters)
-    pub fn preset(
-        name: &str,
-        spatial_dims: usize,
-        in_channels: usize,
-        num_classes: usize,
-    ) -> Result<Self> {
-        if spatial_dims != 2 && spatial_dims != 3 {
-            return Err(Error::Config {
-                reason: format!("spatial_dims must be 2 or 3, not {spatial_dims}"),
-            });
-        }
-        let patch = if spatial_dims == 2 {
-            vec![224, 224]
-        } else {
-            vec![96, 96, 96]
-        };
-        let base = |widths: Vec<usize>, e, depth, heads| {
-            HybridSegNetConfig::new(
-                spatial_dims,
-                in_channels,
-                num_classes,
-                patch.clone(),
-                widths,
-                e,
-                depth,
-                heads,
-            )
-        };
-        Ok(match name {
-            "tiny" => base(vec![8, 16, 32], 64, 2, 2).with_mlp_ratio(2),
-            "small" => base(vec![16, 32, 64], 192, 4, 3),
-            "base" => base(vec![64, 128, 256, 512], 768, 12, 12)
+    pub fn preset(preset: ModelPreset, patch_size: PatchSize, num_classes: usize) -> Self {
+        let config = HybridSegNetConfig::new(patch_size, num_classes);
+        match preset {
+            ModelPreset::Tiny => config,
+            ModelPreset::Small => config
+                .with_stem_widths(vec![16, 32, 64])
+                .with_embed_dim(192)
+                .with_depth(4)
+                .with_heads(3)
+                .with_mlp_ratio(4),
+            ModelPreset::Base => config
+                .with_stem_widths(vec![64, 128, 256, 512])
                 .with_blocks_per_stage(2)
+                .with_embed_dim(768)
+                .with_depth(12)
+                .with_heads(12)
+                .with_mlp_ratio(4)
                 .with_norm(NormKind::Group),
-            other => {
-                return Err(Error::Config {
-                    reason: format!(
-                        "unknown preset {other:?}; choose one of {}",
-                        PRESETS.join(", ")
-                    ),
-                })
-            }
-        })
+        }
+    }
+
+    /// The default training patch for a preset: 2D 224², 3D 96³.
+    pub fn default_patch(spatial_dims: usize) -> Result<PatchSize> {
+        match spatial_dims {
+            2 => Ok(PatchSize::new(&[224, 224]).expect("positive")),
+            3 => Ok(PatchSize::new(&[96, 96, 96]).expect("positive")),
+            other => Err(Error::Config {
+                reason: format!("spatial_dims must be 2 or 3, not {other}"),
+            }),
+        }
+    }
+
+    /// 2 (slices, or 2.5D stacks) or 3 (patches): from the patch size.
+    pub fn spatial_dims(&self) -> usize {
+        self.patch_size.spatial_dims()
     }
 
     /// Input channels seen by the first layer: channels × (2·context + 1) for 2.5D.
@@ -128,18 +136,6 @@ impl HybridSegNetConfig {
     /// Checks the configuration's internal consistency.
     pub fn validate(&self) -> Result<()> {
         let bad = |reason: String| Err(Error::Config { reason });
-        if self.spatial_dims != 2 && self.spatial_dims != 3 {
-            return bad(format!(
-                "spatial_dims must be 2 or 3, not {}",
-                self.spatial_dims
-            ));
-        }
-        if self.patch_size.len() != self.spatial_dims {
-            return bad(format!(
-                "patch_size {:?} needs {} sizes for spatial_dims = {}",
-                self.patch_size, self.spatial_dims, self.spatial_dims
-            ));
-        }
         if self.stem_widths.is_empty() || self.stem_widths.contains(&0) {
             return bad(format!(
                 "stem_widths {:?} must be non-empty and positive",
@@ -159,26 +155,24 @@ impl HybridSegNetConfig {
         {
             return bad("in_channels, num_classes, token_patch and depth must be positive".into());
         }
-        if self.context_slices > 0 && self.spatial_dims != 2 {
-            return bad("context_slices (2.5D) needs spatial_dims = 2".into());
+        if self.context_slices > 0 && self.patch_size.is_3d() {
+            return bad("context_slices (2.5D) needs a 2D patch_size".into());
         }
         Ok(())
     }
 
-    /// Token grid `[d, h, w]` for a spatial input size (after padding to the total stride).
-    pub fn token_grid(&self, spatial: &[usize]) -> [usize; 3] {
+    /// Token grid `[d, h, w]` for an input size (after padding to the total stride); `d = 1` in 2D.
+    pub fn token_grid(&self, size: PatchSize) -> [usize; 3] {
         let s = self.total_stride();
-        let up = |n: usize| n.div_ceil(s);
-        if self.spatial_dims == 2 {
-            [1, up(spatial[0]), up(spatial[1])]
-        } else {
-            [up(spatial[0]), up(spatial[1]), up(spatial[2])]
-        }
+        let [d, h, w] = size.window();
+        let d = if size.is_3d() { d.div_ceil(s) } else { 1 };
+        [d, h.div_ceil(s), w.div_ceil(s)]
     }
 
+    /// Validates the config and builds the network with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> Result<HybridSegNet> {
         self.validate()?;
-        let s = self.spatial_dims;
+        let s = self.spatial_dims();
         let last = *self.stem_widths.last().unwrap_or(&1);
         Ok(HybridSegNet {
             stem: StemConfig::new(s, self.input_channels(), self.stem_widths.clone())
@@ -191,7 +185,7 @@ impl HybridSegNetConfig {
                 self.embed_dim,
                 self.depth,
                 self.heads,
-                self.token_grid(&self.patch_size),
+                self.token_grid(self.patch_size),
             )
             .with_patch(self.token_patch)
             .with_mlp_ratio(self.mlp_ratio)
@@ -216,6 +210,8 @@ impl HybridSegNetConfig {
     }
 }
 
+/// The segmentation network: CNN stem → ViT encoder → U-shaped decoder. Build it with
+/// [`HybridSegNetConfig::init`] or [`load`].
 #[derive(Module, Debug)]
 pub struct HybridSegNet {
     stem: Stem,
@@ -230,6 +226,8 @@ pub struct HybridSegNet {
 pub struct SegOutput {
     /// `[B, K, D, H, W]` (`D = 1` in 2D)
     pub logits: Tensor<5>,
+    /// Deep-supervision logits, deepest first, level `i` at `[B, K, D/2^i, H/2^i, W/2^i]` (depth
+    /// kept in 2D); empty unless the config enables deep supervision.
     pub deep: Vec<Tensor<5>>,
 }
 

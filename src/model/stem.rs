@@ -5,25 +5,31 @@ use burn::prelude::*;
 
 use super::blocks::{NormKind, ResidualBlock, ResidualBlockConfig};
 
+/// A [`Stem`]: its input channels, stage widths and blocks per stage.
 #[derive(Config, Debug)]
 pub struct StemConfig {
+    /// 2 or 3; in 2D only H and W are downsampled.
     pub spatial_dims: usize,
+    /// Input channels (image channels × slices of a 2.5D stack).
     pub in_channels: usize,
     /// Channels of each stage; stage 0 keeps full resolution, every later one halves it.
     pub widths: Vec<usize>,
     /// Residual blocks per stage (the first of a stage does the downsampling).
     #[config(default = 1)]
     pub blocks_per_stage: usize,
+    /// Normalisation in every block.
     #[config(default = "NormKind::Instance")]
     pub norm: NormKind,
 }
 
+/// Stages of residual blocks; every stage's output is kept as a skip for the decoder.
 #[derive(Module, Debug)]
 pub struct Stem {
     stages: Vec<Vec<ResidualBlock>>,
 }
 
 impl StemConfig {
+    /// Builds the stem with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> Stem {
         let mut cin = self.in_channels;
         let stages = self

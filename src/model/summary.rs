@@ -2,31 +2,31 @@
 //! alone (so `medseg model` needs no weights). A test checks the count against burn's own.
 
 use super::HybridSegNetConfig;
+use crate::geometry::PatchSize;
 
 /// One row of the summary.
 #[derive(Debug, Clone)]
 pub struct LayerRow {
+    /// Dotted layer path, e.g. `stem.1.0.conv1` or `vit.block.3`.
     pub name: String,
     /// `[C, D, H, W]` of the layer's output.
     pub output: [usize; 4],
+    /// Trainable parameters of the layer.
     pub params: usize,
     /// Multiply-accumulates for one sample.
     pub macs: u64,
 }
 
-/// Rows for one sample of spatial size `spatial` (`[H, W]` or `[D, H, W]`).
-pub fn summarize(c: &HybridSegNetConfig, spatial: &[usize]) -> Vec<LayerRow> {
-    let n = c.spatial_dims as u32;
+/// Rows for one sample of size `size` (the model's own dimensionality).
+pub fn summarize(c: &HybridSegNetConfig, size: PatchSize) -> Vec<LayerRow> {
+    let n = c.spatial_dims() as u32;
     let stride = c.total_stride();
+    let [d, h, w] = size.window();
     let pad = |x: usize| x.div_ceil(stride) * stride;
-    let mut dims = if c.spatial_dims == 2 {
-        [1, pad(spatial[0]), pad(spatial[1])]
-    } else {
-        [pad(spatial[0]), pad(spatial[1]), pad(spatial[2])]
-    };
+    let mut dims = [if size.is_3d() { pad(d) } else { 1 }, pad(h), pad(w)];
     let scale = |d: [usize; 3], f: usize, up: bool| -> [usize; 3] {
         let g = |x: usize| if up { x * f } else { x / f };
-        if c.spatial_dims == 2 {
+        if !size.is_3d() {
             [d[0], g(d[1]), g(d[2])]
         } else {
             d.map(g)
@@ -92,7 +92,7 @@ pub fn summarize(c: &HybridSegNetConfig, spatial: &[usize]) -> Vec<LayerRow> {
         rows.push(LayerRow {
             name: "vit.position".into(),
             output: [e, grid[0], grid[1], grid[2]],
-            params: c.token_grid(&c.patch_size).iter().product::<usize>() * e,
+            params: c.token_grid(c.patch_size).iter().product::<usize>() * e,
             macs: 0,
         });
     }

@@ -15,22 +15,31 @@ use super::blocks::{ConvNd, ConvNdConfig};
 
 pub use crate::config::PositionEmbedding;
 
+/// A [`Vit`] encoder over the stem's deepest feature map.
 #[derive(Config, Debug)]
 pub struct VitConfig {
+    /// 2 or 3; in 2D tokens span H and W only.
     pub spatial_dims: usize,
+    /// Channels of the stem feature map being tokenised.
     pub in_channels: usize,
+    /// Transformer width (token dimension).
     pub embed_dim: usize,
+    /// Transformer blocks.
     pub depth: usize,
+    /// Attention heads (must divide `embed_dim`).
     pub heads: usize,
     /// Stem feature-map voxels per token edge (1 = one token per stem voxel).
     #[config(default = 1)]
     pub patch: usize,
     /// The token grid at training size `[d, h, w]` (sizes the learned position embedding).
     pub grid: [usize; 3],
+    /// MLP width as a multiple of `embed_dim`.
     #[config(default = 4)]
     pub mlp_ratio: usize,
+    /// Dropout on attention weights and after attention and MLP.
     #[config(default = 0.0)]
     pub dropout: f64,
+    /// Learned (sized by `grid`) or sinusoidal position embeddings.
     #[config(default = "PositionEmbedding::Learned")]
     pub position: PositionEmbedding,
 }
@@ -46,17 +55,23 @@ pub struct VitBlock {
     dropout: Dropout,
 }
 
+/// A [`VitBlock`].
 #[derive(Config, Debug)]
 pub struct VitBlockConfig {
+    /// Token dimension.
     pub embed_dim: usize,
+    /// Attention heads (must divide `embed_dim`).
     pub heads: usize,
+    /// MLP width as a multiple of `embed_dim`.
     #[config(default = 4)]
     pub mlp_ratio: usize,
+    /// Dropout on attention weights and after attention and MLP.
     #[config(default = 0.0)]
     pub dropout: f64,
 }
 
 impl VitBlockConfig {
+    /// Builds the block with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> VitBlock {
         let (d, hidden) = (self.embed_dim, self.embed_dim * self.mlp_ratio);
         VitBlock {
@@ -90,6 +105,7 @@ impl VitBlock {
     }
 }
 
+/// Patch embedding, position embedding, transformer blocks and a final layer norm.
 #[derive(Module, Debug)]
 pub struct Vit {
     embed: ConvNd,
@@ -110,6 +126,7 @@ pub struct VitOutput {
 }
 
 impl VitConfig {
+    /// Builds the encoder with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> Vit {
         let n: usize = self.grid.iter().product();
         Vit {

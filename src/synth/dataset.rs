@@ -5,12 +5,15 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Axis};
+use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::deform::{deform_host, DeformSettings};
-use super::lesion::LesionShape;
+use super::lesion::{Fraction, LesionShape};
 use super::organ::{erode_mm, lung_mask, place};
+use super::polarity::AppearanceConfig;
+use super::randomise::{randomised_case, HostInputs, RandomiseConfig};
 use super::{insert, label_volume, LesionSpec};
 use crate::config::{load_layered, section, ConfigFile};
 use crate::error::{Error, Result};
@@ -56,12 +59,14 @@ pub enum HostSplit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SynthConfig {
+    /// Seed of every random draw; each host and case derives its own from it.
     pub seed: u64,
     /// `lung_nodule` (CT, contrast in HU) or `brain_tumour` (MR, enhancing rim and necrotic core,
     /// contrast relative to the local tissue).
     pub lesion: LesionKind,
     /// Class name of the lesions in `dataset.json`.
     pub label: String,
+    /// The host scans (`[[synth.hosts]]`).
     pub hosts: Vec<HostConfig>,
     /// Deformed copies made of each host.
     pub cases_per_host: usize,
@@ -71,7 +76,9 @@ pub struct SynthConfig {
     pub control_fraction: f64,
     /// Log-normal diameters: median, σ of the log, and clip range (mm).
     pub diameter_median_mm: f64,
+    /// σ of the natural log of the diameter.
     pub diameter_sigma: f64,
+    /// Diameters are clipped to `[low, high]` mm.
     pub diameter_range_mm: [f64; 2],
     /// Share of lung nodules with spicules.
     pub spiculated_fraction: f64,
@@ -89,12 +96,25 @@ pub struct SynthConfig {
     /// Random host deformation: rotation up to this many degrees and isotropic scale up to
     /// ±this share, about the volume centre, applied in mm before insertion.
     pub rotation_degrees: f64,
+    /// Largest relative isotropic scaling (0.08: factors in `[0.92, 1.08]`).
     pub scale: f64,
     /// Elastic deformation: peak displacement (mm) of a smooth field with these wavelengths (mm).
     pub elastic_mm: f64,
+    /// Wavelength range `[low, high]` of the elastic field's sinusoids, mm.
     pub elastic_wavelength_mm: [f64; 2],
     /// MR only: a smooth multiplicative bias field, up to ±this share across the field of view.
     pub bias_field: f64,
+    /// Domain randomisation (tissue contrast, skull stripping, resolution, noise); off when absent.
+    #[serde(default)]
+    pub randomise: Option<RandomiseConfig>,
+    /// Lesion contrast as a contrast-to-noise ratio of every polarity; needs `randomise`. When
+    /// absent, `delta`, `core_delta` and `core_min_diameter_mm` set the contrast.
+    #[serde(default)]
+    pub appearance: Option<AppearanceConfig>,
+    /// When set, the region of interest (each host's `roi`, else its `organ`) is written as label
+    /// 2 with this name, so one model learns the organ and its lesions together.
+    #[serde(default)]
+    pub roi_label: Option<String>,
 }
 
 impl Default for SynthConfig {
@@ -124,6 +144,9 @@ impl Default for SynthConfig {
             elastic_mm: 3.0,
             elastic_wavelength_mm: [80.0, 160.0],
             bias_field: 0.0,
+            randomise: None,
+            appearance: None,
+            roi_label: None,
         }
     }
 }
@@ -132,6 +155,7 @@ impl Default for SynthConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
+    /// The host scan: a NIfTI file, DICOM file or DICOM series directory.
     pub image: PathBuf,
     /// `lung` (chest CTs: HU < −500, the lung-sized inner air regions), or a mask on the host's
     /// grid: `mask:PATH` (non-zero voxels, e.g. a brain mask), `mask:PATH>T` (a probability map
@@ -143,6 +167,10 @@ pub struct HostConfig {
     /// Deformed copies of this host; default `cases_per_host`.
     #[serde(default)]
     pub cases: Option<usize>,
+    /// The region of interest (e.g. the whole brain where `organ` is the white matter), in
+    /// `organ`'s syntax; several joined by `|` are united. Default: the organ.
+    #[serde(default)]
+    pub roi: Option<String>,
 }
 
 /// Where lesions go in a host, parsed from [`HostConfig::organ`].
@@ -151,14 +179,22 @@ pub enum Organ {
     /// Lungs of a chest CT by HU.
     Lung,
     /// Voxels of a mask file on the host's grid that pass `select`.
-    Mask { path: PathBuf, select: MaskSelect },
+    Mask {
+        /// The mask file.
+        path: PathBuf,
+        /// Which of its voxels count.
+        select: MaskSelect,
+    },
 }
 
 /// Which voxels of an organ mask file count.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MaskSelect {
+    /// Non-zero voxels (`mask:PATH`).
     NonZero,
+    /// Voxels above a threshold (`mask:PATH>T`).
     Above(f32),
+    /// Voxels equal to one of these label values (`mask:PATH=V,W,...`).
     Values(Vec<f32>),
 }
 
@@ -175,35 +211,51 @@ impl MaskSelect {
 impl HostConfig {
     /// The parsed `organ`: `lung`, `mask:PATH`, `mask:PATH>T` or `mask:PATH=V,W,...`.
     pub fn organ(&self) -> Result<Organ> {
-        let bad = || {
-            Error::Config {
-            reason: format!(
-                "[synth] organ {:?}: use lung, mask:PATH, mask:PATH>THRESHOLD or mask:PATH=LABEL[,LABEL...]",
-                self.organ
-            ),
-        }
-        };
-        if self.organ == "lung" {
-            return Ok(Organ::Lung);
-        }
-        let spec = self.organ.strip_prefix("mask:").ok_or_else(bad)?;
-        let (path, select) = if let Some((p, t)) = spec.rsplit_once('>') {
-            (p, MaskSelect::Above(t.trim().parse().map_err(|_| bad())?))
-        } else if let Some((p, t)) = spec.rsplit_once('=') {
-            let values = t
-                .split(',')
-                .map(|x| x.trim().parse::<f32>())
-                .collect::<std::result::Result<Vec<f32>, _>>()
-                .map_err(|_| bad())?;
-            (p, MaskSelect::Values(values))
-        } else {
-            (spec, MaskSelect::NonZero)
-        };
-        Ok(Organ::Mask {
-            path: PathBuf::from(path),
-            select,
-        })
+        parse_organ(&self.organ).ok_or_else(|| organ_error("organ", &self.organ))
     }
+
+    /// The parsed region of interest: `roi` (masks united by `|`), else the organ.
+    pub fn roi(&self) -> Result<Vec<Organ>> {
+        match &self.roi {
+            None => Ok(vec![self.organ()?]),
+            Some(spec) => spec
+                .split('|')
+                .map(|part| parse_organ(part.trim()).ok_or_else(|| organ_error("roi", spec)))
+                .collect(),
+        }
+    }
+}
+
+fn organ_error(key: &str, spec: &str) -> Error {
+    Error::Config {
+        reason: format!(
+            "[synth] {key} {spec:?}: use lung, mask:PATH, mask:PATH>THRESHOLD or mask:PATH=LABEL[,LABEL...]"
+        ),
+    }
+}
+
+/// `lung`, `mask:PATH`, `mask:PATH>T` or `mask:PATH=V,W,...`; `None` when malformed.
+fn parse_organ(spec: &str) -> Option<Organ> {
+    if spec == "lung" {
+        return Some(Organ::Lung);
+    }
+    let spec = spec.strip_prefix("mask:")?;
+    let (path, select) = if let Some((p, t)) = spec.rsplit_once('>') {
+        (p, MaskSelect::Above(t.trim().parse().ok()?))
+    } else if let Some((p, t)) = spec.rsplit_once('=') {
+        let values = t
+            .split(',')
+            .map(|x| x.trim().parse::<f32>())
+            .collect::<std::result::Result<Vec<f32>, _>>()
+            .ok()?;
+        (p, MaskSelect::Values(values))
+    } else {
+        (spec, MaskSelect::NonZero)
+    };
+    Some(Organ::Mask {
+        path: PathBuf::from(path),
+        select,
+    })
 }
 
 /// The config file: a `[synth]` table, layered like every config (see [`ConfigFile`]).
@@ -302,11 +354,198 @@ impl SynthConfig {
             return Err(bad("core_fraction must be [low, high] within (0, 1), elastic_mm >= 0 and elastic_wavelength_mm positive [low, high]"));
         }
         for h in &c.hosts {
-            h.organ().map_err(|e| Error::Config {
+            h.organ().and_then(|_| h.roi()).map_err(|e| Error::Config {
                 reason: format!("{}: {e}", path.display()),
             })?;
         }
+        match (&c.randomise, &c.appearance) {
+            (Some(r), Some(a)) => {
+                if let Some(problem) = r.problem() {
+                    return Err(bad(&format!("randomise: {problem}")));
+                }
+                if let Some(problem) = a.problem() {
+                    return Err(bad(&format!("appearance: {problem}")));
+                }
+            }
+            (None, None) => {}
+            _ => {
+                return Err(bad(
+                    "randomise and appearance go together: set both [synth.randomise] and [synth.appearance], or neither",
+                ))
+            }
+        }
+        if c.roi_label
+            .as_deref()
+            .is_some_and(|l| l.is_empty() || *l == c.label)
+        {
+            return Err(bad("roi_label must be a name other than the lesion label"));
+        }
         Ok(())
+    }
+}
+
+/// Where a randomised case's lesion contrasts come from: CNR-based appearances drawn from their
+/// own random stream, against the local noise plus the noise still to be added.
+struct Looks<'a> {
+    appearance: &'a AppearanceConfig,
+    extra_noise: f64,
+    rng: &'a mut StdRng,
+}
+
+/// Draws this case's lesion count (0 for a control case) and inserts that many lesions into
+/// `scan`, each fully inside the organ and apart from the others. Shapes and places come from
+/// `rng`; contrasts from `rng` too (the config's `delta`, `core_delta`), or from `looks` in a
+/// randomised case. Returns the partial-volume fractions for the label map and the records.
+fn insert_lesions(
+    config: &SynthConfig,
+    scan: &mut Volume,
+    organ: &Array3<bool>,
+    rng: &mut StdRng,
+    mut looks: Option<Looks>,
+    case: &str,
+    host_name: &str,
+) -> (Vec<Fraction>, Vec<SynthLesion>) {
+    let kind = config.lesion;
+    let control = rng.random::<f64>() < config.control_fraction;
+    let wanted = if control {
+        0
+    } else {
+        rng.random_range(
+            config.lesions_per_case[0]..=config.lesions_per_case[1].max(config.lesions_per_case[0]),
+        )
+    };
+    let mut fractions = Vec::new();
+    let mut records = Vec::new();
+    let mut taken = Vec::new();
+    for _ in 0..wanted * 4 {
+        if fractions.len() >= wanted {
+            break;
+        }
+        let d = lognormal_diameter(config, rng);
+        let reach = d * 0.5 * 1.35;
+        let allowed = erode_mm(organ, &scan.geometry, reach);
+        let Some(centre) = place(&allowed, &scan.geometry, reach, &taken, 2.0, rng) else {
+            continue;
+        };
+        let spicules =
+            if kind == LesionKind::LungNodule && rng.random::<f64>() < config.spiculated_fraction {
+                3
+            } else {
+                0
+            };
+        let shape = LesionShape::random(centre, d, spicules, rng);
+        let [tlo, thi] = config.texture;
+        let (spec, polarity) = match looks.as_mut() {
+            None => {
+                let local = local_tissue(scan, centre);
+                let delta = contrast(config, config.delta, local, rng);
+                let core = (kind == LesionKind::BrainTumour && d >= config.core_min_diameter_mm)
+                    .then(|| {
+                        let [lo, hi] = config.core_fraction;
+                        let share = rng.random_range(lo..=hi);
+                        (share, contrast(config, config.core_delta, local, rng))
+                    });
+                let spec = LesionSpec {
+                    shape,
+                    delta,
+                    core,
+                    texture: rng.random_range(tlo..=thi),
+                    halo: None,
+                    min_cnr: 1.0,
+                };
+                (spec, None)
+            }
+            Some(looks) => {
+                let look = looks.appearance.draw(looks.rng);
+                let sigma = noise_around(scan, centre, reach).hypot(looks.extra_noise);
+                let spec = LesionSpec {
+                    shape,
+                    delta: look.body * sigma,
+                    core: look.core.map(|(share, c)| (share, c * sigma)),
+                    texture: looks.rng.random_range(tlo..=thi),
+                    halo: look.halo.map(|(scale, c)| (scale, c * sigma)),
+                    // The final contrast is measured after re-acquisition.
+                    min_cnr: 0.0,
+                };
+                (spec, Some(look.polarity))
+            }
+        };
+        let inserted = match looks.as_mut() {
+            None => insert(scan, &spec, rng),
+            Some(looks) => insert(scan, &spec, looks.rng),
+        };
+        if let Some((f, lesion)) = inserted {
+            taken.push((centre, reach));
+            fractions.push(f);
+            records.push(SynthLesion {
+                case: case.to_string(),
+                id: fractions.len(),
+                kind: kind.name().into(),
+                host: host_name.to_string(),
+                polarity,
+                slice_thickness_mm: None,
+                lesion,
+            });
+        }
+    }
+    (fractions, records)
+}
+
+/// Noise σ of channel 0 in a box of half-width `radius_mm` around a world point.
+fn noise_around(scan: &Volume, centre_mm: [f64; 3], radius_mm: f64) -> f64 {
+    let g = &scan.geometry;
+    let Some(p) = g.world_to_voxel(centre_mm) else {
+        return 0.0;
+    };
+    let spacing = g.spacing();
+    let (lo, hi): (Vec<usize>, Vec<usize>) = (0..3)
+        .map(|a| {
+            let half = (radius_mm / spacing[a]).ceil();
+            let lo = (p[a] - half).max(0.0) as usize;
+            let hi = ((p[a] + half).max(0.0) as usize).min(g.dims[a] - 1);
+            (lo, hi.max(lo))
+        })
+        .unzip();
+    let origin = crate::geometry::to_array_order([lo[0], lo[1], lo[2]]);
+    let dims = crate::geometry::to_array_order([0, 1, 2].map(|a| hi[a] - lo[a] + 1));
+    super::local_noise(&scan.voxels.index_axis(Axis(0), 0), origin, dims)
+}
+
+/// The label value of the region of interest when `roi_label` is set (lesions are 1).
+pub const ROI_LABEL_VALUE: u8 = 2;
+
+/// The Decathlon `dataset.json` of a synthetic dataset.
+fn dataset_json(
+    config: &SynthConfig,
+    training: Vec<DatasetCase>,
+    test: Vec<TestCase>,
+) -> DatasetJson {
+    let kind = config.lesion;
+    let modality = match kind {
+        LesionKind::LungNodule => "CT",
+        LesionKind::BrainTumour => "MR",
+    };
+    DatasetJson {
+        name: format!("medseg synthetic {}", kind.name()),
+        description: "Synthetic lesions inserted into real host scans by medseg synth".into(),
+        channel_names: [("0".to_string(), modality.to_string())].into(),
+        labels: [
+            ("background".to_string(), LabelEntry::Value(0)),
+            (config.label.clone(), LabelEntry::Value(1)),
+        ]
+        .into_iter()
+        .chain(
+            config
+                .roi_label
+                .iter()
+                .map(|name| (name.clone(), LabelEntry::Value(ROI_LABEL_VALUE as u64))),
+        )
+        .collect(),
+        num_training: Some(training.len()),
+        file_ending: Some(".nii.gz".into()),
+        training: Some(training),
+        test,
+        ..DatasetJson::default()
     }
 }
 
@@ -324,7 +563,6 @@ pub fn build_dataset(
     let mut summary = SynthSummary::default();
     let mut training = Vec::new();
     let mut test = Vec::new();
-    let kind = config.lesion;
     let deform_settings = DeformSettings {
         rotation_degrees: config.rotation_degrees,
         scale: config.scale,
@@ -335,6 +573,16 @@ pub fn build_dataset(
     for (h, host_cfg) in config.hosts.iter().enumerate() {
         let host = crate::io::read_volume(&host_cfg.image, None)?;
         let organ = organ_mask(&host, &host_cfg.organ()?)?;
+        let roi = match &host_cfg.roi {
+            None => organ.clone(),
+            Some(_) => {
+                let mut union = Array3::from_elem(organ.dim(), false);
+                for part in host_cfg.roi()? {
+                    union.zip_mut_with(&organ_mask(&host, &part)?, |u, m| *u |= *m);
+                }
+                union
+            }
+        };
         let host_name = case_name(&host_cfg.image);
         let is_train = host_cfg.split == HostSplit::Train;
         // Case numbers run on across hosts.
@@ -349,75 +597,60 @@ pub fn build_dataset(
                 h,
                 c,
             );
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let case = format!(
                 "{}_{:03}",
                 if is_train { "synthTr" } else { "synthTs" },
                 first_case + c
             );
-            let (mut scan, organ) = deform_host(&host, &organ, &deform_settings, &mut rng);
-            let control = rng.random::<f64>() < config.control_fraction;
-            let wanted = if control {
-                0
-            } else {
-                rng.random_range(
-                    config.lesions_per_case[0]
-                        ..=config.lesions_per_case[1].max(config.lesions_per_case[0]),
-                )
+            let (scan, fractions, lesions, roi) = match (&config.randomise, &config.appearance) {
+                (Some(randomise), Some(appearance)) => {
+                    let inputs = HostInputs {
+                        host: &host,
+                        organ: &organ,
+                        roi: &roi,
+                        name: &host_name,
+                    };
+                    let made = randomised_case(
+                        randomise,
+                        &deform_settings,
+                        config.bias_field,
+                        &inputs,
+                        seed,
+                        |scan, organ, rng, look, extra_noise| {
+                            let looks = Looks {
+                                appearance,
+                                extra_noise,
+                                rng: look,
+                            };
+                            insert_lesions(config, scan, organ, rng, Some(looks), &case, &host_name)
+                        },
+                    );
+                    (made.scan, made.fractions, made.lesions, made.roi)
+                }
+                _ => {
+                    let mut rng = StdRng::seed_from_u64(seed);
+                    let (mut scan, masks) =
+                        deform_host(&host, &[&organ, &roi], &deform_settings, &mut rng);
+                    let (fractions, lesions) = insert_lesions(
+                        config, &mut scan, &masks[0], &mut rng, None, &case, &host_name,
+                    );
+                    let roi = masks.into_iter().nth(1).expect("two masks");
+                    (scan, fractions, lesions, roi)
+                }
             };
-            let mut fractions = Vec::new();
-            let mut taken = Vec::new();
-            for _ in 0..wanted * 4 {
-                if fractions.len() >= wanted {
-                    break;
-                }
-                let d = lognormal_diameter(config, &mut rng);
-                let reach = d * 0.5 * 1.35;
-                let allowed = erode_mm(&organ, &scan.geometry, reach);
-                let Some(centre) = place(&allowed, &scan.geometry, reach, &taken, 2.0, &mut rng)
-                else {
-                    continue;
-                };
-                let spicules = if kind == LesionKind::LungNodule
-                    && rng.random::<f64>() < config.spiculated_fraction
-                {
-                    3
-                } else {
-                    0
-                };
-                let shape = LesionShape::random(centre, d, spicules, &mut rng);
-                let local = local_tissue(&scan, centre);
-                let delta = contrast(config, config.delta, local, &mut rng);
-                let core = (kind == LesionKind::BrainTumour && d >= config.core_min_diameter_mm)
-                    .then(|| {
-                        let [lo, hi] = config.core_fraction;
-                        let share = rng.random_range(lo..=hi);
-                        (share, contrast(config, config.core_delta, local, &mut rng))
-                    });
-                let [tlo, thi] = config.texture;
-                let spec = LesionSpec {
-                    shape,
-                    delta,
-                    core,
-                    texture: rng.random_range(tlo..=thi),
-                };
-                if let Some((f, lesion)) = insert(&mut scan, &spec, &mut rng) {
-                    taken.push((centre, reach));
-                    fractions.push(f);
-                    records.push(SynthLesion {
-                        case: case.clone(),
-                        id: fractions.len(),
-                        kind: kind.name().into(),
-                        host: host_name.clone(),
-                        lesion,
-                    });
-                }
-            }
+            records.extend(lesions);
             if fractions.is_empty() {
                 summary.control_cases += 1;
             }
             summary.lesions += fractions.len();
-            let label = label_volume(scan.geometry.dims, &fractions);
+            let mut label = label_volume(scan.geometry.dims, &fractions);
+            if config.roi_label.is_some() {
+                label.zip_mut_with(&roi, |l, r| {
+                    if *l == 0 && *r {
+                        *l = ROI_LABEL_VALUE;
+                    }
+                });
+            }
             let (images, labels) = if is_train {
                 (IMAGES_TRAIN, LABELS_TRAIN)
             } else {
@@ -447,25 +680,7 @@ pub fn build_dataset(
             progress(&case);
         }
     }
-    let modality = match kind {
-        LesionKind::LungNodule => "CT",
-        LesionKind::BrainTumour => "MR",
-    };
-    let dataset = DatasetJson {
-        name: format!("medseg synthetic {}", kind.name()),
-        description: "Synthetic lesions inserted into real host scans by medseg synth".into(),
-        channel_names: [("0".to_string(), modality.to_string())].into(),
-        labels: [
-            ("background".to_string(), LabelEntry::Value(0)),
-            (config.label.clone(), LabelEntry::Value(1)),
-        ]
-        .into(),
-        num_training: Some(training.len()),
-        file_ending: Some(".nii.gz".into()),
-        training: Some(training),
-        test,
-        ..DatasetJson::default()
-    };
+    let dataset = dataset_json(config, training, test);
     write_json_atomically(&DatasetJson::path(out), &dataset)?;
     write_json_atomically(
         &SynthLesions::path(out),

@@ -4,7 +4,7 @@
 use ndarray::{Array3, ArrayView3, Axis};
 use rand::{Rng, RngExt};
 
-use crate::geometry::{invert, Affine, Geometry, IDENTITY};
+use crate::geometry::{invert, to_array_order, Affine, Geometry, IDENTITY};
 use crate::transforms::spatial::{apply_affine, fill_grid, nearest_voxel, sample_linear_within};
 use crate::volume::Volume;
 
@@ -36,6 +36,7 @@ struct Wave {
 /// A world → world map `x ↦ A·x + d(x)`: where the deformed scan's point `x` is sampled in the host.
 #[derive(Debug, Clone)]
 pub struct Deformation {
+    /// `A`: a rotation about one world axis and an isotropic scaling, both about the grid's centre (mm).
     pub affine: Affine,
     waves: Vec<Wave>,
 }
@@ -118,15 +119,16 @@ fn warp<T: Copy + Default + Send + Sync>(
     })
 }
 
-/// The host scan (channel 0) and its organ mask, both deformed onto the host's own grid: linear
-/// for the scan (re-quantised for integer hosts; points outside take the host's minimum, i.e.
-/// air), nearest for the mask. Then the bias field, if any. The copy carries no identifiers.
+/// The host scan (channel 0) and its masks (organ, region of interest), all deformed onto the
+/// host's own grid by one field: linear for the scan (re-quantised for integer hosts; points
+/// outside take the host's minimum, i.e. air), nearest for the masks. Then the bias field, if any.
+/// The copy carries no identifiers.
 pub fn deform_host(
     host: &Volume,
-    organ: &Array3<bool>,
+    masks: &[&Array3<bool>],
     settings: &DeformSettings,
     rng: &mut impl Rng,
-) -> (Volume, Array3<bool>) {
+) -> (Volume, Vec<Array3<bool>>) {
     let g = &host.geometry;
     let deformation = Deformation::random(g, settings, rng);
     let integral = !matches!(
@@ -136,7 +138,7 @@ pub fn deform_host(
     let source: ArrayView3<f32> = host.voxels.index_axis(Axis(0), 0);
     let (lowest, _) = host.value_range().unwrap_or((0.0, 0.0));
     let mut channel = warp(g, &deformation, |p| {
-        match sample_linear_within(source, [p[2], p[1], p[0]]) {
+        match sample_linear_within(source, to_array_order(p)) {
             Some(v) if integral => v.round(),
             Some(v) => v,
             None => lowest,
@@ -152,18 +154,23 @@ pub fn deform_host(
             rng,
         );
     }
-    let organ = warp(g, &deformation, |p| {
-        nearest_voxel(p, organ.dim().into()).is_some_and(|at| organ[at])
-    });
+    let masks = masks
+        .iter()
+        .map(|mask| {
+            warp(g, &deformation, |p| {
+                nearest_voxel(p, mask.dim().into()).is_some_and(|at| mask[at])
+            })
+        })
+        .collect();
     let mut info = host.info.clone();
     info.identifiers = Default::default();
     let volume = Volume::new(channel.insert_axis(Axis(0)), g.clone(), info).expect("same grid");
-    (volume, organ)
+    (volume, masks)
 }
 
 /// A smooth multiplicative field `exp(linear + quadratic)` over the field of view, peak change
 /// about ±`strength` (MR receive-coil inhomogeneity), clipped to the storage type's `range`.
-fn apply_bias_field(
+pub fn apply_bias_field(
     channel: &mut Array3<f32>,
     g: &Geometry,
     strength: f64,

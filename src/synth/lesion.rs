@@ -4,11 +4,12 @@
 use ndarray::{s, Array3, ArrayViewMut3};
 use rand::{Rng, RngExt};
 
-use crate::geometry::Geometry;
+use crate::geometry::{to_array_order, Geometry};
 
 /// A lobulated (optionally spiculated) ellipsoid in world millimetres.
 #[derive(Debug, Clone)]
 pub struct LesionShape {
+    /// Centre in world RAS+ mm.
     pub centre_mm: [f64; 3],
     /// Semi-axes, mm.
     pub radii_mm: [f64; 3],
@@ -20,12 +21,19 @@ pub struct LesionShape {
     pub spicules: Vec<([f64; 3], f64, f64)>,
 }
 
+/// One term `a · sin(k·θ + p) · cos(l·φ + q)` of the radius modulation, with θ the polar angle
+/// from the ellipsoid's third axis and φ the azimuth.
 #[derive(Debug, Clone, Copy)]
 pub struct Lobe {
+    /// `a`: relative change of the radius.
     pub amplitude: f64,
+    /// Polar frequency `k`.
     pub k: f64,
+    /// Azimuthal frequency `l`.
     pub l: f64,
+    /// Polar phase `p`, radians.
     pub phase_theta: f64,
+    /// Azimuthal phase `q`, radians.
     pub phase_phi: f64,
 }
 
@@ -174,8 +182,8 @@ pub fn rasterise(shape: &LesionShape, grid: &Geometry) -> Option<Fraction> {
         lo[a] = l as usize;
         hi[a] = h as usize;
     }
-    let origin = [lo[2], lo[1], lo[0]];
-    let dims = [hi[2] - lo[2] + 1, hi[1] - lo[1] + 1, hi[0] - lo[0] + 1];
+    let origin = to_array_order(lo);
+    let dims = to_array_order([0, 1, 2].map(|a| hi[a] - lo[a] + 1));
     Some(Fraction {
         origin,
         alpha: rasterise_box(shape, grid, origin, dims),

@@ -10,6 +10,10 @@ pub mod dataset;
 pub mod deform;
 pub mod lesion;
 pub mod organ;
+pub mod polarity;
+pub mod randomise;
+pub mod scanner;
+pub mod tissue;
 
 use ndarray::{Array3, Axis};
 use rand::{Rng, RngExt};
@@ -20,6 +24,7 @@ use lesion::{add_to_host, gaussian_blur, rasterise, rasterise_box, Fraction, Les
 /// What to insert: a shape, the contrast it adds, an optional necrotic core and its texture.
 #[derive(Debug, Clone)]
 pub struct LesionSpec {
+    /// The lesion's shape in world mm.
     pub shape: LesionShape,
     /// Contrast added inside the lesion, host units (HU for CT).
     pub delta: f64,
@@ -28,6 +33,10 @@ pub struct LesionSpec {
     pub core: Option<(f64, f64)>,
     /// Low-frequency texture: σ as a share of `|delta|` (DATA.md: 5–15 %).
     pub texture: f64,
+    /// Unlabelled oedema around the lesion `(radius multiple, contrast added)`.
+    pub halo: Option<(f64, f64)>,
+    /// Lesions whose contrast-to-noise ratio comes out below this are not inserted (invisible).
+    pub min_cnr: f64,
 }
 
 /// Partial-volume fraction from which a voxel is labelled lesion (DATA.md: α ≥ 0.5).
@@ -78,8 +87,28 @@ pub fn insert(
 ) -> Option<(Fraction, InsertedLesion)> {
     let shape = &lesion.shape;
     let delta = lesion.delta;
-    let f = rasterise(shape, &host.geometry)?;
+    // With a halo the box holds the oedema; the lesion's own fractions fill it.
+    let f = match lesion.halo {
+        Some((scale, _)) => {
+            let outer = rasterise(&shape.scaled(scale), &host.geometry)?;
+            let dims = outer.alpha.dim().into();
+            let alpha = rasterise_box(shape, &host.geometry, outer.origin, dims);
+            let halo = (&outer.alpha - &alpha).mapv(|h| h.max(0.0));
+            (
+                Fraction {
+                    origin: outer.origin,
+                    alpha,
+                },
+                Some(halo),
+            )
+        }
+        None => (rasterise(shape, &host.geometry)?, None),
+    };
+    let (f, halo) = f;
     let mut intensity = f.alpha.mapv(|a| a * delta as f32);
+    if let (Some(halo), Some((_, halo_delta))) = (&halo, lesion.halo) {
+        intensity.zip_mut_with(halo, |v, h| *v += h * halo_delta as f32);
+    }
     if let Some((share, core_delta)) = lesion.core {
         let core = rasterise_box(
             &shape.scaled(share),
@@ -90,11 +119,15 @@ pub fn insert(
         intensity.zip_mut_with(&core, |v, c| *v += c * (core_delta - delta) as f32);
     }
     if lesion.texture > 0.0 {
-        let s = host.geometry.spacing();
         let noise = Array3::<f32>::from_shape_simple_fn(f.alpha.dim(), || {
             rng.sample::<f32, _>(rand_distr::StandardNormal)
         });
-        let smooth = gaussian_blur(&noise, [s[2], s[1], s[0]].map(|sp| TEXTURE_SIGMA_MM / sp));
+        let smooth = gaussian_blur(
+            &noise,
+            host.geometry
+                .array_spacing()
+                .map(|sp| TEXTURE_SIGMA_MM / sp),
+        );
         let sd = (smooth.iter().map(|v| (v * v) as f64).sum::<f64>() / smooth.len() as f64)
             .sqrt()
             .max(1e-12);
@@ -115,19 +148,31 @@ pub fn insert(
     if voxels == 0 {
         return None;
     }
-    let mean_added: f64 = contribution
-        .iter()
-        .zip(label.iter())
-        .filter(|(_, l)| **l)
-        .map(|(c, _)| c.abs() as f64)
-        .sum::<f64>()
-        / voxels as f64;
+    // The visible contrast: inside the label, or in the oedema when that is larger.
+    let mean_abs = |inside: &dyn Fn(usize) -> bool| {
+        let (sum, n) = contribution
+            .iter()
+            .enumerate()
+            .filter(|(idx, _)| inside(*idx))
+            .fold((0.0, 0usize), |(s, n), (_, c)| (s + c.abs() as f64, n + 1));
+        if n == 0 {
+            0.0
+        } else {
+            sum / n as f64
+        }
+    };
+    let labelled: Vec<bool> = label.iter().copied().collect();
+    let mut mean_added = mean_abs(&|idx| labelled[idx]);
+    if let Some(halo) = &halo {
+        let ring: Vec<bool> = halo.iter().map(|h| *h >= LABEL_FRACTION).collect();
+        mean_added = mean_added.max(mean_abs(&|idx| ring[idx] && !labelled[idx]));
+    }
     let cnr = if noise > 0.0 {
         mean_added / noise
     } else {
         f64::INFINITY
     };
-    if cnr < 1.0 {
+    if cnr < lesion.min_cnr {
         return None;
     }
     let dtype = host.info.dtype;

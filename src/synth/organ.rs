@@ -58,8 +58,9 @@ pub fn lung_mask(ct: ArrayView3<f32>) -> Array3<bool> {
 /// Erodes a mask by `radius_mm` with a box of that half-width in mm along each axis (separable
 /// minimum filter), so anything centred in the result lies `radius_mm` inside the organ.
 pub fn erode_mm(mask: &Array3<bool>, geometry: &Geometry, radius_mm: f64) -> Array3<bool> {
-    let s = geometry.spacing();
-    let half = [s[2], s[1], s[0]].map(|sp| (radius_mm / sp).ceil() as isize);
+    let half = geometry
+        .array_spacing()
+        .map(|sp| (radius_mm / sp).ceil() as isize);
     let mut out = mask.clone();
     for (axis, h) in half.into_iter().enumerate() {
         if h <= 0 {

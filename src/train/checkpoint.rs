@@ -17,17 +17,22 @@ use crate::model::{HybridSegNet, HybridSegNetConfig};
 pub struct EpochRecord {
     /// 1-based.
     pub epoch: usize,
+    /// Mean training loss over the epoch's steps.
     pub train_loss: f64,
+    /// Learning rate of the epoch's last step.
     pub learning_rate: f64,
     /// Validation Dice per foreground class (empty when this epoch did not validate).
     pub validation_dice: Vec<f64>,
+    /// Wall-clock seconds of the epoch, validation included.
     pub seconds: f64,
     /// Seconds the training step waited for the loader.
     pub data_wait_seconds: f64,
+    /// Training throughput: patches per second of training (validation excluded).
     pub patches_per_second: f64,
 }
 
 impl EpochRecord {
+    /// Mean of `validation_dice` over foreground classes; `None` when the epoch did not validate.
     pub fn mean_dice(&self) -> Option<f64> {
         (!self.validation_dice.is_empty())
             .then(|| self.validation_dice.iter().sum::<f64>() / self.validation_dice.len() as f64)
@@ -39,14 +44,20 @@ impl EpochRecord {
 pub struct TrainState {
     /// Epochs completed.
     pub epoch: usize,
+    /// Optimiser steps taken over the whole run (drives the learning-rate schedule).
     pub global_step: usize,
     /// Seed of initialisation, sampling and augmentation; with `epoch` it fixes every later
     /// random draw.
     pub seed: u64,
+    /// Best value so far of the selection metric (`validate.metric`); `None` before any validation.
     pub best_metric: Option<f64>,
+    /// Epoch (1-based) of the `best` checkpoint.
     pub best_epoch: Option<usize>,
+    /// Validations since the last improvement, for early stopping.
     pub validations_without_improvement: usize,
+    /// Training stopped because `validate.patience` ran out.
     pub stopped_early: bool,
+    /// One record per finished epoch.
     pub history: Vec<EpochRecord>,
 }
 

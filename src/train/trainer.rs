@@ -72,7 +72,9 @@ pub enum TrainEvent {
 /// What a finished (or early-stopped) run left.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
+    /// The run directory (config, checkpoints, metrics, curves, log).
     pub run_dir: PathBuf,
+    /// Training state at the end.
     pub state: TrainState,
     /// Epochs already done when this invocation started (non-zero when resumed).
     pub resumed_at: usize,
@@ -81,15 +83,13 @@ pub struct TrainOutcome {
 /// The network a run config asks for: its preset, overridden field by field, sized by the data.
 pub fn model_config(config: &RunConfig) -> Result<HybridSegNetConfig> {
     let m = &config.model;
-    let dims = config.sampling.patch_size.len();
     let mut c = HybridSegNetConfig::preset(
-        m.preset.name(),
-        dims,
-        config.data.channels.len().max(1),
+        m.preset,
+        config.sampling.patch_size,
         config.data.labels.len().max(2),
-    )?;
-    c.patch_size = config.sampling.patch_size.clone();
-    c.context_slices = m.context_slices;
+    )
+    .with_in_channels(config.data.channels.len().max(1))
+    .with_context_slices(m.context_slices);
     if let Some(v) = &m.stem_widths {
         c.stem_widths = v.clone();
     }
@@ -472,7 +472,7 @@ pub fn train(
     let classes: Vec<String> = config.data.labels[1..].to_vec();
     log.line(
         &format!(
-            "data: {} training, {} validation, {} test cases; spacing {:?} mm; patch {:?}",
+            "data: {} training, {} validation, {} test cases; spacing {:?} mm; patch {}",
             data.train.len(),
             data.validation.len(),
             data.split.test.len(),

@@ -15,7 +15,9 @@ use crate::config::AugmentConfig;
 /// A cut-out patch: image `[C_in, D, H, W]` and labels `[D, H, W]`.
 #[derive(Debug, Clone)]
 pub struct Patch {
+    /// Image `[C_in, D, H, W]` (array order).
     pub image: Array4<f32>,
+    /// Class indices `[D, H, W]`.
     pub label: Array3<u8>,
 }
 

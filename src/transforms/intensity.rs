@@ -12,16 +12,22 @@ use crate::error::{Error, Result};
 pub enum Normalization {
     /// Clip to `[low, high]`, then `(x - mean) / std`.
     Ct {
+        /// Lower clip bound, in the scan's units (HU for CT).
         low: f32,
+        /// Upper clip bound, in the scan's units (HU for CT).
         high: f32,
+        /// Mean subtracted after clipping.
         mean: f32,
+        /// Standard deviation divided by after clipping.
         std: f32,
     },
     /// `(x - mean) / std` with the scan's own statistics (over non-zero voxels when `masked`, zero
     /// kept outside).
     ZScore {
+        /// Statistics over non-zero voxels only, zero voxels left at zero (skull-stripped MR).
         masked: bool,
     },
+    /// Values unchanged.
     None,
 }
 

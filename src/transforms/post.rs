@@ -20,6 +20,7 @@ pub struct Components {
 }
 
 impl Components {
+    /// Number of components.
     pub fn count(&self) -> usize {
         self.sizes.len()
     }

@@ -24,7 +24,9 @@ use crate::volume::Volume;
 pub struct SpatialPlan {
     /// Target spacing along the (reoriented) voxel axes `i, j, k`, mm.
     pub spacing: [f64; 3],
+    /// Reorient to RAS first (axis permutation and flips; exact).
     pub reorient: bool,
+    /// Crop to the bounding box of non-zero voxels after resampling.
     pub crop_to_nonzero: bool,
 }
 
@@ -32,8 +34,11 @@ pub struct SpatialPlan {
 /// from, so predictions can be mapped back.
 #[derive(Debug, Clone)]
 pub struct SpatialResult {
+    /// Voxels `[c, k, j, i]` on `geometry`, linearly resampled.
     pub image: Array4<f32>,
+    /// Label map `[k, j, i]` on `geometry`, nearest-neighbour resampled, when one was given.
     pub label: Option<Array3<u8>>,
+    /// The preprocessed grid (voxel → RAS+ mm).
     pub geometry: Geometry,
 }
 

@@ -9,13 +9,15 @@ use std::ops::Range;
 use ndarray::{s, Array3, Array4, ArrayView3, ArrayView4, Axis, Zip};
 use rayon::prelude::*;
 
-use crate::geometry::{invert, matmul, Affine, Geometry, IDENTITY};
+use crate::geometry::{invert, matmul, to_array_order, to_voxel_order, Affine, Geometry, IDENTITY};
 
 /// How the voxel axes of a grid map onto RAS: voxel axis `axis[w]` runs along world axis `w`,
 /// reversed when `flip[w]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Orientation {
+    /// For each world axis `w` (R, A, S), the voxel axis (0 = `i`, 1 = `j`, 2 = `k`) along it.
     pub axis: [usize; 3],
+    /// For each world axis `w`, whether that voxel axis runs against it (toward L, P or I).
     pub flip: [bool; 3],
 }
 
@@ -56,6 +58,7 @@ impl Orientation {
         Orientation { axis, flip }
     }
 
+    /// Whether the voxel axes already run along R, A, S (reorienting would change nothing).
     pub fn is_identity(&self) -> bool {
         self.axis == [0, 1, 2] && self.flip == [false; 3]
     }
@@ -335,7 +338,7 @@ pub fn resample_linear_onto(
     from: &Geometry,
     onto: &Geometry,
 ) -> Array3<f32> {
-    map_onto(from, onto, |p| sample_linear(values, [p[2], p[1], p[0]]))
+    map_onto(from, onto, |p| sample_linear(values, to_array_order(p)))
 }
 
 /// Bounding box `[k, j, i]` ranges of voxels where any channel is non-zero; `None` when all zero.
@@ -355,14 +358,14 @@ pub fn nonzero_box(voxels: ArrayView4<f32>) -> Option<[Range<usize>; 3]> {
 
 /// The grid of the sub-box `[k, j, i]` of `g`.
 pub fn cropped_geometry(g: &Geometry, bbox: &[Range<usize>; 3]) -> Geometry {
-    let offset = [bbox[2].start, bbox[1].start, bbox[0].start];
+    let offset = to_voxel_order(bbox.clone().map(|r| r.start));
     let mut affine = g.affine;
     for (r, row) in affine.iter_mut().enumerate().take(3) {
         row[3] += (0..3)
             .map(|a| g.affine[r][a] * offset[a] as f64)
             .sum::<f64>();
     }
-    Geometry::new([bbox[2].len(), bbox[1].len(), bbox[0].len()], affine)
+    Geometry::new(to_voxel_order(bbox.clone().map(|r| r.len())), affine)
 }
 
 /// Crops `[c, k, j, i]` voxels to `bbox` (`[k, j, i]` ranges).

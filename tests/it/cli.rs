@@ -137,17 +137,24 @@ fn model_prints_layers_parameters_and_multiply_adds() {
     );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("vit.block.3"), "{text}");
-    let cfg = medseg::model::HybridSegNetConfig::preset("small", 3, 1, 2).unwrap();
-    let params: usize = medseg::model::summary::summarize(&cfg, &[64, 64, 64])
-        .iter()
-        .map(|r| r.params)
-        .sum();
+    use medseg::{geometry::PatchSize, model::HybridSegNetConfig};
+    let cfg = HybridSegNetConfig::preset(
+        medseg::model::ModelPreset::Small,
+        PatchSize::new(&[96, 96, 96]).unwrap(),
+        2,
+    );
+    let params: usize =
+        medseg::model::summary::summarize(&cfg, PatchSize::new(&[64, 64, 64]).unwrap())
+            .iter()
+            .map(|r| r.params)
+            .sum();
     assert!(text.contains(&format!("({params})")), "{text}");
 
     let bad = Command::new(bin())
         .args(["model", "--preset", "huge"])
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
+    // A value outside the preset enum is a usage error, refused by the argument parser.
+    assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown preset"));
 }

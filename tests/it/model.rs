@@ -6,11 +6,18 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Gradients;
 
+use medseg::geometry::PatchSize;
 use medseg::io::read_nifti;
-use medseg::model::{self, summary, HybridSegNetConfig, PositionEmbedding};
+use medseg::model::{self, summary, HybridSegNetConfig, ModelPreset, PositionEmbedding};
 use medseg::train::loss::dice_ce_loss;
 
 use crate::common::cache;
+
+/// A preset with its default patch (2D 224², 3D 96³).
+fn preset(name: &str, dims: usize, channels: usize, classes: usize) -> HybridSegNetConfig {
+    let patch = HybridSegNetConfig::default_patch(dims).unwrap();
+    HybridSegNetConfig::preset(name.parse().unwrap(), patch, classes).with_in_channels(channels)
+}
 
 fn random(shape: [usize; 5], device: &Device) -> Tensor<5> {
     Tensor::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), device)
@@ -20,9 +27,7 @@ fn random(shape: [usize; 5], device: &Device) -> Tensor<5> {
 fn output_shapes_for_2d_25d_and_3d_at_odd_sizes() {
     let device = Device::flex();
     // 2D, odd H and W, deep supervision on.
-    let cfg = HybridSegNetConfig::preset("tiny", 2, 1, 3)
-        .unwrap()
-        .with_deep_supervision(true);
+    let cfg = preset("tiny", 2, 1, 3).with_deep_supervision(true);
     let net = cfg.init(&device).unwrap();
     let out = net.forward(random([2, 1, 1, 37, 45], &device));
     assert_eq!(out.logits.dims(), [2, 3, 1, 37, 45]);
@@ -31,9 +36,7 @@ fn output_shapes_for_2d_25d_and_3d_at_odd_sizes() {
     assert_eq!(deep, vec![[2, 3, 1, 10, 12], [2, 3, 1, 20, 24]]);
 
     // 2.5D: two modalities with one neighbour slice on each side = 6 input channels.
-    let cfg = HybridSegNetConfig::preset("tiny", 2, 2, 2)
-        .unwrap()
-        .with_context_slices(1);
+    let cfg = preset("tiny", 2, 2, 2).with_context_slices(1);
     assert_eq!(cfg.input_channels(), 6);
     let net = cfg.init(&device).unwrap();
     assert_eq!(
@@ -44,8 +47,7 @@ fn output_shapes_for_2d_25d_and_3d_at_odd_sizes() {
     );
 
     // 3D, odd sizes, UNETR skips and sinusoidal positions.
-    let cfg = HybridSegNetConfig::preset("tiny", 3, 1, 2)
-        .unwrap()
+    let cfg = preset("tiny", 3, 1, 2)
         .with_transformer_skips(true)
         .with_position(PositionEmbedding::Sinusoidal);
     let net = cfg.init(&device).unwrap();
@@ -59,11 +61,16 @@ fn output_shapes_for_2d_25d_and_3d_at_odd_sizes() {
 
 #[test]
 fn invalid_configs_are_refused_with_the_reason() {
-    let err = HybridSegNetConfig::preset("huge", 2, 1, 2).unwrap_err();
-    assert!(err.to_string().contains("tiny, small, base"), "{err}");
+    let err = "huge".parse::<ModelPreset>().unwrap_err();
+    assert!(err.contains("tiny, small or base"), "{err}");
+    let err = preset("tiny", 3, 1, 2)
+        .with_context_slices(1)
+        .init(&Device::flex())
+        .unwrap_err();
+    assert!(err.to_string().contains("2D patch_size"), "{err}");
     let cfg = HybridSegNetConfig {
         heads: 3,
-        ..HybridSegNetConfig::preset("tiny", 2, 1, 2).unwrap()
+        ..preset("tiny", 2, 1, 2)
     };
     let err = cfg.init(&Device::flex()).unwrap_err();
     assert!(err.to_string().contains("divisible"), "{err}");
@@ -102,8 +109,7 @@ fn every_parameter_gets_a_gradient() {
     let device = Device::flex().autodiff();
     device.seed(3);
     for dims in [2, 3] {
-        let cfg = HybridSegNetConfig::preset("tiny", dims, 1, 2)
-            .unwrap()
+        let cfg = preset("tiny", dims, 1, 2)
             .with_transformer_skips(true)
             .with_deep_supervision(true);
         let net = cfg.init(&device).unwrap();
@@ -140,25 +146,22 @@ fn every_parameter_gets_a_gradient() {
 fn summary_counts_the_same_parameters_as_burn() {
     let device = Device::flex();
     let configs = [
-        HybridSegNetConfig::preset("tiny", 2, 1, 2).unwrap(),
-        HybridSegNetConfig::preset("tiny", 3, 2, 4)
-            .unwrap()
+        preset("tiny", 2, 1, 2),
+        preset("tiny", 3, 2, 4)
             .with_transformer_skips(true)
             .with_deep_supervision(true),
-        HybridSegNetConfig::preset("small", 3, 1, 2).unwrap(),
-        HybridSegNetConfig::preset("small", 2, 1, 2)
-            .unwrap()
-            .with_context_slices(2),
+        preset("small", 3, 1, 2),
+        preset("small", 2, 1, 2).with_context_slices(2),
     ];
     for cfg in configs {
-        let rows = summary::summarize(&cfg, &cfg.patch_size);
+        let rows = summary::summarize(&cfg, cfg.patch_size);
         let counted: usize = rows.iter().map(|r| r.params).sum();
         assert_eq!(counted, cfg.init(&device).unwrap().num_params(), "{cfg}");
         assert!(rows.iter().map(|r| r.macs).sum::<u64>() > 0);
     }
     // The base preset is TransUNet scale: about 10^8 parameters.
-    let base = HybridSegNetConfig::preset("base", 2, 1, 2).unwrap();
-    let n: usize = summary::summarize(&base, &base.patch_size)
+    let base = preset("base", 2, 1, 2);
+    let n: usize = summary::summarize(&base, base.patch_size)
         .iter()
         .map(|r| r.params)
         .sum();
@@ -171,9 +174,7 @@ fn summary_counts_the_same_parameters_as_burn() {
 #[test]
 fn save_then_load_gives_identical_outputs() {
     let device = Device::flex();
-    let cfg = HybridSegNetConfig::preset("tiny", 3, 1, 3)
-        .unwrap()
-        .with_transformer_skips(true);
+    let cfg = preset("tiny", 3, 1, 3).with_transformer_skips(true);
     let net = cfg.init(&device).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model::save(&cfg, &net, dir.path()).unwrap();
@@ -184,7 +185,7 @@ fn save_then_load_gives_identical_outputs() {
     let b: Vec<f32> = net2.forward(x).logits.try_to_vec_as().unwrap();
     assert_eq!(a, b);
     // A checkpoint from another architecture is refused with the file named.
-    let other = HybridSegNetConfig::preset("tiny", 3, 1, 5).unwrap();
+    let other = preset("tiny", 3, 1, 5);
     std::fs::write(
         dir.path().join("model.json"),
         serde_json::to_string(&other).unwrap(),
@@ -242,7 +243,7 @@ fn overfit(
             if best > 0.95 {
                 eprintln!(
                     "overfit {}D: Dice {best:.3} after {step} steps",
-                    cfg.spatial_dims
+                    cfg.spatial_dims()
                 );
                 return (step, best);
             }
@@ -293,8 +294,8 @@ fn tiny_overfits_a_real_liver_slice() {
         "slice {k} has too little liver"
     );
     let cfg = HybridSegNetConfig {
-        patch_size: vec![nj, ni],
-        ..HybridSegNetConfig::preset("tiny", 2, 1, 2).unwrap()
+        patch_size: PatchSize::new(&[nj, ni]).unwrap(),
+        ..preset("tiny", 2, 1, 2)
     };
     let (steps, d) = overfit(&cfg, x, y, [1, nj, ni], 400);
     assert!(d > 0.95, "Dice {d:.3} after {steps} steps");
@@ -347,8 +348,8 @@ fn tiny_overfits_a_real_3d_liver_patch() {
     let fg = y.iter().sum::<i32>() as f64 / y.len() as f64;
     assert!((0.1..0.9).contains(&fg), "patch liver fraction {fg}");
     let cfg = HybridSegNetConfig {
-        patch_size: size.to_vec(),
-        ..HybridSegNetConfig::preset("tiny", 3, 1, 2).unwrap()
+        patch_size: PatchSize::new(&size).unwrap(),
+        ..preset("tiny", 3, 1, 2)
     };
     let (steps, d) = overfit(&cfg, x, y, size, 300);
     assert!(d > 0.95, "Dice {d:.3} after {steps} steps");

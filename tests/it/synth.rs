@@ -2,7 +2,9 @@
 //! survives under the lesion, edges carry partial volume, values stay in the host's range.
 
 use crate::common::cache;
+use medseg::io::read_nifti;
 use medseg::synth::{insert, lesion::LesionShape, local_noise, LesionSpec};
+use medseg::Volume;
 use ndarray::Axis;
 use rand::SeedableRng;
 
@@ -40,6 +42,8 @@ fn a_liver_lesion_keeps_the_host_noise_and_has_partial_volume_edges() {
         delta: -40.0,
         core: None,
         texture: 0.0,
+        halo: None,
+        min_cnr: 1.0,
     };
     let (fraction, record) = insert(&mut ct, &spec, &mut rng).expect("visible lesion");
     assert!(record.contrast_to_noise >= 1.0, "{record:?}");
@@ -117,6 +121,8 @@ fn lung_nodules_stay_inside_the_lungs() {
             delta: 800.0,
             core: None,
             texture: 0.1,
+            halo: None,
+            min_cnr: 1.0,
         };
         let (f, record) = insert(&mut ct, &spec, &mut rng).expect("visible nodule");
         assert!(record.contrast_to_noise > 5.0, "{record:?}");
@@ -349,6 +355,8 @@ fn a_brain_tumour_has_an_enhancing_rim_and_a_necrotic_core() {
         delta: 60.0,
         core: Some((0.5, -25.0)),
         texture: 0.1,
+        halo: None,
+        min_cnr: 1.0,
     };
     let (f, record) = insert(&mut mr, &spec, &mut rng).expect("visible tumour");
     assert_eq!(record.core_delta, Some(-25.0));
@@ -414,7 +422,8 @@ fn hosts_and_organ_masks_are_deformed_identically() {
         bias_field: 0.0,
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let (moved, mask) = deform_host(&mr, &tissue, &settings, &mut rng);
+    let (moved, masks) = deform_host(&mr, &[&tissue], &settings, &mut rng);
+    let mask = &masks[0];
     assert_eq!(moved.geometry, mr.geometry);
     let derived = moved.voxels.index_axis(Axis(0), 0).mapv(|v| v > 100.0);
     let n = tissue.len() as f64;
@@ -433,4 +442,132 @@ fn hosts_and_organ_masks_are_deformed_identically() {
     eprintln!("deformed mask vs mask of the deformed scan: {disagree:.4}; moved {moved_share:.4}");
     assert!(moved_share > 0.01, "{moved_share}");
     assert!(disagree < moved_share / 5.0, "{disagree} vs {moved_share}");
+}
+
+/// Synthesises two cases of the real ITK T1 brain with the given `[synth.randomise]` body and
+/// returns (images, labels, lesions.json) of the training split.
+fn randomised(dir: &std::path::Path, randomise: &str) -> (Vec<Volume>, Vec<Volume>, String) {
+    let config = dir.join("synth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[synth]\nseed = 3\nlesion = \"brain_tumour\"\nlabel = \"tumour\"\nroi_label = \"brain\"\n\
+             cases_per_host = 2\ncontrol_fraction = 0.0\nlesions_per_case = [3, 3]\n\
+             diameter_median_mm = 14.0\nbias_field = 0.1\n\
+             [synth.randomise]\n{randomise}\n[synth.appearance]\ncnr = [3.0, 20.0]\n\
+             [[synth.hosts]]\nimage = {:?}\norgan = \"mask:{}\"\nsplit = \"train\"\n",
+            cache("itk/KmeansTest_T1UCharRaw.nii.gz").display().to_string(),
+            cache("itk/KmeansTest_T1RawSkullStrip.nii.gz").display(),
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = std::process::Command::new(crate::common::bin())
+        .args([
+            "synth",
+            "--config",
+            config.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |sub: &str, suffix: &str| -> Vec<Volume> {
+        (0..2)
+            .map(|c| {
+                read_nifti(&out.join(sub).join(format!("synthTr_{c:03}{suffix}.nii.gz"))).unwrap()
+            })
+            .collect()
+    };
+    let lesions = std::fs::read_to_string(out.join("lesions.json")).unwrap();
+    (read("imagesTr", "_0000"), read("labelsTr", ""), lesions)
+}
+
+#[test]
+fn domain_randomisation_changes_the_look_but_never_the_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain_dir, random_dir) = (tmp.path().join("plain"), tmp.path().join("random"));
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    std::fs::create_dir_all(&random_dir).unwrap();
+    let (plain, plain_labels, _) = randomised(
+        &plain_dir,
+        "contrast_prob = 0.0\nskull_strip_prob = 0.0\nthick_slice_prob = 0.0\nin_plane_mm = [0.0, 0.0]\nnoise = [0.0, 0.0]",
+    );
+    let (random, random_labels, lesions) = randomised(
+        &random_dir,
+        "contrast_prob = 1.0\nskull_strip_prob = 1.0\nthick_slice_prob = 1.0\nslice_thickness_mm = [6.0, 7.0]\nnoise = [0.02, 0.04]",
+    );
+    for c in 0..2 {
+        // Same geometry: labels voxel for voxel, on the host's grid.
+        assert_eq!(plain_labels[c].voxels, random_labels[c].voxels, "case {c}");
+        assert_eq!(random[c].geometry, plain[c].geometry);
+        let labels = &random_labels[c].voxels;
+        assert!(labels.iter().any(|v| *v == 1.0) && labels.iter().any(|v| *v == 2.0));
+        // Skull stripped: outside the brain label (2 and 1) nothing is left but noise.
+        let outside: Vec<f32> = random[c]
+            .voxels
+            .iter()
+            .zip(labels.iter())
+            .filter(|(_, l)| **l == 0.0)
+            .map(|(v, _)| *v)
+            .collect();
+        let brain_mean = mean(
+            random[c]
+                .voxels
+                .iter()
+                .zip(labels.iter())
+                .filter(|(_, l)| **l == 2.0)
+                .map(|(v, _)| *v),
+        );
+        let outside_median = {
+            let mut o = outside.clone();
+            o.sort_by(f32::total_cmp);
+            o[o.len() / 2] as f64
+        };
+        assert!(
+            outside_median < 0.2 * brain_mean,
+            "{outside_median} vs brain {brain_mean}"
+        );
+        // A different image: not a scaled copy of the plain one.
+        let r = correlation(
+            &plain[c].voxels.iter().copied().collect::<Vec<_>>(),
+            &random[c].voxels.iter().copied().collect::<Vec<_>>(),
+        );
+        assert!(r < 0.95, "case {c}: correlation {r}");
+    }
+    // Every lesion records its polarity and the simulated slice thickness.
+    let parsed: medseg::io::layout::SynthLesions = serde_json::from_str(&lesions).unwrap();
+    assert_eq!(parsed.lesions.len(), 6);
+    for l in &parsed.lesions {
+        assert!(l.polarity.is_some(), "{l:?}");
+        assert!(
+            l.slice_thickness_mm
+                .is_some_and(|t| (6.0..=7.0).contains(&t)),
+            "{l:?}"
+        );
+        assert!(l.lesion.contrast_to_noise.is_finite() && l.lesion.contrast_to_noise > 0.0);
+    }
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(random_dir.join("out/dataset.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["labels"]["brain"], 2, "{json}");
+}
+
+fn mean(values: impl Iterator<Item = f32>) -> f64 {
+    let (s, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v as f64, n + 1));
+    s / n.max(1) as f64
+}
+
+fn correlation(a: &[f32], b: &[f32]) -> f64 {
+    let (ma, mb) = (mean(a.iter().copied()), mean(b.iter().copied()));
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64 - ma, *y as f64 - mb);
+        sab += x * y;
+        saa += x * x;
+        sbb += y * y;
+    }
+    sab / (saa * sbb).sqrt().max(1e-12)
 }

@@ -98,7 +98,7 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
     assert!(saved.contains("mean = "), "{saved}");
     let best = a.join("checkpoints/best");
     let (config, _) = medseg::model::load(&best, &burn::prelude::Device::flex()).unwrap();
-    assert_eq!((config.spatial_dims, config.num_classes), (2, 2));
+    assert_eq!((config.spatial_dims(), config.num_classes), (2, 2));
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("checkpoints/last/state.json")).unwrap())
             .unwrap();
@@ -173,8 +173,8 @@ fn three_d_training_runs() {
         &burn::prelude::Device::flex(),
     )
     .unwrap();
-    assert_eq!(config.spatial_dims, 3);
-    assert_eq!(config.patch_size, vec![32, 48, 48]);
+    assert_eq!(config.spatial_dims(), 3);
+    assert_eq!(config.patch_size.as_slice(), [32, 48, 48]);
 }
 
 /// Bad entries are reported together, each naming its case and what is wrong, with exit status 1.
@@ -246,7 +246,7 @@ fn config_layers_and_unknown_keys() {
     );
     // The dump is itself a valid config.
     let parsed = medseg::config::RunConfig::from_toml(&dump, "dump").unwrap();
-    assert_eq!(parsed.sampling.patch_size, vec![96, 96]);
+    assert_eq!(parsed.sampling.patch_size.as_slice(), [96, 96]);
     let out = train(&[
         "--config",
         CONFIG,
