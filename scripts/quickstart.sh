@@ -1,45 +1,55 @@
 #!/usr/bin/env bash
-# The main job, on the defaults in configs/: fetch the real sample scans, build medseg, insert
-# synthetic brain tumours into real T1 MR scans (Colin27 and MNI152 for training, ITK's T1 for
-# testing), train the `tiny` model, segment the test scans and evaluate against their tumour labels.
-# A second run reuses the fetched scans, the synthetic dataset, the preprocessed cases, the trained
-# model and the masks already written.
+# The main job, on the defaults in configs/: fetch the real sample scans, build medseg, synthesise
+# domain-randomised focal brain lesions in real MR hosts (Colin27 and MNI152 for training, ITK's T1
+# for testing), train the `tiny` model to find the brain and its lesions, segment the test scans
+# (lesions outside the brain dropped) and evaluate; then do the same on a shifted test set (ITK's
+# T1 in 5-7 mm slices with redrawn contrasts). A second run reuses the fetched scans, the
+# synthetic datasets, the preprocessed cases, the trained model and the masks already written.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 data=datasets/cache/brain-mr
+shifted=datasets/cache/brain-mr-shifted
 run=runs/quickstart-brain-mr
 out=runs/quickstart-brain-mr/test
+out_shifted=runs/quickstart-brain-mr/test-shifted
 started=$SECONDS
 
-echo "== 1/6 fetch the sample scans"
+echo "== 1/7 fetch the sample scans"
 scripts/fetch-data.sh
-echo "== 2/6 build medseg (release)"
+echo "== 2/7 build medseg (release)"
 cargo build --release --locked
 medseg=target/release/medseg
 stage=$SECONDS
 
-echo "== 3/6 insert synthetic brain tumours into the sample MRs (configs/synth-brain-mr.toml)"
+echo "== 3/7 synthesise randomised brain lesions in the sample MRs (configs/synth-brain-mr*.toml)"
 "$medseg" synth --config configs/synth-brain-mr.toml --output "$data"
+"$medseg" synth --config configs/synth-brain-mr-shifted.toml --output "$shifted"
 
-echo "== 4/6 train the tiny model (configs/quickstart-brain-mr.toml)"
+echo "== 4/7 train the tiny model (configs/quickstart-brain-mr.toml)"
 if [ -f "$run/checkpoints/last/state.json" ]; then
   "$medseg" train --resume "$run"
 else
   "$medseg" train --config configs/quickstart-brain-mr.toml
 fi
 
-echo "== 5/6 segment the test scans (a host the model never saw)"
+echo "== 5/7 segment the test scans (a host the model never saw), and its shifted versions"
 "$medseg" segment --model "$run" "$data/imagesTs" --output "$out/masks" --overlay --skip-existing
+"$medseg" segment --model "$run" "$shifted/imagesTs" --output "$out_shifted/masks" --overlay --skip-existing
 
-echo "== 6/6 evaluate against the inserted tumours"
+# Lesion-wise scores for the lesion class only; the brain (label 2) gets Dice and surface metrics.
+echo "== 6/7 evaluate against the inserted lesions"
 "$medseg" evaluate --pred "$out/masks" --truth "$data/labelsTs" --images "$data/imagesTs" \
-  --output "$out/evaluation" | tee "$out/summary.txt"
+  --set "evaluate.lesion_classes=[1]" --output "$out/evaluation" | tee "$out/summary.txt"
+
+echo "== 7/7 evaluate on the shifted test set (5-7 mm slices, redrawn contrasts, every polarity)"
+"$medseg" evaluate --pred "$out_shifted/masks" --truth "$shifted/labelsTs" --images "$shifted/imagesTs" \
+  --set "evaluate.lesion_classes=[1]" --output "$out_shifted/evaluation" | tee "$out_shifted/summary.txt"
 
 cat <<EOF | tee -a "$out/summary.txt"
 
 quickstart done in $((SECONDS - started)) s ($((SECONDS - stage)) s after the build)
-  synthetic dataset  $data (dataset.json, lesions.json)
+  synthetic datasets $data, $shifted (dataset.json, lesions.json)
   model              $run/checkpoints/best (training curve $run/training_curve.png)
   masks              $out/masks (NAME.nii.gz, NAME_lesions.csv, NAME_overlay.png)
-  report             $out/evaluation/report.md
+  reports            $out/evaluation/report.md, $out_shifted/evaluation/report.md
 EOF

@@ -26,12 +26,16 @@ pub enum DataFormat {
 
 /// Intensity normalisation scheme of one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum IntensityScheme {
     /// Clip to a window, then `(x - mean) / std` with dataset-wide numbers (nnU-Net's CT scheme).
     Ct,
     /// Per scan, over its non-zero voxels (MR).
     Zscore,
+    /// Per scan, with the mean and spread of its foreground: the voxels above the scan's mean,
+    /// which splits tissue from air whatever the contrast, the field of view or whether the skull
+    /// was removed (MR of varying contrast).
+    ZscoreForeground,
     /// Unchanged.
     None,
 }
@@ -537,6 +541,32 @@ pub struct SegmentConfig {
     pub min_lesion_mm3: f64,
     /// Classes (by name) of which only the largest component is kept, e.g. organs.
     pub keep_largest: Vec<String>,
+    /// A region-of-interest stage: findings of other classes outside the dilated region are
+    /// dropped (or only flagged); off when absent.
+    pub roi: Option<RoiConfig>,
+}
+
+/// `[segment.roi]`: the organ classes that bound where lesions may be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoiConfig {
+    /// Class names that make the region (e.g. `["brain"]`).
+    pub classes: Vec<String>,
+    /// The region is dilated by this much (mm) before lesions are tested against it.
+    pub margin_mm: f64,
+    /// Remove lesions that do not reach the dilated region from the mask and the lesion table;
+    /// when false they are kept and flagged `inside_roi = no`.
+    pub drop_outside: bool,
+}
+
+impl Default for RoiConfig {
+    fn default() -> Self {
+        RoiConfig {
+            classes: Vec::new(),
+            margin_mm: 2.0,
+            drop_outside: true,
+        }
+    }
 }
 
 impl Default for SegmentConfig {
@@ -548,6 +578,7 @@ impl Default for SegmentConfig {
             threshold: 0.5,
             min_lesion_mm3: 0.0,
             keep_largest: Vec::new(),
+            roi: None,
         }
     }
 }
@@ -800,6 +831,11 @@ impl RunConfig {
                 "[segment] overlap must be in [0, 1), batch_size positive and threshold in [0, 1]"
                     .into(),
             );
+        }
+        if let Some(roi) = &g.roi {
+            if roi.classes.is_empty() || !(roi.margin_mm.is_finite() && roi.margin_mm >= 0.0) {
+                return bad("[segment.roi] needs classes (names) and a margin_mm >= 0".into());
+            }
         }
         Ok(())
     }

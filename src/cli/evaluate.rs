@@ -68,7 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "evaluate {bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
         false,
     );
-    let (results, failed) = evaluate_cases(&pairs, &config, synth.as_deref(), &mut |case, e| {
+    let (results, failed) = evaluate_cases(&pairs, &config, synth.as_ref(), &mut |case, e| {
         if let Some(e) = e {
             bar.suspend(|| eprintln!("error: {e}"));
         }
@@ -119,5 +119,39 @@ fn print_summary(summary: &EvalSummary) {
             "  lesions {c}: sensitivity {:.3} precision {:.3} F1 {:.3} ({} TP, {} FP, {} FN)",
             e.sensitivity, e.precision, e.f1, e.tp, e.fp, e.fn_
         );
+        let per_scan = e.fp as f64 / summary.cases.max(1) as f64;
+        if let Some(h) = &e.high_contrast {
+            println!(
+                "    CNR >= {}: sensitivity {:.3} at {:.2} FP per scan ({} lesions); {:.3} at 1 FP per scan",
+                h.min_contrast_to_noise,
+                h.sensitivity,
+                h.fp_per_scan,
+                h.truth_lesions,
+                h.sensitivity_at_1_fp_per_scan
+            );
+        } else {
+            println!("    {per_scan:.2} FP per scan");
+        }
+        if !e.by_polarity.is_empty() {
+            let parts: Vec<String> = e
+                .by_polarity
+                .iter()
+                .map(|b| format!("{} {}/{}", b.polarity, b.detected, b.truth_lesions))
+                .collect();
+            println!("    by polarity: {}", parts.join(", "));
+        }
+        if !e.by_slice_thickness.is_empty() {
+            let parts: Vec<String> = e
+                .by_slice_thickness
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} {}/{} ({:.2} FP/scan)",
+                        b.bin, b.detected, b.truth_lesions, b.fp_per_scan
+                    )
+                })
+                .collect();
+            println!("    by slice thickness: {}", parts.join(", "));
+        }
     }
 }

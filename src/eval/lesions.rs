@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+pub use crate::io::layout::Polarity;
 use crate::transforms::post::connected_components;
 pub use crate::transforms::post::VoxelBox;
 
@@ -27,6 +28,8 @@ pub struct LesionRecord {
     pub bbox_voxel: VoxelBox,
     /// Contrast-to-noise ratio of a synthetic truth lesion, from `medseg synth`'s `lesions.json`.
     pub contrast_to_noise: Option<f64>,
+    /// Polarity of a synthetic truth lesion (domain-randomised datasets).
+    pub polarity: Option<Polarity>,
     /// Id of the matched component in the other mask, if any.
     pub matched: Option<u32>,
     /// IoU with the matched component; 0 when unmatched.
@@ -117,6 +120,7 @@ pub fn match_lesions(
         volume_mm3: size as f64 * voxel_mm3,
         bbox_voxel,
         contrast_to_noise: None,
+        polarity: None,
         matched: None,
         iou: 0.0,
         dice: 0.0,

@@ -187,6 +187,8 @@ pub struct CaseResult {
     pub lesions: Vec<(u32, LesionMatch)>,
     /// Truth grid `[nk, nj, ni]` (array order), for the overlay montage.
     pub dims: [usize; 3],
+    /// The simulated slice thickness of a synthetic case (mm), from `lesions.json`.
+    pub slice_thickness_mm: Option<f64>,
 }
 
 fn labels_of(v: &Volume) -> Vec<u32> {
@@ -212,29 +214,27 @@ fn lesion_table(pair: &CasePair) -> Result<Option<Vec<Lesion>>> {
 /// The synthetic lesions of a dataset whose label maps are in `truth_dir`: `lesions.json` beside
 /// `labelsTs/` (or `labelsTr/`), as `medseg synth` writes it. `None` when there is none or it is
 /// another kind of file.
-pub fn synth_lesions(truth_dir: &Path) -> Option<Vec<SynthLesion>> {
+pub fn synth_lesions(truth_dir: &Path) -> Option<SynthLesions> {
     let path = SynthLesions::path(truth_dir.parent()?);
     path.is_file()
         .then(|| read_json::<SynthLesions>(&path).ok())
         .flatten()
-        .map(|l| l.lesions)
 }
 
-/// Gives each truth lesion of `m` the contrast-to-noise ratio of the synthetic lesion whose label
-/// box holds it (a lesion's label may split into several components).
-pub fn attach_contrast_to_noise(m: &mut LesionMatch, synth: &[SynthLesion]) {
+/// Gives each truth lesion of `m` the contrast-to-noise ratio and polarity of the synthetic lesion
+/// whose label box holds it (a lesion's label may split into several components).
+pub fn attach_synthetic(m: &mut LesionMatch, synth: &[SynthLesion]) {
     for t in &mut m.truth {
         let [lo, hi] = t.bbox_voxel;
-        t.contrast_to_noise = synth
-            .iter()
-            .find(|s| {
-                s.case == t.case
-                    && (0..3).all(|a| {
-                        let b = s.lesion.bbox_voxel;
-                        b[0][a] <= lo[a] && hi[a] <= b[1][a]
-                    })
-            })
-            .map(|s| s.lesion.contrast_to_noise);
+        let source = synth.iter().find(|s| {
+            s.case == t.case
+                && (0..3).all(|a| {
+                    let b = s.lesion.bbox_voxel;
+                    b[0][a] <= lo[a] && hi[a] <= b[1][a]
+                })
+        });
+        t.contrast_to_noise = source.map(|s| s.lesion.contrast_to_noise);
+        t.polarity = source.and_then(|s| s.polarity);
     }
 }
 
@@ -252,7 +252,7 @@ fn confidence_source(pair: &CasePair, dims: [usize; 3]) -> Option<Vec<f32>> {
 pub fn evaluate_case(
     pair: &CasePair,
     config: &EvalConfig,
-    synth: Option<&[SynthLesion]>,
+    synth: Option<&SynthLesions>,
 ) -> Result<CaseResult> {
     let truth = read_nifti(&pair.truth)?;
     let pred = match &pair.pred {
@@ -319,6 +319,12 @@ pub fn evaluate_case(
         classes: Vec::new(),
         lesions: Vec::new(),
         dims,
+        slice_thickness_mm: synth.and_then(|s| {
+            s.cases
+                .iter()
+                .find(|c| c.case == pair.case)
+                .and_then(|c| c.slice_thickness_mm)
+        }),
     };
     for &c in &classes {
         let tm: Vec<bool> = t.iter().map(|&x| x == c).collect();
@@ -343,7 +349,7 @@ pub fn evaluate_case(
                 &confidence,
             );
             if let Some(synth) = synth {
-                attach_contrast_to_noise(&mut m, synth);
+                attach_synthetic(&mut m, &synth.lesions);
             }
             result.lesions.push((c, m));
         }
@@ -356,7 +362,7 @@ pub fn evaluate_case(
 pub fn evaluate_cases(
     pairs: &[CasePair],
     config: &EvalConfig,
-    synth: Option<&[SynthLesion]>,
+    synth: Option<&SynthLesions>,
     on_case: &mut dyn FnMut(&str, Option<&Error>),
 ) -> (Vec<CaseResult>, Vec<(String, String)>) {
     let mut results = Vec::new();

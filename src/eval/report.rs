@@ -8,7 +8,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::lesions::{detection_scores, froc, LesionRecord, FROC_FP_RATES};
+use super::lesions::{detection_scores, froc, LesionRecord, Polarity, FROC_FP_RATES};
 use super::{CaseResult, EvalConfig};
 use crate::error::{Error, Result};
 use crate::io::plot::{plot_err, register_font, save_montage};
@@ -175,6 +175,68 @@ pub struct LesionSummary {
     pub by_volume: Vec<VolumeBin>,
     /// Detection by contrast-to-noise ratio (synthetic lesions).
     pub by_contrast_to_noise: Vec<ContrastBin>,
+    /// Detection by polarity (domain-randomised synthetic lesions).
+    #[serde(default)]
+    pub by_polarity: Vec<PolarityBin>,
+    /// Detection and false positives per scan by the scans' simulated slice thickness.
+    #[serde(default)]
+    pub by_slice_thickness: Vec<ThicknessBin>,
+    /// The operating point on lesions of contrast-to-noise ratio at least [`HIGH_CNR`]
+    /// (synthetic lesions).
+    #[serde(default)]
+    pub high_contrast: Option<OperatingPoint>,
+}
+
+/// Lesions from this contrast-to-noise ratio on count as clearly visible (the generalisation
+/// goal: sensitivity at 1 false positive per scan on these).
+pub const HIGH_CNR: f64 = 3.0;
+
+/// Detection of one lesion polarity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolarityBin {
+    /// `hyper`, `hypo`, `ring` or `iso_oedema`.
+    pub polarity: String,
+    /// Truth lesions of that polarity.
+    pub truth_lesions: usize,
+    /// Of which detected.
+    pub detected: usize,
+    /// Their share.
+    pub sensitivity: f64,
+}
+
+/// Detection on the scans of one slice-thickness bin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThicknessBin {
+    /// e.g. `5-7 mm`, or `native` for scans at the host's own resolution.
+    pub bin: String,
+    /// Scans in the bin.
+    pub scans: usize,
+    /// Their truth lesions.
+    pub truth_lesions: usize,
+    /// Of which detected.
+    pub detected: usize,
+    /// Their share.
+    pub sensitivity: f64,
+    /// Unmatched predicted lesions on these scans.
+    pub false_positives: usize,
+    /// Per scan.
+    pub fp_per_scan: f64,
+}
+
+/// Sensitivity and false positives on a subset of truth lesions, all predictions counted except
+/// those matched to lesions outside the subset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatingPoint {
+    /// The subset: contrast-to-noise ratio at least this.
+    pub min_contrast_to_noise: f64,
+    /// Truth lesions in the subset.
+    pub truth_lesions: usize,
+    /// Detected share at the default threshold.
+    pub sensitivity: f64,
+    /// False positives per scan at the default threshold.
+    pub fp_per_scan: f64,
+    /// Sensitivity at 1 false positive per scan (FROC, by confidence).
+    pub sensitivity_at_1_fp_per_scan: f64,
 }
 
 /// FROC: sensitivity at fixed false positives per scan, their average, and the whole curve.
@@ -333,8 +395,9 @@ fn lesion_summary(
     class: u32,
     truth: &[&LesionRecord],
     pred: &[&LesionRecord],
-    scans: usize,
+    results: &[CaseResult],
 ) -> LesionSummary {
+    let scans = results.len();
     let tp = truth.iter().filter(|l| l.matched.is_some()).count();
     let fn_ = truth.len() - tp;
     let fp = pred.iter().filter(|l| l.matched.is_none()).count();
@@ -368,7 +431,126 @@ fn lesion_summary(
         },
         by_volume: volume_bins(cfg, truth, pred),
         by_contrast_to_noise: contrast_bins(truth),
+        by_polarity: polarity_bins(truth),
+        by_slice_thickness: thickness_bins(class, results),
+        high_contrast: high_contrast(truth, pred, scans),
     }
+}
+
+/// Sensitivity by polarity; empty when no truth lesion has one.
+fn polarity_bins(truth: &[&LesionRecord]) -> Vec<PolarityBin> {
+    Polarity::ALL
+        .into_iter()
+        .filter_map(|p| {
+            let t: Vec<_> = truth.iter().filter(|l| l.polarity == Some(p)).collect();
+            let detected = t.iter().filter(|l| l.matched.is_some()).count();
+            let (sensitivity, _, _) = detection_scores(detected, 0, t.len() - detected);
+            (!t.is_empty()).then(|| PolarityBin {
+                polarity: p.name().into(),
+                truth_lesions: t.len(),
+                detected,
+                sensitivity,
+            })
+        })
+        .collect()
+}
+
+/// Slice-thickness bins of the scans, mm (the last open-ended); `native` holds scans at the
+/// host's resolution.
+const THICKNESS_BINS_MM: [f64; 4] = [2.0, 4.0, 6.0, 8.0];
+
+/// Detection and false positives per scan by slice thickness; empty when no scan has one.
+fn thickness_bins(class: u32, results: &[CaseResult]) -> Vec<ThicknessBin> {
+    if results.iter().all(|r| r.slice_thickness_mm.is_none()) {
+        return Vec::new();
+    }
+    let bin_of = |t: Option<f64>| match t {
+        None => "native".to_string(),
+        Some(t) => {
+            let lo = THICKNESS_BINS_MM.iter().rev().find(|lo| t >= **lo);
+            let hi = THICKNESS_BINS_MM.iter().find(|hi| t < **hi);
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => format!("{lo}-{hi} mm"),
+                (None, _) => format!("<{} mm", THICKNESS_BINS_MM[0]),
+                (Some(lo), None) => format!(">={lo} mm"),
+            }
+        }
+    };
+    let mut bins: Vec<String> = results
+        .iter()
+        .map(|r| bin_of(r.slice_thickness_mm))
+        .collect();
+    bins.sort();
+    bins.dedup();
+    bins.into_iter()
+        .map(|bin| {
+            let scans: Vec<&CaseResult> = results
+                .iter()
+                .filter(|r| bin_of(r.slice_thickness_mm) == bin)
+                .collect();
+            let matches = scans.iter().flat_map(|r| {
+                r.lesions
+                    .iter()
+                    .filter(|(c, _)| *c == class)
+                    .map(|(_, m)| m)
+            });
+            let (mut truth, mut detected, mut false_positives) = (0, 0, 0);
+            for m in matches {
+                truth += m.truth.len();
+                detected += m.tp();
+                false_positives += m.fp();
+            }
+            let (sensitivity, _, _) = detection_scores(detected, 0, truth - detected);
+            ThicknessBin {
+                bin,
+                scans: scans.len(),
+                truth_lesions: truth,
+                detected,
+                sensitivity,
+                false_positives,
+                fp_per_scan: false_positives as f64 / scans.len().max(1) as f64,
+            }
+        })
+        .collect()
+}
+
+/// The operating point on truth lesions of contrast-to-noise at least [`HIGH_CNR`]; predictions
+/// matched to fainter lesions count neither way. `None` without contrast records.
+fn high_contrast(
+    truth: &[&LesionRecord],
+    pred: &[&LesionRecord],
+    scans: usize,
+) -> Option<OperatingPoint> {
+    if !truth.iter().any(|l| l.contrast_to_noise.is_some()) {
+        return None;
+    }
+    let visible = |l: &LesionRecord| l.contrast_to_noise.is_some_and(|c| c >= HIGH_CNR);
+    let subset: Vec<&&LesionRecord> = truth.iter().filter(|l| visible(l)).collect();
+    let faint: std::collections::HashSet<(&str, u32)> = truth
+        .iter()
+        .filter(|l| !visible(l))
+        .map(|l| (l.case.as_str(), l.id))
+        .collect();
+    let counted: Vec<(f64, bool)> = pred
+        .iter()
+        .filter(|p| {
+            p.matched
+                .is_none_or(|t| !faint.contains(&(p.case.as_str(), t)))
+        })
+        .map(|p| (p.confidence, p.matched.is_some()))
+        .collect();
+    let detected = subset.iter().filter(|l| l.matched.is_some()).count();
+    let fp = counted.iter().filter(|(_, tp)| !tp).count();
+    let (sensitivity, _, _) = detection_scores(detected, 0, subset.len() - detected);
+    let (_, at, _) = froc(&counted, subset.len(), scans);
+    let one = FROC_FP_RATES.iter().position(|r| *r == 1.0).unwrap_or(0);
+    Some(OperatingPoint {
+        min_contrast_to_noise: HIGH_CNR,
+        truth_lesions: subset.len(),
+        sensitivity,
+        fp_per_scan: fp as f64 / scans.max(1) as f64,
+        sensitivity_at_1_fp_per_scan: at[one],
+    })
 }
 
 /// Builds `summary.json`'s content.
@@ -381,10 +563,9 @@ pub fn summarize(inp: &ReportInputs) -> EvalSummary {
             e.1.extend(m.pred.iter());
         }
     }
-    let scans = inp.results.len();
     let lesions = by_class
         .iter()
-        .map(|(c, (truth, pred))| (*c, lesion_summary(inp.config, *c, truth, pred, scans)))
+        .map(|(c, (truth, pred))| (*c, lesion_summary(inp.config, *c, truth, pred, inp.results)))
         .collect();
     EvalSummary {
         cases: inp.results.len(),
@@ -553,6 +734,48 @@ fn markdown(s: &EvalSummary, montage: bool) -> String {
                 b.truth_lesions,
                 b.detected,
                 f(b.sensitivity)
+            );
+        }
+    }
+    for (c, e) in &s.lesions {
+        if !e.by_polarity.is_empty() {
+            let _ = writeln!(md, "\n### Class {c} by polarity (synthetic lesions)\n\n| polarity | truth | detected | sensitivity |\n|---|---|---|---|");
+            for b in &e.by_polarity {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    b.polarity,
+                    b.truth_lesions,
+                    b.detected,
+                    f(b.sensitivity)
+                );
+            }
+        }
+        if !e.by_slice_thickness.is_empty() {
+            let _ = writeln!(md, "\n### Class {c} by slice thickness of the scan\n\n| slices | scans | truth | detected | sensitivity | FP | FP per scan |\n|---|---|---|---|---|---|---|");
+            for b in &e.by_slice_thickness {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    b.bin,
+                    b.scans,
+                    b.truth_lesions,
+                    b.detected,
+                    f(b.sensitivity),
+                    b.false_positives,
+                    f(b.fp_per_scan)
+                );
+            }
+        }
+        if let Some(h) = &e.high_contrast {
+            let _ = writeln!(
+                md,
+                "\nClass {c}, the {} lesions of contrast-to-noise ratio at least {}: sensitivity {} at {} false positives per scan; {} at 1 false positive per scan (FROC).",
+                h.truth_lesions,
+                h.min_contrast_to_noise,
+                f(h.sensitivity),
+                f(h.fp_per_scan),
+                f(h.sensitivity_at_1_fp_per_scan)
             );
         }
     }

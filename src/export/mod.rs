@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::infer::batch::Stages;
 use crate::infer::postprocess::LesionFilter;
 use crate::infer::predictor::Predictor;
-use crate::io::layout::{CaseOutputs, LabelsSidecar, Lesion, LesionTable};
+use crate::io::layout::{CaseOutputs, LabelsSidecar, LesionTable};
 use crate::io::nifti::{write_label_map, write_nifti};
 use crate::io::plot::{overlay_tile, save_montage};
 use crate::io::{write_atomically, write_json_atomically};
@@ -31,40 +31,39 @@ pub fn segment_case(
 ) -> Result<usize> {
     let mut prediction = predictor.predict(scan)?;
     stages.lap("predict");
-    let lesions = prediction.lesions(&predictor.labels, filter);
+    let extracted = prediction.lesions(&predictor.labels, filter);
     stages.lap("lesions");
+    let count = extracted.lesions.len();
     let probabilities = outputs
         .probabilities
         .is_some()
         .then(|| prediction.foreground_probability());
     write_case(
         outputs,
-        name,
         scan,
         &prediction.labels,
         probabilities.as_ref(),
-        &lesions,
+        &LesionTable {
+            case: name.to_string(),
+            lesions: extracted.lesions,
+            roi: extracted.roi,
+        },
         &predictor.labels,
     )?;
     stages.lap("write");
-    Ok(lesions.len())
+    Ok(count)
 }
 
 /// Writes a case's outputs; `probabilities` is the foreground map on the scan's grid when asked.
 pub fn write_case(
     outputs: &CaseOutputs,
-    case: &str,
     scan: &Volume,
     labels: &Array3<u8>,
     probabilities: Option<&Array3<f32>>,
-    lesions: &[Lesion],
+    table: &LesionTable,
     names: &[String],
 ) -> Result<()> {
-    let table = LesionTable {
-        case: case.to_string(),
-        lesions: lesions.to_vec(),
-    };
-    write_json_atomically(&outputs.lesions_json, &table)?;
+    write_json_atomically(&outputs.lesions_json, table)?;
     write_atomically(&outputs.lesions_csv, table.to_csv().as_bytes())?;
     write_json_atomically(&outputs.labels, &LabelsSidecar::from_names(names))?;
     if let (Some(path), Some(p)) = (&outputs.probabilities, probabilities) {

@@ -6,8 +6,8 @@ use ndarray::Array3;
 use rayon::prelude::*;
 
 use crate::geometry::Geometry;
-pub use crate::io::layout::Lesion;
-use crate::transforms::post::connected_components;
+pub use crate::io::layout::{Lesion, RoiSummary};
+use crate::transforms::post::{connected_components, dilate_mm};
 
 /// What to remove from a label map before measuring its lesions.
 #[derive(Debug, Clone, Default)]
@@ -16,129 +16,231 @@ pub struct LesionFilter {
     pub min_volume_mm3: f64,
     /// Classes (organs) of which only the largest component is kept.
     pub keep_largest: Vec<u32>,
+    /// The region-of-interest stage, when on.
+    pub roi: Option<RoiFilter>,
+}
+
+/// Lesions of other classes must reach these classes' voxels, dilated by `margin_mm`.
+#[derive(Debug, Clone, Default)]
+pub struct RoiFilter {
+    /// Label values of the region's classes.
+    pub classes: Vec<u32>,
+    /// Their names, for the record.
+    pub names: Vec<String>,
+    /// Dilation of the region, mm (a box of that half-width along each axis).
+    pub margin_mm: f64,
+    /// Remove lesions outside (else only flag them).
+    pub drop_outside: bool,
+}
+
+/// The lesions of a label map and what the region-of-interest stage did.
+#[derive(Debug, Clone, Default)]
+pub struct Extracted {
+    /// One per kept component, numbered from 1.
+    pub lesions: Vec<Lesion>,
+    /// The region-of-interest stage's record, when it ran.
+    pub roi: Option<RoiSummary>,
 }
 
 /// Per component: removes what `filter` asks for (in place) and measures the rest.
 /// `labels` is `[k, j, i]` on `geometry`; `probability(class, [k, j, i])` gives the model's
-/// probability of that class at a voxel.
+/// probability of that class at a voxel. The region-of-interest classes are cleaned first (so
+/// `keep_largest` applies to the organ before it bounds the lesions); a lesion is inside when any
+/// of its voxels lies in the dilated region. An empty region drops nothing.
 pub fn extract_lesions(
     labels: &mut Array3<u8>,
     geometry: &Geometry,
     names: &[String],
     filter: &LesionFilter,
     probability: impl Fn(u32, [usize; 3]) -> f32,
-) -> Vec<Lesion> {
+) -> Extracted {
+    let classes = labels.iter().copied().max().unwrap_or(0) as u32;
+    let roi_classes: Vec<u32> = filter.roi.iter().flat_map(|r| r.classes.clone()).collect();
+    let (first, rest): (Vec<u32>, Vec<u32>) = (1..=classes).partition(|c| roi_classes.contains(c));
+    let mut out = Extracted::default();
+    for &class in &first {
+        extract_class(
+            labels,
+            geometry,
+            names,
+            filter,
+            class,
+            None,
+            &probability,
+            &mut out.lesions,
+        );
+    }
+    let region = filter.roi.as_ref().map(|roi| {
+        let mask: Vec<bool> = labels
+            .iter()
+            .map(|l| roi.classes.contains(&(*l as u32)))
+            .collect();
+        let voxels = mask.iter().filter(|v| **v).count();
+        let (nk, nj, ni) = labels.dim();
+        let spacing = geometry.array_spacing();
+        let dilated = dilate_mm(&mask, [nk, nj, ni], spacing, roi.margin_mm);
+        out.roi = Some(RoiSummary {
+            classes: roi.names.clone(),
+            margin_mm: roi.margin_mm,
+            voxels,
+            removed_outside: 0,
+        });
+        (voxels > 0).then_some((dilated, roi.drop_outside))
+    });
+    let region = region.flatten();
+    for &class in &rest {
+        let removed = extract_class(
+            labels,
+            geometry,
+            names,
+            filter,
+            class,
+            region.as_ref().map(|(mask, drop)| (mask.as_slice(), *drop)),
+            &probability,
+            &mut out.lesions,
+        );
+        if let Some(summary) = &mut out.roi {
+            summary.removed_outside += removed;
+        }
+    }
+    out
+}
+
+/// Filters and measures the components of one class, appending to `lesions`; `region` is the
+/// dilated region of interest over the whole grid and whether to drop lesions outside it. Returns
+/// how many were dropped for lying outside.
+#[allow(clippy::too_many_arguments)] // one class of extract_lesions: its inputs plus the region
+fn extract_class(
+    labels: &mut Array3<u8>,
+    geometry: &Geometry,
+    names: &[String],
+    filter: &LesionFilter,
+    class: u32,
+    region: Option<(&[bool], bool)>,
+    probability: &impl Fn(u32, [usize; 3]) -> f32,
+    lesions: &mut Vec<Lesion>,
+) -> usize {
     let (_, nj, ni) = labels.dim();
     let voxel_mm3 = voxel_volume(geometry);
-    let classes = labels.iter().copied().max().unwrap_or(0) as u32;
-    let mut lesions = Vec::new();
-    for class in 1..=classes {
-        // Components are found inside the class's bounding box only: lesions are small next to a
-        // CT-sized grid, and the id map is 4 bytes per voxel of the box.
-        let Some([bk, bj, bi]) = class_box(labels, class as u8) else {
-            continue;
-        };
-        let box_dims = [bk.len(), bj.len(), bi.len()];
-        let mask: Vec<bool> = labels
-            .slice(ndarray::s![bk.clone(), bj.clone(), bi.clone()])
-            .iter()
-            .map(|l| *l as u32 == class)
-            .collect();
-        let cc = connected_components(&mask, box_dims);
-        drop(mask);
-        let largest = (1..=cc.count()).max_by_key(|&id| (cc.sizes[id - 1], std::cmp::Reverse(id)));
-        let keep: Vec<bool> = (1..=cc.count())
-            .map(|id| {
-                let big = cc.sizes[id - 1] as f64 * voxel_mm3 >= filter.min_volume_mm3;
-                let largest_ok = !filter.keep_largest.contains(&class) || Some(id) == largest;
-                big && largest_ok
-            })
-            .collect();
-        // Accumulate each kept component's statistics in one raster pass over the box.
-        let n = cc.count();
-        let mut sum = vec![[0.0f64; 3]; n];
-        let mut p_sum = vec![0.0f64; n];
-        let mut p_max = vec![0.0f32; n];
-        let mut surface: Vec<Vec<[usize; 3]>> = vec![Vec::new(); n];
-        let [bnk, bnj, bni] = box_dims;
-        let id_at = |k: isize, j: isize, i: isize| -> u32 {
-            if k < 0
-                || j < 0
-                || i < 0
-                || k as usize >= bnk
-                || j as usize >= bnj
-                || i as usize >= bni
-            {
-                0
-            } else {
-                cc.labels[(k as usize * bnj + j as usize) * bni + i as usize]
-            }
-        };
-        let data = labels.as_slice_mut().expect("standard layout");
+    // Components are found inside the class's bounding box only: lesions are small next to a
+    // CT-sized grid, and the id map is 4 bytes per voxel of the box.
+    let Some([bk, bj, bi]) = class_box(labels, class as u8) else {
+        return 0;
+    };
+    let box_dims = [bk.len(), bj.len(), bi.len()];
+    let [bnk, bnj, bni] = box_dims;
+    let mask: Vec<bool> = labels
+        .slice(ndarray::s![bk.clone(), bj.clone(), bi.clone()])
+        .iter()
+        .map(|l| *l as u32 == class)
+        .collect();
+    let cc = connected_components(&mask, box_dims);
+    drop(mask);
+    let n = cc.count();
+    let full_index = |bz: usize, by: usize, bx: usize| {
+        ((bz + bk.start) * nj + by + bj.start) * ni + bx + bi.start
+    };
+    let mut inside = vec![false; n];
+    if let Some((region, _)) = region {
         for bz in 0..bnk {
             for by in 0..bnj {
                 for bx in 0..bni {
                     let id = cc.labels[(bz * bnj + by) * bni + bx] as usize;
-                    if id == 0 {
-                        continue;
-                    }
-                    let (k, j, i) = (bz + bk.start, by + bj.start, bx + bi.start);
-                    let c = id - 1;
-                    if !keep[c] {
-                        data[(k * nj + j) * ni + i] = 0;
-                        continue;
-                    }
-                    for (a, x) in [i, j, k].into_iter().enumerate() {
-                        sum[c][a] += x as f64;
-                    }
-                    let p = probability(class, [k, j, i]);
-                    p_sum[c] += p as f64;
-                    p_max[c] = p_max[c].max(p);
-                    let (z, y, x) = (bz as isize, by as isize, bx as isize);
-                    let me = id as u32;
-                    let on_surface = id_at(z - 1, y, x) != me
-                        || id_at(z + 1, y, x) != me
-                        || id_at(z, y - 1, x) != me
-                        || id_at(z, y + 1, x) != me
-                        || id_at(z, y, x - 1) != me
-                        || id_at(z, y, x + 1) != me;
-                    if on_surface {
-                        surface[c].push([i, j, k]);
+                    if id > 0 && region[full_index(bz, by, bx)] {
+                        inside[id - 1] = true;
                     }
                 }
             }
         }
-        // Component boxes are box-local `[i, j, k]`; shift them onto the full grid.
-        let origin = [bi.start, bj.start, bk.start];
-        let boxes = cc.boxes(box_dims);
-        for c in 0..n {
-            if !keep[c] {
-                continue;
+    }
+    let largest = (1..=n).max_by_key(|&id| (cc.sizes[id - 1], std::cmp::Reverse(id)));
+    let drop_outside = region.is_some_and(|(_, drop)| drop);
+    let keep: Vec<bool> = (1..=n)
+        .map(|id| {
+            let big = cc.sizes[id - 1] as f64 * voxel_mm3 >= filter.min_volume_mm3;
+            let largest_ok = !filter.keep_largest.contains(&class) || Some(id) == largest;
+            big && largest_ok && (inside[id - 1] || !drop_outside)
+        })
+        .collect();
+    let removed = (0..n)
+        .filter(|&c| {
+            let big = cc.sizes[c] as f64 * voxel_mm3 >= filter.min_volume_mm3;
+            drop_outside && big && !inside[c]
+        })
+        .count();
+    // Accumulate each kept component's statistics in one raster pass over the box.
+    let mut sum = vec![[0.0f64; 3]; n];
+    let mut p_sum = vec![0.0f64; n];
+    let mut p_max = vec![0.0f32; n];
+    let mut surface: Vec<Vec<[usize; 3]>> = vec![Vec::new(); n];
+    let id_at = |k: isize, j: isize, i: isize| -> u32 {
+        if k < 0 || j < 0 || i < 0 || k as usize >= bnk || j as usize >= bnj || i as usize >= bni {
+            0
+        } else {
+            cc.labels[(k as usize * bnj + j as usize) * bni + i as usize]
+        }
+    };
+    let data = labels.as_slice_mut().expect("standard layout");
+    for bz in 0..bnk {
+        for by in 0..bnj {
+            for bx in 0..bni {
+                let id = cc.labels[(bz * bnj + by) * bni + bx] as usize;
+                if id == 0 {
+                    continue;
+                }
+                let (k, j, i) = (bz + bk.start, by + bj.start, bx + bi.start);
+                let c = id - 1;
+                if !keep[c] {
+                    data[full_index(bz, by, bx)] = 0;
+                    continue;
+                }
+                for (a, x) in [i, j, k].into_iter().enumerate() {
+                    sum[c][a] += x as f64;
+                }
+                let p = probability(class, [k, j, i]);
+                p_sum[c] += p as f64;
+                p_max[c] = p_max[c].max(p);
+                let (z, y, x) = (bz as isize, by as isize, bx as isize);
+                let me = id as u32;
+                let on_surface = id_at(z - 1, y, x) != me
+                    || id_at(z + 1, y, x) != me
+                    || id_at(z, y - 1, x) != me
+                    || id_at(z, y + 1, x) != me
+                    || id_at(z, y, x - 1) != me
+                    || id_at(z, y, x + 1) != me;
+                if on_surface {
+                    surface[c].push([i, j, k]);
+                }
             }
-            let size = cc.sizes[c];
-            let [lo, hi] = boxes[c].map(|corner| [0, 1, 2].map(|a| corner[a] + origin[a]));
-            let mean = [0, 1, 2].map(|a| sum[c][a] / size as f64);
-            let corners = corner_extent(geometry, lo, hi);
-            lesions.push(Lesion {
-                id: lesions.len() + 1,
-                class,
-                label: names
-                    .get(class as usize)
-                    .cloned()
-                    .unwrap_or_else(|| format!("class {class}")),
-                voxels: size,
-                volume_mm3: size as f64 * voxel_mm3,
-                centroid_mm: geometry.voxel_to_world(mean),
-                bbox_voxel: [lo, hi],
-                bbox_mm: corners,
-                diameter_mm: feret_diameter(geometry, &surface[c]),
-                mean_probability: p_sum[c] / size as f64,
-                max_probability: p_max[c] as f64,
-                confidence: Some(p_max[c] as f64),
-            });
         }
     }
-    lesions
+    // Component boxes are box-local `[i, j, k]`; shift them onto the full grid.
+    let origin = [bi.start, bj.start, bk.start];
+    let boxes = cc.boxes(box_dims);
+    for c in (0..n).filter(|&c| keep[c]) {
+        let size = cc.sizes[c];
+        let [lo, hi] = boxes[c].map(|corner| [0, 1, 2].map(|a| corner[a] + origin[a]));
+        let mean = [0, 1, 2].map(|a| sum[c][a] / size as f64);
+        lesions.push(Lesion {
+            id: lesions.len() + 1,
+            class,
+            label: names
+                .get(class as usize)
+                .cloned()
+                .unwrap_or_else(|| format!("class {class}")),
+            voxels: size,
+            volume_mm3: size as f64 * voxel_mm3,
+            centroid_mm: geometry.voxel_to_world(mean),
+            bbox_voxel: [lo, hi],
+            bbox_mm: corner_extent(geometry, lo, hi),
+            diameter_mm: feret_diameter(geometry, &surface[c]),
+            mean_probability: p_sum[c] / size as f64,
+            max_probability: p_max[c] as f64,
+            confidence: Some(p_max[c] as f64),
+            inside_roi: region.map(|_| inside[c]),
+        });
+    }
+    removed
 }
 
 /// Bounding box `[k, j, i]` of the voxels of `class`, or `None` when it has none.
@@ -264,8 +366,10 @@ mod tests {
         let filter = LesionFilter {
             min_volume_mm3: 10.0,
             keep_largest: vec![2],
+            roi: None,
         };
-        let lesions = extract_lesions(&mut labels, &g, &names, &filter, |c, _| c as f32 / 4.0);
+        let lesions =
+            extract_lesions(&mut labels, &g, &names, &filter, |c, _| c as f32 / 4.0).lesions;
         assert_eq!(lesions.len(), 2);
         let cube = &lesions[0];
         assert_eq!((cube.class, cube.voxels, cube.volume_mm3), (1, 8, 64.0));
@@ -280,6 +384,91 @@ mod tests {
         assert_eq!(labels[[8, 8, 8]], 0);
         assert_eq!(labels[[0, 9, 0]], 0);
         assert_eq!(labels.iter().filter(|l| **l > 0).count(), 11);
+    }
+
+    #[test]
+    fn the_roi_filter_drops_exactly_the_lesions_outside_the_dilated_region() {
+        // 1 × 1 × 2 mm voxels ([i, j, k]), a 30 × 30 × 15 grid. The organ (class 2) is a box
+        // i, j in 10..20, k in 5..10, plus a stray organ voxel far away (removed by keep_largest
+        // before it can count as region). Margin 3 mm: 3 voxels along i and j, 1 along k.
+        let g = Geometry::new(
+            [30, 30, 15],
+            [
+                [1.0, 0.0, 0.0, 0.0],
+                [0.0, 1.0, 0.0, 0.0],
+                [0.0, 0.0, 2.0, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        );
+        let mut labels = Array3::<u8>::zeros([15, 30, 30]);
+        labels.slice_mut(ndarray::s![5..10, 10..20, 10..20]).fill(2);
+        labels[[0, 0, 29]] = 2;
+        // Lesions (class 1), single voxels [k, j, i] in raster order (the order of their rows),
+        // none touching another.
+        let cases = [
+            ([0, 1, 28], false),   // beside the stray organ voxel, which keep_largest removed
+            ([7, 12, 23], false),  // 4 mm past the organ's edge along i
+            ([7, 15, 15], true),   // inside the organ
+            ([7, 17, 22], true),   // 3 mm past along i: inside the margin
+            ([10, 17, 17], true),  // one 2 mm slice past along k: inside
+            ([11, 12, 12], false), // two slices (4 mm) past along k
+        ];
+        for (at, _) in &cases {
+            labels[*at] = 1;
+        }
+        let names = vec!["background".into(), "lesion".into(), "brain".into()];
+        let roi = |drop_outside| RoiFilter {
+            classes: vec![2],
+            names: vec!["brain".into()],
+            margin_mm: 3.0,
+            drop_outside,
+        };
+        let filter = |drop| LesionFilter {
+            min_volume_mm3: 0.0,
+            keep_largest: vec![2],
+            roi: Some(roi(drop)),
+        };
+        // Flagging only: every lesion kept, each flagged as expected; the organ row has no flag.
+        let mut flagged = labels.clone();
+        let out = extract_lesions(&mut flagged, &g, &names, &filter(false), |_, _| 1.0);
+        let lesions: Vec<_> = out.lesions.iter().filter(|l| l.class == 1).collect();
+        assert_eq!(lesions.len(), cases.len());
+        for (l, (at, inside)) in lesions.iter().zip(&cases) {
+            let [i, j, k] = l.bbox_voxel[0];
+            assert_eq!([k, j, i], *at);
+            assert_eq!(l.inside_roi, Some(*inside), "lesion at {at:?}");
+        }
+        assert!(out
+            .lesions
+            .iter()
+            .filter(|l| l.class == 2)
+            .all(|l| l.inside_roi.is_none()));
+        assert_eq!(out.roi.as_ref().unwrap().removed_outside, 0);
+        // Dropping: exactly the outside ones leave the table and the mask.
+        let out = extract_lesions(&mut labels, &g, &names, &filter(true), |_, _| 1.0);
+        let kept: Vec<[usize; 3]> = out
+            .lesions
+            .iter()
+            .filter(|l| l.class == 1)
+            .map(|l| {
+                let [i, j, k] = l.bbox_voxel[0];
+                [k, j, i]
+            })
+            .collect();
+        let want: Vec<[usize; 3]> = cases.iter().filter(|c| c.1).map(|c| c.0).collect();
+        assert_eq!(kept, want);
+        for (at, inside) in &cases {
+            assert_eq!(labels[*at] == 1, *inside, "{at:?}");
+        }
+        let summary = out.roi.unwrap();
+        assert_eq!((summary.removed_outside, summary.voxels), (3, 500 - 1));
+        // An empty region drops nothing.
+        let mut no_organ = Array3::<u8>::zeros([15, 30, 30]);
+        no_organ[[3, 3, 3]] = 1;
+        let out = extract_lesions(&mut no_organ, &g, &names, &filter(true), |_, _| 1.0);
+        assert_eq!(out.lesions.len(), 1);
+        assert_eq!(out.lesions[0].inside_roi, None);
+        assert_eq!(out.roi.unwrap().voxels, 0);
     }
 
     #[test]

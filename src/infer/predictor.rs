@@ -5,7 +5,7 @@ use std::path::Path;
 
 use ndarray::{Array3, Array4, Axis};
 
-use super::postprocess::{extract_lesions, Lesion, LesionFilter};
+use super::postprocess::{extract_lesions, Extracted, LesionFilter, RoiFilter};
 use super::sliding_window::SlidingWindow;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
@@ -107,7 +107,7 @@ impl Prediction {
     /// Removes small components (and all but the largest of `keep_largest` classes) from the
     /// label map and measures the lesions that remain; each lesion's probabilities are read from
     /// the preprocessed grid at its voxels.
-    pub fn lesions(&mut self, names: &[String], filter: &LesionFilter) -> Vec<Lesion> {
+    pub fn lesions(&mut self, names: &[String], filter: &LesionFilter) -> Extracted {
         let to_grid = voxel_map(&self.grid, &self.geometry);
         let probs = &self.probabilities;
         let (classes, nd, nh, nw) = probs.dim();
@@ -132,27 +132,38 @@ impl Prediction {
 impl Predictor {
     /// The `[segment]` lesion filter, with `keep_largest` class names resolved.
     pub fn lesion_filter(&self) -> Result<LesionFilter> {
-        let keep = self
-            .config
-            .segment
-            .keep_largest
-            .iter()
-            .map(|name| {
-                self.labels
-                    .iter()
-                    .position(|l| l == name)
-                    .map(|c| c as u32)
-                    .ok_or_else(|| Error::Config {
-                        reason: format!(
-                            "[segment] keep_largest names {name:?}, not one of the classes {:?}",
-                            self.labels
-                        ),
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resolve = |key: &str, names: &[String]| {
+            names
+                .iter()
+                .map(|name| {
+                    self.labels
+                        .iter()
+                        .position(|l| l == name)
+                        .filter(|c| *c > 0)
+                        .map(|c| c as u32)
+                        .ok_or_else(|| Error::Config {
+                            reason: format!(
+                                "[segment] {key} names {name:?}, not one of the classes {:?}",
+                                &self.labels[1.min(self.labels.len())..]
+                            ),
+                        })
+                })
+                .collect::<Result<Vec<u32>>>()
+        };
+        let segment = &self.config.segment;
+        let roi = match &segment.roi {
+            Some(roi) => Some(RoiFilter {
+                classes: resolve("roi.classes", &roi.classes)?,
+                names: roi.classes.clone(),
+                margin_mm: roi.margin_mm,
+                drop_outside: roi.drop_outside,
+            }),
+            None => None,
+        };
         Ok(LesionFilter {
-            min_volume_mm3: self.config.segment.min_lesion_mm3,
-            keep_largest: keep,
+            min_volume_mm3: segment.min_lesion_mm3,
+            keep_largest: resolve("keep_largest", &segment.keep_largest)?,
+            roi,
         })
     }
 }

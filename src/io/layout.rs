@@ -345,6 +345,10 @@ pub struct Lesion {
     /// tool's table, `max_probability` stands in.
     #[serde(default)]
     pub confidence: Option<f64>,
+    /// With a region-of-interest stage: whether the lesion reaches the dilated region of
+    /// interest (an organ class itself has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inside_roi: Option<bool>,
 }
 
 /// `NAME_lesions.json`.
@@ -355,6 +359,23 @@ pub struct LesionTable {
     pub case: String,
     /// One row per lesion.
     pub lesions: Vec<Lesion>,
+    /// What the region-of-interest stage did, when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roi: Option<RoiSummary>,
+}
+
+/// The region-of-interest stage of one case.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RoiSummary {
+    /// The classes that make the region.
+    pub classes: Vec<String>,
+    /// Dilation of the region, mm.
+    pub margin_mm: f64,
+    /// Region voxels found; when none, no lesion is dropped (a missed organ must not silently
+    /// erase every finding).
+    pub voxels: usize,
+    /// Lesions outside the dilated region that were removed from the mask and the table.
+    pub removed_outside: usize,
 }
 
 impl LesionTable {
@@ -364,7 +385,7 @@ impl LesionTable {
             "case,id,class,label,voxels,volume_mm3,centroid_x_mm,centroid_y_mm,centroid_z_mm,\
              bbox_i_min,bbox_j_min,bbox_k_min,bbox_i_max,bbox_j_max,bbox_k_max,\
              bbox_x_min_mm,bbox_y_min_mm,bbox_z_min_mm,bbox_x_max_mm,bbox_y_max_mm,bbox_z_max_mm,\
-             diameter_mm,mean_probability,max_probability\n",
+             diameter_mm,mean_probability,max_probability,inside_roi\n",
         );
         let case = &self.case;
         for l in &self.lesions {
@@ -372,11 +393,12 @@ impl LesionTable {
             let [lo, hi] = l.bbox_voxel;
             let [wlo, whi] = l.bbox_mm;
             out.push_str(&format!(
-                "{case},{},{},{},{},{:.3},{c0:.3},{c1:.3},{c2:.3},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{:.4}\n",
+                "{case},{},{},{},{},{:.3},{c0:.3},{c1:.3},{c2:.3},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{:.4},{}\n",
                 l.id, l.class, l.label.replace(',', " "), l.voxels, l.volume_mm3,
                 lo[0], lo[1], lo[2], hi[0], hi[1], hi[2],
                 wlo[0], wlo[1], wlo[2], whi[0], whi[1], whi[2],
-                l.diameter_mm, l.mean_probability, l.max_probability
+                l.diameter_mm, l.mean_probability, l.max_probability,
+                l.inside_roi.map_or("", |inside| if inside { "yes" } else { "no" })
             ));
         }
         out
@@ -700,6 +722,32 @@ pub struct SynthLesions {
     pub lesions: Vec<SynthLesion>,
     /// Counts.
     pub summary: SynthSummary,
+    /// Every case with what the simulated scanner did to it (lesion-free controls included).
+    #[serde(default)]
+    pub cases: Vec<SynthCase>,
+}
+
+/// One synthetic case's acquisition, as `lesions.json` records it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SynthCase {
+    /// The case (image / label name in the dataset).
+    pub case: String,
+    /// The host scan's case name.
+    pub host: String,
+    /// Lesions inserted.
+    pub lesions: usize,
+    /// Tissue contrast redrawn (domain randomisation).
+    #[serde(default)]
+    pub contrast_redrawn: bool,
+    /// Everything outside the region of interest removed.
+    #[serde(default)]
+    pub skull_stripped: bool,
+    /// Simulated slice thickness, mm; `None` at the host's own resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice_thickness_mm: Option<f64>,
+    /// Noise σ added, image units.
+    #[serde(default)]
+    pub noise_sigma: f64,
 }
 
 impl SynthLesions {

@@ -18,8 +18,8 @@ use super::{insert, label_volume, LesionSpec};
 use crate::config::{load_layered, section, ConfigFile};
 use crate::error::{Error, Result};
 use crate::io::layout::{
-    case_name, DatasetCase, DatasetJson, LabelEntry, SynthLesion, SynthLesions, SynthSummary,
-    TestCase, IMAGES_TEST, IMAGES_TRAIN, LABELS_TEST, LABELS_TRAIN,
+    case_name, DatasetCase, DatasetJson, LabelEntry, SynthCase, SynthLesion, SynthLesions,
+    SynthSummary, TestCase, IMAGES_TEST, IMAGES_TRAIN, LABELS_TEST, LABELS_TRAIN,
 };
 use crate::io::nifti::{write_label_map, write_nifti};
 use crate::io::write_json_atomically;
@@ -309,10 +309,10 @@ impl SynthConfig {
     pub fn validate(&self, origin: &str) -> Result<()> {
         let c = self;
         let path = Path::new(origin);
-        if c.hosts.is_empty() || !c.hosts.iter().any(|h| h.split == HostSplit::Train) {
+        if c.hosts.is_empty() {
             return Err(Error::Config {
                 reason: format!(
-                    "{}: [synth] needs hosts, at least one with split = \"train\"",
+                    "{}: [synth] needs hosts (a test-only set, e.g. for a shifted domain, is allowed)",
                     path.display()
                 ),
             });
@@ -491,6 +491,27 @@ fn insert_lesions(
     (fractions, records)
 }
 
+/// `mask` with its enclosed background filled (a region of interest has no inner holes, e.g. the
+/// ventricles inside a brain drawn from tissue maps): background components not touching the
+/// grid's border become foreground.
+pub fn fill_holes(mask: &Array3<bool>) -> Array3<bool> {
+    let (nk, nj, ni) = mask.dim();
+    let background: Vec<bool> = mask.iter().map(|m| !m).collect();
+    let cc = crate::transforms::post::connected_components(&background, [nk, nj, ni]);
+    let mut outer = vec![false; cc.count() + 1];
+    for ((k, j, i), _) in mask.indexed_iter() {
+        if k == 0 || j == 0 || i == 0 || k == nk - 1 || j == nj - 1 || i == ni - 1 {
+            outer[cc.labels[(k * nj + j) * ni + i] as usize] = true;
+        }
+    }
+    let filled = cc
+        .labels
+        .iter()
+        .map(|id| *id == 0 || !outer[*id as usize])
+        .collect();
+    Array3::from_shape_vec((nk, nj, ni), filled).expect("same size")
+}
+
 /// Noise σ of channel 0 in a box of half-width `radius_mm` around a world point.
 fn noise_around(scan: &Volume, centre_mm: [f64; 3], radius_mm: f64) -> f64 {
     let g = &scan.geometry;
@@ -560,6 +581,7 @@ pub fn build_dataset(
         std::fs::create_dir_all(out.join(dir)).map_err(|e| Error::io(out.join(dir), e))?;
     }
     let mut records = Vec::new();
+    let mut cases = Vec::new();
     let mut summary = SynthSummary::default();
     let mut training = Vec::new();
     let mut test = Vec::new();
@@ -580,7 +602,7 @@ pub fn build_dataset(
                 for part in host_cfg.roi()? {
                     union.zip_mut_with(&organ_mask(&host, &part)?, |u, m| *u |= *m);
                 }
-                union
+                fill_holes(&union)
             }
         };
         let host_name = case_name(&host_cfg.image);
@@ -602,42 +624,66 @@ pub fn build_dataset(
                 if is_train { "synthTr" } else { "synthTs" },
                 first_case + c
             );
-            let (scan, fractions, lesions, roi) = match (&config.randomise, &config.appearance) {
-                (Some(randomise), Some(appearance)) => {
-                    let inputs = HostInputs {
-                        host: &host,
-                        organ: &organ,
-                        roi: &roi,
-                        name: &host_name,
-                    };
-                    let made = randomised_case(
-                        randomise,
-                        &deform_settings,
-                        config.bias_field,
-                        &inputs,
-                        seed,
-                        |scan, organ, rng, look, extra_noise| {
-                            let looks = Looks {
-                                appearance,
-                                extra_noise,
-                                rng: look,
-                            };
-                            insert_lesions(config, scan, organ, rng, Some(looks), &case, &host_name)
-                        },
-                    );
-                    (made.scan, made.fractions, made.lesions, made.roi)
-                }
-                _ => {
-                    let mut rng = StdRng::seed_from_u64(seed);
-                    let (mut scan, masks) =
-                        deform_host(&host, &[&organ, &roi], &deform_settings, &mut rng);
-                    let (fractions, lesions) = insert_lesions(
-                        config, &mut scan, &masks[0], &mut rng, None, &case, &host_name,
-                    );
-                    let roi = masks.into_iter().nth(1).expect("two masks");
-                    (scan, fractions, lesions, roi)
-                }
-            };
+            let (scan, fractions, lesions, roi, acquisition) =
+                match (&config.randomise, &config.appearance) {
+                    (Some(randomise), Some(appearance)) => {
+                        let inputs = HostInputs {
+                            host: &host,
+                            organ: &organ,
+                            roi: &roi,
+                            name: &host_name,
+                        };
+                        let made = randomised_case(
+                            randomise,
+                            &deform_settings,
+                            config.bias_field,
+                            &inputs,
+                            seed,
+                            |scan, organ, rng, look, extra_noise| {
+                                let looks = Looks {
+                                    appearance,
+                                    extra_noise,
+                                    rng: look,
+                                };
+                                insert_lesions(
+                                    config,
+                                    scan,
+                                    organ,
+                                    rng,
+                                    Some(looks),
+                                    &case,
+                                    &host_name,
+                                )
+                            },
+                        );
+                        (
+                            made.scan,
+                            made.fractions,
+                            made.lesions,
+                            made.roi,
+                            Some(made.acquisition),
+                        )
+                    }
+                    _ => {
+                        let mut rng = StdRng::seed_from_u64(seed);
+                        let (mut scan, masks) =
+                            deform_host(&host, &[&organ, &roi], &deform_settings, &mut rng);
+                        let (fractions, lesions) = insert_lesions(
+                            config, &mut scan, &masks[0], &mut rng, None, &case, &host_name,
+                        );
+                        let roi = masks.into_iter().nth(1).expect("two masks");
+                        (scan, fractions, lesions, roi, None)
+                    }
+                };
+            cases.push(SynthCase {
+                case: case.clone(),
+                host: host_name.clone(),
+                lesions: lesions.len(),
+                contrast_redrawn: acquisition.is_some_and(|a| a.contrast),
+                skull_stripped: acquisition.is_some_and(|a| a.skull_stripped),
+                slice_thickness_mm: acquisition.and_then(|a| a.slice_thickness_mm),
+                noise_sigma: acquisition.map_or(0.0, |a| a.noise_sigma),
+            });
             records.extend(lesions);
             if fractions.is_empty() {
                 summary.control_cases += 1;
@@ -687,6 +733,7 @@ pub fn build_dataset(
         &SynthLesions {
             lesions: records,
             summary: summary.clone(),
+            cases,
         },
     )?;
     Ok(summary)
@@ -782,5 +829,27 @@ fn contrast(config: &SynthConfig, range: [f64; 2], local: f64, rng: &mut impl Rn
         d
     } else {
         d * local.abs().max(1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_are_filled_but_not_open_dents() {
+        // A hollow 5³ cube (a 1-voxel shell around a 3³ cavity) inside a 7³ grid.
+        let mut m = Array3::from_elem((7, 7, 7), false);
+        for ((k, j, i), v) in m.indexed_iter_mut() {
+            let shell = [k, j, i].iter().all(|x| (1..=5).contains(x));
+            let cavity = [k, j, i].iter().all(|x| (2..=4).contains(x));
+            *v = shell && !cavity;
+        }
+        let filled = fill_holes(&m);
+        assert_eq!(filled.iter().filter(|v| **v).count(), 125);
+        // A channel from the cavity to the outside: nothing is enclosed any more.
+        let mut open = m.clone();
+        open[[3, 3, 5]] = false;
+        assert_eq!(fill_holes(&open), open);
     }
 }

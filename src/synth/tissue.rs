@@ -19,6 +19,8 @@ pub struct TissueModel {
     pub sigmas: Vec<f64>,
 }
 
+/// Most classes a model may have.
+pub const MAX_CLASSES: usize = 8;
 /// Samples used to fit a model (evenly strided).
 const FIT_SAMPLES: usize = 200_000;
 /// Lloyd iterations; 1D k-means on sorted quantile starts converges in a few.
@@ -35,7 +37,7 @@ impl TissueModel {
             .map(f64::from)
             .collect();
         x.sort_by(f64::total_cmp);
-        if k == 0 || x.len() < 10 * k || x[0] == x[x.len() - 1] {
+        if k == 0 || k > MAX_CLASSES || x.len() < 10 * k || x[0] == x[x.len() - 1] {
             return None;
         }
         // Start evenly spread over the 1st-99th percentile range (a large class such as air
@@ -170,8 +172,10 @@ pub fn apply_contrast(image: &mut Array3<f32>, organ: &Array3<bool>, contrast: &
     let smooth = gaussian_blur(image, [1.0; 3]);
     let weight = gaussian_blur(&organ.mapv(|o| o as u8 as f32), [1.0; 3]);
     let remap = |model: &TissueModel, means: &[f64], v: f64, s: f64| {
-        let mut r = vec![0.0; model.centres.len()];
-        model.memberships(s, &mut r);
+        // At most MAX_CLASSES classes: no allocation per voxel.
+        let mut buffer = [0.0; MAX_CLASSES];
+        let r = &mut buffer[..model.centres.len().min(MAX_CLASSES)];
+        model.memberships(s, r);
         let old: f64 = r.iter().zip(&model.centres).map(|(a, b)| a * b).sum();
         let new: f64 = r.iter().zip(means).map(|(a, b)| a * b).sum();
         // The deviation is texture and noise; bounded so that a voxel given the wrong class

@@ -27,6 +27,8 @@ pub enum Normalization {
         /// Statistics over non-zero voxels only, zero voxels left at zero (skull-stripped MR).
         masked: bool,
     },
+    /// `(x - mean) / std` with the statistics of the scan's voxels above its own mean.
+    ZScoreForeground,
     /// Values unchanged.
     None,
 }
@@ -81,6 +83,7 @@ impl Normalization {
                 })
             }
             IntensityScheme::Zscore => Ok(Normalization::ZScore { masked }),
+            IntensityScheme::ZscoreForeground => Ok(Normalization::ZScoreForeground),
             IntensityScheme::None => Ok(Normalization::None),
         }
     }
@@ -100,6 +103,10 @@ impl Normalization {
                 std: Some(std as f64),
             },
             Normalization::ZScore { .. } => IntensityConfig::default(),
+            Normalization::ZScoreForeground => IntensityConfig {
+                scheme: IntensityScheme::ZscoreForeground,
+                ..IntensityConfig::default()
+            },
             Normalization::None => IntensityConfig {
                 scheme: IntensityScheme::None,
                 ..IntensityConfig::default()
@@ -137,6 +144,20 @@ impl Normalization {
                         *v = (*v - mean) / std;
                     }
                 });
+            }
+            Normalization::ZScoreForeground => {
+                let finite: Vec<f32> = data.iter().copied().filter(|v| v.is_finite()).collect();
+                if finite.is_empty() {
+                    return;
+                }
+                let (all_mean, _) = mean_std(&finite);
+                let tissue: Vec<f32> = finite.into_iter().filter(|v| *v > all_mean).collect();
+                if tissue.is_empty() {
+                    return;
+                }
+                let (mean, std) = mean_std(&tissue);
+                let std = std.max(1e-6);
+                data.par_iter_mut().for_each(|v| *v = (*v - mean) / std);
             }
             Normalization::None => {}
         }
@@ -208,6 +229,32 @@ pub fn display_window(values: &[f32]) -> [f64; 2] {
 mod tests {
     use super::*;
     use ndarray::Array3;
+
+    #[test]
+    fn foreground_zscore_ignores_how_much_air_surrounds_the_tissue() {
+        // Tissue 100 ± 10 (alternating), air 2: a small and a four-times larger field of view.
+        let tissue = |n: usize| (0..n).map(|i| if i % 2 == 0 { 90.0 } else { 110.0 });
+        let scan = |air: usize| {
+            let v: Vec<f32> = tissue(1000).chain(std::iter::repeat_n(2.0, air)).collect();
+            let n = v.len();
+            let mut a = Array3::from_shape_vec((1, 1, n), v).unwrap();
+            Normalization::ZScoreForeground.apply(a.view_mut());
+            a
+        };
+        let (small, large) = (scan(500), scan(4000));
+        for i in 0..1000 {
+            assert!((small[[0, 0, i]] - large[[0, 0, i]]).abs() < 1e-5);
+        }
+        assert!((small[[0, 0, 0]] + 1.0).abs() < 1e-5 && (small[[0, 0, 1]] - 1.0).abs() < 1e-5);
+        // A plain z-score moves with the air.
+        let mut plain = Array3::from_shape_vec(
+            (1, 1, 1500),
+            tissue(1000).chain(std::iter::repeat_n(2.0, 500)).collect(),
+        )
+        .unwrap();
+        Normalization::ZScore { masked: false }.apply(plain.view_mut());
+        assert!((plain[[0, 0, 0]] - small[[0, 0, 0]]).abs() > 0.1);
+    }
 
     #[test]
     fn ct_window_from_foreground_matches_numpy() {

@@ -155,8 +155,72 @@ pub fn decide_classes(probabilities: ArrayView4<f32>, threshold: Option<f32>) ->
     })
 }
 
+/// Dilates a mask on a `[nk, nj, ni]` grid (C order) by `margin_mm` along each axis: a voxel is
+/// set when a set voxel lies within `margin_mm` along k, then j, then i (a box of that half-width
+/// in mm, so anisotropic grids dilate by the same distance). Exact, and linear in the voxel count
+/// whatever the margin: each line is swept forward and back with the distance to the last set voxel.
+pub fn dilate_mm(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], margin_mm: f64) -> Vec<bool> {
+    let mut out = mask.to_vec();
+    let [nk, nj, ni] = dims;
+    let strides = [nj * ni, ni, 1];
+    for axis in 0..3 {
+        let reach = (margin_mm / spacing[axis]).floor();
+        if !(reach >= 1.0) {
+            continue;
+        }
+        let reach = reach as usize;
+        let n = dims[axis];
+        let stride = strides[axis];
+        let src = out.clone();
+        // Every line along `axis`: its first voxel runs over the other two axes.
+        let starts = (0..nk * nj * ni).filter(|idx| (idx / stride) % n == 0);
+        for start in starts {
+            let at = |t: usize| start + t * stride;
+            let mut since = usize::MAX;
+            for t in 0..n {
+                since = if src[at(t)] {
+                    0
+                } else {
+                    since.saturating_add(1)
+                };
+                if since <= reach {
+                    out[at(t)] = true;
+                }
+            }
+            since = usize::MAX;
+            for t in (0..n).rev() {
+                since = if src[at(t)] {
+                    0
+                } else {
+                    since.saturating_add(1)
+                };
+                if since <= reach {
+                    out[at(t)] = true;
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dilation_reaches_the_margin_in_mm_on_anisotropic_grids() {
+        // One voxel at (k 5, j 5, i 5) of an 11³ grid with 1 × 2 × 0.5 mm spacing ([k, j, i]).
+        let dims = [11, 11, 11];
+        let mut mask = vec![false; 11 * 11 * 11];
+        mask[(5 * 11 + 5) * 11 + 5] = true;
+        let out = dilate_mm(&mask, dims, [1.0, 2.0, 0.5], 2.0);
+        let set = |k: usize, j: usize, i: usize| out[(k * 11 + j) * 11 + i];
+        // 2 mm is 2 voxels along k, 1 along j, 4 along i: a box, corners included.
+        assert!(set(3, 4, 1) && set(7, 6, 9) && set(5, 5, 5));
+        assert!(!set(2, 5, 5) && !set(5, 3, 5) && !set(5, 5, 0) && !set(8, 5, 5));
+        assert_eq!(out.iter().filter(|v| **v).count(), 5 * 3 * 9);
+        // No margin: unchanged.
+        assert_eq!(dilate_mm(&mask, dims, [1.0; 3], 0.5), mask);
+    }
+
     use super::*;
 
     #[test]
