@@ -45,6 +45,21 @@ echo "== 7/7 evaluate on the shifted test set (5-7 mm slices, redrawn contrasts,
 "$medseg" evaluate --pred "$out_shifted/masks" --truth "$shifted/labelsTs" --images "$shifted/imagesTs" \
   --set "evaluate.lesion_classes=[1]" --output "$out_shifted/evaluation" | tee "$out_shifted/summary.txt"
 
+# The region-of-interest stage on the real model: the same test scans with out-of-brain findings
+# kept must not have fewer false positives than with them dropped.
+"$medseg" segment --model "$run" "$data/imagesTs" --output "$out/masks-roi-off" --skip-existing \
+  --set segment.roi.drop_outside=false >/dev/null
+"$medseg" evaluate --pred "$out/masks-roi-off" --truth "$data/labelsTs" --images "$data/imagesTs" \
+  --set "evaluate.lesion_classes=[1]" --output "$out/evaluation-roi-off" >"$out/summary-roi-off.txt"
+fp() { sed -n 's/.*TP, \([0-9]*\) FP.*/\1/p' "$1" | head -n 1; }
+fp_on=$(fp "$out/summary.txt")
+fp_off=$(fp "$out/summary-roi-off.txt")
+echo "ROI stage: $fp_on false positives with out-of-brain findings dropped, $fp_off without" | tee -a "$out/summary.txt"
+if [ -z "$fp_on" ] || [ -z "$fp_off" ] || [ "$fp_on" -gt "$fp_off" ]; then
+  echo "error: the ROI stage did not lower the false positives ($fp_on vs $fp_off)" >&2
+  exit 1
+fi
+
 cat <<EOF | tee -a "$out/summary.txt"
 
 quickstart done in $((SECONDS - started)) s ($((SECONDS - stage)) s after the build)

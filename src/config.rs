@@ -315,6 +315,11 @@ pub struct SamplingConfig {
     pub foreground_fraction: f64,
     /// Patches drawn from each training case per epoch.
     pub patches_per_volume: usize,
+    /// Classes (by name) foreground patches are centred on; empty: any present class (nnU-Net).
+    /// With an organ class beside lesions, naming the lesions keeps the organ (seen in almost every
+    /// patch anyway) from taking half the foreground patches; a case without them falls back to
+    /// any present class.
+    pub foreground_classes: Vec<String>,
 }
 
 impl Default for SamplingConfig {
@@ -323,6 +328,7 @@ impl Default for SamplingConfig {
             patch_size: PatchSize::new(&[128, 128]).expect("positive"),
             foreground_fraction: 0.33,
             patches_per_volume: 8,
+            foreground_classes: Vec::new(),
         }
     }
 }

@@ -8,6 +8,8 @@ use anyhow::Context;
 use medseg::config::load_layered;
 use medseg::eval::report::{write_report, EvalSummary, ReportInputs};
 use medseg::eval::{evaluate_cases, pair_cases, synth_lesions, worst_case_tiles, EvalFile};
+use medseg::io::layout::DatasetJson;
+use medseg::io::read_json;
 
 use super::progress;
 
@@ -53,11 +55,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if config.labels.is_empty() {
         // Truth inside a Decathlon layout (`labelsTs/` beside `dataset.json`) names the classes.
-        if let Some(m) = truth
-            .parent()
-            .and_then(|root| medseg::data::manifest::read_decathlon(root).ok())
-        {
-            config.labels = m.labels;
+        // Read the names only: a test-only synthetic set has no training cases to list.
+        if let Some(names) = truth.parent().and_then(|root| {
+            let path = DatasetJson::path(root);
+            let json: DatasetJson = read_json(&path).ok()?;
+            json.label_names(&path).ok()
+        }) {
+            config.labels = names;
         }
     }
     let (pairs, unmatched) = pair_cases(&pred, &truth)?;

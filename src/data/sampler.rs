@@ -18,6 +18,8 @@ pub struct PatchSampler {
     pub context: usize,
     /// Share of patches centred on a foreground voxel.
     pub foreground_fraction: f64,
+    /// Classes (label values) foreground patches prefer; empty: any present class.
+    pub foreground_classes: Vec<usize>,
     /// Augmentation applied to every patch.
     pub augment: AugmentConfig,
 }
@@ -31,8 +33,15 @@ impl PatchSampler {
             three_d: sampling.patch_size.is_3d(),
             context,
             foreground_fraction: sampling.foreground_fraction,
+            foreground_classes: Vec::new(),
             augment: augment.clone(),
         }
+    }
+
+    /// Foreground patches prefer these classes (label values), when a case has them.
+    pub fn with_foreground_classes(mut self, classes: Vec<usize>) -> Self {
+        self.foreground_classes = classes;
+        self
     }
 
     /// The patch centre `[k, j, i]`: on a random foreground voxel of a random present class with
@@ -41,8 +50,18 @@ impl PatchSampler {
     pub fn centre(&self, case: &PreparedCase, rng: &mut impl Rng) -> [f64; 3] {
         let (_, nk, nj, ni) = case.image.dim();
         let n = [nk, nj, ni];
-        let present: Vec<&Vec<[u32; 3]>> =
-            case.foreground.iter().filter(|f| !f.is_empty()).collect();
+        let present_of = |wanted: &dyn Fn(usize) -> bool| -> Vec<&Vec<[u32; 3]>> {
+            case.foreground
+                .iter()
+                .enumerate()
+                .filter(|(c, f)| !f.is_empty() && wanted(c + 1))
+                .map(|(_, f)| f)
+                .collect()
+        };
+        let mut present = present_of(&|c| self.foreground_classes.contains(&c));
+        if present.is_empty() {
+            present = present_of(&|_| true);
+        }
         if !present.is_empty() && rng.random::<f64>() < self.foreground_fraction {
             let class = present[rng.random_range(0..present.len())];
             let v = class[rng.random_range(0..class.len())];
@@ -122,6 +141,7 @@ mod tests {
             patch_size: crate::geometry::PatchSize::new(&[8, 8, 8]).unwrap(),
             foreground_fraction: 0.33,
             patches_per_volume: 1,
+            foreground_classes: Vec::new(),
         };
         let s = PatchSampler::new(&sampling, &AugmentConfig::default(), 0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -130,5 +150,46 @@ mod tests {
             .count();
         let share = hits as f64 / 600.0;
         assert!((0.25..0.42).contains(&share), "{share}");
+    }
+
+    #[test]
+    fn preferred_foreground_classes_take_the_foreground_patches() {
+        // An organ (class 2) filling a slab and one lesion voxel (class 1), far apart.
+        let mut label = Array3::<u8>::zeros([40, 64, 64]);
+        label.slice_mut(ndarray::s![0..10, .., ..]).fill(2);
+        label[[30, 40, 40]] = 1;
+        let case = crate::data::dataset::prepare(
+            "c".into(),
+            crate::data::dataset::SpatialResult {
+                image: Array4::zeros([1, 40, 64, 64]),
+                label: Some(label),
+                geometry: Geometry::new([64, 64, 40], IDENTITY),
+            },
+            &[crate::transforms::intensity::Normalization::None],
+            3,
+        );
+        let sampling = SamplingConfig {
+            patch_size: crate::geometry::PatchSize::new(&[8, 8, 8]).unwrap(),
+            foreground_fraction: 1.0,
+            patches_per_volume: 1,
+            foreground_classes: Vec::new(),
+        };
+        let lesion_share = |s: &PatchSampler| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+            (0..400)
+                .filter(|_| s.sample(&case, &mut rng).label.iter().any(|l| *l == 1))
+                .count() as f64
+                / 400.0
+        };
+        let any = PatchSampler::new(&sampling, &AugmentConfig::default(), 0);
+        let lesions = any.clone().with_foreground_classes(vec![1]);
+        // Uniform over present classes: about half on the lesion; preferred: all of them, but
+        // for the few where rotation or zoom resamples the one-voxel lesion away.
+        assert!(
+            (0.35..0.65).contains(&lesion_share(&any)),
+            "{}",
+            lesion_share(&any)
+        );
+        assert!(lesion_share(&lesions) > 0.9, "{}", lesion_share(&lesions));
     }
 }

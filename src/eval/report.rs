@@ -621,14 +621,14 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<EvalSummary> {
     write_text(&dir.join("per_case.csv"), &csv)?;
     // per_lesion.csv
     let mut csv = String::from(
-        "case,class,label,source,id,voxels,volume_mm3,volume_bin,matched_id,iou,dice,confidence,contrast_to_noise\n",
+        "case,class,label,source,id,voxels,volume_mm3,volume_bin,matched_id,iou,dice,confidence,contrast_to_noise,polarity,slice_thickness_mm\n",
     );
     for r in inp.results {
         for (_, m) in &r.lesions {
             for l in m.truth.iter().chain(&m.pred) {
                 let _ = writeln!(
                     csv,
-                    "{},{},{},{},{},{},{:.3},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{}",
                     l.case,
                     l.class,
                     cfg.label_name(l.class),
@@ -642,6 +642,8 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<EvalSummary> {
                     num(l.dice),
                     num(l.confidence),
                     l.contrast_to_noise.map(num).unwrap_or_default(),
+                    l.polarity.map(Polarity::name).unwrap_or_default(),
+                    r.slice_thickness_mm.map(num).unwrap_or_default(),
                 );
             }
         }
@@ -664,6 +666,51 @@ fn f(v: impl Into<Option<f64>>) -> String {
     v.into()
         .filter(|x| x.is_finite())
         .map_or("-".into(), |x| format!("{x:.3}"))
+}
+
+/// The report's tables by polarity and slice thickness and the high-contrast operating point of
+/// one lesion class (domain-randomised synthetic datasets; nothing otherwise).
+fn synthetic_breakdowns(md: &mut String, c: u32, e: &LesionSummary) {
+    if !e.by_polarity.is_empty() {
+        let _ = writeln!(md, "\n### Class {c} by polarity (synthetic lesions)\n\n| polarity | truth | detected | sensitivity |\n|---|---|---|---|");
+        for b in &e.by_polarity {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                b.polarity,
+                b.truth_lesions,
+                b.detected,
+                f(b.sensitivity)
+            );
+        }
+    }
+    if !e.by_slice_thickness.is_empty() {
+        let _ = writeln!(md, "\n### Class {c} by slice thickness of the scan\n\n| slices | scans | truth | detected | sensitivity | FP | FP per scan |\n|---|---|---|---|---|---|---|");
+        for b in &e.by_slice_thickness {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                b.bin,
+                b.scans,
+                b.truth_lesions,
+                b.detected,
+                f(b.sensitivity),
+                b.false_positives,
+                f(b.fp_per_scan)
+            );
+        }
+    }
+    if let Some(h) = &e.high_contrast {
+        let _ = writeln!(
+            md,
+            "\nClass {c}, the {} lesions of contrast-to-noise ratio at least {}: sensitivity {} at {} false positives per scan; {} at 1 false positive per scan (FROC).",
+            h.truth_lesions,
+            h.min_contrast_to_noise,
+            f(h.sensitivity),
+            f(h.fp_per_scan),
+            f(h.sensitivity_at_1_fp_per_scan)
+        );
+    }
 }
 
 fn markdown(s: &EvalSummary, montage: bool) -> String {
@@ -738,46 +785,7 @@ fn markdown(s: &EvalSummary, montage: bool) -> String {
         }
     }
     for (c, e) in &s.lesions {
-        if !e.by_polarity.is_empty() {
-            let _ = writeln!(md, "\n### Class {c} by polarity (synthetic lesions)\n\n| polarity | truth | detected | sensitivity |\n|---|---|---|---|");
-            for b in &e.by_polarity {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} |",
-                    b.polarity,
-                    b.truth_lesions,
-                    b.detected,
-                    f(b.sensitivity)
-                );
-            }
-        }
-        if !e.by_slice_thickness.is_empty() {
-            let _ = writeln!(md, "\n### Class {c} by slice thickness of the scan\n\n| slices | scans | truth | detected | sensitivity | FP | FP per scan |\n|---|---|---|---|---|---|---|");
-            for b in &e.by_slice_thickness {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {} | {} | {} |",
-                    b.bin,
-                    b.scans,
-                    b.truth_lesions,
-                    b.detected,
-                    f(b.sensitivity),
-                    b.false_positives,
-                    f(b.fp_per_scan)
-                );
-            }
-        }
-        if let Some(h) = &e.high_contrast {
-            let _ = writeln!(
-                md,
-                "\nClass {c}, the {} lesions of contrast-to-noise ratio at least {}: sensitivity {} at {} false positives per scan; {} at 1 false positive per scan (FROC).",
-                h.truth_lesions,
-                h.min_contrast_to_noise,
-                f(h.sensitivity),
-                f(h.fp_per_scan),
-                f(h.sensitivity_at_1_fp_per_scan)
-            );
-        }
+        synthetic_breakdowns(&mut md, *c, e);
     }
     for (c, e) in &s.lesions {
         let _ = writeln!(md, "\n### Class {c} by lesion volume\n\n| volume | truth | detected | sensitivity | pred | FP | precision |\n|---|---|---|---|---|---|---|");

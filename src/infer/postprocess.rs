@@ -140,33 +140,21 @@ fn extract_class(
     let full_index = |bz: usize, by: usize, bx: usize| {
         ((bz + bk.start) * nj + by + bj.start) * ni + bx + bi.start
     };
-    let mut inside = vec![false; n];
-    if let Some((region, _)) = region {
-        for bz in 0..bnk {
-            for by in 0..bnj {
-                for bx in 0..bni {
-                    let id = cc.labels[(bz * bnj + by) * bni + bx] as usize;
-                    if id > 0 && region[full_index(bz, by, bx)] {
-                        inside[id - 1] = true;
-                    }
-                }
-            }
-        }
-    }
-    let largest = (1..=n).max_by_key(|&id| (cc.sizes[id - 1], std::cmp::Reverse(id)));
+    let inside = match region {
+        Some((region, _)) => reaching(&cc, box_dims, |bz, by, bx| region[full_index(bz, by, bx)]),
+        None => vec![false; n],
+    };
+    let largest = (0..n).max_by_key(|&c| (cc.sizes[c], std::cmp::Reverse(c)));
     let drop_outside = region.is_some_and(|(_, drop)| drop);
-    let keep: Vec<bool> = (1..=n)
-        .map(|id| {
-            let big = cc.sizes[id - 1] as f64 * voxel_mm3 >= filter.min_volume_mm3;
-            let largest_ok = !filter.keep_largest.contains(&class) || Some(id) == largest;
-            big && largest_ok && (inside[id - 1] || !drop_outside)
-        })
+    let big: Vec<bool> = (0..n)
+        .map(|c| cc.sizes[c] as f64 * voxel_mm3 >= filter.min_volume_mm3)
+        .collect();
+    let largest_ok = |c| !filter.keep_largest.contains(&class) || Some(c) == largest;
+    let keep: Vec<bool> = (0..n)
+        .map(|c| big[c] && largest_ok(c) && (inside[c] || !drop_outside))
         .collect();
     let removed = (0..n)
-        .filter(|&c| {
-            let big = cc.sizes[c] as f64 * voxel_mm3 >= filter.min_volume_mm3;
-            drop_outside && big && !inside[c]
-        })
+        .filter(|&c| drop_outside && big[c] && !inside[c])
         .count();
     // Accumulate each kept component's statistics in one raster pass over the box.
     let mut sum = vec![[0.0f64; 3]; n];
@@ -241,6 +229,27 @@ fn extract_class(
         });
     }
     removed
+}
+
+/// Per component of `cc` (on a box of `dims`): whether any of its voxels is `in_region`.
+fn reaching(
+    cc: &crate::transforms::post::Components,
+    dims: [usize; 3],
+    in_region: impl Fn(usize, usize, usize) -> bool,
+) -> Vec<bool> {
+    let [bnk, bnj, bni] = dims;
+    let mut inside = vec![false; cc.count()];
+    for bz in 0..bnk {
+        for by in 0..bnj {
+            for bx in 0..bni {
+                let id = cc.labels[(bz * bnj + by) * bni + bx] as usize;
+                if id > 0 && !inside[id - 1] && in_region(bz, by, bx) {
+                    inside[id - 1] = true;
+                }
+            }
+        }
+    }
+    inside
 }
 
 /// Bounding box `[k, j, i]` of the voxels of `class`, or `None` when it has none.

@@ -13,7 +13,7 @@ use super::deform::{deform_host, DeformSettings};
 use super::lesion::{Fraction, LesionShape};
 use super::organ::{erode_mm, lung_mask, place};
 use super::polarity::AppearanceConfig;
-use super::randomise::{randomised_case, HostInputs, RandomiseConfig};
+use super::randomise::{randomised_case, HostInputs, MadeCase, RandomiseConfig};
 use super::{insert, label_volume, LesionSpec};
 use crate::config::{load_layered, section, ConfigFile};
 use crate::error::{Error, Result};
@@ -570,6 +570,69 @@ fn dataset_json(
     }
 }
 
+/// A host's organ mask (where lesions go) and region of interest (its `roi` masks united, holes
+/// filled; else the organ).
+fn host_masks(host_cfg: &HostConfig, host: &Volume) -> Result<(Array3<bool>, Array3<bool>)> {
+    let organ = organ_mask(host, &host_cfg.organ()?)?;
+    let roi = match &host_cfg.roi {
+        None => organ.clone(),
+        Some(_) => {
+            let mut union = Array3::from_elem(organ.dim(), false);
+            for part in host_cfg.roi()? {
+                union.zip_mut_with(&organ_mask(host, &part)?, |u, m| *u |= *m);
+            }
+            fill_holes(&union)
+        }
+    };
+    Ok((organ, roi))
+}
+
+/// One case from `seed`: domain-randomised when `[synth.randomise]` is set, else the host
+/// deformed with lesions at the config's contrasts (one random stream, as before randomisation
+/// existed, so such datasets stay byte-identical).
+fn make_case(
+    config: &SynthConfig,
+    host: &HostInputs,
+    deform_settings: &DeformSettings,
+    seed: u64,
+    case: &str,
+) -> MadeCase {
+    if let (Some(randomise), Some(appearance)) = (&config.randomise, &config.appearance) {
+        return randomised_case(
+            randomise,
+            deform_settings,
+            config.bias_field,
+            host,
+            seed,
+            |scan, organ, rng, look, extra_noise| {
+                let looks = Looks {
+                    appearance,
+                    extra_noise,
+                    rng: look,
+                };
+                insert_lesions(config, scan, organ, rng, Some(looks), case, host.name)
+            },
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut scan, masks) = deform_host(
+        host.host,
+        &[host.organ, host.roi],
+        deform_settings,
+        &mut rng,
+    );
+    let (fractions, lesions) = insert_lesions(
+        config, &mut scan, &masks[0], &mut rng, None, case, host.name,
+    );
+    MadeCase {
+        scan,
+        fractions,
+        lesions,
+        roi: masks.into_iter().nth(1).expect("two masks"),
+        acquisition: None,
+    }
+}
+
 /// Builds the dataset into `out` (Decathlon layout plus `lesions.json`). `progress(case)` is
 /// called after each case.
 pub fn build_dataset(
@@ -594,17 +657,7 @@ pub fn build_dataset(
     };
     for (h, host_cfg) in config.hosts.iter().enumerate() {
         let host = crate::io::read_volume(&host_cfg.image, None)?;
-        let organ = organ_mask(&host, &host_cfg.organ()?)?;
-        let roi = match &host_cfg.roi {
-            None => organ.clone(),
-            Some(_) => {
-                let mut union = Array3::from_elem(organ.dim(), false);
-                for part in host_cfg.roi()? {
-                    union.zip_mut_with(&organ_mask(&host, &part)?, |u, m| *u |= *m);
-                }
-                fill_holes(&union)
-            }
-        };
+        let (organ, roi) = host_masks(host_cfg, &host)?;
         let host_name = case_name(&host_cfg.image);
         let is_train = host_cfg.split == HostSplit::Train;
         // Case numbers run on across hosts.
@@ -624,57 +677,19 @@ pub fn build_dataset(
                 if is_train { "synthTr" } else { "synthTs" },
                 first_case + c
             );
-            let (scan, fractions, lesions, roi, acquisition) =
-                match (&config.randomise, &config.appearance) {
-                    (Some(randomise), Some(appearance)) => {
-                        let inputs = HostInputs {
-                            host: &host,
-                            organ: &organ,
-                            roi: &roi,
-                            name: &host_name,
-                        };
-                        let made = randomised_case(
-                            randomise,
-                            &deform_settings,
-                            config.bias_field,
-                            &inputs,
-                            seed,
-                            |scan, organ, rng, look, extra_noise| {
-                                let looks = Looks {
-                                    appearance,
-                                    extra_noise,
-                                    rng: look,
-                                };
-                                insert_lesions(
-                                    config,
-                                    scan,
-                                    organ,
-                                    rng,
-                                    Some(looks),
-                                    &case,
-                                    &host_name,
-                                )
-                            },
-                        );
-                        (
-                            made.scan,
-                            made.fractions,
-                            made.lesions,
-                            made.roi,
-                            Some(made.acquisition),
-                        )
-                    }
-                    _ => {
-                        let mut rng = StdRng::seed_from_u64(seed);
-                        let (mut scan, masks) =
-                            deform_host(&host, &[&organ, &roi], &deform_settings, &mut rng);
-                        let (fractions, lesions) = insert_lesions(
-                            config, &mut scan, &masks[0], &mut rng, None, &case, &host_name,
-                        );
-                        let roi = masks.into_iter().nth(1).expect("two masks");
-                        (scan, fractions, lesions, roi, None)
-                    }
-                };
+            let inputs = HostInputs {
+                host: &host,
+                organ: &organ,
+                roi: &roi,
+                name: &host_name,
+            };
+            let MadeCase {
+                scan,
+                fractions,
+                lesions,
+                roi,
+                acquisition,
+            } = make_case(config, &inputs, &deform_settings, seed, &case);
             cases.push(SynthCase {
                 case: case.clone(),
                 host: host_name.clone(),

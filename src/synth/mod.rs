@@ -87,24 +87,7 @@ pub fn insert(
 ) -> Option<(Fraction, InsertedLesion)> {
     let shape = &lesion.shape;
     let delta = lesion.delta;
-    // With a halo the box holds the oedema; the lesion's own fractions fill it.
-    let f = match lesion.halo {
-        Some((scale, _)) => {
-            let outer = rasterise(&shape.scaled(scale), &host.geometry)?;
-            let dims = outer.alpha.dim().into();
-            let alpha = rasterise_box(shape, &host.geometry, outer.origin, dims);
-            let halo = (&outer.alpha - &alpha).mapv(|h| h.max(0.0));
-            (
-                Fraction {
-                    origin: outer.origin,
-                    alpha,
-                },
-                Some(halo),
-            )
-        }
-        None => (rasterise(shape, &host.geometry)?, None),
-    };
-    let (f, halo) = f;
+    let (f, halo) = fractions_with_halo(lesion, &host.geometry)?;
     let mut intensity = f.alpha.mapv(|a| a * delta as f32);
     if let (Some(halo), Some((_, halo_delta))) = (&halo, lesion.halo) {
         intensity.zip_mut_with(halo, |v, h| *v += h * halo_delta as f32);
@@ -148,25 +131,7 @@ pub fn insert(
     if voxels == 0 {
         return None;
     }
-    // The visible contrast: inside the label, or in the oedema when that is larger.
-    let mean_abs = |inside: &dyn Fn(usize) -> bool| {
-        let (sum, n) = contribution
-            .iter()
-            .enumerate()
-            .filter(|(idx, _)| inside(*idx))
-            .fold((0.0, 0usize), |(s, n), (_, c)| (s + c.abs() as f64, n + 1));
-        if n == 0 {
-            0.0
-        } else {
-            sum / n as f64
-        }
-    };
-    let labelled: Vec<bool> = label.iter().copied().collect();
-    let mut mean_added = mean_abs(&|idx| labelled[idx]);
-    if let Some(halo) = &halo {
-        let ring: Vec<bool> = halo.iter().map(|h| *h >= LABEL_FRACTION).collect();
-        mean_added = mean_added.max(mean_abs(&|idx| ring[idx] && !labelled[idx]));
-    }
+    let mean_added = visible_contrast(&contribution, &label, halo.as_ref());
     let cnr = if noise > 0.0 {
         mean_added / noise
     } else {
@@ -219,6 +184,50 @@ pub fn insert(
         bbox_voxel: [lo, hi],
     };
     Some((f, record))
+}
+
+/// The lesion's partial-volume fractions and, with a halo, the oedema's (outside the lesion), both
+/// on the halo's box; `None` when the shape misses the grid.
+fn fractions_with_halo(
+    lesion: &LesionSpec,
+    grid: &crate::geometry::Geometry,
+) -> Option<(Fraction, Option<Array3<f32>>)> {
+    let Some((scale, _)) = lesion.halo else {
+        return Some((rasterise(&lesion.shape, grid)?, None));
+    };
+    let outer = rasterise(&lesion.shape.scaled(scale), grid)?;
+    let alpha = rasterise_box(&lesion.shape, grid, outer.origin, outer.alpha.dim().into());
+    let halo = (&outer.alpha - &alpha).mapv(|h| h.max(0.0));
+    let origin = outer.origin;
+    Some((Fraction { origin, alpha }, Some(halo)))
+}
+
+/// Mean |added contrast| inside the label, or in the unlabelled oedema ring when that is larger
+/// (an iso-intense lesion is seen by its oedema).
+fn visible_contrast(
+    contribution: &Array3<f32>,
+    label: &Array3<bool>,
+    halo: Option<&Array3<f32>>,
+) -> f64 {
+    let mean_abs = |inside: &dyn Fn(usize) -> bool| {
+        let (sum, n) = contribution
+            .iter()
+            .enumerate()
+            .filter(|(idx, _)| inside(*idx))
+            .fold((0.0, 0usize), |(s, n), (_, c)| (s + c.abs() as f64, n + 1));
+        if n == 0 {
+            0.0
+        } else {
+            sum / n as f64
+        }
+    };
+    let labelled: Vec<bool> = label.iter().copied().collect();
+    let mut mean = mean_abs(&|idx| labelled[idx]);
+    if let Some(halo) = halo {
+        let ring: Vec<bool> = halo.iter().map(|h| *h >= LABEL_FRACTION).collect();
+        mean = mean.max(mean_abs(&|idx| ring[idx] && !labelled[idx]));
+    }
+    mean
 }
 
 /// The label box of an insertion as a full-size mask.

@@ -66,13 +66,24 @@ impl PolarityRates {
     }
 }
 
+/// How a contrast-to-noise ratio is drawn from its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CnrScale {
+    /// Uniformly.
+    Linear,
+    /// Log-uniformly (as many lesions in 1.5-3 as in 15-30).
+    Log,
+}
+
 /// Lesion appearance settings (`[synth.appearance]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppearanceConfig {
-    /// Contrast-to-noise ratio of the lesion (of the oedema for iso-intense ones), drawn
-    /// log-uniformly in `[low, high]`.
+    /// Contrast-to-noise ratio of the lesion (of the oedema for iso-intense ones), `[low, high]`.
     pub cnr: [f64; 2],
+    /// How `cnr` is drawn: `linear` (uniform) or `log` (log-uniform: more faint lesions).
+    pub cnr_scale: CnrScale,
     /// How often each polarity occurs.
     pub polarity: PolarityRates,
     /// Ring lesions: radius share of the necrotic core.
@@ -89,6 +100,7 @@ impl Default for AppearanceConfig {
     fn default() -> Self {
         AppearanceConfig {
             cnr: [1.5, 30.0],
+            cnr_scale: CnrScale::Linear,
             polarity: PolarityRates::default(),
             core_fraction: [0.4, 0.7],
             core_contrast: [0.3, 1.0],
@@ -129,7 +141,11 @@ impl AppearanceConfig {
     pub fn draw(&self, rng: &mut impl Rng) -> Appearance {
         let polarity = self.polarity.draw(rng);
         let [lo, hi] = self.cnr;
-        let cnr = (lo.ln() + rng.random::<f64>() * (hi.ln() - lo.ln())).exp();
+        let u = rng.random::<f64>();
+        let cnr = match self.cnr_scale {
+            CnrScale::Linear => lo + u * (hi - lo),
+            CnrScale::Log => (lo.ln() + u * (hi.ln() - lo.ln())).exp(),
+        };
         let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
         match polarity {
             Polarity::Hyper => Appearance::solid(polarity, cnr),

@@ -11,7 +11,7 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::deform::{apply_bias_field, deform_host, DeformSettings};
-use super::lesion::gaussian_blur;
+use super::lesion::{gaussian_blur, Fraction};
 use super::local_noise;
 use super::scanner::{add_noise, draw, simulate_thick_slices, NoiseKind};
 use super::tissue::{apply_contrast, Contrast, TissueModel};
@@ -36,10 +36,15 @@ pub struct RandomiseConfig {
     pub slice_thickness_mm: [f64; 2],
     /// In-plane acquired voxel size, mm, drawn uniformly (no effect at or below the host's).
     pub in_plane_mm: [f64; 2],
-    /// Noise σ added, as a share of the region of interest's 99th percentile, drawn uniformly.
+    /// Noise σ added, as a share of the region of interest's 1st-99th percentile span, drawn
+    /// uniformly.
     pub noise: [f64; 2],
     /// `gaussian` or `rician`.
     pub noise_kind: NoiseKind,
+    /// Lesions whose contrast-to-noise ratio, measured on the final scan, comes out below this
+    /// are taken out of the label and `lesions.json` (a thin lesion lost in thick slices is not
+    /// visible, and a label on nothing teaches nothing); their faint trace stays in the image.
+    pub min_visible_cnr: f64,
 }
 
 impl Default for RandomiseConfig {
@@ -53,6 +58,7 @@ impl Default for RandomiseConfig {
             in_plane_mm: [0.8, 1.6],
             noise: [0.0, 0.05],
             noise_kind: NoiseKind::Rician,
+            min_visible_cnr: 1.0,
         }
     }
 }
@@ -75,6 +81,9 @@ impl RandomiseConfig {
                 "tissue_classes must be [1-8, 0-8] (inside, outside), not {:?}",
                 self.tissue_classes
             ));
+        }
+        if !(self.min_visible_cnr >= 0.0 && self.min_visible_cnr.is_finite()) {
+            return Some("min_visible_cnr must be >= 0".into());
         }
         if !(range(self.slice_thickness_mm) && range(self.in_plane_mm) && range(self.noise)) {
             return Some(
@@ -107,13 +116,13 @@ pub struct MadeCase {
     /// The scan (float32).
     pub scan: Volume,
     /// Lesion partial-volume fractions, for the label map.
-    pub fractions: Vec<super::lesion::Fraction>,
+    pub fractions: Vec<Fraction>,
     /// The inserted lesions, contrast-to-noise measured on the final scan.
     pub lesions: Vec<SynthLesion>,
     /// The deformed region of interest.
     pub roi: Array3<bool>,
-    /// The effects applied.
-    pub acquisition: Acquisition,
+    /// The effects applied (`None` for an unrandomised case).
+    pub acquisition: Option<Acquisition>,
 }
 
 /// Everything a randomised case needs from its host.
@@ -142,7 +151,7 @@ pub fn randomised_case(
         &mut StdRng,
         &mut StdRng,
         f64,
-    ) -> (Vec<super::lesion::Fraction>, Vec<SynthLesion>),
+    ) -> (Vec<Fraction>, Vec<SynthLesion>),
 ) -> MadeCase {
     let mut geometry_rng = StdRng::seed_from_u64(seed);
     let mut look = StdRng::seed_from_u64(seed ^ APPEARANCE_STREAM);
@@ -180,8 +189,10 @@ pub fn randomised_case(
             &mut look,
         );
     }
-    let top = percentile_inside(&image, roi, 0.99).max(1e-6);
-    let noise_sigma = draw(settings.noise, &mut look) * top;
+    // The region's intensity span, so the share means the same in MR units and in HU.
+    let span =
+        (percentile_inside(&image, roi, 0.99) - percentile_inside(&image, roi, 0.01)).max(1e-6);
+    let noise_sigma = draw(settings.noise, &mut look) * span;
     let thickness = (look.random::<f64>() < settings.thick_slice_prob)
         .then(|| draw(settings.slice_thickness_mm, &mut look));
     let in_plane = draw(settings.in_plane_mm, &mut look);
@@ -217,19 +228,38 @@ pub fn randomised_case(
         l.lesion.contrast_to_noise = final_cnr(&clean, &lesion_only, &fractions[l.id - 1], l);
         l.slice_thickness_mm = thickness;
     }
+    let (fractions, lesions) = keep_visible(fractions, lesions, settings.min_visible_cnr);
     scan.voxels = image.insert_axis(Axis(0));
     MadeCase {
         scan,
         fractions,
         lesions,
         roi: roi.clone(),
-        acquisition: Acquisition {
+        acquisition: Some(Acquisition {
             contrast,
             skull_stripped,
             slice_thickness_mm: thickness,
             noise_sigma,
-        },
+        }),
     }
+}
+
+/// The lesions (and their fractions) whose final contrast-to-noise ratio reaches `min_cnr`,
+/// renumbered from 1.
+fn keep_visible(
+    fractions: Vec<Fraction>,
+    lesions: Vec<SynthLesion>,
+    min_cnr: f64,
+) -> (Vec<Fraction>, Vec<SynthLesion>) {
+    let (fractions, mut lesions): (Vec<Fraction>, Vec<SynthLesion>) = fractions
+        .into_iter()
+        .zip(lesions)
+        .filter(|(_, l)| l.lesion.contrast_to_noise >= min_cnr)
+        .unzip();
+    for (i, l) in lesions.iter_mut().enumerate() {
+        l.id = i + 1;
+    }
+    (fractions, lesions)
 }
 
 /// Fits the tissue classes inside and outside `roi` and moves each to a random new mean.
@@ -282,12 +312,15 @@ pub fn axial_array_axis(g: &crate::geometry::Geometry) -> usize {
     2 - voxel_axis
 }
 
+/// Voxels added around a lesion's box where its noise is measured.
+const NOISE_MARGIN: usize = 4;
+
 /// Mean |lesion contrast| over the lesion's label voxels, over the noise σ of the final scan
 /// without lesions around the lesion's box.
 fn final_cnr(
     clean: &Array3<f32>,
     lesion_only: &Array3<f32>,
-    fraction: &super::lesion::Fraction,
+    fraction: &Fraction,
     record: &SynthLesion,
 ) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);
@@ -302,7 +335,12 @@ fn final_cnr(
             n += 1;
         }
     }
+    // The label box grown by a few voxels: a lesion one voxel wide leaves no neighbour pairs.
     let [lo, hi] = record.lesion.bbox_voxel;
+    let (nk, nj, ni) = clean.dim();
+    let upper = [ni, nj, nk];
+    let lo = [0, 1, 2].map(|a| lo[a].saturating_sub(NOISE_MARGIN));
+    let hi = [0, 1, 2].map(|a| (hi[a] + NOISE_MARGIN).min(upper[a] - 1));
     let origin = to_array_order(lo);
     let dims = to_array_order([0, 1, 2].map(|a| hi[a] - lo[a] + 1));
     let noise = local_noise(&clean.view(), origin, dims);

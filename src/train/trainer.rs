@@ -249,11 +249,29 @@ impl Trainer {
                 burn::optim::grad_clipping::GradientClippingConfig::Norm(t.grad_clip as f32),
             ));
         }
+        let preferred = config
+            .sampling
+            .foreground_classes
+            .iter()
+            .map(|name| {
+                config.data.labels[1..]
+                    .iter()
+                    .position(|l| l == name)
+                    .map(|c| c + 1)
+                    .ok_or_else(|| Error::Config {
+                        reason: format!(
+                            "[sampling] foreground_classes names {name:?}, not one of the classes {:?}",
+                            &config.data.labels[1..]
+                        ),
+                    })
+            })
+            .collect::<Result<Vec<usize>>>()?;
         let sampler = PatchSampler::new(
             &config.sampling,
             &config.augment,
             config.model.context_slices,
-        );
+        )
+        .with_foreground_classes(preferred);
         let window = SlidingWindow {
             window: sampler.size,
             overlap: config.validate.overlap,

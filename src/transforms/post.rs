@@ -164,11 +164,13 @@ pub fn dilate_mm(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], margin_mm: 
     let [nk, nj, ni] = dims;
     let strides = [nj * ni, ni, 1];
     for axis in 0..3 {
+        // Whole voxels within the margin (a NaN margin reaches none).
         let reach = (margin_mm / spacing[axis]).floor();
-        if !(reach >= 1.0) {
+        let reach = if reach.is_finite() && reach >= 1.0 {
+            reach as usize
+        } else {
             continue;
-        }
-        let reach = reach as usize;
+        };
         let n = dims[axis];
         let stride = strides[axis];
         let src = out.clone();

@@ -492,11 +492,12 @@ fn domain_randomisation_changes_the_look_but_never_the_labels() {
     std::fs::create_dir_all(&random_dir).unwrap();
     let (plain, plain_labels, _) = randomised(
         &plain_dir,
-        "contrast_prob = 0.0\nskull_strip_prob = 0.0\nthick_slice_prob = 0.0\nin_plane_mm = [0.0, 0.0]\nnoise = [0.0, 0.0]",
+        "contrast_prob = 0.0\nskull_strip_prob = 0.0\nthick_slice_prob = 0.0\nin_plane_mm = [0.0, 0.0]\nnoise = [0.0, 0.0]\nmin_visible_cnr = 0.0",
     );
     let (random, random_labels, lesions) = randomised(
         &random_dir,
-        "contrast_prob = 1.0\nskull_strip_prob = 1.0\nthick_slice_prob = 1.0\nslice_thickness_mm = [6.0, 7.0]\nnoise = [0.02, 0.04]",
+        // Keep every lesion in the label, however faint the thick slices leave it.
+        "contrast_prob = 1.0\nskull_strip_prob = 1.0\nthick_slice_prob = 1.0\nslice_thickness_mm = [6.0, 7.0]\nnoise = [0.02, 0.04]\nmin_visible_cnr = 0.0",
     );
     for c in 0..2 {
         // Same geometry: labels voxel for voxel, on the host's grid.
