@@ -47,7 +47,7 @@ echo "== 7/7 evaluate on the shifted test set (5-7 mm slices, redrawn contrasts,
 
 # The region-of-interest stage on the real model: the same test scans with out-of-brain findings
 # kept must not have fewer false positives than with them dropped.
-"$medseg" segment --model "$run" "$data/imagesTs" --output "$out/masks-roi-off" --skip-existing \
+"$medseg" segment --model "$run" "$data/imagesTs" --output "$out/masks-roi-off" --overlay --skip-existing \
   --set segment.roi.drop_outside=false >/dev/null
 "$medseg" evaluate --pred "$out/masks-roi-off" --truth "$data/labelsTs" --images "$data/imagesTs" \
   --set "evaluate.lesion_classes=[1]" --output "$out/evaluation-roi-off" >"$out/summary-roi-off.txt"

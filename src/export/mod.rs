@@ -75,15 +75,32 @@ pub fn write_case(
         write_nifti(&v, path, DataType::Float32)?;
     }
     if let Some(path) = &outputs.overlay {
-        write_overlay(path, scan, labels)?;
+        let organs: Vec<u32> = table
+            .roi
+            .as_ref()
+            .map(|roi| {
+                roi.classes
+                    .iter()
+                    .filter_map(|name| names.iter().position(|n| n == name))
+                    .map(|c| c as u32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        write_overlay(path, scan, labels, &organs)?;
     }
     // Labels are u8 (at most 256 classes), written as uint8 straight from their bytes.
     write_label_map(labels, &scan.geometry, &outputs.mask)
 }
 
-/// A montage of up to three slices with the most foreground, the mask outlined in red on the
-/// scan's first channel.
-pub fn write_overlay(path: &Path, scan: &Volume, labels: &Array3<u8>) -> Result<()> {
+/// A montage of up to three slices with the most lesion voxels (any class not in `organs`), the
+/// lesions outlined in red and the organ classes (the region of interest) in green, on the scan's
+/// first channel.
+pub fn write_overlay(
+    path: &Path,
+    scan: &Volume,
+    labels: &Array3<u8>,
+    organs: &[u32],
+) -> Result<()> {
     // Drawn on the RAS-reoriented grid so every montage shows anterior up, whatever the storage
     // order of the scan.
     let orientation = Orientation::of(&scan.geometry);
@@ -93,11 +110,24 @@ pub fn write_overlay(path: &Path, scan: &Volume, labels: &Array3<u8>) -> Result<
     let voxels = orientation.apply(scan.voxels.view());
     let (nk, nj, ni) = labels.dim();
     let plane = nj * ni;
-    let flat: Vec<bool> = labels.iter().map(|l| *l > 0).collect();
+    let flat: Vec<bool> = labels
+        .iter()
+        .map(|l| *l > 0 && !organs.contains(&(*l as u32)))
+        .collect();
+    let organ: Vec<bool> = labels
+        .iter()
+        .map(|l| organs.contains(&(*l as u32)))
+        .collect();
+    // Slices with the most lesion voxels; without lesions, the most organ.
+    let ranked = if flat.iter().any(|v| *v) {
+        &flat
+    } else {
+        &organ
+    };
     let mut by_area: Vec<(usize, usize)> = (0..nk)
         .map(|k| {
             (
-                flat[k * plane..(k + 1) * plane]
+                ranked[k * plane..(k + 1) * plane]
                     .iter()
                     .filter(|v| **v)
                     .count(),
@@ -111,7 +141,6 @@ pub fn write_overlay(path: &Path, scan: &Volume, labels: &Array3<u8>) -> Result<
     let channel = voxels.index_axis(Axis(0), 0);
     let scan_values: Vec<f32> = channel.iter().copied().collect();
     let window = |k: usize| display_window(&scan_values[k * plane..(k + 1) * plane]);
-    let none = vec![false; flat.len()];
     let tiles: Vec<(String, image::RgbImage)> = slices
         .into_iter()
         .map(|k| {
@@ -119,7 +148,7 @@ pub fn write_overlay(path: &Path, scan: &Volume, labels: &Array3<u8>) -> Result<
                 format!("slice {k}"),
                 overlay_tile(
                     Some((&scan_values, window(k))),
-                    &none,
+                    &organ,
                     &flat,
                     [nk, nj, ni],
                     k,
