@@ -910,3 +910,114 @@ fn plot_froc(summary: &EvalSummary, path: &Path) -> Result<()> {
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::lesions::LesionMatch;
+
+    fn lesion(case: &str, source: &'static str, id: u32, matched: Option<u32>) -> LesionRecord {
+        LesionRecord {
+            case: case.into(),
+            class: 1,
+            source,
+            id,
+            voxels: 10,
+            volume_mm3: 10.0,
+            bbox_voxel: [[0; 3]; 2],
+            contrast_to_noise: None,
+            polarity: None,
+            matched,
+            iou: 0.0,
+            dice: 0.0,
+            confidence: 1.0,
+        }
+    }
+
+    #[test]
+    fn breakdowns_count_subsets_scans_and_polarities() {
+        // Scan a (6 mm slices): a visible ring lesion found, a faint hypo one found, one FP.
+        // Scan b (native): a visible hyper lesion missed, two FPs.
+        let with = |mut l: LesionRecord, cnr: f64, p: Polarity| {
+            l.contrast_to_noise = Some(cnr);
+            l.polarity = Some(p);
+            l
+        };
+        let a = LesionMatch {
+            truth: vec![
+                with(lesion("a", "truth", 1, Some(1)), 8.0, Polarity::Ring),
+                with(lesion("a", "truth", 2, Some(2)), 1.5, Polarity::Hypo),
+            ],
+            pred: vec![
+                lesion("a", "pred", 1, Some(1)),
+                lesion("a", "pred", 2, Some(2)),
+                lesion("a", "pred", 3, None),
+            ],
+        };
+        let b = LesionMatch {
+            truth: vec![with(lesion("b", "truth", 1, None), 20.0, Polarity::Hyper)],
+            pred: vec![lesion("b", "pred", 1, None), lesion("b", "pred", 2, None)],
+        };
+        let result = |case: &str, m: LesionMatch, t: Option<f64>| CaseResult {
+            case: case.into(),
+            missing_prediction: false,
+            classes: Vec::new(),
+            lesions: vec![(1, m)],
+            dims: [1, 1, 1],
+            slice_thickness_mm: t,
+        };
+        // Confidences: the true positive first, then the false positives.
+        let mut a = a;
+        let mut b = b;
+        a.pred[0].confidence = 0.9;
+        a.pred[2].confidence = 0.8;
+        b.pred[0].confidence = 0.5;
+        b.pred[1].confidence = 0.3;
+        let results = [result("a", a, Some(6.5)), result("b", b, None)];
+        let truth: Vec<&LesionRecord> =
+            results.iter().flat_map(|r| &r.lesions[0].1.truth).collect();
+        let pred: Vec<&LesionRecord> = results.iter().flat_map(|r| &r.lesions[0].1.pred).collect();
+
+        // CNR >= 3: the ring (found) and the hyper (missed); the prediction on the faint lesion
+        // counts neither way, the three unmatched ones are false positives over two scans. At 1
+        // FP per scan (2 FPs) the found ring is still in.
+        let h = high_contrast(&truth, &pred, 2).unwrap();
+        assert_eq!(
+            (h.truth_lesions, h.sensitivity, h.fp_per_scan),
+            (2, 0.5, 1.5)
+        );
+        assert_eq!(h.sensitivity_at_1_fp_per_scan, 0.5);
+
+        let by_polarity: Vec<(String, usize, usize)> = polarity_bins(&truth)
+            .into_iter()
+            .map(|b| (b.polarity, b.truth_lesions, b.detected))
+            .collect();
+        assert_eq!(
+            by_polarity,
+            [
+                ("hyper".into(), 1, 0),
+                ("hypo".into(), 1, 1),
+                ("ring".into(), 1, 1)
+            ]
+        );
+
+        let bins = thickness_bins(1, &results);
+        let b6 = bins.iter().find(|b| b.bin == "6-8 mm").unwrap();
+        assert_eq!(
+            (b6.scans, b6.truth_lesions, b6.detected, b6.false_positives),
+            (1, 2, 2, 1)
+        );
+        let native = bins.iter().find(|b| b.bin == "native").unwrap();
+        assert_eq!(
+            (native.scans, native.fp_per_scan, native.sensitivity),
+            (1, 2.0, 0.0)
+        );
+        // Without synthetic records there is nothing to break down.
+        let plain: Vec<LesionRecord> = truth
+            .iter()
+            .map(|l| lesion(&l.case, "truth", l.id, l.matched))
+            .collect();
+        let plain: Vec<&LesionRecord> = plain.iter().collect();
+        assert!(high_contrast(&plain, &pred, 2).is_none() && polarity_bins(&plain).is_empty());
+    }
+}
