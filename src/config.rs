@@ -550,7 +550,27 @@ pub struct SegmentConfig {
     /// A region-of-interest stage: findings of other classes outside the dilated region are
     /// dropped (or only flagged); off when absent.
     pub roi: Option<RoiConfig>,
+    /// What to do with NaN or infinite voxels: refuse the scan (`error`) or replace them with the
+    /// scan's finite minimum and say so (`fill`).
+    pub non_finite: NonFinite,
+    /// Largest preprocessed grid (voxels) a scan may resample to; a larger one is refused before
+    /// any work, naming the spacings (a header in cm instead of mm gives a grid 1000× too large).
+    pub max_voxels: u64,
 }
+
+/// What to do with NaN or infinite voxels in a scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Refuse the scan, with the count.
+    Error,
+    /// Replace them with the scan's smallest finite value and record a warning.
+    Fill,
+}
+
+/// The default `segment.max_voxels`: 2^27 voxels, about 2 GiB of image and probabilities for a
+/// three-class model.
+pub const DEFAULT_MAX_VOXELS: u64 = 1 << 27;
 
 /// `[segment.roi]`: the organ classes that bound where lesions may be.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -585,6 +605,8 @@ impl Default for SegmentConfig {
             min_lesion_mm3: 0.0,
             keep_largest: Vec::new(),
             roi: None,
+            non_finite: NonFinite::Error,
+            max_voxels: DEFAULT_MAX_VOXELS,
         }
     }
 }

@@ -271,6 +271,34 @@ impl Geometry {
         )
     }
 
+    /// What makes this grid unusable, if anything: a zero-length axis, a non-finite affine entry,
+    /// or a singular linear part (e.g. an all-zero sform), which has no world position to give.
+    pub fn problem(&self) -> Option<String> {
+        if self.dims.contains(&0) {
+            return Some(format!(
+                "a zero-length axis: dims (i, j, k) = {:?}",
+                self.dims
+            ));
+        }
+        if self.affine.iter().flatten().any(|v| !v.is_finite()) {
+            return Some(format!("a non-finite affine {:?}", self.affine));
+        }
+        let spacing = self.spacing();
+        let m = |r: usize, c: usize| self.affine[r][c];
+        let det = m(0, 0) * (m(1, 1) * m(2, 2) - m(1, 2) * m(2, 1))
+            - m(0, 1) * (m(1, 0) * m(2, 2) - m(1, 2) * m(2, 0))
+            + m(0, 2) * (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0));
+        // Relative to the voxel volume, so tiny but valid voxels are not refused.
+        let volume = spacing.iter().product::<f64>();
+        if volume <= 0.0 || det.abs() < 1e-6 * volume {
+            return Some(format!(
+                "a singular affine (voxel sizes {spacing:?} mm, determinant {det:e}): {:?}",
+                self.affine
+            ));
+        }
+        None
+    }
+
     /// Number of voxels in the grid.
     pub fn voxel_count(&self) -> usize {
         self.dims.iter().product()
@@ -338,6 +366,45 @@ mod tests {
                 .to_string();
             assert!(e.contains("patch_size"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn degenerate_grids_are_named() {
+        let good = Geometry::new([4, 4, 4], IDENTITY);
+        assert!(good.problem().is_none());
+        let tiny = Geometry::new(
+            [4, 4, 4],
+            [
+                [0.01, 0.0, 0.0, 0.0],
+                [0.0, 0.01, 0.0, 0.0],
+                [0.0, 0.0, 0.01, 0.0],
+                IDENTITY[3],
+            ],
+        );
+        assert!(tiny.problem().is_none());
+        let zero = Geometry::new([4, 4, 4], [[0.0; 4], [0.0; 4], [0.0; 4], IDENTITY[3]]);
+        assert!(zero.problem().unwrap().contains("singular"));
+        let mut nan = IDENTITY;
+        nan[1][3] = f64::NAN;
+        assert!(Geometry::new([4, 4, 4], nan)
+            .problem()
+            .unwrap()
+            .contains("non-finite"));
+        assert!(Geometry::new([4, 0, 4], IDENTITY)
+            .problem()
+            .unwrap()
+            .contains("zero-length"));
+        // Two parallel axes: non-zero spacing, but no volume.
+        let flat = [
+            [1.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 1.0, 0.0],
+            IDENTITY[3],
+        ];
+        assert!(Geometry::new([4, 4, 4], flat)
+            .problem()
+            .unwrap()
+            .contains("singular"));
     }
 
     #[test]

@@ -176,10 +176,23 @@ impl Volume {
                 ),
             });
         }
+        if let Some(problem) = geometry.problem() {
+            return Err(crate::Error::Unsupported {
+                path: info.path.clone(),
+                reason: format!("unusable geometry: {problem}"),
+            });
+        }
         Ok(Volume {
             voxels,
             geometry,
             info,
+        })
+    }
+
+    /// Voxels that are NaN or infinite, counted `(nan, infinite)`.
+    pub fn non_finite(&self) -> (usize, usize) {
+        self.voxels.iter().fold((0, 0), |(n, i), v| {
+            (n + v.is_nan() as usize, i + v.is_infinite() as usize)
         })
     }
 

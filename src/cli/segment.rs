@@ -130,11 +130,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn case_line(c: &BatchCase) -> String {
     match c.status {
         CaseStatus::Failed => format!("{}: FAILED: {}", c.case, c.reason.as_deref().unwrap_or("")),
-        _ => format!(
-            "{}: {} lesion(s), {:.1} s",
-            c.case,
-            c.lesions.unwrap_or(0),
-            c.seconds.unwrap_or(0.0)
-        ),
+        _ => {
+            let warnings: String = c
+                .warnings
+                .iter()
+                .map(|w| format!("; warning: {w}"))
+                .collect();
+            format!(
+                "{}: {} lesion(s), {:.1} s{warnings}",
+                c.case,
+                c.lesions.unwrap_or(0),
+                c.seconds.unwrap_or(0.0)
+            )
+        }
     }
 }

@@ -108,6 +108,19 @@ pub fn load_case(
     };
     let scan =
         io::read_channels(&entry.images, GRID_TOLERANCE_MM).map_err(|e| case_err(e.to_string()))?;
+    // A NaN would poison the case's statistics and every patch cut from it.
+    let (nan, inf) = scan.non_finite();
+    if nan + inf > 0 {
+        let files: Vec<String> = entry
+            .images
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        return Err(case_err(format!(
+            "{nan} NaN and {inf} infinite voxel(s) in {}",
+            files.join(", ")
+        )));
+    }
     let geometry = scan.geometry;
     let image = scan.voxels;
     if image.shape()[0] != channels {

@@ -8,7 +8,7 @@ use std::path::Path;
 use ndarray::{Array3, Axis};
 
 use crate::error::Result;
-use crate::infer::batch::Stages;
+use crate::infer::batch::{CaseDone, Stages};
 use crate::infer::postprocess::LesionFilter;
 use crate::infer::predictor::Predictor;
 use crate::io::layout::{CaseOutputs, LabelsSidecar, LesionTable};
@@ -20,7 +20,7 @@ use crate::transforms::spatial::Orientation;
 use crate::volume::{DataType, Volume};
 
 /// Segments one scan with `predictor` (lesions measured after `filter`) and writes its outputs;
-/// returns the lesion count. Stages are timed into `stages`.
+/// returns the lesion count and the scan's warnings. Stages are timed into `stages`.
 pub fn segment_case(
     predictor: &Predictor,
     filter: &LesionFilter,
@@ -28,7 +28,7 @@ pub fn segment_case(
     name: &str,
     scan: &Volume,
     stages: &mut Stages,
-) -> Result<usize> {
+) -> Result<CaseDone> {
     let mut prediction = predictor.predict(scan)?;
     stages.lap("predict");
     let extracted = prediction.lesions(&predictor.labels, filter);
@@ -51,7 +51,10 @@ pub fn segment_case(
         &predictor.labels,
     )?;
     stages.lap("write");
-    Ok(count)
+    Ok(CaseDone {
+        lesions: count,
+        warnings: prediction.warnings,
+    })
 }
 
 /// Writes a case's outputs; `probabilities` is the foreground map on the scan's grid when asked.

@@ -203,6 +203,15 @@ pub enum BatchEvent<'a> {
     CaseFinished(&'a BatchCase),
 }
 
+/// A segmented case: its lesion count and anything the user should know about it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CaseDone {
+    /// Lesions found.
+    pub lesions: usize,
+    /// Warnings (e.g. non-finite voxels filled), recorded in `batch_summary.json`.
+    pub warnings: Vec<String>,
+}
+
 /// What the batch should do besides segmenting.
 #[derive(Debug, Clone, Default)]
 pub struct BatchOptions {
@@ -214,7 +223,7 @@ pub struct BatchOptions {
 
 /// Segments `cases` in order, reading the next one while the current one is segmented.
 /// `is_done(name)` tells whether a case's outputs already exist; `segment(case, scan, stages)`
-/// does the work and returns its lesion count. A failing case is recorded and the batch goes on.
+/// does the work and returns its lesion count and warnings. A failing case is recorded and the batch goes on.
 /// The summary is written atomically to `output` (see [`BatchSummary::path`]) and returned.
 pub fn run_batch(
     cases: Vec<BatchInput>,
@@ -222,7 +231,7 @@ pub fn run_batch(
     output: &Path,
     options: &BatchOptions,
     is_done: &dyn Fn(&str) -> bool,
-    segment: &mut dyn FnMut(&BatchInput, Volume, &mut Stages) -> Result<usize>,
+    segment: &mut dyn FnMut(&BatchInput, Volume, &mut Stages) -> Result<CaseDone>,
     on_event: &mut dyn FnMut(BatchEvent),
 ) -> Result<BatchSummary> {
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
@@ -243,6 +252,7 @@ pub fn run_batch(
             seconds: None,
             stages: BTreeMap::new(),
             reason: None,
+            warnings: Vec::new(),
         });
     }
     on_event(BatchEvent::Started { todo: todo.len() });
@@ -271,16 +281,17 @@ pub fn run_batch(
         });
         let seconds = waited.elapsed().as_secs_f64();
         let record = match result {
-            Ok(lesions) => {
+            Ok(done) => {
                 summary.segmented += 1;
                 BatchCase {
                     case: case.name.clone(),
                     input: case.origin.clone(),
                     status: CaseStatus::Segmented,
-                    lesions: Some(lesions),
+                    lesions: Some(done.lesions),
                     seconds: Some(seconds),
                     stages: stages.seconds,
                     reason: None,
+                    warnings: done.warnings,
                 }
             }
             Err(e) => {
@@ -293,6 +304,7 @@ pub fn run_batch(
                     seconds: None,
                     stages: BTreeMap::new(),
                     reason: Some(e.to_string()),
+                    warnings: Vec::new(),
                 }
             }
         };

@@ -7,7 +7,7 @@ use ndarray::{Array3, Array4, Axis};
 
 use super::postprocess::{extract_lesions, Extracted, LesionFilter, RoiFilter};
 use super::sliding_window::SlidingWindow;
-use crate::config::RunConfig;
+use crate::config::{NonFinite, RunConfig};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::io::layout::Checkpoint;
@@ -45,6 +45,8 @@ pub struct Prediction {
     pub probabilities: Array4<f32>,
     /// The preprocessed grid (resampled, reoriented, possibly cropped) the model saw.
     pub grid: Geometry,
+    /// What was done to the scan that the user should know (e.g. non-finite voxels filled).
+    pub warnings: Vec<String>,
 }
 
 impl Predictor {
@@ -82,9 +84,66 @@ impl Predictor {
         })
     }
 
+    /// Refuses a scan whose preprocessed grid would exceed `segment.max_voxels`, before any work,
+    /// naming the spacings and the grid (and a likely unit error).
+    fn check_size(&self, volume: &Volume) -> Result<()> {
+        let grid = self.preprocessing.spatial.resampled_grid(&volume.geometry);
+        let voxels = grid.voxel_count() as u64;
+        let limit = self.config.segment.max_voxels;
+        if voxels <= limit {
+            return Ok(());
+        }
+        let source = volume.geometry.spacing();
+        let hint = if source[..2].iter().any(|s| *s >= 10.0) {
+            format!(
+                "; an in-plane voxel of {:.1} mm is unusual: is the header's unit cm instead of mm?",
+                source[0].max(source[1])
+            )
+        } else {
+            String::new()
+        };
+        Err(Error::Unsupported {
+            path: volume.info.path.clone(),
+            reason: format!(
+                "resampling {:?} voxels of {:.3?} mm to {:.3?} mm gives a {:?} grid ({voxels} voxels, about {:.1} GiB per channel and class); the limit is segment.max_voxels = {limit}{hint}",
+                volume.geometry.dims,
+                source,
+                self.preprocessing.spatial.spacing,
+                grid.dims,
+                voxels as f64 * 4.0 / (1u64 << 30) as f64
+            ),
+        })
+    }
+
     /// Segments one scan: preprocess as in training, sliding window, argmax, and the label map
     /// mapped back onto the scan's grid (nearest neighbour through the voxel→world affines).
     pub fn predict(&self, volume: &Volume) -> Result<Prediction> {
+        self.check_size(volume)?;
+        let mut warnings = Vec::new();
+        let filled;
+        let volume = match volume.non_finite() {
+            (0, 0) => volume,
+            (nan, inf) => {
+                let what = format!("{nan} NaN and {inf} infinite voxel(s)");
+                if self.config.segment.non_finite == NonFinite::Error {
+                    return Err(Error::Unsupported {
+                        path: volume.info.path.clone(),
+                        reason: format!(
+                            "{what}; set segment.non_finite = \"fill\" to replace them with the scan's finite minimum"
+                        ),
+                    });
+                }
+                let lowest = volume.value_range().map_or(0.0, |(lo, _)| lo);
+                let mut copy = volume.clone();
+                copy.voxels
+                    .mapv_inplace(|v| if v.is_finite() { v } else { lowest });
+                warnings.push(format!(
+                    "{what} replaced by the scan's finite minimum {lowest}"
+                ));
+                filled = copy;
+                &filled
+            }
+        };
         let spatial = self.preprocessing.apply(volume)?;
         let probabilities = self
             .window
@@ -99,6 +158,7 @@ impl Predictor {
             geometry: volume.geometry.clone(),
             probabilities,
             grid: spatial.geometry,
+            warnings,
         })
     }
 }

@@ -461,6 +461,9 @@ pub struct BatchCase {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What was done to the scan that the user should know (e.g. non-finite voxels filled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `batch_summary.json` (or `batch_summary_shard-I-of-N.json`) of a `medseg segment` run.

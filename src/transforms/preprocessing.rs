@@ -52,6 +52,21 @@ impl SpatialPlan {
         }
     }
 
+    /// The grid `apply` resamples a scan on `source` to (before any crop), in the source's axis
+    /// order: to check its size before doing the work.
+    pub fn resampled_grid(&self, source: &Geometry) -> Geometry {
+        let orientation = if self.reorient {
+            Orientation::of(source)
+        } else {
+            Orientation::IDENTITY
+        };
+        let mut source_spacing = [0.0; 3];
+        for w in 0..3 {
+            source_spacing[orientation.axis[w]] = self.spacing[w];
+        }
+        resampled_geometry(source, source_spacing)
+    }
+
     /// Applies the plan to an image (and its label map on the same grid).
     pub fn apply(
         &self,
@@ -68,11 +83,7 @@ impl SpatialPlan {
         } else {
             Orientation::IDENTITY
         };
-        let mut source_spacing = [0.0; 3];
-        for w in 0..3 {
-            source_spacing[orientation.axis[w]] = self.spacing[w];
-        }
-        let resampled = resampled_geometry(source, source_spacing);
+        let resampled = self.resampled_grid(source);
         let image = resample_linear(image, source, &resampled);
         let label = label.map(|l| {
             resample_nearest(l.index_axis(Axis(0), 0), source, &resampled).insert_axis(Axis(0))

@@ -45,6 +45,29 @@ fn truncated_gzip_nifti_is_refused() {
 }
 
 #[test]
+fn an_all_zero_sform_is_refused_not_written_through() {
+    // A real file with sform_code 1 and srow_x/y/z all zero, qform_code 0: nibabel would give a
+    // zero affine; medseg refuses the file, naming it and the singular affine.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(cache("nibabel/anatomical.nii")).unwrap();
+    // anatomical.nii is big-endian: qform_code (i16) at 252, sform_code at 254, srow at 280..328.
+    bytes[252..254].copy_from_slice(&0i16.to_be_bytes());
+    bytes[254..256].copy_from_slice(&1i16.to_be_bytes());
+    bytes[280..328].fill(0);
+    let p = dir.path().join("zero_sform.nii");
+    std::fs::write(&p, &bytes).unwrap();
+    let err = read_nifti(&p).unwrap_err();
+    assert!(err.to_string().contains("singular affine"), "{err}");
+    assert_names(&err, &p);
+    // With both codes 0 the pixdim fallback (Analyze convention) still applies, as in nibabel.
+    bytes[254..256].copy_from_slice(&0i16.to_be_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    let v = read_nifti(&p).unwrap();
+    assert!(v.geometry.problem().is_none());
+    assert!(v.info.warnings.iter().any(|w| w.contains("pixdim")));
+}
+
+#[test]
 fn dims_that_disagree_with_the_data_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut bytes = std::fs::read(cache("nibabel/anatomical.nii")).unwrap();

@@ -380,3 +380,79 @@ fn killed_batch_resumes_with_skip_existing() {
         medseg::io::read_nifti(&out_dir.join(p.file_name().unwrap())).unwrap();
     }
 }
+
+/// A real CT with one NaN and one +inf voxel is refused with the count (exit 1); with
+/// `segment.non_finite = "fill"` it is segmented and the filling is recorded in the summary. A
+/// 48³ scan with 40 mm voxels (a header in cm) is refused before any resampling, with the grid
+/// and the likely unit error named.
+#[test]
+fn non_finite_voxels_and_absurd_grids_are_refused_or_filled() {
+    use medseg::io::nifti::write_nifti;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ct = medseg::io::read_nifti(&cache("totalsegmentator/example_ct.nii.gz")).unwrap();
+    ct.voxels[[0, 10, 20, 30]] = f32::NAN;
+    ct.voxels[[0, 11, 20, 30]] = f32::INFINITY;
+    let poisoned = tmp.path().join("poisoned.nii.gz");
+    write_nifti(&ct, &poisoned, medseg::DataType::Float32).unwrap();
+    let out = tmp.path().join("refused");
+    let o = segment(&[
+        poisoned.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    let reason = summary["cases"][0]["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("1 NaN and 1 infinite"), "{reason}");
+    assert!(!out.join("poisoned.nii.gz").exists());
+
+    let out = tmp.path().join("filled");
+    let o = segment(&[
+        poisoned.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--set",
+        "segment.non_finite=fill",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    let warning = summary["cases"][0]["warnings"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        warning.contains("replaced by the scan's finite minimum"),
+        "{warning}"
+    );
+    // The fill gives the same liver as the clean scan, not a volume of NaN.
+    let filled = medseg::io::read_nifti(&out.join("poisoned.nii.gz")).unwrap();
+    assert!(filled.voxels.iter().any(|v| *v > 0.0));
+
+    let mut affine = medseg::geometry::IDENTITY;
+    for (a, row) in affine.iter_mut().enumerate().take(3) {
+        row[a] = 40.0;
+    }
+    let huge = medseg::Volume::new(
+        ndarray::Array4::from_elem((1, 48, 48, 48), -500.0),
+        medseg::Geometry::new([48, 48, 48], affine),
+        ct.info.clone(),
+    )
+    .unwrap();
+    let in_cm = tmp.path().join("in_cm.nii.gz");
+    write_nifti(&huge, &in_cm, medseg::DataType::Int16).unwrap();
+    let out = tmp.path().join("huge");
+    let started = std::time::Instant::now();
+    let o = segment(&[in_cm.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    let reason = summary["cases"][0]["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("segment.max_voxels") && reason.contains("cm instead of mm"),
+        "{reason}"
+    );
+    // Refused before resampling: far quicker than building a 640³ grid.
+    eprintln!("refused in {:.1} s", started.elapsed().as_secs_f64());
+}
