@@ -14,6 +14,8 @@ out=runs/quickstart-brain-mr/test
 out_shifted=runs/quickstart-brain-mr/test-shifted
 started=$SECONDS
 
+# Every prerequisite first, so a missing one stops the run in seconds, not after the build.
+scripts/prereqs.sh
 echo "== 1/7 fetch the sample scans"
 scripts/fetch-data.sh
 echo "== 2/7 build medseg (release)"

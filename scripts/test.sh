@@ -3,5 +3,6 @@
 # test (unit, integration on real scans, CLI on the real binary, doc tests).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/prereqs.sh
 scripts/fetch-data.sh
 cargo test --locked "$@"

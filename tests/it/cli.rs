@@ -1,5 +1,6 @@
 //! The real `medseg` binary: output format, exit codes, no patient identifiers by default.
 
+use std::path::Path;
 use std::process::Command;
 
 use crate::common::{bin, cache};
@@ -157,4 +158,44 @@ fn model_prints_layers_parameters_and_multiply_adds() {
     // A value outside the preset enum is a usage error, refused by the argument parser.
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown preset"));
+}
+
+/// The set-up cannot fail halfway: without cmake on the PATH, `scripts/prereqs.sh` (run first by
+/// the quickstart and the test command) stops at once, naming it and the command that installs it.
+#[test]
+fn a_missing_prerequisite_stops_the_set_up_in_seconds() {
+    let bin = tempfile::tempdir().unwrap();
+    // Everything the script looks for except cmake, plus what it runs itself.
+    for tool in [
+        "cargo", "rustc", "c++", "unzip", "dpkg-deb", "bash", "awk", "env",
+    ] {
+        let Some(found) = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|dir| dir.join(tool))
+            .find(|p| p.is_file())
+        else {
+            continue;
+        };
+        std::os::unix::fs::symlink(found, bin.path().join(tool)).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let out = Command::new(bin.path().join("bash"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prereqs.sh"))
+        .env("PATH", bin.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("missing: cmake"), "{stderr}");
+    assert!(stderr.contains("apt-get install -y cmake"), "{stderr}");
+    assert!(started.elapsed().as_secs_f64() < 10.0);
+    // On this machine, with the full PATH, nothing is missing.
+    let ok = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prereqs.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
