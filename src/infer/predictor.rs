@@ -144,6 +144,19 @@ impl Predictor {
                 &filled
             }
         };
+        if let Some((lo, _)) = volume.value_range().filter(|(lo, hi)| lo == hi) {
+            warnings.push(format!(
+                "the scan is constant (every voxel {lo}): there is nothing to segment, and any finding is an artefact"
+            ));
+        }
+        let context = self.window.context;
+        let slices = volume.geometry.dims[2];
+        if context > 0 && slices <= context {
+            warnings.push(format!(
+                "{slices} slice(s): the model reads {context} neighbouring slice(s) on each side, which \
+                 the scan does not have (edge slices are repeated)"
+            ));
+        }
         let spatial = self.preprocessing.apply(volume)?;
         let probabilities = self
             .window

@@ -455,4 +455,28 @@ fn non_finite_voxels_and_absurd_grids_are_refused_or_filled() {
     );
     // Refused before resampling: far quicker than building a 640³ grid.
     eprintln!("refused in {:.1} s", started.elapsed().as_secs_f64());
+
+    // A constant scan is segmented, with a warning that any finding is an artefact.
+    let mut flat_affine = medseg::geometry::IDENTITY;
+    for (a, row) in flat_affine.iter_mut().enumerate().take(3) {
+        row[a] = 3.0;
+    }
+    let constant = medseg::Volume::new(
+        ndarray::Array4::from_elem((1, 20, 40, 40), 40.0),
+        medseg::Geometry::new([40, 40, 20], flat_affine),
+        ct.info.clone(),
+    )
+    .unwrap();
+    let path = tmp.path().join("constant.nii.gz");
+    write_nifti(&constant, &path, medseg::DataType::Int16).unwrap();
+    let out = tmp.path().join("constant");
+    let o = segment(&[path.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    let warning = summary["cases"][0]["warnings"][0]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(warning.contains("constant"), "{summary}");
 }
