@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
-
 use medseg::io::{nifti::WRITABLE_TYPES, read_volume, write_nifti};
 use medseg::transforms::spatial::{resample_linear, resampled_geometry};
 use medseg::{DataType, Volume};
@@ -57,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut volume = read_volume(&args.input, args.series.as_deref())?;
     if let Some(s) = &args.spacing {
         if s.len() != 3 || s.iter().any(|v| v.is_nan() || *v <= 0.0) {
-            bail!("--spacing needs three positive mm values X,Y,Z");
+            super::usage!("--spacing needs three positive mm values X,Y,Z");
         }
         let target = resampled_geometry(&volume.geometry, [s[0], s[1], s[2]]);
         let mut voxels = resample_linear(volume.voxels.view(), &volume.geometry, &target);
@@ -69,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dtype = match args.dtype.as_deref() {
         Some(name) => match DataType::parse(name) {
             Some(t) if WRITABLE_TYPES.contains(&t) => t,
-            _ => bail!("--dtype {name}: choose uint8, uint16, int16 or float32"),
+            _ => super::usage!("--dtype {name}: choose uint8, uint16, int16 or float32"),
         },
         None => choose_dtype(&volume),
     };

@@ -51,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut config = file.evaluate;
     let (Some(pred), Some(truth), Some(output)) = (args.pred, args.truth, args.output) else {
-        anyhow::bail!("give --pred DIR --truth DIR --output DIR");
+        super::usage!("give --pred DIR --truth DIR --output DIR");
     };
     if config.labels.is_empty() {
         // Truth inside a Decathlon layout (`labelsTs/` beside `dataset.json`) names the classes.

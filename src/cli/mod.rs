@@ -45,6 +45,35 @@ enum Command {
     Synth(synth::Args),
 }
 
+/// A usage error found after parsing (a missing or malformed argument): exit status 2, like the
+/// parser's own.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Returns a [`Usage`] error from the enclosing function.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err($crate::cli::Usage(format!($($arg)*)).into())
+    };
+}
+pub(crate) use usage;
+
+/// Exit statuses (documented in the README): all done; some cases failed; usage or config error;
+/// nothing could be done (an unreadable input, a missing model, a run that cannot start).
+pub const EXIT_SOME_FAILED: u8 = 1;
+/// See [`EXIT_SOME_FAILED`].
+pub const EXIT_USAGE: u8 = 2;
+/// See [`EXIT_SOME_FAILED`].
+pub const EXIT_NOTHING_DONE: u8 = 3;
+
 /// A failure already reported item by item; only the exit status is left to set.
 #[derive(Debug)]
 pub struct Reported;
@@ -85,10 +114,18 @@ pub fn run() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<Reported>() => ExitCode::from(1),
+        Err(e) if e.is::<Reported>() => ExitCode::from(EXIT_SOME_FAILED),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            let config = matches!(
+                e.downcast_ref::<medseg::Error>(),
+                Some(medseg::Error::Config { .. })
+            );
+            if e.is::<Usage>() || config {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_NOTHING_DONE)
+            }
         }
     }
 }

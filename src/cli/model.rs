@@ -117,15 +117,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     config.validate()?;
     let size = match &args.size {
-        Some(s) => PatchSize::new(s)
-            .filter(|p| p.spatial_dims() == config.spatial_dims())
-            .with_context(|| {
-                format!(
-                    "--size {s:?}: needs {} positive values for a {}D model",
-                    config.spatial_dims(),
-                    config.spatial_dims()
-                )
-            })?,
+        Some(s) => match PatchSize::new(s).filter(|p| p.spatial_dims() == config.spatial_dims()) {
+            Some(p) => p,
+            None => super::usage!(
+                "--size {s:?}: needs {} positive values for a {}D model",
+                config.spatial_dims(),
+                config.spatial_dims()
+            ),
+        },
         None => config.patch_size,
     };
     let rows = summary::summarize(&config, size);

@@ -34,6 +34,9 @@ pub struct Args {
     /// Skip cases whose outputs all exist (resume an interrupted batch).
     #[arg(long)]
     skip_existing: bool,
+    /// Stop at the first case that fails (exit status 1) instead of going on.
+    #[arg(long)]
+    fail_fast: bool,
     /// Do only shard I of N (0-based, I < N): every case belongs to exactly one shard, by a hash of
     /// its output name, so N machines given the same inputs split them with no coordinator.
     #[arg(long, value_name = "I/N")]
@@ -83,6 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &args.output,
         &BatchOptions {
             skip_existing: args.skip_existing,
+            fail_fast: args.fail_fast,
             shard: args.shard,
         },
         &|name| outputs(name).complete(),

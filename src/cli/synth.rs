@@ -39,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let Some(output) = args.output else {
-        anyhow::bail!("give --output DIR");
+        super::usage!("give --output DIR");
     };
     let config = file.synth;
     let stamp = output.join(STAMP);

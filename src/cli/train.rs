@@ -50,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         (None, Some(file)) => RunConfig::load(Some(file), &args.set)?,
         (None, None) if args.dump_config => RunConfig::load(None, &args.set)?,
-        (None, None) => anyhow::bail!("give --config FILE (or --resume RUN_DIR)"),
+        (None, None) => super::usage!("give --config FILE (or --resume RUN_DIR)"),
     };
     if args.dump_config {
         print!("{}", config.to_toml()?);

@@ -217,6 +217,8 @@ pub struct CaseDone {
 pub struct BatchOptions {
     /// Skip a case when `is_done(name)` says its outputs all exist.
     pub skip_existing: bool,
+    /// Stop at the first failed case (the summary then lists the cases up to it).
+    pub fail_fast: bool,
     /// The shard the summary is named for.
     pub shard: Option<Shard>,
 }
@@ -309,10 +311,16 @@ pub fn run_batch(
             }
         };
         on_event(BatchEvent::CaseFinished(&record));
+        let stop = options.fail_fast && record.status == CaseStatus::Failed;
         summary.cases.push(record);
+        if stop {
+            break;
+        }
         crate::io::abort_point("segment-case-written");
     }
-    // The reader only sends; a panic there would already have closed the channel.
+    // Closing the receiver ends a reader still waiting to send (after --fail-fast); it only
+    // sends, so a panic there would already have closed the channel.
+    drop(rx);
     let _ = reader.join();
     let path = BatchSummary::path(output, options.shard.map(|s| (s.index, s.count)));
     crate::io::write_json_atomically(&path, &summary)?;

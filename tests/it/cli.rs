@@ -100,7 +100,7 @@ fn convert_writes_and_bad_input_exits_non_zero() {
         .arg(&missing)
         .output()
         .unwrap();
-    assert_eq!(res.status.code(), Some(1));
+    assert_eq!(res.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&res.stderr).contains("nothing-here"));
 }
 
@@ -115,7 +115,7 @@ fn convert_refuses_a_mixed_directory_and_lists_the_series() {
         .arg(dir.path().join("x.nii.gz"))
         .output()
         .unwrap();
-    assert_eq!(res.status.code(), Some(1));
+    assert_eq!(res.status.code(), Some(3));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(
         err.contains("--series") && err.contains("CT") && err.contains("MR"),

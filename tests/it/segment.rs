@@ -480,3 +480,49 @@ fn non_finite_voxels_and_absurd_grids_are_refused_or_filled() {
         .to_string();
     assert!(warning.contains("constant"), "{summary}");
 }
+
+/// Exit statuses: 3 when nothing could be done (no model), 2 for a usage error, 1 when cases
+/// failed; `--fail-fast` stops at the first failed case.
+#[test]
+fn exit_statuses_and_fail_fast() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scan = cache("totalsegmentator/example_ct.nii.gz");
+    let no_model = Command::new(bin())
+        .args(["segment", "--model"])
+        .arg(tmp.path().join("no-such-run"))
+        .arg(&scan)
+        .args(["--output", tmp.path().join("o").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        no_model.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&no_model.stderr)
+    );
+    let bad_set = segment(&[
+        scan.to_str().unwrap(),
+        "--output",
+        tmp.path().join("o").to_str().unwrap(),
+        "--set",
+        "segment.overlap=2",
+    ]);
+    assert_eq!(bad_set.status.code(), Some(2));
+    // A broken file first, then a good scan: with --fail-fast the good one is never started.
+    let broken = tmp.path().join("broken.nii.gz");
+    std::fs::write(&broken, b"not a scan").unwrap();
+    let out = tmp.path().join("fast");
+    let o = segment(&[
+        broken.to_str().unwrap(),
+        scan.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--fail-fast",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["cases"].as_array().unwrap().len(), 1, "{summary}");
+    assert_eq!(summary["failed"], 1);
+    assert!(!out.join("example_ct.nii.gz").exists());
+}

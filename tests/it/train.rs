@@ -138,7 +138,7 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
 
     // Training again into a finished run directory is refused rather than overwriting it.
     let out = train(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
 }
 
@@ -203,7 +203,7 @@ fn bad_dataset_entries_name_the_case() {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(3));
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     // Missing files and a missing label column are listed case by case, before any decoding.
@@ -254,7 +254,7 @@ fn config_layers_and_unknown_keys() {
         "train.learning_rate=0.5",
         "--dump-config",
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("[train]") && err.contains("learning_rate"),
@@ -272,7 +272,7 @@ fn config_layers_and_unknown_keys() {
         &format!("output.dir={:?}", run.display().to_string()),
         "--quiet",
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("[validate] metric") && err.contains("\"tumour\""),
