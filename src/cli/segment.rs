@@ -39,7 +39,8 @@ pub struct Args {
     fail_fast: bool,
     /// Do only shard I of N (0-based, I < N): every case belongs to exactly one shard, by a hash of
     /// its output name, so N machines given the same inputs split them with no coordinator.
-    #[arg(long, value_name = "I/N")]
+    /// `auto` (or `auto/N`) reads it from a Slurm, Kubernetes or AWS Batch array job.
+    #[arg(long, value_name = "I/N|auto[/N]")]
     shard: Option<Shard>,
     /// cpu, wgpu or cuda; default: the device the model was trained on.
     #[arg(long)]

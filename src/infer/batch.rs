@@ -68,8 +68,23 @@ pub struct Shard {
 impl std::str::FromStr for Shard {
     type Err = Error;
 
-    /// `I/N`, `0 <= I < N`.
+    /// `I/N`, `0 <= I < N`; or `auto` / `auto/N`: from the batch scheduler's environment (see
+    /// [`Shard::from_env`]).
     fn from_str(text: &str) -> Result<Self> {
+        if let Some(rest) = text.strip_prefix("auto") {
+            let count = match rest.strip_prefix('/') {
+                Some(n) => Some(n.trim().parse::<u64>().map_err(|_| Error::Config {
+                    reason: format!("--shard {text:?}: expected auto or auto/N"),
+                })?),
+                None if rest.is_empty() => None,
+                None => {
+                    return Err(Error::Config {
+                        reason: format!("--shard {text:?}: expected auto or auto/N"),
+                    })
+                }
+            };
+            return Shard::from_env(count, &|key| std::env::var(key).ok());
+        }
         let bad = || Error::Config {
             reason: format!("--shard {text:?}: expected I/N with 0 <= I < N, e.g. 0/4"),
         };
@@ -86,6 +101,59 @@ impl std::str::FromStr for Shard {
 }
 
 impl Shard {
+    /// The shard of an array job, from its scheduler's environment (`env(name)`):
+    /// - Slurm arrays: `SLURM_ARRAY_TASK_ID` less `SLURM_ARRAY_TASK_MIN` (arrays may start at
+    ///   1), of `SLURM_ARRAY_TASK_COUNT` (or `count`);
+    /// - Kubernetes indexed Jobs: `JOB_COMPLETION_INDEX`, of `count` (the Job's `completions`);
+    /// - AWS Batch array jobs: `AWS_BATCH_JOB_ARRAY_INDEX`, of `count` (the array size).
+    ///
+    /// An error names the variables looked for when none is set, or what is missing or wrong.
+    pub fn from_env(count: Option<u64>, env: &dyn Fn(&str) -> Option<String>) -> Result<Shard> {
+        let number = |key: &str| -> Result<Option<u64>> {
+            env(key)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| Error::Config {
+                        reason: format!("--shard auto: {key}={v:?} is not a whole number"),
+                    })
+                })
+                .transpose()
+        };
+        let (source, index, found_count) = if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
+            let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let index = id.checked_sub(min).ok_or_else(|| Error::Config {
+                reason: format!(
+                    "--shard auto: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"
+                ),
+            })?;
+            (
+                "SLURM_ARRAY_TASK_ID",
+                index,
+                number("SLURM_ARRAY_TASK_COUNT")?,
+            )
+        } else if let Some(index) = number("JOB_COMPLETION_INDEX")? {
+            ("JOB_COMPLETION_INDEX", index, None)
+        } else if let Some(index) = number("AWS_BATCH_JOB_ARRAY_INDEX")? {
+            ("AWS_BATCH_JOB_ARRAY_INDEX", index, None)
+        } else {
+            return Err(Error::Config {
+                reason: "--shard auto: none of SLURM_ARRAY_TASK_ID (Slurm arrays), JOB_COMPLETION_INDEX (Kubernetes indexed Jobs) or AWS_BATCH_JOB_ARRAY_INDEX (AWS Batch arrays) is set; give --shard I/N".into(),
+            });
+        };
+        let count = count.or(found_count).ok_or_else(|| Error::Config {
+            reason: format!(
+                "--shard auto: {source} gives the index but not the shard count; use --shard auto/N"
+            ),
+        })?;
+        if count == 0 || index >= count {
+            return Err(Error::Config {
+                reason: format!(
+                    "--shard auto: index {index} (from {source}) is not below the count {count}"
+                ),
+            });
+        }
+        Ok(Shard { index, count })
+    }
+
     /// Whether case `name` belongs to this shard.
     pub fn holds(&self, name: &str) -> bool {
         let h = Sha256::digest(name.as_bytes());
@@ -330,6 +398,73 @@ pub fn run_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_come_from_each_schedulers_environment_and_partition_the_cases() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |key: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        // Slurm array 1-4: task 3 is shard 2 of 4, count from the environment.
+        let slurm = env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ]);
+        assert_eq!(
+            Shard::from_env(None, &slurm).unwrap(),
+            Shard { index: 2, count: 4 }
+        );
+        // Kubernetes and AWS give the index only: the count comes from auto/N.
+        let k8s = env(&[("JOB_COMPLETION_INDEX", "0")]);
+        assert_eq!(
+            Shard::from_env(Some(3), &k8s).unwrap(),
+            Shard { index: 0, count: 3 }
+        );
+        let e = Shard::from_env(None, &k8s).unwrap_err().to_string();
+        assert!(e.contains("auto/N"), "{e}");
+        let aws = env(&[("AWS_BATCH_JOB_ARRAY_INDEX", "5")]);
+        assert_eq!(
+            Shard::from_env(Some(6), &aws).unwrap(),
+            Shard { index: 5, count: 6 }
+        );
+        assert!(Shard::from_env(Some(5), &aws).is_err());
+        // Nothing set, or garbage: errors naming the variables.
+        let e = Shard::from_env(Some(2), &env(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("SLURM_ARRAY_TASK_ID") && e.contains("JOB_COMPLETION_INDEX"),
+            "{e}"
+        );
+        let e = Shard::from_env(None, &env(&[("SLURM_ARRAY_TASK_ID", "x")])).unwrap_err();
+        assert!(e.to_string().contains("not a whole number"));
+        assert!("auto/x".parse::<Shard>().is_err() && "autox".parse::<Shard>().is_err());
+        // The shards an array job's tasks build, whichever scheduler, partition the cases.
+        let names: Vec<String> = (0..200).map(|i| format!("case_{i:03}")).collect();
+        for count in [1u64, 3, 4] {
+            let shards: Vec<Shard> = (0..count)
+                .map(|task| {
+                    let id = (task + 1).to_string();
+                    let n = count.to_string();
+                    let vars = [
+                        ("SLURM_ARRAY_TASK_ID".to_string(), id),
+                        ("SLURM_ARRAY_TASK_MIN".to_string(), "1".to_string()),
+                        ("SLURM_ARRAY_TASK_COUNT".to_string(), n),
+                    ];
+                    Shard::from_env(None, &|key: &str| {
+                        vars.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+                    })
+                    .unwrap()
+                })
+                .collect();
+            for name in &names {
+                assert_eq!(shards.iter().filter(|s| s.holds(name)).count(), 1, "{name}");
+            }
+        }
+    }
 
     #[test]
     fn shards_parse_and_partition() {
