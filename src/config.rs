@@ -869,6 +869,25 @@ impl RunConfig {
     }
 }
 
+/// The label values of class `names` among `labels` (background first, never matched), for the
+/// settings that name classes (`key`, e.g. `segment.keep_largest`); an unknown name is a config
+/// error listing the classes.
+pub fn class_values(labels: &[String], key: &str, names: &[String]) -> Result<Vec<u32>> {
+    let classes = labels.get(1..).unwrap_or_default();
+    names
+        .iter()
+        .map(|name| {
+            classes
+                .iter()
+                .position(|l| l == name)
+                .map(|c| c as u32 + 1)
+                .ok_or_else(|| Error::Config {
+                    reason: format!("{key} names {name:?}, not one of the classes {classes:?}"),
+                })
+        })
+        .collect()
+}
+
 /// Sets `section.key = value` in `table`; the value is TOML (`0.5`, `[1, 2]`, `"x"`, `true`), or a
 /// bare string.
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {

@@ -284,10 +284,7 @@ impl Geometry {
             return Some(format!("a non-finite affine {:?}", self.affine));
         }
         let spacing = self.spacing();
-        let m = |r: usize, c: usize| self.affine[r][c];
-        let det = m(0, 0) * (m(1, 1) * m(2, 2) - m(1, 2) * m(2, 1))
-            - m(0, 1) * (m(1, 0) * m(2, 2) - m(1, 2) * m(2, 0))
-            + m(0, 2) * (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0));
+        let det = determinant(&self.affine);
         // Relative to the voxel volume, so tiny but valid voxels are not refused.
         let volume = spacing.iter().product::<f64>();
         if volume <= 0.0 || det.abs() < 1e-6 * volume {
@@ -321,12 +318,18 @@ pub(crate) fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 }
 
+/// Determinant of an affine's 3×3 linear part: the signed volume of one voxel, mm³.
+pub fn determinant(a: &Affine) -> f64 {
+    let m = |r: usize, c: usize| a[r][c];
+    m(0, 0) * (m(1, 1) * m(2, 2) - m(1, 2) * m(2, 1))
+        - m(0, 1) * (m(1, 0) * m(2, 2) - m(1, 2) * m(2, 0))
+        + m(0, 2) * (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0))
+}
+
 /// Inverse of an affine (linear part by cofactors), or `None` when it is singular.
 pub fn invert(a: &Affine) -> Option<Affine> {
     let m = |r: usize, c: usize| a[r][c];
-    let det = m(0, 0) * (m(1, 1) * m(2, 2) - m(1, 2) * m(2, 1))
-        - m(0, 1) * (m(1, 0) * m(2, 2) - m(1, 2) * m(2, 0))
-        + m(0, 2) * (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0));
+    let det = determinant(a);
     if det.abs() < 1e-12 {
         return None;
     }

@@ -191,9 +191,13 @@ impl Volume {
 
     /// Voxels that are NaN or infinite, counted `(nan, infinite)`.
     pub fn non_finite(&self) -> (usize, usize) {
-        self.voxels.iter().fold((0, 0), |(n, i), v| {
-            (n + v.is_nan() as usize, i + v.is_infinite() as usize)
-        })
+        let count = |v: &f32| (v.is_nan() as usize, v.is_infinite() as usize);
+        let add = |a: (usize, usize), b: (usize, usize)| (a.0 + b.0, a.1 + b.1);
+        // Every scan is checked before segmentation: in parallel, like `value_range`.
+        match self.voxels.as_slice_memory_order() {
+            Some(data) => data.par_iter().map(count).reduce(|| (0, 0), add),
+            None => self.voxels.iter().map(count).fold((0, 0), add),
+        }
     }
 
     /// Number of channels (the first axis of `voxels`; 3 for RGB, else usually 1).

@@ -122,12 +122,9 @@ mod tests {
     use ndarray::{Array3, Array4};
     use rand::SeedableRng;
 
-    #[test]
-    fn foreground_oversampling_hits_the_asked_share() {
-        // One small foreground blob in a large volume: uniform patches rarely contain it.
-        let mut label = Array3::<u8>::zeros([40, 64, 64]);
-        label[[20, 40, 40]] = 1;
-        let case = crate::data::dataset::prepare(
+    /// A prepared 64 × 64 × 40 case of zeros with `label` and `classes` classes.
+    fn case_of(label: Array3<u8>, classes: usize) -> crate::data::dataset::PreparedCase {
+        crate::data::dataset::prepare(
             "c".into(),
             crate::data::dataset::SpatialResult {
                 image: Array4::zeros([1, 40, 64, 64]),
@@ -135,14 +132,27 @@ mod tests {
                 geometry: Geometry::new([64, 64, 40], IDENTITY),
             },
             &[crate::transforms::intensity::Normalization::None],
-            2,
-        );
-        let sampling = SamplingConfig {
+            classes,
+        )
+    }
+
+    /// 8³ patches, `foreground_fraction` of them centred on foreground.
+    fn sampling(foreground_fraction: f64) -> SamplingConfig {
+        SamplingConfig {
             patch_size: crate::geometry::PatchSize::new(&[8, 8, 8]).unwrap(),
-            foreground_fraction: 0.33,
+            foreground_fraction,
             patches_per_volume: 1,
             foreground_classes: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn foreground_oversampling_hits_the_asked_share() {
+        // One small foreground blob in a large volume: uniform patches rarely contain it.
+        let mut label = Array3::<u8>::zeros([40, 64, 64]);
+        label[[20, 40, 40]] = 1;
+        let case = case_of(label, 2);
+        let sampling = sampling(0.33);
         let s = PatchSampler::new(&sampling, &AugmentConfig::default(), 0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let hits = (0..600)
@@ -158,22 +168,8 @@ mod tests {
         let mut label = Array3::<u8>::zeros([40, 64, 64]);
         label.slice_mut(ndarray::s![0..10, .., ..]).fill(2);
         label[[30, 40, 40]] = 1;
-        let case = crate::data::dataset::prepare(
-            "c".into(),
-            crate::data::dataset::SpatialResult {
-                image: Array4::zeros([1, 40, 64, 64]),
-                label: Some(label),
-                geometry: Geometry::new([64, 64, 40], IDENTITY),
-            },
-            &[crate::transforms::intensity::Normalization::None],
-            3,
-        );
-        let sampling = SamplingConfig {
-            patch_size: crate::geometry::PatchSize::new(&[8, 8, 8]).unwrap(),
-            foreground_fraction: 1.0,
-            patches_per_volume: 1,
-            foreground_classes: Vec::new(),
-        };
+        let case = case_of(label, 3);
+        let sampling = sampling(1.0);
         let lesion_share = |s: &PatchSampler| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(6);
             (0..400)

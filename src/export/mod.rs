@@ -7,6 +7,7 @@ use std::path::Path;
 
 use ndarray::{Array3, Axis};
 
+use crate::config::class_values;
 use crate::error::Result;
 use crate::infer::batch::{CaseDone, Stages};
 use crate::infer::postprocess::LesionFilter;
@@ -78,16 +79,11 @@ pub fn write_case(
         write_nifti(&v, path, DataType::Float32)?;
     }
     if let Some(path) = &outputs.overlay {
-        let organs: Vec<u32> = table
+        // The names were resolved against these classes when the stage ran.
+        let organs = table
             .roi
             .as_ref()
-            .map(|roi| {
-                roi.classes
-                    .iter()
-                    .filter_map(|name| names.iter().position(|n| n == name))
-                    .map(|c| c as u32)
-                    .collect()
-            })
+            .and_then(|roi| class_values(names, "segment.roi.classes", &roi.classes).ok())
             .unwrap_or_default();
         write_overlay(path, scan, labels, &organs)?;
     }

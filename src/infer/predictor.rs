@@ -7,7 +7,7 @@ use ndarray::{Array3, Array4, Axis};
 
 use super::postprocess::{extract_lesions, Extracted, LesionFilter, RoiFilter};
 use super::sliding_window::SlidingWindow;
-use crate::config::{NonFinite, RunConfig};
+use crate::config::{class_values, NonFinite, RunConfig};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::io::layout::Checkpoint;
@@ -205,28 +205,11 @@ impl Prediction {
 impl Predictor {
     /// The `[segment]` lesion filter, with `keep_largest` class names resolved.
     pub fn lesion_filter(&self) -> Result<LesionFilter> {
-        let resolve = |key: &str, names: &[String]| {
-            names
-                .iter()
-                .map(|name| {
-                    self.labels
-                        .iter()
-                        .position(|l| l == name)
-                        .filter(|c| *c > 0)
-                        .map(|c| c as u32)
-                        .ok_or_else(|| Error::Config {
-                            reason: format!(
-                                "[segment] {key} names {name:?}, not one of the classes {:?}",
-                                &self.labels[1.min(self.labels.len())..]
-                            ),
-                        })
-                })
-                .collect::<Result<Vec<u32>>>()
-        };
+        let resolve = |key: &str, names: &[String]| class_values(&self.labels, key, names);
         let segment = &self.config.segment;
         let roi = match &segment.roi {
             Some(roi) => Some(RoiFilter {
-                classes: resolve("roi.classes", &roi.classes)?,
+                classes: resolve("segment.roi.classes", &roi.classes)?,
                 names: roi.classes.clone(),
                 margin_mm: roi.margin_mm,
                 drop_outside: roi.drop_outside,
@@ -235,7 +218,7 @@ impl Predictor {
         };
         Ok(LesionFilter {
             min_volume_mm3: segment.min_lesion_mm3,
-            keep_largest: resolve("keep_largest", &segment.keep_largest)?,
+            keep_largest: resolve("segment.keep_largest", &segment.keep_largest)?,
             roi,
         })
     }

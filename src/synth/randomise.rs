@@ -190,8 +190,7 @@ pub fn randomised_case(
         );
     }
     // The region's intensity span, so the share means the same in MR units and in HU.
-    let span =
-        (percentile_inside(&image, roi, 0.99) - percentile_inside(&image, roi, 0.01)).max(1e-6);
+    let span = span_inside(&image, roi).max(1e-6);
     let noise_sigma = draw(settings.noise, &mut look) * span;
     let thickness = (look.random::<f64>() < settings.thick_slice_prob)
         .then(|| draw(settings.slice_thickness_mm, &mut look));
@@ -286,8 +285,8 @@ fn redraw_contrast(
     apply_contrast(image, roi, &contrast);
 }
 
-/// The `q` quantile of `image` inside `mask` (0 when the mask is empty).
-fn percentile_inside(image: &Array3<f32>, mask: &Array3<bool>, q: f64) -> f64 {
+/// The 1st-99th percentile span (nearest rank) of `image` inside `mask`; 0 when it is empty.
+fn span_inside(image: &Array3<f32>, mask: &Array3<bool>) -> f64 {
     let mut v: Vec<f32> = image
         .iter()
         .zip(mask.iter())
@@ -297,8 +296,11 @@ fn percentile_inside(image: &Array3<f32>, mask: &Array3<bool>, q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
-    let at = ((v.len() - 1) as f64 * q).round() as usize;
-    *v.select_nth_unstable_by(at, f32::total_cmp).1 as f64
+    let mut at = |q: f64| {
+        let rank = ((v.len() - 1) as f64 * q).round() as usize;
+        *v.select_nth_unstable_by(rank, f32::total_cmp).1 as f64
+    };
+    at(0.99) - at(0.01)
 }
 
 /// The array axis (0 = k, 1 = j, 2 = i) whose voxel direction is closest to superior-inferior:

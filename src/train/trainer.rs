@@ -249,23 +249,14 @@ impl Trainer {
                 burn::optim::grad_clipping::GradientClippingConfig::Norm(t.grad_clip as f32),
             ));
         }
-        let preferred = config
-            .sampling
-            .foreground_classes
-            .iter()
-            .map(|name| {
-                config.data.labels[1..]
-                    .iter()
-                    .position(|l| l == name)
-                    .map(|c| c + 1)
-                    .ok_or_else(|| Error::Config {
-                        reason: format!(
-                            "[sampling] foreground_classes names {name:?}, not one of the classes {:?}",
-                            &config.data.labels[1..]
-                        ),
-                    })
-            })
-            .collect::<Result<Vec<usize>>>()?;
+        let preferred = crate::config::class_values(
+            &config.data.labels,
+            "sampling.foreground_classes",
+            &config.sampling.foreground_classes,
+        )?
+        .into_iter()
+        .map(|c| c as usize)
+        .collect();
         let sampler = PatchSampler::new(
             &config.sampling,
             &config.augment,

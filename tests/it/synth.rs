@@ -159,20 +159,7 @@ fn synth_dataset_is_reproducible_and_split_by_host() {
         ),
     )
     .unwrap();
-    let run = |out: &std::path::Path| {
-        let o = std::process::Command::new(crate::common::bin())
-            .args([
-                "synth",
-                "--config",
-                config.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).to_string()
-    };
+    let run = |out: &std::path::Path| run_synth(&config, out);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     run(&a);
     run(&b);
@@ -444,6 +431,22 @@ fn hosts_and_organ_masks_are_deformed_identically() {
     assert!(disagree < moved_share / 5.0, "{disagree} vs {moved_share}");
 }
 
+/// Runs `medseg synth --config CONFIG --output OUT`, which must succeed; returns its stdout.
+fn run_synth(config: &std::path::Path, out: &std::path::Path) -> String {
+    let o = std::process::Command::new(crate::common::bin())
+        .args([
+            "synth",
+            "--config",
+            config.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
 /// Synthesises two cases of the real ITK T1 brain with the given `[synth.randomise]` body and
 /// returns (images, labels, lesions.json) of the training split.
 fn randomised(dir: &std::path::Path, randomise: &str) -> (Vec<Volume>, Vec<Volume>, String) {
@@ -462,17 +465,7 @@ fn randomised(dir: &std::path::Path, randomise: &str) -> (Vec<Volume>, Vec<Volum
     )
     .unwrap();
     let out = dir.join("out");
-    let o = std::process::Command::new(crate::common::bin())
-        .args([
-            "synth",
-            "--config",
-            config.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_synth(&config, &out);
     let read = |sub: &str, suffix: &str| -> Vec<Volume> {
         (0..2)
             .map(|c| {
