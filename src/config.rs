@@ -105,6 +105,28 @@ pub enum NormKind {
     Group,
 }
 
+/// Which kernels run the model's convolutions on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelPath {
+    /// medseg's weight gradient (tiled im2col + matrix product), burn's other ops.
+    #[default]
+    Medseg,
+    /// burn's ops throughout: the reference the medseg path is tested against.
+    Burn,
+}
+
+impl std::str::FromStr for KernelPath {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "medseg" => Ok(KernelPath::Medseg),
+            "burn" => Ok(KernelPath::Burn),
+            _ => Err(format!("unknown kernels {s:?}; choose medseg or burn")),
+        }
+    }
+}
+
 /// The compute device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -136,8 +136,14 @@ def best_of(fn, n):
 
 
 if __name__ == "__main__":
+    import sys
+
+    # Optional filter: `torch_model_bench.py tiny 2` times only that preset and dimensionality.
+    only = sys.argv[1:3]
     for name, p in PRESETS.items():
         for dims, size in [(2, [224, 224]), (3, [96, 96, 96])]:
+            if only and (name != only[0] or (len(only) > 1 and str(dims) != only[1])):
+                continue
             net = Net(dims, size, p["widths"], p["embed"], p["depth"], p["heads"], p["mlp"])
             params = sum(q.numel() for q in net.parameters())
             x = torch.randn(1, 1, *size)

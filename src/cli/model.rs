@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use medseg::geometry::PatchSize;
-use medseg::model::{summary, HybridSegNetConfig, ModelPreset};
+use medseg::model::{summary, HybridSegNetConfig, KernelPath, ModelPreset};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,6 +33,9 @@ pub struct Args {
     time: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// CPU convolution kernels for --time: medseg (default) or burn (the reference ops).
+    #[arg(long)]
+    kernels: Option<KernelPath>,
 }
 
 /// Peak resident memory of this process (Linux), in MiB.
@@ -114,6 +117,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.classes,
         )
         .with_in_channels(args.in_channels),
+    };
+    let config = match args.kernels {
+        Some(k) => config.with_kernels(k),
+        None => config,
     };
     config.validate()?;
     let size = match &args.size {

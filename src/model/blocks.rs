@@ -10,7 +10,9 @@ use burn::nn::conv::{
 };
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d, PaddingConfig3d};
 use burn::prelude::*;
-use burn::tensor::activation;
+use burn::tensor::ops::ConvOptions;
+
+use super::kernels;
 
 /// Negative slope of the activations, as nnU-Net's LeakyReLU (Isensee et al., 2021).
 const LEAKY_SLOPE: f64 = 0.01;
@@ -109,9 +111,31 @@ impl ConvNd {
         match self {
             ConvNd::Two(conv) => {
                 let (x, b, d) = fold(x);
-                unfold(conv.forward(x), b, d)
+                let y = match conv.padding {
+                    PaddingConfig2d::Explicit(top, left, bottom, right) => kernels::conv2d(
+                        x,
+                        conv.weight.val(),
+                        conv.bias.as_ref().map(|b| b.val()),
+                        ConvOptions::new_with_padding(
+                            conv.stride,
+                            [(top, bottom), (left, right)],
+                            conv.dilation,
+                            conv.groups,
+                        ),
+                    ),
+                    _ => conv.forward(x),
+                };
+                unfold(y, b, d)
             }
-            ConvNd::Three(conv) => conv.forward(x),
+            ConvNd::Three(conv) => match conv.padding {
+                PaddingConfig3d::Explicit(pd, ph, pw) => kernels::conv3d(
+                    x,
+                    conv.weight.val(),
+                    conv.bias.as_ref().map(|b| b.val()),
+                    ConvOptions::new(conv.stride, [pd, ph, pw], conv.dilation, conv.groups),
+                ),
+                _ => conv.forward(x),
+            },
         }
     }
 }
@@ -214,7 +238,7 @@ impl ConvNormAct {
     /// # Shapes
     /// - `x`: `[B, C_in, D, H, W]` → `[B, C_out, D', H', W']`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        activation::leaky_relu(self.norm.forward(self.conv.forward(x)), LEAKY_SLOPE)
+        kernels::leaky_relu(self.norm.forward(self.conv.forward(x)), LEAKY_SLOPE)
     }
 
     /// Without the activation (the second half of a residual block).
@@ -275,6 +299,6 @@ impl ResidualBlock {
             None => x.clone(),
         };
         let y = self.second.forward_linear(self.first.forward(x));
-        activation::leaky_relu(y + skip, LEAKY_SLOPE)
+        kernels::leaky_relu(y + skip, LEAKY_SLOPE)
     }
 }

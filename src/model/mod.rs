@@ -6,6 +6,7 @@
 
 pub mod blocks;
 pub mod decoder;
+pub mod kernels;
 pub mod stem;
 pub mod summary;
 pub mod vit;
@@ -16,7 +17,7 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::ops::PadMode;
 
-pub use crate::config::ModelPreset;
+pub use crate::config::{KernelPath, ModelPreset};
 use crate::error::{Error, Result};
 use crate::geometry::PatchSize;
 pub use blocks::NormKind;
@@ -77,6 +78,9 @@ pub struct HybridSegNetConfig {
     /// Extra logits at coarser decoder levels (nnU-Net's deep supervision).
     #[config(default = false)]
     pub deep_supervision: bool,
+    /// CPU kernels for the convolutions; building the model selects them for the process.
+    #[config(default = "KernelPath::Medseg")]
+    pub kernels: KernelPath,
 }
 
 impl HybridSegNetConfig {
@@ -172,6 +176,7 @@ impl HybridSegNetConfig {
     /// Validates the config and builds the network with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> Result<HybridSegNet> {
         self.validate()?;
+        kernels::select(self.kernels);
         let s = self.spatial_dims();
         let last = *self.stem_widths.last().unwrap_or(&1);
         Ok(HybridSegNet {

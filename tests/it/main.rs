@@ -8,6 +8,7 @@ mod common;
 mod dicom_conformance;
 mod evaluate;
 mod geometry_oracle;
+mod kernels;
 mod model;
 mod nifti_conformance;
 mod roundtrip;

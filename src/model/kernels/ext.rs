@@ -1,0 +1,298 @@
+//! medseg's kernels as burn backend-extension ops: the trait, its CPU (`Flex`) implementation and
+//! the autodiff implementation that owns the backward pass.
+//!
+//! Only the weight gradient is replaced: the forward convolution and the input gradient stay
+//! burn's own ops, which profile well. Backends other than `Flex` never reach this trait (the
+//! callers in [`super`] check the device), so a GPU build keeps burn's path.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::{ActivationOps, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Backend, Flex, TensorMetadata};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, TensorData};
+
+use rayon::prelude::*;
+
+use super::conv::{self, ConvShape};
+
+/// Model ops with medseg's CPU kernels: the convolution's weight gradient ([`conv::weight_grad`])
+/// and a one-pass LeakyReLU.
+#[backend_extension(Flex, Autodiff)]
+pub trait Kernels: Backend {
+    /// A bias-free 3D convolution (2D is depth 1): burn's forward, medseg's weight gradient.
+    ///
+    /// # Shapes
+    /// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Co, Ci, kd, kh, kw]`
+    /// - output: `[N, Co, D', H', W']`
+    fn medseg_conv3d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<3>,
+    ) -> FloatTensor<Self> {
+        Self::conv3d(x, weight, None, options)
+    }
+
+    /// The weight gradient of [`Kernels::medseg_conv3d`]; burn's reference unless overridden.
+    ///
+    /// # Shapes
+    /// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Co, Ci, kd, kh, kw]`, `grad`: `[N, Co, D', H', W']`
+    /// - output: the shape of `weight`
+    fn medseg_conv3d_weight_grad(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<3>,
+    ) -> FloatTensor<Self> {
+        Self::conv3d_weight_backward(x, weight, grad, options)
+    }
+
+    /// LeakyReLU in one pass (burn's is a compare, a scale and a masked select).
+    ///
+    /// # Shapes
+    /// - `x`: any; output: the same
+    fn medseg_leaky_relu(x: FloatTensor<Self>, slope: f64) -> FloatTensor<Self> {
+        Self::leaky_relu(x, slope.into())
+    }
+
+    /// The input gradient of [`Kernels::medseg_leaky_relu`]: `slope · grad` where `x < 0`, else
+    /// `grad`.
+    ///
+    /// # Shapes
+    /// - `x`, `grad`: the same shape; output: that shape
+    fn medseg_leaky_relu_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        slope: f64,
+    ) -> FloatTensor<Self> {
+        leaky_relu_backward_reference::<Self>(x, grad, slope)
+    }
+}
+
+/// burn's ops composed, with burn's convention at 0 (`grad` passes):
+/// `grad - (1 - slope) · relu_backward(-x, grad)`.
+fn leaky_relu_backward_reference<B: Backend>(
+    x: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    slope: f64,
+) -> FloatTensor<B> {
+    let negative = B::relu_backward(B::float_neg(x), grad.clone());
+    B::float_sub(grad, B::float_mul_scalar(negative, (1.0 - slope).into()))
+}
+
+impl Kernels for Flex {
+    fn medseg_conv3d_weight_grad(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+        options: ConvOptions<3>,
+    ) -> FlexTensor {
+        let Some(shape) = conv_shape(&x, &weight, &grad, &options) else {
+            return Self::conv3d_weight_backward(x, weight, grad, options);
+        };
+        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+        let (Some(xs), Some(gs)) = (x.as_slice::<f32>(), grad.as_slice::<f32>()) else {
+            return Self::conv3d_weight_backward(x, weight, grad, options);
+        };
+        let dw = conv::weight_grad(&shape, xs, gs);
+        FlexTensor::from_data(TensorData::new(dw, weight.shape()))
+    }
+
+    fn medseg_leaky_relu(x: FlexTensor, slope: f64) -> FlexTensor {
+        let s = slope as f32;
+        let leaky = move |v: &mut f32| {
+            if *v < 0.0 {
+                *v *= s
+            }
+        };
+        let mut x = x;
+        if let Some(xs) = plain_mut(&mut x) {
+            xs.par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(leaky));
+            return x;
+        }
+        let mut y = x.to_contiguous();
+        match plain_mut(&mut y) {
+            Some(ys) => {
+                ys.par_chunks_mut(CHUNK)
+                    .for_each(|c| c.iter_mut().for_each(leaky));
+                y
+            }
+            None => Self::leaky_relu(x, slope.into()),
+        }
+    }
+
+    fn medseg_leaky_relu_backward(x: FlexTensor, grad: FlexTensor, slope: f64) -> FlexTensor {
+        let s = slope as f32;
+        let x = x.to_contiguous();
+        let mut grad = if grad.is_contiguous() {
+            grad
+        } else {
+            grad.to_contiguous()
+        };
+        let xs = x
+            .as_slice::<f32>()
+            .filter(|xs| xs.len() == grad.shape().num_elements());
+        let (Some(xs), Some(gs)) = (xs, plain_mut(&mut grad)) else {
+            return leaky_relu_backward_reference::<Self>(x, grad, slope);
+        };
+        gs.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(g, x)| {
+                for (g, &x) in g.iter_mut().zip(x) {
+                    if x < 0.0 {
+                        *g *= s;
+                    }
+                }
+            });
+        grad
+    }
+}
+
+/// `t`'s `f32` elements for writing in place, when it owns its buffer and is laid out plainly
+/// (a fresh buffer per elementwise op costs page faults: a tenth of a step).
+fn plain_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    let n = t.shape().num_elements();
+    let plain = t.dtype() == DType::F32 && t.layout().contiguous_offsets() == Some((0, n));
+    if !plain {
+        return None;
+    }
+    t.try_storage_mut::<f32>().filter(|s| s.len() == n)
+}
+
+/// Elements per rayon task in elementwise kernels: large enough to amortise the task.
+const CHUNK: usize = 1 << 15;
+
+/// The sizes medseg's kernel handles: `f32`, one group, no dilation; `None` sends the rest to
+/// burn's reference.
+fn conv_shape(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    options: &ConvOptions<3>,
+) -> Option<ConvShape> {
+    let plain = options.groups == 1 && options.dilation == [1, 1, 1];
+    let f32s = [x.dtype(), weight.dtype(), grad.dtype()] == [DType::F32; 3];
+    if !plain || !f32s {
+        return None;
+    }
+    let (xs, ws, gs) = (x.shape(), weight.shape(), grad.shape());
+    let dims5 = |s: &burn::tensor::Shape| <[usize; 5]>::try_from(s.as_slice()).ok();
+    let ([n, ci, d, h, w], [co, _, kd, kh, kw], [_, _, od, oh, ow]) =
+        (dims5(&xs)?, dims5(&ws)?, dims5(&gs)?);
+    Some(ConvShape {
+        batch: n,
+        in_channels: ci,
+        out_channels: co,
+        input: [d, h, w],
+        kernel: [kd, kh, kw],
+        stride: options.stride,
+        padding: options.padding.map(|(begin, _)| begin),
+        output: [od, oh, ow],
+    })
+}
+
+impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    fn medseg_conv3d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<3>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Conv3dBackward;
+
+        impl<B: Backend + Kernels> Backward<B, 2> for Conv3dBackward {
+            type State = (NodeId, NodeId, ConvOptions<3>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, weight_state, options) = ops.state;
+                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_state);
+                let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(weight_state);
+                if let Some(node) = node_x {
+                    let dx = B::conv3d_x_backward(
+                        x.clone(),
+                        weight.clone(),
+                        grad.clone(),
+                        options.clone(),
+                    );
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_weight {
+                    let dw = B::medseg_conv3d_weight_grad(x, weight, grad, options);
+                    grads.register::<B>(node.id, dw);
+                }
+            }
+        }
+
+        match Conv3dBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (
+                    prep.checkpoint(&x),
+                    prep.checkpoint(&weight),
+                    options.clone(),
+                );
+                let out = B::medseg_conv3d(x.into_primitive(), weight.into_primitive(), options);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::medseg_conv3d(
+                x.into_primitive(),
+                weight.into_primitive(),
+                options,
+            )),
+        }
+    }
+
+    fn medseg_leaky_relu(x: FloatTensor<Self>, slope: f64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LeakyReluBackward;
+
+        impl<B: Backend + Kernels> Backward<B, 1> for LeakyReluBackward {
+            type State = (NodeId, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, slope) = ops.state;
+                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_state);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::medseg_leaky_relu_backward(x, grad, slope));
+                }
+            }
+        }
+
+        match LeakyReluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), slope);
+                prep.finish(state, B::medseg_leaky_relu(x.into_primitive(), slope))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::medseg_leaky_relu(x.into_primitive(), slope))
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! medseg's own CPU kernels for the model step, wired into burn as backend-extension ops with
+//! their own backward ([`ext`]); burn's ops stay the reference path behind [`KernelPath`].
+//!
+//! The path is process-wide: [`select`] sets it (building a model from its config does), and the
+//! kernels run only on the CPU (`Flex`) device; on a GPU device burn's ops run whatever is selected.
+
+pub mod conv;
+mod ext;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::Dispatch;
+use burn::prelude::*;
+use burn::tensor::ops::ConvOptions;
+
+pub use crate::config::KernelPath;
+use ext::Kernels;
+
+static MEDSEG_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Chooses the kernels every later convolution in this process runs on.
+pub fn select(path: KernelPath) {
+    MEDSEG_KERNELS.store(path == KernelPath::Medseg, Ordering::Relaxed);
+}
+
+/// The kernels convolutions run on now.
+pub fn selected() -> KernelPath {
+    if MEDSEG_KERNELS.load(Ordering::Relaxed) {
+        KernelPath::Medseg
+    } else {
+        KernelPath::Burn
+    }
+}
+
+fn use_medseg(path: KernelPath, device: &Device) -> bool {
+    path == KernelPath::Medseg && device.clone().inner() == Device::flex()
+}
+
+/// A 3D convolution on the [`selected`] path.
+///
+/// # Shapes
+/// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Co, Ci, kd, kh, kw]`, `bias`: `[Co]`
+/// - output: `[N, Co, D', H', W']`
+pub fn conv3d(
+    x: Tensor<5>,
+    weight: Tensor<5>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<3>,
+) -> Tensor<5> {
+    conv3d_with(selected(), x, weight, bias, options)
+}
+
+/// A 2D convolution on the [`selected`] path.
+///
+/// # Shapes
+/// - `x`: `[N, Ci, H, W]`, `weight`: `[Co, Ci, kh, kw]`, `bias`: `[Co]`
+/// - output: `[N, Co, H', W']`
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    conv2d_with(selected(), x, weight, bias, options)
+}
+
+/// A 3D convolution on `path` (medseg's kernels only on the CPU device).
+///
+/// # Shapes
+/// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Co, Ci, kd, kh, kw]`, `bias`: `[Co]`
+/// - output: `[N, Co, D', H', W']`
+pub fn conv3d_with(
+    path: KernelPath,
+    x: Tensor<5>,
+    weight: Tensor<5>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<3>,
+) -> Tensor<5> {
+    if !use_medseg(path, &x.device()) {
+        return burn::tensor::module::conv3d(x, weight, bias, options);
+    }
+    let out = Tensor::<5>::from_dispatch(<Dispatch as Kernels>::medseg_conv3d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        options,
+    ));
+    match bias {
+        Some(bias) => {
+            let co = bias.dims()[0];
+            out + bias.reshape([1, co, 1, 1, 1])
+        }
+        None => out,
+    }
+}
+
+/// A 2D convolution on `path`: medseg's is the 3D op with depth 1.
+///
+/// # Shapes
+/// - `x`: `[N, Ci, H, W]`, `weight`: `[Co, Ci, kh, kw]`, `bias`: `[Co]`
+/// - output: `[N, Co, H', W']`
+pub fn conv2d_with(
+    path: KernelPath,
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    if !use_medseg(path, &x.device()) {
+        return burn::tensor::module::conv2d(x, weight, bias, options);
+    }
+    let [n, ci, h, w] = x.dims();
+    let [co, wi, kh, kw] = weight.dims();
+    let [(ph0, ph1), (pw0, pw1)] = options.padding;
+    let options3 = ConvOptions::new_with_padding(
+        [1, options.stride[0], options.stride[1]],
+        [(0, 0), (ph0, ph1), (pw0, pw1)],
+        [1, options.dilation[0], options.dilation[1]],
+        options.groups,
+    );
+    let y = conv3d_with(
+        path,
+        x.reshape([n, ci, 1, h, w]),
+        weight.reshape([co, wi, 1, kh, kw]),
+        bias,
+        options3,
+    );
+    let [_, _, _, oh, ow] = y.dims();
+    y.reshape([n, co, oh, ow])
+}
+
+/// LeakyReLU with negative `slope` on the [`selected`] path.
+///
+/// # Shapes
+/// - `x`: any; output: the same
+pub fn leaky_relu<const D: usize>(x: Tensor<D>, slope: f64) -> Tensor<D> {
+    leaky_relu_with(selected(), x, slope)
+}
+
+/// LeakyReLU on `path` (medseg's kernel only on the CPU device).
+///
+/// # Shapes
+/// - `x`: any; output: the same
+pub fn leaky_relu_with<const D: usize>(path: KernelPath, x: Tensor<D>, slope: f64) -> Tensor<D> {
+    if !use_medseg(path, &x.device()) {
+        return burn::tensor::activation::leaky_relu(x, slope);
+    }
+    Tensor::from_dispatch(<Dispatch as Kernels>::medseg_leaky_relu(
+        x.into_dispatch(),
+        slope,
+    ))
+}
