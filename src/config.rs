@@ -445,6 +445,9 @@ pub struct ModelConfig {
     /// Extra logits at coarser decoder levels, trained with `train.deep_supervision_weights`.
     /// Unset: the preset's (off).
     pub deep_supervision: Option<bool>,
+    /// CPU kernels: `medseg` (its own convolution gradients and activation) or `burn` (burn's
+    /// ops, the reference). Saved with the model, so `segment` runs on the same path.
+    pub kernels: KernelPath,
 }
 
 impl Default for ModelConfig {
@@ -464,6 +467,7 @@ impl Default for ModelConfig {
             norm: None,
             transformer_skips: None,
             deep_supervision: None,
+            kernels: KernelPath::Medseg,
         }
     }
 }

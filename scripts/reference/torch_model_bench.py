@@ -138,8 +138,10 @@ def best_of(fn, n):
 if __name__ == "__main__":
     import sys
 
-    # Optional filter: `torch_model_bench.py tiny 2` times only that preset and dimensionality.
+    # Optional filter: `torch_model_bench.py tiny 2 [STEPS]` times only that preset and
+    # dimensionality, median of STEPS steps after one warm-up (as `medseg model --time`).
     only = sys.argv[1:3]
+    steps = int(sys.argv[3]) if len(sys.argv) > 3 else None
     for name, p in PRESETS.items():
         for dims, size in [(2, [224, 224]), (3, [96, 96, 96])]:
             if only and (name != only[0] or (len(only) > 1 and str(dims) != only[1])):
@@ -148,7 +150,7 @@ if __name__ == "__main__":
             params = sum(q.numel() for q in net.parameters())
             x = torch.randn(1, 1, *size)
             y = torch.zeros(1, *size, dtype=torch.long)
-            reps = 5 if dims == 2 else 3
+            reps = steps or (5 if dims == 2 else 3)
             with torch.no_grad():
                 fwd = best_of(lambda: net(x), reps)
 

@@ -119,7 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_in_channels(args.in_channels),
     };
     let config = match args.kernels {
-        Some(k) => config.with_kernels(k),
+        Some(k) => config.with_kernels(Some(k)),
         None => config,
     };
     config.validate()?;

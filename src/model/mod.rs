@@ -78,9 +78,10 @@ pub struct HybridSegNetConfig {
     /// Extra logits at coarser decoder levels (nnU-Net's deep supervision).
     #[config(default = false)]
     pub deep_supervision: bool,
-    /// CPU kernels for the convolutions; building the model selects them for the process.
-    #[config(default = "KernelPath::Medseg")]
-    pub kernels: KernelPath,
+    /// CPU kernels for the convolutions and activations; building the model selects them for
+    /// the process. Unset (as in model.json files written before it existed): medseg's.
+    #[config(default = "None")]
+    pub kernels: Option<KernelPath>,
 }
 
 impl HybridSegNetConfig {
@@ -176,7 +177,7 @@ impl HybridSegNetConfig {
     /// Validates the config and builds the network with freshly initialised weights on `device`.
     pub fn init(&self, device: &Device) -> Result<HybridSegNet> {
         self.validate()?;
-        kernels::select(self.kernels);
+        kernels::select(self.kernels.unwrap_or_default());
         let s = self.spatial_dims();
         let last = *self.stem_widths.last().unwrap_or(&1);
         Ok(HybridSegNet {

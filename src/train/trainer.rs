@@ -113,6 +113,7 @@ pub fn model_config(config: &RunConfig) -> Result<HybridSegNetConfig> {
     if let Some(n) = m.norm {
         c.norm = n;
     }
+    c.kernels = Some(m.kernels);
     c.validate()?;
     Ok(c)
 }

@@ -4,7 +4,8 @@
 //! kernel. On medseg's small-channel layers that runs a direct convolution whose only parallelism
 //! is over input channels, and it took 55 % of a tiny 2D training step (perf, 224², 2 threads).
 //! Here `dW[Co, Ci·K] = Σ_tiles dY[Co, T] · col[Ci·K, T]ᵀ`: tiles of output rows run in parallel
-//! on rayon, each worker sums into its own `dW`, and the partial sums are added at the end.
+//! on rayon in a fixed number of groups, each sums into its own `dW`, and the partial sums are
+//! added in order at the end.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
@@ -12,6 +13,9 @@ use rayon::prelude::*;
 
 /// Output positions per im2col tile: `Ci·K × TILE` floats per worker stay in L2 for small `Ci`.
 const TILE_POSITIONS: usize = 2048;
+
+/// Partial sums of `dW`, whatever the thread count: enough to keep 16 cores busy.
+const GROUPS: usize = 16;
 
 /// A convolution's sizes, in 3D. A 2D convolution has depth 1, kernel depth 1, depth stride 1 and
 /// no depth padding. Dilation is 1 and there is one group.
@@ -69,29 +73,39 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
                 .map(move |r0| (b, r0, (r0 + rows_per_tile).min(rows)))
         })
         .collect();
-    let zero = || (vec![0f32; s.out_channels * cik], Vec::<f32>::new());
-    let (dw, _) = tiles
-        .par_iter()
-        .fold(zero, |(mut dw, mut col), &(b, r0, r1)| {
-            let t = (r1 - r0) * ow;
-            col.resize(cik * t, 0.0);
-            im2col(&s, x, b, r0, r1, &mut col);
-            let out = s.output_volume();
-            let lhs = ArrayView2::from_shape(
-                (s.out_channels, t).strides((out, 1)),
-                &dy[(b * s.out_channels) * out + r0 * ow..],
-            )
-            .expect("dY tile lies inside the output gradient");
-            let rhs = ArrayView2::from_shape((cik, t), &col[..cik * t]).expect("im2col tile");
-            let mut acc = ArrayViewMut2::from_shape((s.out_channels, cik), &mut dw)
-                .expect("dW has Co·Ci·K elements");
-            general_mat_mul(1.0, &lhs, &rhs.t(), 1.0, &mut acc);
-            (dw, col)
+    // Fixed groups of tiles summed in order: the result does not depend on thread count or
+    // scheduling, so a resumed training run repeats the uninterrupted one bit for bit.
+    let per_group = tiles.len().div_ceil(GROUPS).max(1);
+    let partials: Vec<Vec<f32>> = tiles
+        .par_chunks(per_group)
+        .map(|group| {
+            let mut dw = vec![0f32; s.out_channels * cik];
+            let mut col = Vec::new();
+            for &(b, r0, r1) in group {
+                let t = (r1 - r0) * ow;
+                col.resize(cik * t, 0.0);
+                im2col(&s, x, b, r0, r1, &mut col);
+                let out = s.output_volume();
+                let lhs = ArrayView2::from_shape(
+                    (s.out_channels, t).strides((out, 1)),
+                    &dy[(b * s.out_channels) * out + r0 * ow..],
+                )
+                .expect("dY tile lies inside the output gradient");
+                let rhs = ArrayView2::from_shape((cik, t), &col[..cik * t]).expect("im2col tile");
+                let mut acc = ArrayViewMut2::from_shape((s.out_channels, cik), &mut dw)
+                    .expect("dW has Co·Ci·K elements");
+                general_mat_mul(1.0, &lhs, &rhs.t(), 1.0, &mut acc);
+            }
+            dw
         })
-        .reduce(zero, |(mut a, col), (b, _)| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            (a, col)
-        });
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut dw = partials
+        .next()
+        .unwrap_or_else(|| vec![0f32; s.out_channels * cik]);
+    for p in partials {
+        dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
     dw
 }
 
@@ -222,5 +236,32 @@ mod tests {
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{s:?}: {g} vs {w}");
             }
         }
+    }
+
+    #[test]
+    fn the_same_bits_on_any_thread_count() {
+        // 28 tiles: more than GROUPS, so groups hold several tiles.
+        let s = ConvShape {
+            batch: 2,
+            in_channels: 3,
+            out_channels: 4,
+            input: [6, 90, 50],
+            kernel: [3, 3, 3],
+            stride: [1, 1, 1],
+            padding: [1, 1, 1],
+            output: [6, 90, 50],
+        };
+        let x = values(2 * 3 * 6 * 90 * 50, 3);
+        let dy = values(2 * 4 * 6 * 90 * 50, 5);
+        let on = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| weight_grad(&s, &x, &dy))
+        };
+        let one = on(1);
+        assert_eq!(one, on(3));
+        assert_eq!(one, on(8));
     }
 }

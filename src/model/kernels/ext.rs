@@ -11,7 +11,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ActivationOps, ModuleOps};
+use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Flex, TensorMetadata};
 use burn::tensor::ops::ConvOptions;
@@ -50,6 +50,21 @@ pub trait Kernels: Backend {
         options: ConvOptions<3>,
     ) -> FloatTensor<Self> {
         Self::conv3d_weight_backward(x, weight, grad, options)
+    }
+
+    /// The input gradient of [`Kernels::medseg_conv3d`]; burn's reference (a transposed
+    /// convolution) unless overridden.
+    ///
+    /// # Shapes
+    /// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Co, Ci, kd, kh, kw]`, `grad`: `[N, Co, D', H', W']`
+    /// - output: the shape of `x`
+    fn medseg_conv3d_x_grad(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<3>,
+    ) -> FloatTensor<Self> {
+        Self::conv3d_x_backward(x, weight, grad, options)
     }
 
     /// LeakyReLU in one pass (burn's is a compare, a scale and a masked select).
@@ -101,6 +116,38 @@ impl Kernels for Flex {
         };
         let dw = conv::weight_grad(&shape, xs, gs);
         FlexTensor::from_data(TensorData::new(dw, weight.shape()))
+    }
+
+    /// At stride 1 the input gradient is a forward convolution of `grad` with the kernel flipped
+    /// and its channels swapped, padded by `k - 1 - p`: burn's forward convolution (im2col +
+    /// gemm) is several times faster than its transposed one on these shapes.
+    fn medseg_conv3d_x_grad(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+        options: ConvOptions<3>,
+    ) -> FlexTensor {
+        let kernel = <[usize; 5]>::try_from(weight.shape().as_slice()).map(|s| [s[2], s[3], s[4]]);
+        let plain = options.stride == [1; 3] && options.dilation == [1; 3] && options.groups == 1;
+        let pads = kernel.ok().filter(|_| plain).and_then(|k| {
+            let flipped = |a: usize| {
+                let (begin, end) = options.padding[a];
+                (begin == end && begin < k[a]).then(|| k[a] - 1 - begin)
+            };
+            Some([flipped(0)?, flipped(1)?, flipped(2)?])
+        });
+        let Some(pads) = pads else {
+            return Self::conv3d_x_backward(x, weight, grad, options);
+        };
+        let flipped = Self::float_swap_dims(Self::float_flip(weight, &[2, 3, 4]), 0, 1);
+        let dx = Self::conv3d(
+            grad,
+            flipped,
+            None,
+            ConvOptions::new([1; 3], pads, [1; 3], 1),
+        );
+        debug_assert_eq!(dx.shape(), x.shape());
+        dx
     }
 
     fn medseg_leaky_relu(x: FlexTensor, slope: f64) -> FlexTensor {
@@ -221,7 +268,7 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
                 let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_state);
                 let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(weight_state);
                 if let Some(node) = node_x {
-                    let dx = B::conv3d_x_backward(
+                    let dx = B::medseg_conv3d_x_grad(
                         x.clone(),
                         weight.clone(),
                         grad.clone(),
