@@ -1,9 +1,10 @@
 //! medseg's kernels as burn backend-extension ops: the trait, its CPU (`Flex`) implementation and
 //! the autodiff implementation that owns the backward pass.
 //!
-//! Only the weight gradient is replaced: the forward convolution and the input gradient stay
-//! burn's own ops, which profile well. Backends other than `Flex` never reach this trait (the
-//! callers in [`super`] check the device), so a GPU build keeps burn's path.
+//! Replaced on the CPU: the convolution's weight gradient, its stride-1 input gradient (as a
+//! forward convolution) and LeakyReLU; the forward convolution stays burn's own op. Backends other
+//! than `Flex` never reach this trait (the callers in [`super`] check the device), so a GPU build
+//! keeps burn's path.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -152,52 +153,52 @@ impl Kernels for Flex {
 
     fn medseg_leaky_relu(x: FlexTensor, slope: f64) -> FlexTensor {
         let s = slope as f32;
-        let leaky = move |v: &mut f32| {
-            if *v < 0.0 {
-                *v *= s
-            }
-        };
+        let leaky = move |v: f32| if v < 0.0 { v * s } else { v };
         let mut x = x;
         if let Some(xs) = plain_mut(&mut x) {
             xs.par_chunks_mut(CHUNK)
-                .for_each(|c| c.iter_mut().for_each(leaky));
+                .for_each(|c| c.iter_mut().for_each(|v| *v = leaky(*v)));
             return x;
         }
-        let mut y = x.to_contiguous();
-        match plain_mut(&mut y) {
-            Some(ys) => {
-                ys.par_chunks_mut(CHUNK)
-                    .for_each(|c| c.iter_mut().for_each(leaky));
-                y
-            }
-            None => Self::leaky_relu(x, slope.into()),
-        }
+        // Shared (kept for the backward pass while training): write a new buffer.
+        let x = x.to_contiguous();
+        let Some(xs) = x.as_slice::<f32>() else {
+            return Self::leaky_relu(x, slope.into());
+        };
+        let mut y = vec![0f32; xs.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = leaky(x)));
+        FlexTensor::from_data(TensorData::new(y, x.shape()))
     }
 
     fn medseg_leaky_relu_backward(x: FlexTensor, grad: FlexTensor, slope: f64) -> FlexTensor {
         let s = slope as f32;
         let x = x.to_contiguous();
-        let mut grad = if grad.is_contiguous() {
-            grad
-        } else {
-            grad.to_contiguous()
-        };
-        let xs = x
-            .as_slice::<f32>()
-            .filter(|xs| xs.len() == grad.shape().num_elements());
-        let (Some(xs), Some(gs)) = (xs, plain_mut(&mut grad)) else {
+        let Some(xs) = x.as_slice::<f32>() else {
             return leaky_relu_backward_reference::<Self>(x, grad, slope);
         };
-        gs.par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK))
-            .for_each(|(g, x)| {
-                for (g, &x) in g.iter_mut().zip(x) {
-                    if x < 0.0 {
-                        *g *= s;
-                    }
+        let scale = move |x: f32, g: f32| if x < 0.0 { g * s } else { g };
+        let mut grad = grad;
+        if let Some(gs) = plain_mut(&mut grad).filter(|gs| gs.len() == xs.len()) {
+            gs.par_chunks_mut(CHUNK)
+                .zip(xs.par_chunks(CHUNK))
+                .for_each(|(g, x)| g.iter_mut().zip(x).for_each(|(g, &x)| *g = scale(x, *g)));
+            return grad;
+        }
+        let grad = grad.to_contiguous();
+        let Some(gs) = grad.as_slice::<f32>().filter(|gs| gs.len() == xs.len()) else {
+            return leaky_relu_backward_reference::<Self>(x, grad, slope);
+        };
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+            .for_each(|(d, (x, g))| {
+                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                    *d = scale(x, g);
                 }
             });
-        grad
+        FlexTensor::from_data(TensorData::new(dx, x.shape()))
     }
 }
 
