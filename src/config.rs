@@ -6,6 +6,7 @@
 //! dataset, such as the target spacing and CT intensity window) is saved in every run directory and
 //! is what `--resume` and inference read back.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -225,6 +226,9 @@ pub struct DataConfig {
     /// `c` is value `c`. Values not listed become background, so `[0, 5]` trains TotalSegmentator's
     /// liver (5) against everything else.
     pub label_values: Vec<u32>,
+    /// How classes are described in DICOM-SEG and RTSTRUCT exports, by class name
+    /// (`[data.label_codes.lesion]`); classes not listed get [`LabelCode::default_for`].
+    pub label_codes: BTreeMap<String, LabelCode>,
     /// Share of the cases held out for validation (ignored when `folds > 1`).
     pub validation_fraction: f64,
     /// Share of the cases held out for testing; never seen in training or model selection.
@@ -257,6 +261,7 @@ impl Default for DataConfig {
             channels: Vec::new(),
             labels: Vec::new(),
             label_values: Vec::new(),
+            label_codes: BTreeMap::new(),
             validation_fraction: 0.2,
             test_fraction: 0.0,
             folds: 0,
@@ -268,6 +273,129 @@ impl Default for DataConfig {
             workers: 2,
             prefetch: 4,
         }
+    }
+}
+
+/// A coded concept (DICOM PS3.3 §8.8): coding scheme, code value and meaning, e.g.
+/// `{ scheme = "SCT", value = "52988006", meaning = "Lesion" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Code {
+    /// Coding Scheme Designator (`SCT` for SNOMED CT, `DCM`, …).
+    pub scheme: String,
+    /// Code Value.
+    pub value: String,
+    /// Code Meaning.
+    pub meaning: String,
+}
+
+impl Code {
+    fn sct(value: &str, meaning: &str) -> Self {
+        Code {
+            scheme: "SCT".into(),
+            value: value.into(),
+            meaning: meaning.into(),
+        }
+    }
+}
+
+/// `[data.label_codes.NAME]`: the segmented property category and type of a class, and its
+/// display colour, as DICOM-SEG segments and RTSTRUCT ROIs carry them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelCode {
+    /// Segmented Property Category, e.g. SCT 49755003 "Morphologically Altered Structure".
+    pub category: Code,
+    /// Segmented Property Type, e.g. SCT 52988006 "Lesion".
+    #[serde(rename = "type")]
+    pub property: Code,
+    /// Recommended display colour, sRGB.
+    #[serde(default)]
+    pub color: Option<[u8; 3]>,
+}
+
+/// Class-name keywords and their SNOMED CT types (codes as in DICOM PS3.16 CID 7151/7153 and
+/// highdicom's examples); the first keyword contained in a name wins, so specific names come first.
+const FINDING_CODES: [(&str, &str, &str); 9] = [
+    ("metasta", "14799000", "Neoplasm, metastatic"),
+    ("nodule", "27925004", "Nodule"),
+    ("cyst", "367643001", "Cyst"),
+    ("edema", "79654002", "Edema"),
+    ("oedema", "79654002", "Edema"),
+    ("necro", "6574001", "Necrosis"),
+    ("tumo", "108369006", "Neoplasm"),
+    ("neoplasm", "108369006", "Neoplasm"),
+    ("lesion", "52988006", "Lesion"),
+];
+
+/// Organ keywords and their SNOMED CT codes (PS3.16 CID 7153 "Common Anatomic Regions").
+const ORGAN_CODES: [(&str, &str, &str); 14] = [
+    ("liver", "10200004", "Liver"),
+    ("kidney", "64033007", "Kidney"),
+    ("lung", "39607008", "Lung"),
+    ("spleen", "78961009", "Spleen"),
+    ("pancrea", "15776009", "Pancreas"),
+    ("brain", "12738006", "Brain"),
+    ("heart", "80891009", "Heart"),
+    ("prostate", "41216001", "Prostate"),
+    ("bladder", "89837001", "Urinary bladder"),
+    ("stomach", "69695003", "Stomach"),
+    ("colon", "71854001", "Colon"),
+    ("aorta", "15825003", "Aorta"),
+    ("vertebra", "51282000", "Spine"),
+    ("bone", "272673000", "Bone"),
+];
+
+/// Distinct display colours for classes without one (sRGB), by class index.
+const PALETTE: [[u8; 3]; 8] = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+];
+
+impl LabelCode {
+    /// The description of a class named `name` (class `index`, 1-based) when the config gives none:
+    /// a finding (lesion, tumour, nodule, metastasis, cyst, …) under SCT 49755003 "Morphologically
+    /// Altered Structure", a common organ under SCT 123037004 "Anatomical Structure", anything else
+    /// SCT 85756007 "Tissue"; findings red, other classes from a fixed palette.
+    pub fn default_for(name: &str, index: usize) -> Self {
+        let lower = name.to_lowercase();
+        let find = |table: &[(&str, &str, &str)]| {
+            table
+                .iter()
+                .find(|(key, ..)| lower.contains(key))
+                .map(|(_, v, m)| Code::sct(v, m))
+        };
+        let color = PALETTE[index.saturating_sub(1) % PALETTE.len()];
+        if let Some(property) = find(&FINDING_CODES) {
+            return LabelCode {
+                category: Code::sct("49755003", "Morphologically Altered Structure"),
+                property,
+                color: Some([255, 0, 0]),
+            };
+        }
+        if let Some(property) = find(&ORGAN_CODES) {
+            return LabelCode {
+                category: Code::sct("123037004", "Anatomical Structure"),
+                property,
+                color: Some(color),
+            };
+        }
+        LabelCode {
+            category: Code::sct("85756007", "Tissue"),
+            property: Code::sct("85756007", "Tissue"),
+            color: Some(color),
+        }
+    }
+
+    /// Whether the class is anatomy (an organ) rather than a finding.
+    pub fn is_anatomy(&self) -> bool {
+        self.category.scheme == "SCT" && self.category.value == "123037004"
     }
 }
 
@@ -582,6 +710,19 @@ pub struct SegmentConfig {
     /// Largest preprocessed grid (voxels) a scan may resample to; a larger one is refused before
     /// any work, naming the spacings (a header in cm instead of mm gives a grid 1000× too large).
     pub max_voxels: u64,
+    /// RTSTRUCT export (`--format rtstruct`): one ROI per class (`class`) or per lesion
+    /// (`lesion`, numbered as in the lesion table).
+    pub rtstruct_rois: RoiGrouping,
+}
+
+/// How RTSTRUCT ROIs are formed from a label map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoiGrouping {
+    /// One ROI per class present.
+    Class,
+    /// One ROI per lesion (connected component), named `CLASS N` with the lesion table's id.
+    Lesion,
 }
 
 /// What to do with NaN or infinite voxels in a scan.
@@ -633,6 +774,7 @@ impl Default for SegmentConfig {
             roi: None,
             non_finite: NonFinite::Error,
             max_voxels: DEFAULT_MAX_VOXELS,
+            rtstruct_rois: RoiGrouping::Class,
         }
     }
 }
@@ -802,6 +944,21 @@ impl RunConfig {
                 d.label_values.len(),
                 d.labels.len()
             ));
+        }
+        for (name, code) in &d.label_codes {
+            if !d.labels.is_empty() && !d.labels.contains(name) {
+                return bad(format!(
+                    "[data.label_codes] {name:?} is not a class; classes: {}",
+                    d.labels.join(", ")
+                ));
+            }
+            for (what, c) in [("category", &code.category), ("type", &code.property)] {
+                if [&c.scheme, &c.value, &c.meaning].iter().any(|v| v.trim().is_empty()) {
+                    return bad(format!(
+                        "[data.label_codes.{name}] {what} needs scheme, value and meaning"
+                    ));
+                }
+            }
         }
         for (name, f) in [
             ("validation_fraction", d.validation_fraction),

@@ -1,7 +1,9 @@
-//! `medseg convert INPUT OUTPUT.nii[.gz] [--series UID] [--dtype TYPE] [--spacing X,Y,Z]`
+//! `medseg convert INPUT OUTPUT.nii[.gz] [--series UID] [--dtype TYPE] [--spacing X,Y,Z]
+//! [--reference SERIES]`
 
 use std::path::PathBuf;
 
+use medseg::io::seg::{is_seg, read_seg};
 use medseg::io::{nifti::WRITABLE_TYPES, read_volume, write_nifti};
 use medseg::transforms::spatial::{resample_linear, resampled_geometry};
 use medseg::{DataType, Volume};
@@ -23,6 +25,10 @@ pub struct Args {
     /// keeping the field of view; integer sources are rounded back to integers.
     #[arg(long, value_delimiter = ',')]
     spacing: Option<Vec<f64>>,
+    /// For a DICOM Segmentation INPUT: the series it was made from (a directory or file), whose
+    /// grid the label map is written on. Without it the grid spans only the planes the SEG holds.
+    #[arg(long, value_name = "SERIES")]
+    reference: Option<PathBuf>,
 }
 
 /// The smallest faithful type among the writable ones, preferring the source's own.
@@ -52,7 +58,22 @@ fn choose_dtype(v: &Volume) -> DataType {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut volume = read_volume(&args.input, args.series.as_deref())?;
+    let mut volume = if args.input.is_file() && is_seg(&args.input) {
+        let reference = match &args.reference {
+            Some(r) => Some(read_volume(r, args.series.as_deref())?.geometry),
+            None => None,
+        };
+        let (volume, segments) = read_seg(&args.input, reference.as_ref())?;
+        for s in &segments {
+            eprintln!("segment {} {:?} -> label {}", s.number, s.label, s.value);
+        }
+        volume
+    } else {
+        if args.reference.is_some() {
+            super::usage!("--reference is for DICOM Segmentation inputs only");
+        }
+        read_volume(&args.input, args.series.as_deref())?
+    };
     if let Some(s) = &args.spacing {
         if s.len() != 3 || s.iter().any(|v| v.is_nan() || *v <= 0.0) {
             super::usage!("--spacing needs three positive mm values X,Y,Z");

@@ -1,12 +1,18 @@
 //! `medseg segment --model RUN_OR_CHECKPOINT INPUT... --output DIR [--tta] [--save-probabilities]
-//! [--overlay] [--skip-existing] [--shard I/N] [--device NAME] [--set segment.key=value] [--list]`
+//! [--overlay] [--format nifti,dicom-seg,rtstruct] [--reference-series DIR] [--skip-existing]
+//! [--shard I/N] [--device NAME] [--set segment.key=value] [--list]`
 
 use std::path::PathBuf;
 
+use std::path::Path;
+
+use medseg::export::dicom::DicomExport;
 use medseg::export::segment_case;
 use medseg::infer::batch::{expand, run_batch, select_shard, BatchEvent, BatchOptions, Shard};
 use medseg::infer::predictor::Predictor;
-use medseg::io::layout::{BatchCase, CaseOutputs, CaseStatus};
+use medseg::io::derived::SourceSeries;
+use medseg::io::layout::{BatchCase, CaseOutputs, CaseStatus, OutputFormat};
+use medseg::io::{discover, ScanSource};
 
 use super::{progress, Reported};
 
@@ -31,6 +37,14 @@ pub struct Args {
     /// Also write a PNG montage of the mask on the scan.
     #[arg(long)]
     overlay: bool,
+    /// How the segmentation is written, any of `nifti` (NAME.nii.gz), `dicom-seg` (NAME_seg.dcm, a
+    /// DICOM Segmentation) and `rtstruct` (NAME_rtstruct.dcm, an RT Structure Set), comma-separated.
+    /// The DICOM objects reference the scan's series; a NIfTI scan gets its label map instead.
+    #[arg(long, value_delimiter = ',', default_value = "nifti")]
+    format: Vec<OutputFormat>,
+    /// A DICOM series on the grid of the NIfTI scans, for their DICOM-SEG/RTSTRUCT outputs.
+    #[arg(long, value_name = "DIR")]
+    reference_series: Option<std::path::PathBuf>,
     /// Skip cases whose outputs all exist (resume an interrupted batch).
     #[arg(long)]
     skip_existing: bool,
@@ -72,8 +86,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let predictor = Predictor::load(&args.model, args.device.as_deref(), &overrides)?;
     let filter = predictor.lesion_filter()?;
-    let outputs =
-        |name: &str| CaseOutputs::new(&args.output, name, args.save_probabilities, args.overlay);
+    let reference = match &args.reference_series {
+        Some(dir) => Some(reference_series(dir)?),
+        None => None,
+    };
+    let dicom = DicomExport::new(
+        &predictor.labels,
+        &predictor.config.data.label_codes,
+        predictor.config.segment.rtstruct_rois,
+        &run_name(&args.model),
+        reference,
+    );
+    let outputs = |name: &str| {
+        CaseOutputs::new(&args.output, name, args.save_probabilities, args.overlay)
+            .with_formats(&args.format)
+    };
 
     let bars = progress::multi(args.quiet);
     let bar = bars.add(progress::bar(
@@ -90,14 +117,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             fail_fast: args.fail_fast,
             shard: args.shard,
         },
-        &|name| outputs(name).complete(),
+        &|case| outputs(&case.name).complete(case.is_dicom()),
         &mut |case, scan, stages| {
             segment_case(
                 &predictor,
                 &filter,
                 &outputs(&case.name),
-                &case.name,
+                case,
                 &scan,
+                &dicom,
                 stages,
             )
         },
@@ -129,6 +157,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("failed: {}: {}", c.case, c.reason.as_deref().unwrap_or(""));
     }
     Err(Reported.into())
+}
+
+/// The one DICOM series in `dir`, read for `--reference-series`.
+fn reference_series(dir: &Path) -> anyhow::Result<SourceSeries> {
+    let found = discover(dir)?;
+    let series: Vec<&ScanSource> = found
+        .sources
+        .iter()
+        .filter(|s| !matches!(s, ScanSource::Nifti(_)))
+        .collect();
+    match series.as_slice() {
+        [one] => Ok(SourceSeries::read(one)?),
+        _ => super::usage!(
+            "--reference-series {}: needs exactly one DICOM series, found {}",
+            dir.display(),
+            series.len()
+        ),
+    }
+}
+
+/// The model's run name: the run directory, also when a checkpoint inside it is given.
+fn run_name(model: &Path) -> String {
+    let dir = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
+    let inside_checkpoints = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "checkpoints");
+    let run = if inside_checkpoints {
+        dir.parent().and_then(Path::parent).unwrap_or(&dir)
+    } else {
+        &dir
+    };
+    run.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 /// The log line of a finished case.

@@ -1,7 +1,9 @@
 //! What `medseg segment` writes per case, all on the scan's own grid and all atomically: the label
 //! map (NIfTI), its label names (JSON sidecar), the lesion table (CSV and JSON), optionally the
-//! foreground probability map and an overlay montage. The label map is written last, so its
-//! presence marks a finished case (`--skip-existing`).
+//! foreground probability map, an overlay montage, and DICOM objects ([`dicom`]). The label map is
+//! written last, so its presence marks a finished case (`--skip-existing`).
+
+pub mod dicom;
 
 use std::path::Path;
 
@@ -9,7 +11,7 @@ use ndarray::{Array3, Axis};
 
 use crate::config::class_values;
 use crate::error::Result;
-use crate::infer::batch::{CaseDone, Stages};
+use crate::infer::batch::{BatchInput, CaseDone, Stages};
 use crate::infer::postprocess::LesionFilter;
 use crate::infer::predictor::Predictor;
 use crate::io::layout::{CaseOutputs, LabelsSidecar, LesionTable};
@@ -20,14 +22,18 @@ use crate::transforms::intensity::display_window;
 use crate::transforms::spatial::Orientation;
 use crate::volume::{DataType, Volume};
 
-/// Segments one scan with `predictor` (lesions measured after `filter`) and writes its outputs;
-/// returns the lesion count and the scan's warnings. Stages are timed into `stages`.
+use self::dicom::DicomExport;
+
+/// Segments one scan with `predictor` (lesions measured after `filter`) and writes its outputs,
+/// DICOM objects as `dicom` describes; returns the lesion count and the scan's warnings. Stages
+/// are timed into `stages`.
 pub fn segment_case(
     predictor: &Predictor,
     filter: &LesionFilter,
     outputs: &CaseOutputs,
-    name: &str,
+    case: &BatchInput,
     scan: &Volume,
+    dicom: &DicomExport,
     stages: &mut Stages,
 ) -> Result<CaseDone> {
     let mut prediction = predictor.predict(scan)?;
@@ -39,26 +45,57 @@ pub fn segment_case(
         .probabilities
         .is_some()
         .then(|| prediction.foreground_probability());
+    let table = LesionTable {
+        case: case.name.clone(),
+        lesions: extracted.lesions,
+        roi: extracted.roi,
+    };
     write_case(
         outputs,
         scan,
         &prediction.labels,
         probabilities.as_ref(),
-        &LesionTable {
-            case: name.to_string(),
-            lesions: extracted.lesions,
-            roi: extracted.roi,
-        },
+        &table,
         &predictor.labels,
     )?;
+    let mut warnings = prediction.warnings;
+    // DICOM objects before the label map, which marks the case done; when they cannot be written
+    // the label map still is, and a refusal fails the case after it.
+    let mut refusal = None;
+    let mut mask_needed = outputs.nifti;
+    if outputs.seg.is_some() || outputs.rtstruct.is_some() {
+        match dicom.source_for(case.source(), scan) {
+            Ok(Some(series)) => {
+                warnings.extend(dicom.write(outputs, &series, &prediction.labels, &table)?);
+            }
+            Ok(None) => {
+                warnings.push(
+                    "not a DICOM scan: DICOM-SEG/RTSTRUCT skipped (give --reference-series DIR to place them on a series); the NIfTI mask was written".into(),
+                );
+                mask_needed = true;
+            }
+            Err(e) => {
+                refusal = Some(e);
+                mask_needed = true;
+            }
+        }
+    }
+    if mask_needed {
+        // Labels are u8 (at most 256 classes), written as uint8 straight from their bytes.
+        write_label_map(&prediction.labels, &scan.geometry, &outputs.mask)?;
+    }
     stages.lap("write");
+    if let Some(e) = refusal {
+        return Err(e);
+    }
     Ok(CaseDone {
         lesions: count,
-        warnings: prediction.warnings,
+        warnings,
     })
 }
 
-/// Writes a case's outputs; `probabilities` is the foreground map on the scan's grid when asked.
+/// Writes a case's tables, class names and the asked-for maps (everything but the label map and
+/// DICOM objects); `probabilities` is the foreground map on the scan's grid when asked.
 pub fn write_case(
     outputs: &CaseOutputs,
     scan: &Volume,
@@ -87,8 +124,7 @@ pub fn write_case(
             .unwrap_or_default();
         write_overlay(path, scan, labels, &organs)?;
     }
-    // Labels are u8 (at most 256 classes), written as uint8 straight from their bytes.
-    write_label_map(labels, &scan.geometry, &outputs.mask)
+    Ok(())
 }
 
 /// A montage of up to three slices with the most lesion voxels (any class not in `organs`), the

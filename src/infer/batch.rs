@@ -42,6 +42,20 @@ pub struct BatchInput {
 }
 
 impl BatchInput {
+    /// The case's scan when it is one source (not channels from several files).
+    pub fn source(&self) -> Option<&ScanSource> {
+        match &self.input {
+            CaseInput::Source(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the case is read from DICOM (so DICOM objects can reference it).
+    pub fn is_dicom(&self) -> bool {
+        self.source()
+            .is_some_and(|s| !matches!(s, ScanSource::Nifti(_)))
+    }
+
     /// Decodes the case's volume.
     pub fn load(&self) -> Result<Volume> {
         match &self.input {
@@ -283,7 +297,7 @@ pub struct CaseDone {
 /// What the batch should do besides segmenting.
 #[derive(Debug, Clone, Default)]
 pub struct BatchOptions {
-    /// Skip a case when `is_done(name)` says its outputs all exist.
+    /// Skip a case when `is_done(case)` says its outputs all exist.
     pub skip_existing: bool,
     /// Stop at the first failed case (the summary then lists the cases up to it).
     pub fail_fast: bool,
@@ -292,7 +306,7 @@ pub struct BatchOptions {
 }
 
 /// Segments `cases` in order, reading the next one while the current one is segmented.
-/// `is_done(name)` tells whether a case's outputs already exist; `segment(case, scan, stages)`
+/// `is_done(case)` tells whether a case's outputs already exist; `segment(case, scan, stages)`
 /// does the work and returns its lesion count and warnings. A failing case is recorded and the batch goes on.
 /// The summary is written atomically to `output` (see [`BatchSummary::path`]) and returned.
 pub fn run_batch(
@@ -300,7 +314,7 @@ pub fn run_batch(
     total_inputs: usize,
     output: &Path,
     options: &BatchOptions,
-    is_done: &dyn Fn(&str) -> bool,
+    is_done: &dyn Fn(&BatchInput) -> bool,
     segment: &mut dyn FnMut(&BatchInput, Volume, &mut Stages) -> Result<CaseDone>,
     on_event: &mut dyn FnMut(BatchEvent),
 ) -> Result<BatchSummary> {
@@ -311,7 +325,7 @@ pub fn run_batch(
     };
     let (todo, done): (Vec<BatchInput>, Vec<BatchInput>) = cases
         .into_iter()
-        .partition(|c| !(options.skip_existing && is_done(&c.name)));
+        .partition(|c| !(options.skip_existing && is_done(c)));
     for c in &done {
         summary.skipped += 1;
         summary.cases.push(BatchCase {

@@ -69,39 +69,43 @@ pub struct SliceHeader {
     pub frame_geometry: Vec<FrameGeometry>,
     /// Patient name, ID, birth date and accession number.
     pub identifiers: PatientIdentifiers,
+    /// SOPClassUID, else the file meta's MediaStorageSOPClassUID (anonymisers blank the former).
+    pub sop_class_uid: Option<String>,
+    /// SOPInstanceUID, else the file meta's MediaStorageSOPInstanceUID.
+    pub sop_instance_uid: Option<String>,
 }
 
 /// Stands in for an empty or missing SeriesInstanceUID.
 pub const NO_UID: &str = "(no-series-uid)";
 
-fn dicom_err(path: &Path, reason: impl Into<String>) -> Error {
+pub(crate) fn dicom_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::InvalidDicom {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
 }
 
-fn string(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+pub(crate) fn string(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     let v = obj.element_opt(tag).ok()??.to_str().ok()?;
     let v = v.trim_matches(|c: char| c.is_whitespace() || c == '\0');
     (!v.is_empty()).then(|| v.to_string())
 }
 
-fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
+pub(crate) fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
     obj.element_opt(tag).ok()??.to_multi_float64().ok()
 }
 
-fn fixed<const N: usize>(obj: &InMemDicomObject, tag: Tag) -> Option<[f64; N]> {
+pub(crate) fn fixed<const N: usize>(obj: &InMemDicomObject, tag: Tag) -> Option<[f64; N]> {
     let v = floats(obj, tag)?;
     (v.len() >= N && v.iter().take(N).all(|x| x.is_finite())).then(|| std::array::from_fn(|i| v[i]))
 }
 
-fn int(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
+pub(crate) fn int(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
     obj.element_opt(tag).ok()??.to_int::<i64>().ok()
 }
 
 /// Items of a sequence element.
-fn items(obj: &InMemDicomObject, tag: Tag) -> &[InMemDicomObject] {
+pub(crate) fn items(obj: &InMemDicomObject, tag: Tag) -> &[InMemDicomObject] {
     obj.element_opt(tag)
         .ok()
         .flatten()
@@ -110,7 +114,7 @@ fn items(obj: &InMemDicomObject, tag: Tag) -> &[InMemDicomObject] {
 }
 
 /// A value from a functional-group macro: `group` item → `sequence` → first item → `tag`.
-fn from_group<T>(
+pub(crate) fn from_group<T>(
     group: Option<&InMemDicomObject>,
     sequence: Tag,
     get: impl Fn(&InMemDicomObject) -> Option<T>,
@@ -326,6 +330,16 @@ impl SliceHeader {
                 birth_date: string(obj, tags::PATIENT_BIRTH_DATE),
                 accession_number: string(obj, tags::ACCESSION_NUMBER),
             },
+            sop_class_uid: uid_or_meta(
+                obj,
+                tags::SOP_CLASS_UID,
+                obj.meta().media_storage_sop_class_uid(),
+            ),
+            sop_instance_uid: uid_or_meta(
+                obj,
+                tags::SOP_INSTANCE_UID,
+                obj.meta().media_storage_sop_instance_uid(),
+            ),
         })
     }
 
@@ -355,6 +369,12 @@ impl SliceHeader {
         let len = norm(n);
         (len > 1e-6).then(|| [n[0] / len, n[1] / len, n[2] / len])
     }
+}
+
+/// A UID from the data set, else from the file meta group (anonymisers often blank the former).
+fn uid_or_meta(obj: &DefaultDicomObject, tag: Tag, meta: &str) -> Option<String> {
+    let meta = meta.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+    string(obj, tag).or_else(|| (!meta.is_empty()).then(|| meta.to_string()))
 }
 
 /// One stack of slices that forms a volume: a series, or part of one when a series mixes
@@ -428,15 +448,17 @@ pub fn group_series(root: &Path, headers: Vec<SliceHeader>) -> Vec<SeriesStack> 
 }
 
 /// Slice order along the normal, the stack's LPS affine, and what looked wrong.
-struct SliceOrder {
-    order: Vec<usize>,
-    warnings: Vec<String>,
+pub(crate) struct SliceOrder {
+    /// Input index of each slice, along the normal.
+    pub order: Vec<usize>,
+    /// What looked wrong.
+    pub warnings: Vec<String>,
     /// LPS affine of the stack.
-    affine_lps: Affine,
+    pub affine_lps: Affine,
 }
 
 /// Orders slices along the normal and derives the stack's LPS affine from their positions.
-fn order_slices(
+pub(crate) fn order_slices(
     path: &Path,
     orientation: Option<[f64; 6]>,
     positions: &[Option<[f64; 3]>],
@@ -853,25 +875,23 @@ fn without_panics<T>(
     })
 }
 
-fn decode_object(
-    path: &Path,
-    obj: &DefaultDicomObject,
-    frames: Option<&[usize]>,
-) -> Result<Volume> {
-    let header = SliceHeader::from_object(path, obj)?;
-    let all: Vec<usize> = (0..header.frames as usize).collect();
-    let frames = frames.unwrap_or(&all);
-    if let Some(&bad) = frames.iter().find(|&&f| f >= header.frames as usize) {
-        return Err(dicom_err(
-            path,
-            format!("frame {bad} requested but the object has {}", header.frames),
-        ));
-    }
-    let (rows, cols) = (header.rows as usize, header.columns as usize);
-    let plane = rows * cols;
-    let samples = header.samples_per_pixel.max(1) as usize;
-    let mut warnings = Vec::new();
+/// How the frames of one object form a grid: the frames at each plane position (file order of
+/// first appearance; several per position become channels), their order along the normal, and
+/// the shared orientation.
+pub(crate) struct FrameLayout {
+    /// Plane position (LPS) and the frames at it.
+    pub planes: Vec<(Option<[f64; 3]>, Vec<usize>)>,
+    /// `planes` indices along the normal, the LPS affine and what looked wrong.
+    pub sorted: SliceOrder,
+}
 
+/// Places `frames` of the object described by `header` on one grid.
+pub(crate) fn frame_layout(
+    path: &Path,
+    header: &SliceHeader,
+    frames: &[usize],
+) -> Result<FrameLayout> {
+    let mut warnings = Vec::new();
     // Per-frame geometry: functional groups, else the object's own plane stepped along the normal.
     let enhanced = header.frame_geometry.len() == header.frames as usize;
     let geometry_of = |f: usize| -> FrameGeometry {
@@ -915,20 +935,20 @@ fn decode_object(
         });
     }
     // Group frames by plane position; each group is one slice, its members channels.
-    let mut planes_at: Vec<(Option<[f64; 3]>, Vec<usize>)> = Vec::new();
+    let mut planes: Vec<(Option<[f64; 3]>, Vec<usize>)> = Vec::new();
     for &f in frames {
         let p = geometry_of(f).0;
         let key = position_key(&p);
-        match planes_at
+        match planes
             .iter_mut()
             .find(|(q, _)| key.is_some() && position_key(q) == key)
         {
             Some((_, members)) => members.push(f),
-            None => planes_at.push((p, vec![f])),
+            None => planes.push((p, vec![f])),
         }
     }
-    let repeat = planes_at[0].1.len();
-    if planes_at.iter().any(|(_, m)| m.len() != repeat) {
+    let repeat = planes[0].1.len();
+    if planes.iter().any(|(_, m)| m.len() != repeat) {
         return Err(Error::InconsistentSeries {
             path: path.to_path_buf(),
             reason: "frames are not repeated the same number of times at every position".into(),
@@ -937,19 +957,46 @@ fn decode_object(
     if repeat > 1 {
         warnings.push(format!(
             "{repeat} frames at each of {} positions: read as {repeat} channels",
-            planes_at.len()
+            planes.len()
         ));
     }
-    let positions: Vec<_> = planes_at.iter().map(|(p, _)| *p).collect();
+    let positions: Vec<_> = planes.iter().map(|(p, _)| *p).collect();
     let fallback = header.spacing_between_slices.or(header.slice_thickness);
-    let sorted = order_slices(
+    let mut sorted = order_slices(
         path,
         orientation,
         &positions,
         header.pixel_spacing,
         fallback,
     )?;
-    warnings.extend(sorted.warnings);
+    warnings.append(&mut sorted.warnings);
+    sorted.warnings = warnings;
+    Ok(FrameLayout { planes, sorted })
+}
+
+fn decode_object(
+    path: &Path,
+    obj: &DefaultDicomObject,
+    frames: Option<&[usize]>,
+) -> Result<Volume> {
+    let header = SliceHeader::from_object(path, obj)?;
+    let all: Vec<usize> = (0..header.frames as usize).collect();
+    let frames = frames.unwrap_or(&all);
+    if let Some(&bad) = frames.iter().find(|&&f| f >= header.frames as usize) {
+        return Err(dicom_err(
+            path,
+            format!("frame {bad} requested but the object has {}", header.frames),
+        ));
+    }
+    let (rows, cols) = (header.rows as usize, header.columns as usize);
+    let plane = rows * cols;
+    let samples = header.samples_per_pixel.max(1) as usize;
+    let FrameLayout {
+        planes: planes_at,
+        sorted,
+    } = frame_layout(path, &header, frames)?;
+    let repeat = planes_at[0].1.len();
+    let warnings = sorted.warnings.clone();
 
     // Decode: 1-bit data (SEG) by hand, everything else through dicom-pixeldata.
     let decoded = if header.bits_allocated == 1 {

@@ -254,12 +254,41 @@ impl Checkpoint {
 /// Suffixes of per-case files that sit beside the masks and are not cases of their own.
 const SIDECAR_SUFFIXES: [&str; 1] = ["_probabilities"];
 
-/// The files of one case in a segmentation output directory. The mask is written last, so its
-/// presence marks a finished case.
+/// What `medseg segment --format` writes as the segmentation itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    /// `NAME.nii.gz`, the label map.
+    Nifti,
+    /// `NAME_seg.dcm`, a DICOM Segmentation of the source series.
+    DicomSeg,
+    /// `NAME_rtstruct.dcm`, an RT Structure Set on the source series.
+    Rtstruct,
+}
+
+impl std::str::FromStr for OutputFormat {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim() {
+            "nifti" => Ok(OutputFormat::Nifti),
+            "dicom-seg" | "seg" => Ok(OutputFormat::DicomSeg),
+            "rtstruct" => Ok(OutputFormat::Rtstruct),
+            other => Err(Error::Config {
+                reason: format!("unknown output format {other:?}: choose nifti, dicom-seg or rtstruct"),
+            }),
+        }
+    }
+}
+
+/// The files of one case in a segmentation output directory. The label map (or, when it is not
+/// asked for, the last DICOM object) is written last, so its presence marks a finished case.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseOutputs {
     /// `NAME.nii.gz`: the label map on the scan's grid.
     pub mask: PathBuf,
+    /// Whether the label map is asked for (it is also written when a DICOM output cannot be).
+    pub nifti: bool,
     /// `NAME_labels.json`: class names by label value ([`LabelsSidecar`]).
     pub labels: PathBuf,
     /// `NAME_lesions.csv`.
@@ -270,33 +299,65 @@ pub struct CaseOutputs {
     pub probabilities: Option<PathBuf>,
     /// `NAME_overlay.png`, when asked for.
     pub overlay: Option<PathBuf>,
+    /// `NAME_seg.dcm`: the DICOM Segmentation, when asked for (DICOM sources only).
+    pub seg: Option<PathBuf>,
+    /// `NAME_rtstruct.dcm`: the RT Structure Set, when asked for (DICOM sources only).
+    pub rtstruct: Option<PathBuf>,
 }
 
 impl CaseOutputs {
-    /// The outputs of case `name` in `dir`; the optional files only when asked for.
+    /// The outputs of case `name` in `dir`: the NIfTI label map and tables; the optional files only
+    /// when asked for.
     pub fn new(dir: &Path, name: &str, probabilities: bool, overlay: bool) -> Self {
         CaseOutputs {
             mask: dir.join(format!("{name}.nii.gz")),
+            nifti: true,
             labels: dir.join(format!("{name}_labels.json")),
             lesions_csv: dir.join(format!("{name}_lesions.csv")),
             lesions_json: dir.join(format!("{name}_lesions.json")),
             probabilities: probabilities.then(|| dir.join(format!("{name}_probabilities.nii.gz"))),
             overlay: overlay.then(|| dir.join(format!("{name}_overlay.png"))),
+            seg: None,
+            rtstruct: None,
         }
     }
 
-    /// Every file exists (the mask is written last, but a rerun may have asked for more).
-    pub fn complete(&self) -> bool {
-        [
-            &self.mask,
-            &self.labels,
-            &self.lesions_csv,
-            &self.lesions_json,
-        ]
-        .into_iter()
-        .chain(self.probabilities.iter())
-        .chain(self.overlay.iter())
-        .all(|p| p.is_file())
+    /// The same outputs with the segmentation written in `formats` (at least one).
+    pub fn with_formats(mut self, formats: &[OutputFormat]) -> Self {
+        let dir = self.mask.parent().map(Path::to_path_buf).unwrap_or_default();
+        let name = self
+            .mask
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".nii.gz"))
+            .unwrap_or_default()
+            .to_string();
+        self.nifti = formats.contains(&OutputFormat::Nifti);
+        self.seg = formats
+            .contains(&OutputFormat::DicomSeg)
+            .then(|| dir.join(format!("{name}_seg.dcm")));
+        self.rtstruct = formats
+            .contains(&OutputFormat::Rtstruct)
+            .then(|| dir.join(format!("{name}_rtstruct.dcm")));
+        self
+    }
+
+    /// Every file exists for a case whose source is DICOM (`dicom`) or not: the DICOM objects
+    /// are only written for DICOM sources, and the label map stands in for them otherwise.
+    pub fn complete(&self, dicom: bool) -> bool {
+        let wants_dicom = dicom && (self.seg.is_some() || self.rtstruct.is_some());
+        let mask = (self.nifti || !wants_dicom).then_some(&self.mask);
+        let dicom_files = [&self.seg, &self.rtstruct]
+            .into_iter()
+            .filter(|_| dicom)
+            .flatten();
+        [&self.labels, &self.lesions_csv, &self.lesions_json]
+            .into_iter()
+            .chain(mask)
+            .chain(self.probabilities.iter())
+            .chain(self.overlay.iter())
+            .chain(dicom_files)
+            .all(|p| p.is_file())
     }
 
     /// Whether a NIfTI case name is a per-case sidecar (a probability map), not a mask.

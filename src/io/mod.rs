@@ -3,12 +3,15 @@
 //! [`discover`] finds what a path holds without decoding pixels; [`ScanSource::load`] decodes one
 //! volume; [`read_volume`] does both for a path that must hold exactly one volume.
 
+pub mod derived;
 pub mod dicom;
 pub mod gzip;
 pub mod layout;
 pub mod manifest;
 pub mod nifti;
 pub mod plot;
+pub mod rtstruct;
+pub mod seg;
 
 use std::path::{Path, PathBuf};
 
