@@ -953,7 +953,10 @@ impl RunConfig {
                 ));
             }
             for (what, c) in [("category", &code.category), ("type", &code.property)] {
-                if [&c.scheme, &c.value, &c.meaning].iter().any(|v| v.trim().is_empty()) {
+                if [&c.scheme, &c.value, &c.meaning]
+                    .iter()
+                    .any(|v| v.trim().is_empty())
+                {
                     return bad(format!(
                         "[data.label_codes.{name}] {what} needs scheme, value and meaning"
                     ));

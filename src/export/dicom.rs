@@ -76,7 +76,11 @@ impl DicomExport {
 
     /// The series the case's DICOM objects reference: its own when it is DICOM, else the reference
     /// series when its grid is the scan's. `Ok(None)`: there is none (the objects are skipped).
-    pub fn source_for(&self, source: Option<&ScanSource>, scan: &Volume) -> Result<Option<SourceSeries>> {
+    pub fn source_for(
+        &self,
+        source: Option<&ScanSource>,
+        scan: &Volume,
+    ) -> Result<Option<SourceSeries>> {
         let series = match (source, &self.reference) {
             (Some(s @ (ScanSource::DicomSeries(_) | ScanSource::DicomFile { .. })), _) => {
                 SourceSeries::read(s)?
@@ -171,7 +175,11 @@ impl DicomExport {
         let mut map = Array3::<u16>::zeros(labels.dim());
         let mut rois = Vec::new();
         for lesion in &table.lesions {
-            let Some(segment) = self.segments.iter().find(|s| s.value as u32 == lesion.class) else {
+            let Some(segment) = self
+                .segments
+                .iter()
+                .find(|s| s.value as u32 == lesion.class)
+            else {
                 continue;
             };
             let [lo, hi] = lesion.bbox_voxel;
@@ -196,7 +204,11 @@ impl DicomExport {
                     *d = roi_value;
                 }
             }
-            rois.push(self.roi(segment, roi_value as u32, format!("{} {}", segment.label, lesion.id)));
+            rois.push(self.roi(
+                segment,
+                roi_value as u32,
+                format!("{} {}", segment.label, lesion.id),
+            ));
         }
         if rois.is_empty() {
             let first = &self.segments[0];

@@ -170,9 +170,12 @@ impl SourceSeries {
             path: path.to_path_buf(),
             reason,
         };
-        let frame_of_reference_uid = dicom::string(obj, tags::FRAME_OF_REFERENCE_UID)
-            .ok_or_else(|| {
-                refuse("no Frame of Reference UID: a SEG or RTSTRUCT could not be placed on the scan".into())
+        let frame_of_reference_uid =
+            dicom::string(obj, tags::FRAME_OF_REFERENCE_UID).ok_or_else(|| {
+                refuse(
+                    "no Frame of Reference UID: a SEG or RTSTRUCT could not be placed on the scan"
+                        .into(),
+                )
             })?;
         let orientation = header
             .orientation
@@ -194,7 +197,11 @@ impl SourceSeries {
                     "the source has no Series Instance UID: one was derived from its Frame of Reference UID"
                         .into(),
                 );
-                derived_uid(&["series", &frame_of_reference_uid, &slices[0].sop_instance_uid])
+                derived_uid(&[
+                    "series",
+                    &frame_of_reference_uid,
+                    &slices[0].sop_instance_uid,
+                ])
             }
             uid => uid.to_string(),
         };
@@ -227,11 +234,7 @@ impl SourceSeries {
 
     /// Checks that a `[k, j, i]` label map lies on this series' grid.
     pub fn check_grid(&self, shape: [usize; 3]) -> Result<()> {
-        let expected = [
-            self.slices.len(),
-            self.rows as usize,
-            self.columns as usize,
-        ];
+        let expected = [self.slices.len(), self.rows as usize, self.columns as usize];
         if shape == expected {
             return Ok(());
         }
@@ -272,7 +275,9 @@ impl SourceSeries {
         ];
         for (axis, expected) in axes.iter().enumerate() {
             let step = grid.axis_step(axis);
-            let off = (0..3).map(|r| (step[r] - expected[r]).abs()).fold(0.0, f64::max);
+            let off = (0..3)
+                .map(|r| (step[r] - expected[r]).abs())
+                .fold(0.0, f64::max);
             // Over the whole plane the error grows with the image size.
             if off * dims[axis] as f64 > tolerance_mm {
                 return Some(format!(
@@ -297,8 +302,7 @@ impl SourceSeries {
     pub fn slice_step(&self) -> Option<f64> {
         let o = self.orientation;
         let n = cross([o[0], o[1], o[2]], [o[3], o[4], o[5]]);
-        let d: Vec<f64> = self.slices.iter().map(|s| dot(s.position, n))
-            .collect();
+        let d: Vec<f64> = self.slices.iter().map(|s| dot(s.position, n)).collect();
         let mut gaps: Vec<f64> = d.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
         gaps.sort_by(f64::total_cmp);
         gaps.get(gaps.len() / 2).copied().filter(|g| *g > 1e-6)
@@ -312,7 +316,9 @@ fn source_slice(
 ) -> Result<SourceSlice> {
     let missing = |what: &str| Error::Unsupported {
         path: header.path.clone(),
-        reason: format!("no {what} in the data set or the file meta: the image cannot be referenced"),
+        reason: format!(
+            "no {what} in the data set or the file meta: the image cannot be referenced"
+        ),
     };
     Ok(SourceSlice {
         sop_class_uid: header
@@ -448,8 +454,16 @@ pub fn derived_object(
         text(tags::SERIES_DATE, VR::DA, &date),
         text(tags::SERIES_TIME, VR::TM, &time),
         text(tags::SERIES_DESCRIPTION, VR::LO, series_description),
-        text(tags::FRAME_OF_REFERENCE_UID, VR::UI, &source.frame_of_reference_uid),
-        DataElement::new(tags::POSITION_REFERENCE_INDICATOR, VR::LO, PrimitiveValue::Empty),
+        text(
+            tags::FRAME_OF_REFERENCE_UID,
+            VR::UI,
+            &source.frame_of_reference_uid,
+        ),
+        DataElement::new(
+            tags::POSITION_REFERENCE_INDICATOR,
+            VR::LO,
+            PrimitiveValue::Empty,
+        ),
         text(tags::MANUFACTURER, VR::LO, "medseg"),
         text(tags::MANUFACTURER_MODEL_NAME, VR::LO, "medseg"),
         text(tags::DEVICE_SERIAL_NUMBER, VR::LO, "medseg"),
@@ -473,7 +487,11 @@ pub fn referenced_instances(source: &SourceSeries) -> Vec<InMemDicomObject> {
         .map(|s| {
             InMemDicomObject::from_element_iter([
                 text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid),
-                text(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &s.sop_instance_uid),
+                text(
+                    tags::REFERENCED_SOP_INSTANCE_UID,
+                    VR::UI,
+                    &s.sop_instance_uid,
+                ),
             ])
         })
         .collect()
@@ -523,7 +541,10 @@ mod tests {
             let s = ds(v);
             assert!(s.len() <= 16, "{v} -> {s}");
             let back: f64 = s.parse().unwrap();
-            assert!((back - v).abs() <= 1e-9_f64.max(v.abs() * 1e-6), "{v} -> {s}");
+            assert!(
+                (back - v).abs() <= 1e-9_f64.max(v.abs() * 1e-6),
+                "{v} -> {s}"
+            );
         }
         assert_eq!(ds(-249.51171875), "-249.51171875");
         assert_eq!(ds(-0.0), "0");

@@ -275,7 +275,9 @@ impl std::str::FromStr for OutputFormat {
             "dicom-seg" | "seg" => Ok(OutputFormat::DicomSeg),
             "rtstruct" => Ok(OutputFormat::Rtstruct),
             other => Err(Error::Config {
-                reason: format!("unknown output format {other:?}: choose nifti, dicom-seg or rtstruct"),
+                reason: format!(
+                    "unknown output format {other:?}: choose nifti, dicom-seg or rtstruct"
+                ),
             }),
         }
     }
@@ -324,7 +326,11 @@ impl CaseOutputs {
 
     /// The same outputs with the segmentation written in `formats` (at least one).
     pub fn with_formats(mut self, formats: &[OutputFormat]) -> Self {
-        let dir = self.mask.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = self
+            .mask
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let name = self
             .mask
             .file_name()

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::io::derived::{
-    derived_object, ds_element, now_date_time, sequence, text,
-    write_object, SourceSeries, IMPLICIT_LE,
+    derived_object, ds_element, now_date_time, sequence, text, write_object, SourceSeries,
+    IMPLICIT_LE,
 };
 
 /// RT Structure Set Storage.
@@ -59,7 +59,11 @@ pub fn trace_outlines(mask: ArrayView2<bool>) -> Vec<Outline> {
     }
     let (w, h) = (i1 - i0 + 1, j1 - j0 + 1);
     let fg = |i: i64, j: i64| {
-        i >= 0 && j >= 0 && (i as usize) < w && (j as usize) < h && mask[[j as usize + j0, i as usize + i0]]
+        i >= 0
+            && j >= 0
+            && (i as usize) < w
+            && (j as usize) < h
+            && mask[[j as usize + j0, i as usize + i0]]
     };
     debug_assert!(j1 < rows && i1 < cols);
     // Corner (x, y) is the top-left corner of local pixel (x, y); each boundary edge leaves a corner
@@ -180,7 +184,11 @@ where
     planes
         .par_iter()
         .flat_map_iter(|(k, plane)| {
-            let mut values: Vec<u32> = plane.iter().map(|v| (*v).into()).filter(|v| *v != 0).collect();
+            let mut values: Vec<u32> = plane
+                .iter()
+                .map(|v| (*v).into())
+                .filter(|v| *v != 0)
+                .collect();
             values.sort_unstable();
             values.dedup();
             rois.iter()
@@ -213,7 +221,11 @@ where
         let s = &source.slices[k];
         let mut item = InMemDicomObject::from_element_iter([
             text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid),
-            text(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &s.sop_instance_uid),
+            text(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                &s.sop_instance_uid,
+            ),
         ]);
         if let Some(f) = s.frame {
             item.put(text(tags::REFERENCED_FRAME_NUMBER, VR::IS, &f.to_string()));
@@ -261,11 +273,19 @@ where
         sequence(
             tags::REFERENCED_FRAME_OF_REFERENCE_SEQUENCE,
             vec![InMemDicomObject::from_element_iter([
-                text(tags::FRAME_OF_REFERENCE_UID, VR::UI, &source.frame_of_reference_uid),
+                text(
+                    tags::FRAME_OF_REFERENCE_UID,
+                    VR::UI,
+                    &source.frame_of_reference_uid,
+                ),
                 sequence(
                     tags::RT_REFERENCED_STUDY_SEQUENCE,
                     vec![InMemDicomObject::from_element_iter([
-                        text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, STUDY_COMPONENT_SOP_CLASS),
+                        text(
+                            tags::REFERENCED_SOP_CLASS_UID,
+                            VR::UI,
+                            STUDY_COMPONENT_SOP_CLASS,
+                        ),
                         text(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &source.study_uid),
                         sequence(
                             tags::RT_REFERENCED_SERIES_SEQUENCE,
@@ -353,7 +373,8 @@ mod tests {
             let p = &o.points;
             for t in 0..p.len() {
                 let (a, b) = (p[t], p[(t + 1) % p.len()]);
-                if (a[1] > y) != (b[1] > y) && x < a[0] + (y - a[1]) / (b[1] - a[1]) * (b[0] - a[0]) {
+                if (a[1] > y) != (b[1] > y) && x < a[0] + (y - a[1]) / (b[1] - a[1]) * (b[0] - a[0])
+                {
                     odd = !odd;
                 }
             }
@@ -376,7 +397,11 @@ mod tests {
         let mask = Array2::from_shape_fn((text.len(), 10), |(j, i)| text[j].as_bytes()[i] == b'#');
         let outlines = trace_outlines(mask.view());
         for ((j, i), &on) in mask.indexed_iter() {
-            assert_eq!(inside(&outlines, i as f64, j as f64), on, "pixel ({i}, {j})");
+            assert_eq!(
+                inside(&outlines, i as f64, j as f64),
+                on,
+                "pixel ({i}, {j})"
+            );
         }
         assert_eq!(outlines.iter().filter(|o| o.hole).count(), 1);
         // Ring, its hole, the corner pixel, the diagonal pixel (4-connected: apart from the

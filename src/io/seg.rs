@@ -89,7 +89,9 @@ pub fn dicom_lab(rgb: [u8; 3]) -> [u16; 3] {
     };
     let [fx, fy, fz] = std::array::from_fn(|i| f(xyz[i] / WHITE[i]));
     let (l, a, b) = (116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz));
-    let scale = |v: f64, lo: f64, hi: f64| (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 65535.0).round() as u16;
+    let scale = |v: f64, lo: f64, hi: f64| {
+        (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 65535.0).round() as u16
+    };
     [
         scale(l, 0.0, 100.0),
         scale(a, -128.0, 127.0),
@@ -98,14 +100,21 @@ pub fn dicom_lab(rgb: [u8; 3]) -> [u16; 3] {
 }
 
 fn us(tag: dicom_core::Tag, v: &[u16]) -> DataElement<InMemDicomObject> {
-    DataElement::new(tag, VR::US, PrimitiveValue::U16(v.iter().copied().collect()))
+    DataElement::new(
+        tag,
+        VR::US,
+        PrimitiveValue::U16(v.iter().copied().collect()),
+    )
 }
 
 fn segment_item(number: u16, segment: &Segment, algorithm: &Algorithm) -> InMemDicomObject {
     let code = &segment.code;
     let family = dcm_code("123110", "Artificial Intelligence");
     let identification = InMemDicomObject::from_element_iter([
-        sequence(tags::ALGORITHM_FAMILY_CODE_SEQUENCE, vec![code_item(&family)]),
+        sequence(
+            tags::ALGORITHM_FAMILY_CODE_SEQUENCE,
+            vec![code_item(&family)],
+        ),
         text(tags::ALGORITHM_NAME, VR::LO, &algorithm.name),
         text(tags::ALGORITHM_VERSION, VR::LO, &algorithm.version),
         text(
@@ -148,7 +157,11 @@ fn frame_item(source: &SourceSeries, number: u16, k: usize) -> InMemDicomObject 
     let slice = &source.slices[k];
     let mut image = InMemDicomObject::from_element_iter([
         text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &slice.sop_class_uid),
-        text(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &slice.sop_instance_uid),
+        text(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            &slice.sop_instance_uid,
+        ),
         sequence(
             tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
             vec![code_item(&dcm_code(
@@ -324,7 +337,12 @@ pub fn write_seg(
         DataElement::new(
             tags::IMAGE_TYPE,
             VR::CS,
-            PrimitiveValue::Strs(["DERIVED", "PRIMARY"].map(String::from).into_iter().collect()),
+            PrimitiveValue::Strs(
+                ["DERIVED", "PRIMARY"]
+                    .map(String::from)
+                    .into_iter()
+                    .collect(),
+            ),
         ),
         text(tags::CONTENT_LABEL, VR::CS, "MEDSEG"),
         text(tags::CONTENT_DESCRIPTION, VR::LO, description),
@@ -384,7 +402,10 @@ pub fn write_seg(
 pub fn is_seg(path: &Path) -> bool {
     dicom::open(path, true).is_ok_and(|o| {
         string(&o, tags::SOP_CLASS_UID).as_deref() == Some(SEG_SOP_CLASS)
-            || o.meta().media_storage_sop_class_uid().trim_end_matches('\0') == SEG_SOP_CLASS
+            || o.meta()
+                .media_storage_sop_class_uid()
+                .trim_end_matches('\0')
+                == SEG_SOP_CLASS
     })
 }
 
@@ -477,7 +498,11 @@ pub fn read_seg(path: &Path, reference: Option<&Geometry>) -> Result<(Volume, Ve
                 .filter(|v| v.len() >= n && v.iter().all(|x| x.is_finite()))
                 .ok_or_else(|| bad(format!("frame {} has no usable {tag}", f + 1)))
         };
-        let position = get(tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT, 3)?;
+        let position = get(
+            tags::PLANE_POSITION_SEQUENCE,
+            tags::IMAGE_POSITION_PATIENT,
+            3,
+        )?;
         let orientation = get(
             tags::PLANE_ORIENTATION_SEQUENCE,
             tags::IMAGE_ORIENTATION_PATIENT,
@@ -492,8 +517,18 @@ pub fn read_seg(path: &Path, reference: Option<&Geometry>) -> Result<(Volume, Ve
             .iter()
             .find(|s| s.number as i64 == number)
             .map(|s| s.value)
-            .ok_or_else(|| bad(format!("frame {} refers to unknown segment {number}", f + 1)))?;
-        placed.push(([position[0], position[1], position[2]], orientation, spacing, value));
+            .ok_or_else(|| {
+                bad(format!(
+                    "frame {} refers to unknown segment {number}",
+                    f + 1
+                ))
+            })?;
+        placed.push((
+            [position[0], position[1], position[2]],
+            orientation,
+            spacing,
+            value,
+        ));
     }
     let pixels = frame_values(path, &obj, &kind, frames, plane)?;
     let (o, spacing) = (placed[0].1.clone(), placed[0].2.clone());
@@ -510,7 +545,14 @@ pub fn read_seg(path: &Path, reference: Option<&Geometry>) -> Result<(Volume, Ve
             warnings.push(
                 "no reference series given: the grid spans only the planes the SEG holds".into(),
             );
-            span_grid(path, &placed.iter().map(|p| p.0).collect::<Vec<_>>(), &o, &spacing, rows, cols)?
+            span_grid(
+                path,
+                &placed.iter().map(|p| p.0).collect::<Vec<_>>(),
+                &o,
+                &spacing,
+                rows,
+                cols,
+            )?
         }
     };
     let [ni, nj, nk] = geometry.dims;
@@ -566,7 +608,8 @@ fn frame_values(
         .and_then(|e| e.to_bytes().ok())
         .ok_or_else(|| Error::InvalidDicom {
             path: path.to_path_buf(),
-            reason: "pixel data missing or encapsulated (compressed SEG frames are not read)".into(),
+            reason: "pixel data missing or encapsulated (compressed SEG frames are not read)"
+                .into(),
         })?;
     let bits = int(obj, tags::BITS_ALLOCATED).unwrap_or(1);
     let total = frames * plane;
@@ -579,14 +622,21 @@ fn frame_values(
             if bytes.len() * 8 < total {
                 return Err(short(bytes.len() * 8));
             }
-            Ok((0..total).map(|b| (bytes[b / 8] >> (b % 8)) & 1 == 1).collect())
+            Ok((0..total)
+                .map(|b| (bytes[b / 8] >> (b % 8)) & 1 == 1)
+                .collect())
         }
         ("FRACTIONAL", 8) => {
             if bytes.len() < total {
                 return Err(short(bytes.len()));
             }
-            let max = int(obj, tags::MAXIMUM_FRACTIONAL_VALUE).unwrap_or(255).max(1) as f64;
-            Ok(bytes[..total].iter().map(|&v| v as f64 >= max / 2.0).collect())
+            let max = int(obj, tags::MAXIMUM_FRACTIONAL_VALUE)
+                .unwrap_or(255)
+                .max(1) as f64;
+            Ok(bytes[..total]
+                .iter()
+                .map(|&v| v as f64 >= max / 2.0)
+                .collect())
         }
         _ => Err(Error::Unsupported {
             path: path.to_path_buf(),
@@ -613,8 +663,16 @@ fn plane_index(
         .ok_or_else(|| off("the reference grid is degenerate".into()))?;
     // The frame's first row and column directions must be the grid's i and j axes.
     let [si, sj, _] = geometry.spacing();
-    let expect_i = [-orientation[0] * spacing[1], -orientation[1] * spacing[1], orientation[2] * spacing[1]];
-    let expect_j = [-orientation[3] * spacing[0], -orientation[4] * spacing[0], orientation[5] * spacing[0]];
+    let expect_i = [
+        -orientation[0] * spacing[1],
+        -orientation[1] * spacing[1],
+        orientation[2] * spacing[1],
+    ];
+    let expect_j = [
+        -orientation[3] * spacing[0],
+        -orientation[4] * spacing[0],
+        orientation[5] * spacing[0],
+    ];
     let (ai, aj) = (geometry.axis_step(0), geometry.axis_step(1));
     let axis_off = (0..3)
         .map(|r| (ai[r] - expect_i[r]).abs().max((aj[r] - expect_j[r]).abs()))
@@ -680,7 +738,10 @@ fn span_grid(
         affine[r][2] = step[r];
         affine[r][3] = first.1[r];
     }
-    Ok(Geometry::new([cols, rows, count], matmul(&LPS_TO_RAS, &affine)))
+    Ok(Geometry::new(
+        [cols, rows, count],
+        matmul(&LPS_TO_RAS, &affine),
+    ))
 }
 
 #[cfg(test)]

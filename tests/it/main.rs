@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod dicom_conformance;
+mod dicom_export;
 mod evaluate;
 mod geometry_oracle;
 mod kernels;

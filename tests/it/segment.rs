@@ -35,7 +35,7 @@ fn model() -> &'static Path {
     })
 }
 
-fn segment(args: &[&str]) -> std::process::Output {
+pub(crate) fn segment(args: &[&str]) -> std::process::Output {
     Command::new(bin())
         .arg("segment")
         .args(["--model", model().to_str().unwrap(), "--quiet"])
