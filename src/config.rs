@@ -945,24 +945,7 @@ impl RunConfig {
                 d.labels.len()
             ));
         }
-        for (name, code) in &d.label_codes {
-            if !d.labels.is_empty() && !d.labels.contains(name) {
-                return bad(format!(
-                    "[data.label_codes] {name:?} is not a class; classes: {}",
-                    d.labels.join(", ")
-                ));
-            }
-            for (what, c) in [("category", &code.category), ("type", &code.property)] {
-                if [&c.scheme, &c.value, &c.meaning]
-                    .iter()
-                    .any(|v| v.trim().is_empty())
-                {
-                    return bad(format!(
-                        "[data.label_codes.{name}] {what} needs scheme, value and meaning"
-                    ));
-                }
-            }
-        }
+        validate_label_codes(d)?;
         for (name, f) in [
             ("validation_fraction", d.validation_fraction),
             ("test_fraction", d.test_fraction),
@@ -1110,6 +1093,30 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     Ok(())
 }
 
+/// `[data.label_codes]`: every key a class, every code complete.
+fn validate_label_codes(d: &DataConfig) -> Result<()> {
+    let bad = |reason: String| Err(Error::Config { reason });
+    for (name, code) in &d.label_codes {
+        if !d.labels.is_empty() && !d.labels.contains(name) {
+            return bad(format!(
+                "[data.label_codes] {name:?} is not a class; classes: {}",
+                d.labels.join(", ")
+            ));
+        }
+        for (what, c) in [("category", &code.category), ("type", &code.property)] {
+            if [&c.scheme, &c.value, &c.meaning]
+                .iter()
+                .any(|v| v.trim().is_empty())
+            {
+                return bad(format!(
+                    "[data.label_codes.{name}] {what} needs scheme, value and meaning"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1152,5 +1159,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("patch_size"), "{e}");
+    }
+
+    #[test]
+    fn label_codes_default_by_name_and_are_checked() {
+        let lesion = LabelCode::default_for("Liver Tumor", 2);
+        assert_eq!(lesion.property.value, "108369006");
+        assert_eq!(lesion.category.value, "49755003");
+        assert!(!lesion.is_anatomy());
+        assert_eq!(
+            LabelCode::default_for("lung_nodule", 1).property.value,
+            "27925004"
+        );
+        let organ = LabelCode::default_for("kidney_left", 3);
+        assert_eq!(
+            (organ.property.value.as_str(), organ.is_anatomy()),
+            ("64033007", true)
+        );
+        assert_eq!(
+            LabelCode::default_for("class 7", 7).property.value,
+            "85756007"
+        );
+
+        let text = "[data]\nlabels = [\"background\", \"lesion\"]\n\
+                    [data.label_codes.lesoin]\n\
+                    category = { scheme = \"SCT\", value = \"1\", meaning = \"x\" }\n\
+                    type = { scheme = \"SCT\", value = \"2\", meaning = \"y\" }\n";
+        let e = RunConfig::from_toml(text, "t").unwrap_err().to_string();
+        assert!(e.contains("\"lesoin\" is not a class"), "{e}");
+        let ok = RunConfig::from_toml(&text.replace("lesoin", "lesion"), "t").unwrap();
+        assert_eq!(ok.data.label_codes["lesion"].property.value, "2");
     }
 }

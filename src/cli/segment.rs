@@ -86,17 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let predictor = Predictor::load(&args.model, args.device.as_deref(), &overrides)?;
     let filter = predictor.lesion_filter()?;
-    let reference = match &args.reference_series {
-        Some(dir) => Some(reference_series(dir)?),
-        None => None,
-    };
-    let dicom = DicomExport::new(
-        &predictor.labels,
-        &predictor.config.data.label_codes,
-        predictor.config.segment.rtstruct_rois,
-        &run_name(&args.model),
-        reference,
-    );
+    let dicom = dicom_export(&args, &predictor)?;
     let outputs = |name: &str| {
         CaseOutputs::new(&args.output, name, args.save_probabilities, args.overlay)
             .with_formats(&args.format)
@@ -157,6 +147,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("failed: {}: {}", c.case, c.reason.as_deref().unwrap_or(""));
     }
     Err(Reported.into())
+}
+
+/// How DICOM objects are described: the model's classes and codes, its run, the reference series.
+fn dicom_export(args: &Args, predictor: &Predictor) -> anyhow::Result<DicomExport> {
+    let reference = match &args.reference_series {
+        Some(dir) => Some(reference_series(dir)?),
+        None => None,
+    };
+    Ok(DicomExport::new(
+        &predictor.labels,
+        &predictor.config.data.label_codes,
+        predictor.config.segment.rtstruct_rois,
+        &run_name(&args.model),
+        reference,
+    ))
 }
 
 /// The one DICOM series in `dir`, read for `--reference-series`.

@@ -374,6 +374,38 @@ pub fn ds(v: f64) -> String {
     format!("{v:.6e}")
 }
 
+/// A multi-valued DS element with values rounded to `decimals` (contour points: 0.1 µm is far
+/// below any pixel, and halves the size of large structure sets).
+pub fn ds_rounded_element(
+    tag: Tag,
+    values: &[f64],
+    decimals: usize,
+) -> DataElement<InMemDicomObject> {
+    let strs: Vec<String> = values
+        .iter()
+        .map(|v| {
+            let s = format!("{v:.decimals$}");
+            let s = if s.contains('.') {
+                s.trim_end_matches('0').trim_end_matches('.')
+            } else {
+                &s
+            };
+            match s {
+                "-0" | "" => "0".to_string(),
+                s => s.to_string(),
+            }
+        })
+        .map(|s| {
+            if s.len() <= 16 {
+                s
+            } else {
+                ds(s.parse().unwrap_or(0.0))
+            }
+        })
+        .collect();
+    DataElement::new(tag, VR::DS, PrimitiveValue::Strs(strs.into()))
+}
+
 /// A multi-valued DS element.
 pub fn ds_element(tag: Tag, values: &[f64]) -> DataElement<InMemDicomObject> {
     let strs: Vec<String> = values.iter().map(|v| ds(*v)).collect();
@@ -547,6 +579,9 @@ mod tests {
             );
         }
         assert_eq!(ds(-249.51171875), "-249.51171875");
+        let rounded =
+            ds_rounded_element(tags::CONTOUR_DATA, &[47.119140625, -0.00001, 100.0, 5.5], 4);
+        assert_eq!(rounded.to_str().unwrap(), "47.1191\\0\\100\\5.5");
         assert_eq!(ds(-0.0), "0");
     }
 

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::io::derived::{
-    derived_object, ds_element, now_date_time, sequence, text, write_object, SourceSeries,
+    derived_object, ds_rounded_element, now_date_time, sequence, text, write_object, SourceSeries,
     IMPLICIT_LE,
 };
 
@@ -203,35 +203,33 @@ where
         .collect()
 }
 
-/// Writes the ROIs of `map` (`[k, j, i]` on `source`'s planes) as an RTSTRUCT at `path`, atomically.
-/// Every ROI is listed; one absent from the map has no contours.
-pub fn write_rtstruct<T>(
-    path: &Path,
+/// The image reference of plane `k` (with its frame number for multi-frame sources).
+fn image_ref(source: &SourceSeries, k: usize) -> InMemDicomObject {
+    let s = &source.slices[k];
+    let mut item = InMemDicomObject::from_element_iter([
+        text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid),
+        text(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            &s.sop_instance_uid,
+        ),
+    ]);
+    if let Some(f) = s.frame {
+        item.put(text(tags::REFERENCED_FRAME_NUMBER, VR::IS, &f.to_string()));
+    }
+    item
+}
+
+/// Contour Sequence items of every ROI, and how many contours there are in all.
+fn contour_items<T>(
     source: &SourceSeries,
     map: ArrayView3<T>,
     rois: &[RtRoi],
-    description: &str,
-) -> Result<RtSummary>
+) -> (Vec<Vec<InMemDicomObject>>, usize)
 where
     T: Copy + Into<u32> + Sync,
 {
-    source.check_grid(map.dim().into())?;
     let traced = contours_of(map, rois);
-    let image_ref = |k: usize| {
-        let s = &source.slices[k];
-        let mut item = InMemDicomObject::from_element_iter([
-            text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid),
-            text(
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                &s.sop_instance_uid,
-            ),
-        ]);
-        if let Some(f) = s.frame {
-            item.put(text(tags::REFERENCED_FRAME_NUMBER, VR::IS, &f.to_string()));
-        }
-        item
-    };
     let mut per_roi: Vec<Vec<InMemDicomObject>> = vec![Vec::new(); rois.len()];
     let mut total = 0;
     for (n, k, outlines) in &traced {
@@ -245,25 +243,43 @@ where
             let number = per_roi[*n].len() + 1;
             per_roi[*n].push(InMemDicomObject::from_element_iter([
                 text(tags::CONTOUR_NUMBER, VR::IS, &number.to_string()),
-                sequence(tags::CONTOUR_IMAGE_SEQUENCE, vec![image_ref(*k)]),
+                sequence(tags::CONTOUR_IMAGE_SEQUENCE, vec![image_ref(source, *k)]),
                 text(tags::CONTOUR_GEOMETRIC_TYPE, VR::CS, "CLOSED_PLANAR"),
                 text(
                     tags::NUMBER_OF_CONTOUR_POINTS,
                     VR::IS,
                     &outline.points.len().to_string(),
                 ),
-                ds_element(tags::CONTOUR_DATA, &data),
+                ds_rounded_element(tags::CONTOUR_DATA, &data, 4),
             ]));
         }
     }
+    (per_roi, total)
+}
+
+/// Writes the ROIs of `map` (`[k, j, i]` on `source`'s planes) as an RTSTRUCT at `path`, atomically.
+/// Every ROI is listed; one absent from the map has no contours.
+pub fn write_rtstruct<T>(
+    path: &Path,
+    source: &SourceSeries,
+    map: ArrayView3<T>,
+    rois: &[RtRoi],
+    description: &str,
+) -> Result<RtSummary>
+where
+    T: Copy + Into<u32> + Sync,
+{
+    source.check_grid(map.dim().into())?;
+    let (per_roi, total) = contour_items(source, map, rois);
     let (date, time) = now_date_time();
     let mut obj = derived_object(source, RTSTRUCT_SOP_CLASS, "RTSTRUCT", description);
     // The RT Structure Set IOD has no General Image module.
     for tag in [tags::CONTENT_DATE, tags::CONTENT_TIME] {
         obj.remove_element(tag);
     }
-    let contour_images: Vec<InMemDicomObject> = (0..source.slices.len()).map(image_ref).collect();
-    let number = |n: usize| (n + 1).to_string();
+    let contour_images: Vec<InMemDicomObject> = (0..source.slices.len())
+        .map(|k| image_ref(source, k))
+        .collect();
     for e in [
         DataElement::new(tags::OPERATORS_NAME, VR::PN, PrimitiveValue::Empty),
         text(tags::STRUCTURE_SET_LABEL, VR::SH, "MEDSEG"),
@@ -298,6 +314,27 @@ where
                 ),
             ])],
         ),
+    ]
+    .into_iter()
+    .chain(roi_sequences(source, rois, per_roi))
+    {
+        obj.put(e);
+    }
+    write_object(path, obj, IMPLICIT_LE)?;
+    Ok(RtSummary {
+        rois: rois.len(),
+        contours: total,
+    })
+}
+
+/// Structure Set ROI, ROI Contour and RT ROI Observations sequences.
+fn roi_sequences(
+    source: &SourceSeries,
+    rois: &[RtRoi],
+    per_roi: Vec<Vec<InMemDicomObject>>,
+) -> [DataElement<InMemDicomObject>; 3] {
+    let number = |n: usize| (n + 1).to_string();
+    [
         sequence(
             tags::STRUCTURE_SET_ROI_SEQUENCE,
             rois.iter()
@@ -351,14 +388,7 @@ where
                 })
                 .collect(),
         ),
-    ] {
-        obj.put(e);
-    }
-    write_object(path, obj, IMPLICIT_LE)?;
-    Ok(RtSummary {
-        rois: rois.len(),
-        contours: total,
-    })
+    ]
 }
 
 #[cfg(test)]

@@ -482,54 +482,7 @@ pub fn read_seg(path: &Path, reference: Option<&Geometry>) -> Result<(Volume, Ve
             }
         })
         .collect();
-    let shared = items(&obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).first();
-    let per_frame = items(&obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
-    if per_frame.len() != frames {
-        return Err(bad(format!(
-            "{} per-frame functional groups for {frames} frames",
-            per_frame.len()
-        )));
-    }
-    // Frame geometry (LPS) and segment.
-    let mut placed = Vec::with_capacity(frames);
-    for (f, g) in per_frame.iter().enumerate() {
-        let get = |seq, tag, n: usize| {
-            group_floats(Some(g), shared, seq, tag)
-                .filter(|v| v.len() >= n && v.iter().all(|x| x.is_finite()))
-                .ok_or_else(|| bad(format!("frame {} has no usable {tag}", f + 1)))
-        };
-        let position = get(
-            tags::PLANE_POSITION_SEQUENCE,
-            tags::IMAGE_POSITION_PATIENT,
-            3,
-        )?;
-        let orientation = get(
-            tags::PLANE_ORIENTATION_SEQUENCE,
-            tags::IMAGE_ORIENTATION_PATIENT,
-            6,
-        )?;
-        let spacing = get(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING, 2)?;
-        let number = items(g, tags::SEGMENT_IDENTIFICATION_SEQUENCE)
-            .first()
-            .and_then(|s| int(s, tags::REFERENCED_SEGMENT_NUMBER))
-            .ok_or_else(|| bad(format!("frame {} names no segment", f + 1)))?;
-        let value = segments
-            .iter()
-            .find(|s| s.number as i64 == number)
-            .map(|s| s.value)
-            .ok_or_else(|| {
-                bad(format!(
-                    "frame {} refers to unknown segment {number}",
-                    f + 1
-                ))
-            })?;
-        placed.push((
-            [position[0], position[1], position[2]],
-            orientation,
-            spacing,
-            value,
-        ));
-    }
+    let placed = frame_placements(path, &obj, &segments, frames)?;
     let pixels = frame_values(path, &obj, &kind, frames, plane)?;
     let (o, spacing) = (placed[0].1.clone(), placed[0].2.clone());
     if placed
@@ -591,6 +544,70 @@ pub fn read_seg(path: &Path, reference: Option<&Geometry>) -> Result<(Volume, Ve
         identifiers: PatientIdentifiers::default(),
     };
     Ok((Volume::new(voxels, geometry, info)?, segments))
+}
+
+/// One frame as placed: position (LPS), orientation, pixel spacing and label value.
+type Placement = ([f64; 3], Vec<f64>, Vec<f64>, u8);
+
+/// Every frame's geometry (per-frame group, else shared) and the label value of its segment.
+fn frame_placements(
+    path: &Path,
+    obj: &InMemDicomObject,
+    segments: &[ReadSegment],
+    frames: usize,
+) -> Result<Vec<Placement>> {
+    let bad = |reason: String| Error::InvalidDicom {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let shared = items(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).first();
+    let per_frame = items(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
+    if per_frame.len() != frames {
+        return Err(bad(format!(
+            "{} per-frame functional groups for {frames} frames",
+            per_frame.len()
+        )));
+    }
+    let mut placed = Vec::with_capacity(frames);
+    for (f, g) in per_frame.iter().enumerate() {
+        let get = |seq, tag, n: usize| {
+            group_floats(Some(g), shared, seq, tag)
+                .filter(|v| v.len() >= n && v.iter().all(|x| x.is_finite()))
+                .ok_or_else(|| bad(format!("frame {} has no usable {tag}", f + 1)))
+        };
+        let position = get(
+            tags::PLANE_POSITION_SEQUENCE,
+            tags::IMAGE_POSITION_PATIENT,
+            3,
+        )?;
+        let orientation = get(
+            tags::PLANE_ORIENTATION_SEQUENCE,
+            tags::IMAGE_ORIENTATION_PATIENT,
+            6,
+        )?;
+        let spacing = get(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING, 2)?;
+        let number = items(g, tags::SEGMENT_IDENTIFICATION_SEQUENCE)
+            .first()
+            .and_then(|s| int(s, tags::REFERENCED_SEGMENT_NUMBER))
+            .ok_or_else(|| bad(format!("frame {} names no segment", f + 1)))?;
+        let value = segments
+            .iter()
+            .find(|s| s.number as i64 == number)
+            .map(|s| s.value)
+            .ok_or_else(|| {
+                bad(format!(
+                    "frame {} refers to unknown segment {number}",
+                    f + 1
+                ))
+            })?;
+        placed.push((
+            [position[0], position[1], position[2]],
+            orientation,
+            spacing,
+            value,
+        ));
+    }
+    Ok(placed)
 }
 
 /// Frame pixels as on/off: 1-bit data unpacked across frame boundaries, 8-bit FRACTIONAL data

@@ -133,7 +133,7 @@ fn seg_and_rtstruct_reference_the_series_and_read_back_exactly() {
     let mask = medseg::io::read_nifti(&out.join(format!("{name}.nii.gz"))).unwrap();
     let [ni, nj, nk] = mask.geometry.dims;
     let m: Vec<u8> = mask.voxels.iter().map(|v| *v as u8).collect();
-    assert!(m.iter().any(|v| *v == 1), "the liver model finds liver");
+    assert!(m.contains(&1), "the liver model finds liver");
     let seg_path = out.join(format!("{name}_seg.dcm"));
 
     // medseg's reader on the series' grid: identical labels, shape and affine.
@@ -235,7 +235,7 @@ fn seg_and_rtstruct_reference_the_series_and_read_back_exactly() {
     let sources = source_uids(&series);
     let frames = items(&seg, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
     let planes_with_liver = (0..nk)
-        .filter(|k| m[k * ni * nj..(k + 1) * ni * nj].iter().any(|v| *v == 1))
+        .filter(|k| m[k * ni * nj..(k + 1) * ni * nj].contains(&1))
         .count();
     assert_eq!(
         frames.len(),
