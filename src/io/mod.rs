@@ -153,6 +153,14 @@ pub fn discover(path: &Path) -> Result<Discovery> {
     let mut single = Vec::new();
     for (p, h) in headers {
         match h {
+            // medseg's own outputs (or a PACS export's) beside the scans are not scans.
+            Ok(h) if h.sop_class_uid.as_deref() == Some(seg::SEG_SOP_CLASS) => {
+                discovery.skipped.push((
+                    p,
+                    "a DICOM Segmentation, not a scan (medseg convert reads it as a label map)"
+                        .into(),
+                ));
+            }
             Ok(h) if h.frames > 1 || h.enhanced => discovery.sources.extend(file_sources(h)),
             Ok(h) => single.push(h),
             Err(e) => {

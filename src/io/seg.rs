@@ -492,6 +492,12 @@ pub fn read_seg(path: &Path, reference: Option<&Geometry>) -> Result<(Volume, Ve
         return Err(bad("frames differ in orientation or pixel spacing".into()));
     }
     let mut warnings = Vec::new();
+    let groups = items(&obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).len();
+    if groups > frames {
+        warnings.push(format!(
+            "{groups} per-frame functional groups for {frames} frames: the first {frames} were used"
+        ));
+    }
     let geometry = match reference {
         Some(g) => g.clone(),
         None => {
@@ -562,14 +568,15 @@ fn frame_placements(
     };
     let shared = items(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).first();
     let per_frame = items(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
-    if per_frame.len() != frames {
+    // Extra items (objects cut down to fewer frames keep them) are ignored by the caller's warning.
+    if per_frame.len() < frames {
         return Err(bad(format!(
             "{} per-frame functional groups for {frames} frames",
             per_frame.len()
         )));
     }
     let mut placed = Vec::with_capacity(frames);
-    for (f, g) in per_frame.iter().enumerate() {
+    for (f, g) in per_frame.iter().take(frames).enumerate() {
         let get = |seq, tag, n: usize| {
             group_floats(Some(g), shared, seq, tag)
                 .filter(|v| v.len() >= n && v.iter().all(|x| x.is_finite()))

@@ -179,6 +179,13 @@ fn seg_and_rtstruct_reference_the_series_and_read_back_exactly() {
         assert_eq!(plane(&partial, k), plane(&mask, k0 + k), "plane {k}");
     }
 
+    // Segmentations beside scans are passed over by discovery, with the reason.
+    let found = medseg::io::discover(&out).unwrap();
+    assert!(found
+        .skipped
+        .iter()
+        .any(|(p, why)| p == &seg_path && why.contains("not a scan")));
+
     // The SEG: identity copied or derived, frames on the source images.
     let seg = dicom_object::open_file(&seg_path).unwrap();
     let rt = dicom_object::open_file(out.join(format!("{name}_rtstruct.dcm"))).unwrap();
@@ -499,4 +506,21 @@ fn enhanced_mr_frames_are_referenced_by_number() {
                 .all(|f| ["1", "2", "3"].contains(&f.as_str())),
         "{frames_seen:?}"
     );
+}
+
+/// A SEG written by another tool (pydicom's test file, cut down to one frame but keeping three
+/// per-frame groups) reads as a label map with pydicom's count of set bits, with a warning.
+#[test]
+fn a_third_party_seg_reads_as_a_label_map() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("liver.nii.gz");
+    let log = ok(&convert(&[
+        cache("pydicom/liver_1frame.dcm").to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]));
+    assert!(log.contains("segment 1 \"Liver\" -> label 1"), "{log}");
+    assert!(log.contains("the first 1 were used"), "{log}");
+    let v = medseg::io::read_nifti(&out).unwrap();
+    assert_eq!(v.geometry.dims, [512, 512, 1]);
+    assert_eq!(v.voxels.iter().filter(|x| **x == 1.0).count(), 36233);
 }
