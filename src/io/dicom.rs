@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result, SeriesChoice};
 use crate::geometry::{cross, dot, matmul, norm, Affine, Geometry, IDENTITY, LPS_TO_RAS};
+use crate::io::tolerant;
 use crate::volume::{DataType, PatientIdentifiers, SourceKind, Volume, VolumeInfo};
 
 /// What medseg reads from a DICOM file's header to group and order slices (pixel data not loaded).
@@ -125,14 +126,38 @@ pub(crate) fn from_group<T>(
 /// Opens a DICOM file, reading its header only (up to Pixel Data) when `header_only`.
 /// Gzip-compressed files (`.dcm.gz`, common in research archives) are inflated in memory first.
 pub fn open(path: &Path, header_only: bool) -> Result<DefaultDicomObject> {
+    open_noted(path, header_only).map(|(obj, _)| obj)
+}
+
+/// [`open`], and what had to be read around: a file the strict parser refuses is read a second
+/// time by [`tolerant::reread`] (bytes after the last element, a VR encoding other than the
+/// file meta's), whose notes are returned; when that does not explain it, the strict error stands.
+pub fn open_noted(path: &Path, header_only: bool) -> Result<(DefaultDicomObject, Vec<String>)> {
+    let strict = open_strict(path, header_only);
+    let Err(error) = strict else {
+        return strict.map(|obj| (obj, Vec::new()));
+    };
+    let bytes = if is_gzip(path) {
+        inflate(path)?
+    } else {
+        std::fs::read(path).map_err(|e| Error::io(path, e))?
+    };
+    tolerant::reread(&bytes).ok_or(error)
+}
+
+fn inflate(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))
+        .read_to_end(&mut bytes)
+        .map_err(|e| dicom_err(path, format!("gzip stream is truncated or corrupt ({e})")))?;
+    Ok(bytes)
+}
+
+fn open_strict(path: &Path, header_only: bool) -> Result<DefaultDicomObject> {
     if is_gzip(path) {
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))
-            .read_to_end(&mut bytes)
-            .map_err(|e| dicom_err(path, format!("gzip stream is truncated or corrupt ({e})")))?;
-        return open_bytes(path, &bytes, header_only);
+        return open_bytes(path, &inflate(path)?, header_only);
     }
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
@@ -683,12 +708,12 @@ pub fn read_series(stack: &SeriesStack) -> Result<Volume> {
         1
     };
     let plane = rows * cols;
-    let planes: Vec<Vec<f32>> = sorted
+    let decoded: Vec<(Vec<f32>, Vec<String>)> = sorted
         .order
         .par_iter()
         .map(|&n| {
             let s = &stack.slices[n];
-            let obj = open(&s.path, false)?;
+            let (obj, notes) = open_noted(&s.path, false)?;
             without_panics(&s.path, &s.transfer_syntax, || {
                 let pixels = decode(&s.path, &obj)?;
                 if pixels.rows() as usize != rows || pixels.columns() as usize != cols {
@@ -697,10 +722,18 @@ pub fn read_series(stack: &SeriesStack) -> Result<Volume> {
                         "pixel data size differs from the series",
                     ));
                 }
-                frame_planes(&s.path, &pixels, 0, &s.transfer_syntax)
+                Ok((
+                    frame_planes(&s.path, &pixels, 0, &s.transfer_syntax)?,
+                    notes,
+                ))
             })
         })
         .collect::<Result<_>>()?;
+    let mut read_notes: BTreeMap<String, usize> = BTreeMap::new();
+    for note in decoded.iter().flat_map(|(_, n)| n) {
+        *read_notes.entry(note.clone()).or_default() += 1;
+    }
+    let planes: Vec<Vec<f32>> = decoded.into_iter().map(|(p, _)| p).collect();
     let nk = planes.len();
     for (k, p) in planes.iter().enumerate() {
         if p.len() < channels * plane {
@@ -724,6 +757,11 @@ pub fn read_series(stack: &SeriesStack) -> Result<Volume> {
         }
     }
     let mut warnings = std::mem::take(&mut sorted.warnings);
+    warnings.extend(
+        read_notes
+            .into_iter()
+            .map(|(note, files)| format!("{files} file(s): {note}")),
+    );
     let distinct_syntax = stack
         .slices
         .iter()
@@ -839,7 +877,10 @@ fn bit_plane(
 /// enhanced object placed by their per-frame Plane Position. Frames repeated at one position
 /// (echoes, time points) become channels.
 pub fn read_file(path: &Path, frames: Option<&[usize]>) -> Result<Volume> {
-    read_object(path, &open(path, false)?, frames)
+    let (obj, notes) = open_noted(path, false)?;
+    let mut volume = read_object(path, &obj, frames)?;
+    volume.info.warnings.extend(notes);
+    Ok(volume)
 }
 
 /// [`read_file`] for an object already parsed (e.g. by [`open_bytes`]).

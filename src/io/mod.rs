@@ -12,6 +12,7 @@ pub mod nifti;
 pub mod plot;
 pub mod rtstruct;
 pub mod seg;
+pub mod tolerant;
 
 use std::path::{Path, PathBuf};
 
