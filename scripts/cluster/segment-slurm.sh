@@ -4,6 +4,9 @@
 # batch_summary_shard-I-of-N.json. Submit from the medseg checkout:
 #   sbatch --array=0-15 scripts/cluster/segment-slurm.sh RUN_DIR ARCHIVE_DIR OUTPUT_DIR
 # Rerunning the same array resumes (--skip-existing); a task's failed cases are in its summary.
+# One summary for the whole batch, once every task has ended (it lists shards that did not finish):
+#   sbatch --dependency=afterany:ARRAY_JOB_ID --wrap \
+#       "target/release/medseg segment --merge-summaries OUTPUT_DIR"
 #SBATCH --job-name=medseg-segment
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=16G

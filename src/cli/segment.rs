@@ -1,6 +1,7 @@
 //! `medseg segment --model RUN_OR_CHECKPOINT INPUT... --output DIR [--tta] [--save-probabilities]
 //! [--overlay] [--format nifti,dicom-seg,rtstruct] [--reference-series DIR] [--skip-existing]
-//! [--shard I/N] [--device NAME] [--set segment.key=value] [--list]`
+//! [--shard I/N] [--device NAME] [--set segment.key=value] [--list]
+//! `medseg segment --merge-summaries DIR``
 
 use std::path::PathBuf;
 
@@ -8,7 +9,9 @@ use std::path::Path;
 
 use medseg::export::dicom::DicomExport;
 use medseg::export::segment_case;
-use medseg::infer::batch::{expand, run_batch, select_shard, BatchEvent, BatchOptions, Shard};
+use medseg::infer::batch::{
+    expand, merge_summaries, run_batch, select_shard, BatchEvent, BatchOptions, Shard,
+};
 use medseg::infer::predictor::Predictor;
 use medseg::io::derived::SourceSeries;
 use medseg::io::layout::{BatchCase, CaseOutputs, CaseStatus, OutputFormat};
@@ -19,15 +22,19 @@ use super::{progress, Reported};
 #[derive(clap::Args)]
 pub struct Args {
     /// A run directory (its best, else last, checkpoint) or a checkpoint directory.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "merge_summaries")]
+    model: Option<PathBuf>,
     /// NIfTI files, DICOM files, DICOM series directories, directories searched recursively, or
     /// CSV manifests (`case,image[,image2...]`, paths relative to the manifest).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "merge_summaries")]
     inputs: Vec<PathBuf>,
     /// Where masks, lesion tables and the batch summary go.
-    #[arg(long)]
-    output: PathBuf,
+    #[arg(long, required_unless_present = "merge_summaries")]
+    output: Option<PathBuf>,
+    /// Merge the shard summaries (`batch_summary_shard-I-of-N.json`) of a sharded batch in DIR
+    /// into `DIR/batch_summary.json`, then exit: status 1 when a case failed or a shard is missing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "inputs", "list"])]
+    merge_summaries: Option<PathBuf>,
     /// Mirror test-time augmentation over the spatial axes (4 passes in 2D, 8 in 3D).
     #[arg(long)]
     tta: bool,
@@ -71,6 +78,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(dir) = &args.merge_summaries {
+        return merge(dir);
+    }
+    let (Some(model), Some(output)) = (args.model.clone(), args.output.clone()) else {
+        super::usage!("--model and --output are needed to segment");
+    };
     let cases = expand(&args.inputs);
     let total = cases.len();
     let cases = select_shard(cases, args.shard);
@@ -84,11 +97,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tta {
         overrides.push("segment.tta=true".into());
     }
-    let predictor = Predictor::load(&args.model, args.device.as_deref(), &overrides)?;
+    let predictor = Predictor::load(&model, args.device.as_deref(), &overrides)?;
     let filter = predictor.lesion_filter()?;
-    let dicom = dicom_export(&args, &predictor)?;
+    let dicom = dicom_export(&args, &model, &predictor)?;
     let outputs = |name: &str| {
-        CaseOutputs::new(&args.output, name, args.save_probabilities, args.overlay)
+        CaseOutputs::new(&output, name, args.save_probabilities, args.overlay)
             .with_formats(&args.format)
     };
 
@@ -101,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let summary = run_batch(
         cases,
         total,
-        &args.output,
+        &output,
         &BatchOptions {
             skip_existing: args.skip_existing,
             fail_fast: args.fail_fast,
@@ -134,7 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.segmented,
         summary.skipped,
         summary.failed,
-        args.output.display()
+        output.display()
     );
     if summary.failed == 0 {
         return Ok(());
@@ -150,7 +163,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// How DICOM objects are described: the model's classes and codes, its run, the reference series.
-fn dicom_export(args: &Args, predictor: &Predictor) -> anyhow::Result<DicomExport> {
+fn dicom_export(args: &Args, model: &Path, predictor: &Predictor) -> anyhow::Result<DicomExport> {
     let reference = match &args.reference_series {
         Some(dir) => Some(reference_series(dir)?),
         None => None,
@@ -159,9 +172,39 @@ fn dicom_export(args: &Args, predictor: &Predictor) -> anyhow::Result<DicomExpor
         &predictor.labels,
         &predictor.config.data.label_codes,
         predictor.config.segment.rtstruct_rois,
-        &run_name(&args.model),
+        &run_name(model),
         reference,
     ))
+}
+
+/// `--merge-summaries DIR`: one summary for a sharded batch, and what is missing from it.
+fn merge(dir: &Path) -> anyhow::Result<()> {
+    let merged = merge_summaries(dir)?;
+    println!(
+        "merged {} of {} shard summaries: {} inputs, segmented {}, skipped {}, failed {} — {}",
+        merged.shards.unwrap_or(0) as usize - merged.missing_shards.len(),
+        merged.shards.unwrap_or(0),
+        merged.inputs,
+        merged.segmented,
+        merged.skipped,
+        merged.failed,
+        dir.join("batch_summary.json").display()
+    );
+    if !merged.missing_shards.is_empty() {
+        eprintln!("missing shards: {:?}", merged.missing_shards);
+    }
+    for c in merged
+        .cases
+        .iter()
+        .filter(|c| c.status == CaseStatus::Failed)
+    {
+        eprintln!("failed: {}: {}", c.case, c.reason.as_deref().unwrap_or(""));
+    }
+    if merged.failed == 0 && merged.missing_shards.is_empty() {
+        Ok(())
+    } else {
+        Err(Reported.into())
+    }
 }
 
 /// The one DICOM series in `dir`, read for `--reference-series`.

@@ -409,6 +409,67 @@ pub fn run_batch(
     Ok(summary)
 }
 
+/// Merges the shard summaries in `dir` (`batch_summary_shard-I-of-N.json`, one N) into
+/// `batch_summary.json`: every case once, counts summed, and the shards not found listed. The
+/// merged summary is written (atomically) and returned.
+pub fn merge_summaries(dir: &Path) -> Result<BatchSummary> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut shards: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(shard) = BatchSummary::shard_of(name) {
+            shards.insert(shard, path);
+        }
+    }
+    let counts: HashSet<u64> = shards.keys().map(|(_, n)| *n).collect();
+    let count = match counts.len() {
+        1 => *counts.iter().next().unwrap_or(&1),
+        0 => {
+            return Err(Error::NothingFound {
+                path: dir.to_path_buf(),
+                detail: " (no batch_summary_shard-I-of-N.json to merge)".into(),
+            })
+        }
+        _ => {
+            return Err(Error::Unsupported {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "shard summaries of different splits ({:?} shards): remove the stale ones",
+                    counts
+                ),
+            })
+        }
+    };
+    let mut merged = BatchSummary {
+        shards: Some(count),
+        ..BatchSummary::default()
+    };
+    for ((index, _), path) in &shards {
+        let part: BatchSummary = crate::io::read_json(path)?;
+        if merged.inputs != 0 && part.inputs != merged.inputs {
+            return Err(Error::Unsupported {
+                path: path.clone(),
+                reason: format!(
+                    "shard {index} saw {} inputs, the others {}: were the shards given the same inputs?",
+                    part.inputs, merged.inputs
+                ),
+            });
+        }
+        merged.inputs = part.inputs;
+        merged.segmented += part.segmented;
+        merged.skipped += part.skipped;
+        merged.failed += part.failed;
+        merged.cases.extend(part.cases);
+    }
+    merged.missing_shards = (0..count)
+        .filter(|i| !shards.contains_key(&(*i, count)))
+        .collect();
+    merged.cases.sort_by(|a, b| a.case.cmp(&b.case));
+    crate::io::write_json_atomically(&BatchSummary::path(dir, None), &merged)?;
+    Ok(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

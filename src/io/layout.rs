@@ -546,9 +546,24 @@ pub struct BatchSummary {
     pub failed: usize,
     /// Every case of this shard, in order.
     pub cases: Vec<BatchCase>,
+    /// A merged summary (`--merge-summaries`): how many shards the batch was split into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u64>,
+    /// A merged summary: shards whose summary was not found (not run, or still running).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_shards: Vec<u64>,
 }
 
 impl BatchSummary {
+    /// The shard `(i, n)` a summary file name stands for (`batch_summary_shard-I-of-N.json`).
+    pub fn shard_of(file_name: &str) -> Option<(u64, u64)> {
+        let rest = file_name
+            .strip_prefix("batch_summary_shard-")?
+            .strip_suffix(".json")?;
+        let (i, n) = rest.split_once("-of-")?;
+        Some((i.parse().ok()?, n.parse().ok()?))
+    }
+
     /// The summary's path in `dir`, for shard `(i, n)` when sharded.
     pub fn path(dir: &Path, shard: Option<(u64, u64)>) -> PathBuf {
         dir.join(match shard {

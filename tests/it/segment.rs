@@ -526,3 +526,60 @@ fn exit_statuses_and_fail_fast() {
     assert_eq!(summary["failed"], 1);
     assert!(!out.join("example_ct.nii.gz").exists());
 }
+
+/// Shards of one batch write their own summaries; `--merge-summaries` makes one of them, names the
+/// shards that are missing (exit 1), and refuses summaries of different splits.
+#[test]
+fn shard_summaries_merge_into_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scan = cache("totalsegmentator/example_ct_sm.nii.gz");
+    let inputs: Vec<String> = (0..4)
+        .map(|n| {
+            let p = tmp.path().join(format!("scan{n}.nii.gz"));
+            std::fs::copy(&scan, &p).unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    let out = tmp.path().join("out");
+    let out_s = out.to_str().unwrap();
+    for shard in ["0/2", "1/2"] {
+        let mut args: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        args.extend(["--output", out_s, "--shard", shard]);
+        let o = segment(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let merge = || {
+        Command::new(bin())
+            .args(["segment", "--merge-summaries", out_s])
+            .output()
+            .unwrap()
+    };
+    let o = merge();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    assert_eq!(merged["inputs"], 4);
+    assert_eq!(merged["segmented"], 4);
+    assert_eq!(merged["shards"], 2);
+    let names: BTreeSet<&str> = merged["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["case"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "every case once");
+
+    std::fs::remove_file(out.join("batch_summary_shard-1-of-2.json")).unwrap();
+    let o = merge();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing shards: [1]"));
+
+    std::fs::write(
+        out.join("batch_summary_shard-0-of-3.json"),
+        r#"{"inputs": 4, "segmented": 0, "skipped": 0, "failed": 0, "cases": []}"#,
+    )
+    .unwrap();
+    let o = merge();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("different splits"));
+}
