@@ -38,8 +38,8 @@ fn liver_case() -> medseg::data::PreparedCase {
         reorient: true,
         crop_to_nonzero: false,
     };
-    let s =
-        load_case(&entry, 1, &LabelMap::new(2, &[0, 5]), &plan).expect("run scripts/fetch-data.sh");
+    let s = load_case(&entry, 1, &LabelMap::new(2, &[0, 5]), &plan, u64::MAX)
+        .expect("run scripts/fetch-data.sh");
     let ct = Normalization::Ct {
         low: -100.0,
         high: 250.0,

@@ -95,12 +95,14 @@ impl LabelMap {
     }
 }
 
-/// Reads a case's channels and label, checks them and applies the spatial plan.
+/// Reads a case's channels and label, checks them and applies the spatial plan; a case whose
+/// resampled grid would exceed `max_voxels` is refused before any resampling.
 pub fn load_case(
     entry: &CaseEntry,
     channels: usize,
     labels: &LabelMap,
     plan: &SpatialPlan,
+    max_voxels: u64,
 ) -> Result<SpatialResult> {
     let case_err = |reason: String| Error::Case {
         case: entry.id.clone(),
@@ -120,6 +122,9 @@ pub fn load_case(
             "{nan} NaN and {inf} infinite voxel(s) in {}",
             files.join(", ")
         )));
+    }
+    if let Some(reason) = plan.size_problem(&scan.geometry, max_voxels, "segment.max_voxels") {
+        return Err(case_err(reason));
     }
     let geometry = scan.geometry;
     let image = scan.voxels;
@@ -233,14 +238,23 @@ struct CacheHeader {
 /// (which may hold a patient name) reaches a file name.
 pub struct CaseCache {
     dir: PathBuf,
+    max_voxels: u64,
 }
 
 impl CaseCache {
-    /// A cache in `dir` (created when first written).
+    /// A cache in `dir` (created when first written); cases are held to the default
+    /// `segment.max_voxels`.
     pub fn new(dir: &Path) -> Self {
         CaseCache {
             dir: dir.to_path_buf(),
+            max_voxels: crate::config::DEFAULT_MAX_VOXELS,
         }
+    }
+
+    /// The same cache, refusing cases whose resampled grid exceeds `max_voxels`.
+    pub fn with_max_voxels(mut self, max_voxels: u64) -> Self {
+        self.max_voxels = max_voxels;
+        self
     }
 
     fn path(&self, entry: &CaseEntry, plan: &SpatialPlan, labels: &LabelMap) -> PathBuf {
@@ -269,7 +283,7 @@ impl CaseCache {
         if let Some(hit) = Self::read(&path) {
             return Ok(hit);
         }
-        let result = load_case(entry, channels, labels, plan)?;
+        let result = load_case(entry, channels, labels, plan, self.max_voxels)?;
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let (c, k, j, i) = result.image.dim();
         let header = serde_json::to_vec(&CacheHeader {
@@ -662,7 +676,7 @@ pub fn build(config: &mut RunConfig, progress: &(dyn Fn(usize, usize) + Sync)) -
     let labels = LabelMap::new(classes, &config.data.label_values);
     let ids: Vec<String> = sources.cases.iter().map(|c| c.id.clone()).collect();
     let split = split_cases(&ids, &config.data)?;
-    let cache = CaseCache::new(&config.data.cache_dir);
+    let cache = CaseCache::new(&config.data.cache_dir).with_max_voxels(config.segment.max_voxels);
     let spacing = plan_spacing(config, &sources, &split, &cache)?;
     let plan = SpatialPlan {
         spacing,

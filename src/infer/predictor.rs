@@ -87,32 +87,18 @@ impl Predictor {
     /// Refuses a scan whose preprocessed grid would exceed `segment.max_voxels`, before any work,
     /// naming the spacings and the grid (and a likely unit error).
     fn check_size(&self, volume: &Volume) -> Result<()> {
-        let grid = self.preprocessing.spatial.resampled_grid(&volume.geometry);
-        let voxels = grid.voxel_count() as u64;
         let limit = self.config.segment.max_voxels;
-        if voxels <= limit {
-            return Ok(());
+        match self
+            .preprocessing
+            .spatial
+            .size_problem(&volume.geometry, limit, "segment.max_voxels")
+        {
+            None => Ok(()),
+            Some(reason) => Err(Error::Unsupported {
+                path: volume.info.path.clone(),
+                reason,
+            }),
         }
-        let source = volume.geometry.spacing();
-        let hint = if source[..2].iter().any(|s| *s >= 10.0) {
-            format!(
-                "; an in-plane voxel of {:.1} mm is unusual: is the header's unit cm instead of mm?",
-                source[0].max(source[1])
-            )
-        } else {
-            String::new()
-        };
-        Err(Error::Unsupported {
-            path: volume.info.path.clone(),
-            reason: format!(
-                "resampling {:?} voxels of {:.3?} mm to {:.3?} mm gives a {:?} grid ({voxels} voxels, about {:.1} GiB per channel and class); the limit is segment.max_voxels = {limit}{hint}",
-                volume.geometry.dims,
-                source,
-                self.preprocessing.spatial.spacing,
-                grid.dims,
-                voxels as f64 * 4.0 / (1u64 << 30) as f64
-            ),
-        })
     }
 
     /// Segments one scan: preprocess as in training, sliding window, argmax, and the label map

@@ -67,6 +67,34 @@ impl SpatialPlan {
         resampled_geometry(source, source_spacing)
     }
 
+    /// Why a scan on `source` is too large to preprocess (`None`: its resampled grid holds at most
+    /// `limit` voxels), naming the source and target spacings, the grid, the `setting` that sets
+    /// the limit, and a likely unit error (a voxel of 10 mm or more in-plane).
+    pub fn size_problem(&self, source: &Geometry, limit: u64, setting: &str) -> Option<String> {
+        let grid = self.resampled_grid(source);
+        let voxels = grid.voxel_count() as u64;
+        if voxels <= limit {
+            return None;
+        }
+        let spacing = source.spacing();
+        let hint = if spacing[..2].iter().any(|s| *s >= 10.0) {
+            format!(
+                "; an in-plane voxel of {:.1} mm is unusual: is the header's unit cm instead of mm?",
+                spacing[0].max(spacing[1])
+            )
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "resampling {:?} voxels of {:.3?} mm to {:.3?} mm gives a {:?} grid ({voxels} voxels, about {:.1} GiB per channel and class); the limit is {setting} = {limit}{hint}",
+            source.dims,
+            spacing,
+            self.spacing,
+            grid.dims,
+            voxels as f64 * 4.0 / (1u64 << 30) as f64
+        ))
+    }
+
     /// Applies the plan to an image (and its label map on the same grid).
     pub fn apply(
         &self,

@@ -233,6 +233,35 @@ fn bad_dataset_entries_name_the_case() {
         err.contains("case plain") && err.contains("is not one of the 2 declared classes"),
         "{err}"
     );
+    // A case whose header is in cm (voxels 40× too large) would resample to a grid of 10^11
+    // voxels: refused before any resampling, naming the case, the spacings and the likely unit.
+    for (name, out) in [
+        ("example_ct.nii.gz", "cm_ct.nii.gz"),
+        ("example_seg_fast_force_split.nii.gz", "cm_seg.nii.gz"),
+    ] {
+        let mut v = medseg::io::read_nifti(&ts.join(name)).unwrap();
+        for r in 0..3 {
+            for c in 0..3 {
+                v.geometry.affine[r][c] *= 40.0;
+            }
+        }
+        medseg::io::write_nifti(&v, &tmp.path().join(out), medseg::DataType::Int16).unwrap();
+    }
+    let cm = |f: &str| tmp.path().join(f).display().to_string();
+    let err = run(
+        &format!(
+            "case,image,label\nok,example_ct.nii.gz,example_seg_fast_force_split.nii.gz\ncm,{},{}\n",
+            cm("cm_ct.nii.gz"),
+            cm("cm_seg.nii.gz")
+        ),
+        &["--set", "preprocess.spacing=[1.5, 1.5, 1.5]", "--set", "data.validation_fraction=0.0"],
+    );
+    assert!(
+        err.contains("case cm")
+            && err.contains("segment.max_voxels")
+            && err.contains("cm instead of mm"),
+        "{err}"
+    );
 }
 
 #[test]
