@@ -136,6 +136,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    for (path, reason) in &found.unreadable {
+        if !args.json {
+            eprintln!(
+                "error: {}: not a readable DICOM file: {reason}",
+                path.display()
+            );
+        }
+        errors.push(json!({ "path": path, "error": reason }));
+    }
     let skipped: Vec<Value> = found
         .skipped
         .iter()

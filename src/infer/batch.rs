@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::io::layout::{
-    case_name, dicom_case_name, sanitize_name, BatchCase, BatchSummary, CaseStatus,
+    case_name, case_name_with, dicom_case_name, sanitize_name, BatchCase, BatchSummary, CaseStatus,
 };
 use crate::io::{discover, manifest, ScanSource};
 use crate::volume::Volume;
@@ -216,11 +216,19 @@ pub fn expand(inputs: &[PathBuf]) -> Vec<BatchInput> {
             continue;
         }
         match discover(path) {
-            Ok(d) => cases.extend(d.sources.into_iter().map(|source| BatchInput {
-                name: source_name(&source),
-                origin: source.path().display().to_string(),
-                input: CaseInput::Source(source),
-            })),
+            Ok(d) => {
+                cases.extend(d.sources.into_iter().map(|source| BatchInput {
+                    name: source_name(&source),
+                    origin: source.path().display().to_string(),
+                    input: CaseInput::Source(source),
+                }));
+                // Corrupt DICOM files are failed cases, reported with their reason.
+                cases.extend(d.unreadable.into_iter().map(|(file, reason)| BatchInput {
+                    name: case_name_with(&file, ".dcm"),
+                    origin: file.display().to_string(),
+                    input: CaseInput::Unreadable(format!("not a readable DICOM file: {reason}")),
+                }));
+            }
             Err(e) => cases.push(unreadable(e)),
         }
     }

@@ -90,8 +90,11 @@ impl ScanSource {
 pub struct Discovery {
     /// Volumes found, not yet decoded.
     pub sources: Vec<ScanSource>,
-    /// Files passed over, each with the reason.
+    /// Files passed over, each with the reason: not DICOM, or DICOM objects that are not scans.
     pub skipped: Vec<(PathBuf, String)>,
+    /// DICOM files (with the preamble and "DICM") whose header cannot be read: corrupt scans,
+    /// which a batch reports as failed cases.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// Finds the volumes under `path`: a NIfTI file, a DICOM file, or a directory searched recursively
@@ -108,6 +111,7 @@ pub fn discover(path: &Path) -> Result<Discovery> {
         return Ok(Discovery {
             sources,
             skipped: Vec::new(),
+            unreadable: Vec::new(),
         });
     }
     let mut files = Vec::new();
@@ -165,13 +169,18 @@ pub fn discover(path: &Path) -> Result<Discovery> {
             Ok(h) if h.frames > 1 || h.enhanced => discovery.sources.extend(file_sources(h)),
             Ok(h) => single.push(h),
             Err(e) => {
+                let corrupt = matches!(e, Error::InvalidDicom { .. }) && dicom::has_dicom_magic(&p);
                 let reason = match &e {
                     Error::InvalidDicom { reason, .. } | Error::Unsupported { reason, .. } => {
                         reason.clone()
                     }
                     other => other.to_string(),
                 };
-                discovery.skipped.push((p, reason));
+                if corrupt {
+                    discovery.unreadable.push((p, reason));
+                } else {
+                    discovery.skipped.push((p, reason));
+                }
             }
         }
     }
@@ -181,15 +190,18 @@ pub fn discover(path: &Path) -> Result<Discovery> {
             .map(ScanSource::DicomSeries),
     );
     if discovery.sources.is_empty() {
-        let detail = if discovery.skipped.is_empty() {
-            " (the directory is empty)".to_string()
-        } else {
-            let (p, r) = &discovery.skipped[0];
-            format!(
+        let passed: Vec<&(PathBuf, String)> = discovery
+            .unreadable
+            .iter()
+            .chain(&discovery.skipped)
+            .collect();
+        let detail = match passed.first() {
+            None => " (the directory is empty)".to_string(),
+            Some((p, r)) => format!(
                 " ({} files passed over, e.g. {}: {r})",
-                discovery.skipped.len(),
+                passed.len(),
                 p.strip_prefix(path).unwrap_or(p).display()
-            )
+            ),
         };
         return Err(Error::NothingFound {
             path: path.to_path_buf(),

@@ -583,3 +583,39 @@ fn shard_summaries_merge_into_one() {
     assert_ne!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stderr).contains("different splits"));
 }
+
+/// A corrupt DICOM file in a scanned directory is a failed case with its reason (the soak found it
+/// passed over in silence); a non-DICOM file there is not a case.
+#[test]
+fn corrupt_dicom_in_a_directory_is_a_failed_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("archive");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        cache("totalsegmentator/example_ct_sm.nii.gz"),
+        dir.join("good.nii.gz"),
+    )
+    .unwrap();
+    let mut garbage = vec![0u8; 128];
+    garbage.extend(b"DICM");
+    garbage.extend((0..500u32).map(|i| (i * 37 % 251) as u8));
+    std::fs::write(dir.join("garbage.dcm"), garbage).unwrap();
+    std::fs::write(dir.join("README.txt"), "notes").unwrap();
+    let found = medseg::io::discover(&dir).unwrap();
+    assert_eq!(found.unreadable.len(), 1);
+    assert!(found.skipped.iter().any(|(p, _)| p.ends_with("README.txt")));
+
+    let out = tmp.path().join("out");
+    let o = segment(&[dir.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    let cases = summary["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2, "{cases:?}");
+    let bad = cases.iter().find(|c| c["case"] == "garbage").unwrap();
+    assert_eq!(bad["status"], "failed");
+    assert!(bad["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not a readable DICOM file"));
+}
