@@ -92,13 +92,12 @@ fn complete_prefix(data: &[u8], ts: &dicom_encoding::TransferSyntax) -> Option<u
             DataToken::SequenceStart { .. } | DataToken::PixelSequenceStart => depth += 1,
             DataToken::SequenceEnd => depth = depth.saturating_sub(1),
             // Items (and pixel fragments) are bounded like elements.
-            DataToken::ItemStart { len } => {
+            DataToken::ItemStart { len }
                 if len
                     .get()
-                    .is_some_and(|l| l as usize > data.len() - taken.get())
-                {
-                    return Some(last_good);
-                }
+                    .is_some_and(|l| l as usize > data.len() - taken.get()) =>
+            {
+                return Some(last_good);
             }
             DataToken::ElementHeader(h) => {
                 // Zero padding reads as elements of group 0000, which no data set holds.
