@@ -302,6 +302,11 @@ impl Geometry {
     }
 }
 
+/// A point or vector in DICOM's LPS as RAS+ (and back: the flip is its own inverse).
+pub(crate) fn lps_to_ras(v: [f64; 3]) -> [f64; 3] {
+    [-v[0], -v[1], v[2]]
+}
+
 pub(crate) fn norm(v: [f64; 3]) -> f64 {
     (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt()
 }

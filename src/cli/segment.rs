@@ -101,8 +101,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let filter = predictor.lesion_filter()?;
     let dicom = dicom_export(&args, &model, &predictor)?;
     let outputs = |name: &str| {
-        CaseOutputs::new(&output, name, args.save_probabilities, args.overlay)
-            .with_formats(&args.format)
+        CaseOutputs::with_formats(
+            &output,
+            name,
+            args.save_probabilities,
+            args.overlay,
+            &args.format,
+        )
     };
 
     let bars = progress::multi(args.quiet);

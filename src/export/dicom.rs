@@ -116,13 +116,12 @@ impl DicomExport {
                 &self.algorithm,
                 &description,
             )?;
-            if labels.iter().all(|v| *v == 0) {
+            if summary.placeholder {
                 notes.push(format!(
                     "nothing segmented: the SEG holds one empty frame of segment {:?}",
                     self.segments[0].label
                 ));
             }
-            debug_assert!(summary.frames > 0);
         }
         if let Some(path) = &outputs.rtstruct {
             match self.grouping {

@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue};
 use dicom_core::{DataElement, Tag, VR};
-use dicom_dictionary_std::{tags, uids};
+use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use sha2::{Digest, Sha256};
 
 use crate::config::Code;
 use crate::error::{Error, Result};
-use crate::geometry::{cross, dot, Geometry};
-use crate::io::dicom::{self, frame_layout, order_slices, SliceHeader, NO_UID};
+use crate::geometry::{cross, dot, lps_to_ras, Geometry};
+use crate::io::dicom::{self, frame_layout, order_slices, plane_steps, SliceHeader, NO_UID};
 use crate::io::{write_atomically, ScanSource};
 
 /// medseg's implementation class UID in the file meta group: a fixed `2.25.` UID.
@@ -36,6 +36,25 @@ pub struct SourceSlice {
     pub frame: Option<u32>,
     /// Image Position (Patient), LPS mm.
     pub position: [f64; 3],
+}
+
+impl SourceSlice {
+    /// The image reference item (Referenced SOP Class and Instance UIDs, and the frame number for
+    /// multi-frame sources) that SEG frames and RTSTRUCT contours carry.
+    pub fn reference(&self) -> InMemDicomObject {
+        let mut item = InMemDicomObject::from_element_iter([
+            text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &self.sop_class_uid),
+            text(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                &self.sop_instance_uid,
+            ),
+        ]);
+        if let Some(f) = self.frame {
+            item.put(text(tags::REFERENCED_FRAME_NUMBER, VR::IS, &f.to_string()));
+        }
+        item
+    }
 }
 
 /// The source series of a segmentation: identity, grid and the elements copied into derived objects.
@@ -249,10 +268,9 @@ impl SourceSeries {
     /// The patient (LPS) position of continuous pixel coordinates `(x, y)` = (column, row) on
     /// plane `k`, from that plane's own Image Position so uneven spacing stays exact.
     pub fn to_patient(&self, k: usize, x: f64, y: f64) -> [f64; 3] {
-        let o = self.orientation;
         let p = self.slices[k].position;
-        let [dr, dc] = self.pixel_spacing;
-        std::array::from_fn(|r| p[r] + x * dc * o[r] + y * dr * o[3 + r])
+        let [si, sj] = plane_steps(self.orientation, self.pixel_spacing);
+        std::array::from_fn(|r| p[r] + x * si[r] + y * sj[r])
     }
 
     /// Why a label map on `grid` would not lie on this series' planes (`None`: it does): the grid
@@ -266,13 +284,7 @@ impl SourceSeries {
                 grid.dims
             ));
         }
-        let ras = |v: [f64; 3]| [-v[0], -v[1], v[2]];
-        let o = self.orientation;
-        let [dr, dc] = self.pixel_spacing;
-        let axes = [
-            ras([o[0] * dc, o[1] * dc, o[2] * dc]),
-            ras([o[3] * dr, o[4] * dr, o[5] * dr]),
-        ];
+        let axes = plane_steps(self.orientation, self.pixel_spacing).map(lps_to_ras);
         for (axis, expected) in axes.iter().enumerate() {
             let step = grid.axis_step(axis);
             let off = (0..3)
@@ -287,7 +299,7 @@ impl SourceSeries {
         }
         for (k, slice) in self.slices.iter().enumerate() {
             let at = grid.voxel_to_world([0.0, 0.0, k as f64]);
-            let want = ras(slice.position);
+            let want = lps_to_ras(slice.position);
             let off = (0..3).map(|r| (at[r] - want[r]).abs()).fold(0.0, f64::max);
             if off > tolerance_mm {
                 return Some(format!(
@@ -352,26 +364,32 @@ pub fn derived_uid(parts: &[&str]) -> String {
     format!("2.25.{}", uuid::Uuid::new_v8(bytes).as_u128())
 }
 
+/// `v` with `decimals` decimals, trailing zeros dropped, never "-0".
+fn decimal(v: f64, decimals: usize) -> String {
+    let s = format!("{v:.decimals$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    match s {
+        "-0" | "" => "0".to_string(),
+        s => s.to_string(),
+    }
+}
+
 /// A Decimal String value: the shortest decimal that round-trips when it fits the standard's 16
 /// characters, else rounded to fit.
 pub fn ds(v: f64) -> String {
-    let v = if v == 0.0 { 0.0 } else { v }; // no "-0"
-    let s = format!("{v}");
+    let s = format!("{}", if v == 0.0 { 0.0 } else { v }); // no "-0"
     if s.len() <= 16 {
         return s;
     }
-    for decimals in (0..=12).rev() {
-        let s = format!("{v:.decimals$}");
-        let s = if s.contains('.') {
-            s.trim_end_matches('0').trim_end_matches('.').to_string()
-        } else {
-            s
-        };
-        if s.len() <= 16 {
-            return if s == "-0" { "0".into() } else { s };
-        }
-    }
-    format!("{v:.6e}")
+    (0..=12)
+        .rev()
+        .map(|d| decimal(v, d))
+        .find(|s| s.len() <= 16)
+        .unwrap_or_else(|| format!("{v:.6e}"))
 }
 
 /// A multi-valued DS element with values rounded to `decimals` (contour points: 0.1 µm is far
@@ -383,24 +401,10 @@ pub fn ds_rounded_element(
 ) -> DataElement<InMemDicomObject> {
     let strs: Vec<String> = values
         .iter()
-        .map(|v| {
-            let s = format!("{v:.decimals$}");
-            let s = if s.contains('.') {
-                s.trim_end_matches('0').trim_end_matches('.')
-            } else {
-                &s
-            };
-            match s {
-                "-0" | "" => "0".to_string(),
-                s => s.to_string(),
-            }
-        })
-        .map(|s| {
-            if s.len() <= 16 {
-                s
-            } else {
-                ds(s.parse().unwrap_or(0.0))
-            }
+        .map(|&v| {
+            Some(decimal(v, decimals))
+                .filter(|s| s.len() <= 16)
+                .unwrap_or_else(|| ds(v))
         })
         .collect();
     DataElement::new(tag, VR::DS, PrimitiveValue::Strs(strs.into()))
@@ -501,15 +505,13 @@ pub fn derived_object(
         text(tags::DEVICE_SERIAL_NUMBER, VR::LO, "medseg"),
         text(tags::SOFTWARE_VERSIONS, VR::LO, version),
         text(tags::INSTANCE_NUMBER, VR::IS, "1"),
-        text(tags::CONTENT_DATE, VR::DA, &date),
-        text(tags::CONTENT_TIME, VR::TM, &time),
     ] {
         obj.put(e);
     }
     obj
 }
 
-/// The Referenced Instance items of every source plane (each instance once).
+/// The Referenced Instance items of every source instance, once each (no frame numbers).
 pub fn referenced_instances(source: &SourceSeries) -> Vec<InMemDicomObject> {
     let mut seen = std::collections::BTreeSet::new();
     source
@@ -517,14 +519,11 @@ pub fn referenced_instances(source: &SourceSeries) -> Vec<InMemDicomObject> {
         .iter()
         .filter(|s| seen.insert(s.sop_instance_uid.clone()))
         .map(|s| {
-            InMemDicomObject::from_element_iter([
-                text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid),
-                text(
-                    tags::REFERENCED_SOP_INSTANCE_UID,
-                    VR::UI,
-                    &s.sop_instance_uid,
-                ),
-            ])
+            SourceSlice {
+                frame: None,
+                ..s.clone()
+            }
+            .reference()
         })
         .collect()
 }
@@ -548,12 +547,6 @@ pub fn write_object(path: &Path, obj: InMemDicomObject, transfer_syntax: &str) -
         .map_err(|e| write_err(e.to_string()))?;
     write_atomically(path, &bytes)
 }
-
-/// Explicit VR Little Endian (SEG) and Implicit VR Little Endian (RTSTRUCT: contour data can
-/// exceed explicit VR's 64 KiB limit for DS).
-pub const EXPLICIT_LE: &str = uids::EXPLICIT_VR_LITTLE_ENDIAN;
-/// Implicit VR Little Endian.
-pub const IMPLICIT_LE: &str = uids::IMPLICIT_VR_LITTLE_ENDIAN;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use dicom_core::Tag;
-use dicom_dictionary_std::tags;
+use dicom_dictionary_std::{tags, uids};
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::{
     DecodedPixelData, PhotometricInterpretation, PixelDecoder, PixelRepresentation,
@@ -137,7 +137,13 @@ pub fn open_noted(path: &Path, header_only: bool) -> Result<(DefaultDicomObject,
     let Err(error) = strict else {
         return strict.map(|obj| (obj, Vec::new()));
     };
-    let bytes = if is_gzip(path) {
+    // Only a file that is DICOM by its magic is worth reading whole a second time.
+    let head = file_head(path);
+    let gzip = head.starts_with(&[0x1f, 0x8b]);
+    if !(gzip || head.starts_with(b"DICM") || head.get(128..132) == Some(b"DICM".as_slice())) {
+        return Err(error);
+    }
+    let bytes = if gzip {
         inflate(path)?
     } else {
         std::fs::read(path).map_err(|e| Error::io(path, e))?
@@ -220,7 +226,7 @@ fn check_declared_lengths(
     };
     let uid = meta.transfer_syntax();
     // Deflated data sets: declared lengths refer to inflated bytes, not comparable to the file.
-    if uid == "1.2.840.10008.1.2.1.99" || uid == "1.2.840.10008.1.2.4.95" {
+    if is_deflated(uid) {
         return Ok(());
     }
     let Some(ts) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid) else {
@@ -260,6 +266,21 @@ fn check_declared_lengths(
         }
     }
     Ok(())
+}
+
+/// Whether a transfer syntax deflates the data set, whose bytes then cannot be walked as stored.
+pub(crate) fn is_deflated(uid: &str) -> bool {
+    let uid = uid.trim_end_matches('\0');
+    uid == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN || uid == uids::JPIP_REFERENCED_DEFLATE
+}
+
+/// The LPS steps of one column and one row of an image plane: the row direction times the column
+/// spacing (PixelSpacing[1]) and the column direction times the row spacing (PixelSpacing[0]).
+pub(crate) fn plane_steps(orientation: [f64; 6], [dr, dc]: [f64; 2]) -> [[f64; 3]; 2] {
+    [
+        std::array::from_fn(|r| orientation[r] * dc),
+        std::array::from_fn(|r| orientation[3 + r] * dr),
+    ]
 }
 
 /// Up to the first 132 bytes of a file (the DICOM preamble and magic); empty when unreadable.
@@ -397,7 +418,7 @@ impl SliceHeader {
 }
 
 /// A UID from the data set, else from the file meta group (anonymisers often blank the former).
-fn uid_or_meta(obj: &DefaultDicomObject, tag: Tag, meta: &str) -> Option<String> {
+pub(crate) fn uid_or_meta(obj: &DefaultDicomObject, tag: Tag, meta: &str) -> Option<String> {
     let meta = meta.trim_matches(|c: char| c.is_whitespace() || c == '\0');
     string(obj, tag).or_else(|| (!meta.is_empty()).then(|| meta.to_string()))
 }
@@ -520,9 +541,15 @@ pub(crate) fn order_slices(
     let all_positions: Option<Vec<[f64; 3]>> = positions.iter().copied().collect();
     let mut order: Vec<usize> = (0..n).collect();
     let mut affine = IDENTITY;
+    let [step_i, step_j] = plane_steps(
+        [
+            row_dir[0], row_dir[1], row_dir[2], col_dir[0], col_dir[1], col_dir[2],
+        ],
+        [dr, dc],
+    );
     for r in 0..3 {
-        affine[r][0] = row_dir[r] * dc;
-        affine[r][1] = col_dir[r] * dr;
+        affine[r][0] = step_i[r];
+        affine[r][1] = step_j[r];
     }
     match all_positions {
         Some(pos) if orientation.is_some() => {
@@ -845,7 +872,7 @@ fn position_key(p: &Option<[f64; 3]>) -> Option<[i64; 3]> {
 
 /// Unpacks one frame of 1-bit pixel data (segmentation objects), which dicom-pixeldata refuses.
 /// Frames are packed back to back, least significant bit first (PS3.5 §8.1.1).
-fn bit_plane(
+pub(crate) fn bit_plane(
     path: &Path,
     obj: &DefaultDicomObject,
     frame: usize,

@@ -324,28 +324,25 @@ impl CaseOutputs {
         }
     }
 
-    /// The same outputs with the segmentation written in `formats` (at least one).
-    pub fn with_formats(mut self, formats: &[OutputFormat]) -> Self {
-        let dir = self
-            .mask
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let name = self
-            .mask
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".nii.gz"))
-            .unwrap_or_default()
-            .to_string();
-        self.nifti = formats.contains(&OutputFormat::Nifti);
-        self.seg = formats
-            .contains(&OutputFormat::DicomSeg)
-            .then(|| dir.join(format!("{name}_seg.dcm")));
-        self.rtstruct = formats
-            .contains(&OutputFormat::Rtstruct)
-            .then(|| dir.join(format!("{name}_rtstruct.dcm")));
-        self
+    /// [`CaseOutputs::new`] with the segmentation written in `formats` (at least one).
+    pub fn with_formats(
+        dir: &Path,
+        name: &str,
+        probabilities: bool,
+        overlay: bool,
+        formats: &[OutputFormat],
+    ) -> Self {
+        let asked = |f: OutputFormat, suffix: &str| {
+            formats
+                .contains(&f)
+                .then(|| dir.join(format!("{name}_{suffix}.dcm")))
+        };
+        CaseOutputs {
+            nifti: formats.contains(&OutputFormat::Nifti),
+            seg: asked(OutputFormat::DicomSeg, "seg"),
+            rtstruct: asked(OutputFormat::Rtstruct, "rtstruct"),
+            ..Self::new(dir, name, probabilities, overlay)
+        }
     }
 
     /// Every file exists for a case whose source is DICOM (`dicom`) or not: the DICOM objects

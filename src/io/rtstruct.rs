@@ -9,11 +9,12 @@
 //! back exactly. Holes are written as further contours on the same plane; readers combine the
 //! contours of a plane by even-odd filling.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR};
-use dicom_dictionary_std::tags;
+use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 use ndarray::{ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
@@ -21,7 +22,6 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::io::derived::{
     derived_object, ds_rounded_element, now_date_time, sequence, text, write_object, SourceSeries,
-    IMPLICIT_LE,
 };
 
 /// RT Structure Set Storage.
@@ -47,7 +47,6 @@ const STEP: [(i64, i64); 4] = [(1, 0), (0, 1), (-1, 0), (0, -1)];
 /// Traces the outlines of the `true` pixels of `mask` (`[rows, columns]`): outer boundaries and
 /// holes, each edge a quarter pixel outside the foreground pixel centres.
 pub fn trace_outlines(mask: ArrayView2<bool>) -> Vec<Outline> {
-    let (rows, cols) = mask.dim();
     let (mut j0, mut j1, mut i0, mut i1) = (usize::MAX, 0, usize::MAX, 0);
     for ((j, i), &on) in mask.indexed_iter() {
         if on {
@@ -65,7 +64,6 @@ pub fn trace_outlines(mask: ArrayView2<bool>) -> Vec<Outline> {
             && (j as usize) < h
             && mask[[j as usize + j0, i as usize + i0]]
     };
-    debug_assert!(j1 < rows && i1 < cols);
     // Corner (x, y) is the top-left corner of local pixel (x, y); each boundary edge leaves a corner
     // in one direction, with the foreground on the side of direction (d + 1) % 4.
     let vw = w + 1;
@@ -166,15 +164,6 @@ pub struct RtRoi {
     pub interpreted_type: String,
 }
 
-/// What a written RTSTRUCT holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RtSummary {
-    /// ROIs written.
-    pub rois: usize,
-    /// Contours over all ROIs and planes.
-    pub contours: usize,
-}
-
 /// Contours of every ROI on every plane: `(roi index, plane, outlines)`.
 fn contours_of<T>(map: ArrayView3<T>, rois: &[RtRoi]) -> Vec<(usize, usize, Vec<Outline>)>
 where
@@ -184,16 +173,10 @@ where
     planes
         .par_iter()
         .flat_map_iter(|(k, plane)| {
-            let mut values: Vec<u32> = plane
-                .iter()
-                .map(|v| (*v).into())
-                .filter(|v| *v != 0)
-                .collect();
-            values.sort_unstable();
-            values.dedup();
+            let values: BTreeSet<u32> = plane.iter().map(|v| (*v).into()).collect();
             rois.iter()
                 .enumerate()
-                .filter(|(_, r)| values.binary_search(&r.value).is_ok())
+                .filter(|(_, r)| values.contains(&r.value))
                 .map(|(n, r)| {
                     let mask = plane.mapv(|v| v.into() == r.value);
                     (n, *k, trace_outlines(mask.view()))
@@ -203,35 +186,17 @@ where
         .collect()
 }
 
-/// The image reference of plane `k` (with its frame number for multi-frame sources).
-fn image_ref(source: &SourceSeries, k: usize) -> InMemDicomObject {
-    let s = &source.slices[k];
-    let mut item = InMemDicomObject::from_element_iter([
-        text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid),
-        text(
-            tags::REFERENCED_SOP_INSTANCE_UID,
-            VR::UI,
-            &s.sop_instance_uid,
-        ),
-    ]);
-    if let Some(f) = s.frame {
-        item.put(text(tags::REFERENCED_FRAME_NUMBER, VR::IS, &f.to_string()));
-    }
-    item
-}
-
-/// Contour Sequence items of every ROI, and how many contours there are in all.
+/// Contour Sequence items of every ROI.
 fn contour_items<T>(
     source: &SourceSeries,
     map: ArrayView3<T>,
     rois: &[RtRoi],
-) -> (Vec<Vec<InMemDicomObject>>, usize)
+) -> Vec<Vec<InMemDicomObject>>
 where
     T: Copy + Into<u32> + Sync,
 {
     let traced = contours_of(map, rois);
     let mut per_roi: Vec<Vec<InMemDicomObject>> = vec![Vec::new(); rois.len()];
-    let mut total = 0;
     for (n, k, outlines) in &traced {
         for outline in outlines {
             let data: Vec<f64> = outline
@@ -239,11 +204,13 @@ where
                 .iter()
                 .flat_map(|p| source.to_patient(*k, p[0], p[1]))
                 .collect();
-            total += 1;
             let number = per_roi[*n].len() + 1;
             per_roi[*n].push(InMemDicomObject::from_element_iter([
                 text(tags::CONTOUR_NUMBER, VR::IS, &number.to_string()),
-                sequence(tags::CONTOUR_IMAGE_SEQUENCE, vec![image_ref(source, *k)]),
+                sequence(
+                    tags::CONTOUR_IMAGE_SEQUENCE,
+                    vec![source.slices[*k].reference()],
+                ),
                 text(tags::CONTOUR_GEOMETRIC_TYPE, VR::CS, "CLOSED_PLANAR"),
                 text(
                     tags::NUMBER_OF_CONTOUR_POINTS,
@@ -254,7 +221,7 @@ where
             ]));
         }
     }
-    (per_roi, total)
+    per_roi
 }
 
 /// Writes the ROIs of `map` (`[k, j, i]` on `source`'s planes) as an RTSTRUCT at `path`, atomically.
@@ -265,21 +232,16 @@ pub fn write_rtstruct<T>(
     map: ArrayView3<T>,
     rois: &[RtRoi],
     description: &str,
-) -> Result<RtSummary>
+) -> Result<()>
 where
     T: Copy + Into<u32> + Sync,
 {
     source.check_grid(map.dim().into())?;
-    let (per_roi, total) = contour_items(source, map, rois);
+    let per_roi = contour_items(source, map, rois);
     let (date, time) = now_date_time();
     let mut obj = derived_object(source, RTSTRUCT_SOP_CLASS, "RTSTRUCT", description);
-    // The RT Structure Set IOD has no General Image module.
-    for tag in [tags::CONTENT_DATE, tags::CONTENT_TIME] {
-        obj.remove_element(tag);
-    }
-    let contour_images: Vec<InMemDicomObject> = (0..source.slices.len())
-        .map(|k| image_ref(source, k))
-        .collect();
+    let contour_images: Vec<InMemDicomObject> =
+        source.slices.iter().map(|s| s.reference()).collect();
     for e in [
         DataElement::new(tags::OPERATORS_NAME, VR::PN, PrimitiveValue::Empty),
         text(tags::STRUCTURE_SET_LABEL, VR::SH, "MEDSEG"),
@@ -320,11 +282,7 @@ where
     {
         obj.put(e);
     }
-    write_object(path, obj, IMPLICIT_LE)?;
-    Ok(RtSummary {
-        rois: rois.len(),
-        contours: total,
-    })
+    write_object(path, obj, uids::IMPLICIT_VR_LITTLE_ENDIAN)
 }
 
 /// Structure Set ROI, ROI Contour and RT ROI Observations sequences.

@@ -13,18 +13,18 @@ use std::path::Path;
 
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR};
-use dicom_dictionary_std::tags;
+use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 use ndarray::{Array3, Array4, ArrayView3, Axis};
 
 use crate::config::{Code, LabelCode};
 use crate::error::{Error, Result};
-use crate::geometry::{cross, dot, matmul, norm, Geometry, IDENTITY, LPS_TO_RAS};
+use crate::geometry::{cross, dot, lps_to_ras, matmul, norm, Geometry, IDENTITY, LPS_TO_RAS};
 use crate::io::derived::{
-    code_item, dcm_code, derived_object, ds_element, referenced_instances, sequence, text,
-    write_object, SourceSeries, EXPLICIT_LE,
+    code_item, dcm_code, derived_object, ds_element, now_date_time, referenced_instances, sequence,
+    text, write_object, SourceSeries,
 };
-use crate::io::dicom::{self, floats, int, items, string};
+use crate::io::dicom::{self, floats, int, items, plane_steps, string};
 use crate::volume::{DataType, PatientIdentifiers, SourceKind, Volume, VolumeInfo};
 
 /// Segmentation Storage.
@@ -59,6 +59,8 @@ pub struct SegSummary {
     pub segments: usize,
     /// Frames written.
     pub frames: usize,
+    /// Nothing was segmented: the first segment was written with one empty frame.
+    pub placeholder: bool,
 }
 
 /// sRGB to the DICOM PCS CIELab triplet (PS3.3 C.10.7.1.1: D50, L* 0..100 → 0..65535, a*/b*
@@ -155,28 +157,14 @@ fn segment_item(number: u16, segment: &Segment, algorithm: &Algorithm) -> InMemD
 /// The per-frame functional groups of the frame of segment `number` on plane `k`.
 fn frame_item(source: &SourceSeries, number: u16, k: usize) -> InMemDicomObject {
     let slice = &source.slices[k];
-    let mut image = InMemDicomObject::from_element_iter([
-        text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &slice.sop_class_uid),
-        text(
-            tags::REFERENCED_SOP_INSTANCE_UID,
-            VR::UI,
-            &slice.sop_instance_uid,
-        ),
-        sequence(
-            tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-            vec![code_item(&dcm_code(
-                "121322",
-                "Source image for image processing operation",
-            ))],
-        ),
-    ]);
-    if let Some(f) = slice.frame {
-        image.put(DataElement::new(
-            tags::REFERENCED_FRAME_NUMBER,
-            VR::IS,
-            PrimitiveValue::from(f.to_string()),
-        ));
-    }
+    let mut image = slice.reference();
+    image.put(sequence(
+        tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+        vec![code_item(&dcm_code(
+            "121322",
+            "Source image for image processing operation",
+        ))],
+    ));
     let derivation = InMemDicomObject::from_element_iter([
         sequence(
             tags::DERIVATION_CODE_SEQUENCE,
@@ -317,7 +305,8 @@ pub fn write_seg(
         let number = written.len() as u16;
         frames.extend(planes.into_iter().map(|k| (number, s, k)));
     }
-    if written.is_empty() {
+    let placeholder = written.is_empty();
+    if placeholder {
         written.push(&segments[0]);
         frames.push((1, &segments[0], 0));
     }
@@ -333,7 +322,10 @@ pub fn write_seg(
         }
     }
     let mut obj = derived_object(source, SEG_SOP_CLASS, "SEG", description);
+    let (date, time) = now_date_time();
     for e in [
+        text(tags::CONTENT_DATE, VR::DA, &date),
+        text(tags::CONTENT_TIME, VR::TM, &time),
         DataElement::new(
             tags::IMAGE_TYPE,
             VR::CS,
@@ -391,21 +383,24 @@ pub fn write_seg(
     {
         obj.put(e);
     }
-    write_object(path, obj, EXPLICIT_LE)?;
+    write_object(path, obj, uids::EXPLICIT_VR_LITTLE_ENDIAN)?;
     Ok(SegSummary {
         segments: written.len(),
         frames: frames.len(),
+        placeholder,
     })
 }
 
 /// Whether the DICOM file at `path` is a Segmentation object (header only).
 pub fn is_seg(path: &Path) -> bool {
     dicom::open(path, true).is_ok_and(|o| {
-        string(&o, tags::SOP_CLASS_UID).as_deref() == Some(SEG_SOP_CLASS)
-            || o.meta()
-                .media_storage_sop_class_uid()
-                .trim_end_matches('\0')
-                == SEG_SOP_CLASS
+        dicom::uid_or_meta(
+            &o,
+            tags::SOP_CLASS_UID,
+            o.meta().media_storage_sop_class_uid(),
+        )
+        .as_deref()
+            == Some(SEG_SOP_CLASS)
     })
 }
 
@@ -643,12 +638,15 @@ fn frame_values(
     };
     match (kind, bits) {
         (_, 1) => {
-            if bytes.len() * 8 < total {
-                return Err(short(bytes.len() * 8));
+            let mut on = Vec::with_capacity(total);
+            for f in 0..frames {
+                on.extend(
+                    dicom::bit_plane(path, obj, f, plane)?
+                        .iter()
+                        .map(|b| *b > 0.5),
+                );
             }
-            Ok((0..total)
-                .map(|b| (bytes[b / 8] >> (b % 8)) & 1 == 1)
-                .collect())
+            Ok(on)
         }
         ("FRACTIONAL", 8) => {
             if bytes.len() < total {
@@ -677,7 +675,7 @@ fn plane_index(
     orientation: &[f64],
     spacing: &[f64],
 ) -> Result<usize> {
-    let ras = [-position[0], -position[1], position[2]];
+    let ras = lps_to_ras(position);
     let off = |reason: String| Error::InconsistentSeries {
         path: path.to_path_buf(),
         reason,
@@ -687,19 +685,16 @@ fn plane_index(
         .ok_or_else(|| off("the reference grid is degenerate".into()))?;
     // The frame's first row and column directions must be the grid's i and j axes.
     let [si, sj, _] = geometry.spacing();
-    let expect_i = [
-        -orientation[0] * spacing[1],
-        -orientation[1] * spacing[1],
-        orientation[2] * spacing[1],
-    ];
-    let expect_j = [
-        -orientation[3] * spacing[0],
-        -orientation[4] * spacing[0],
-        orientation[5] * spacing[0],
-    ];
-    let (ai, aj) = (geometry.axis_step(0), geometry.axis_step(1));
-    let axis_off = (0..3)
-        .map(|r| (ai[r] - expect_i[r]).abs().max((aj[r] - expect_j[r]).abs()))
+    let expected = plane_steps(
+        std::array::from_fn(|i| orientation[i]),
+        [spacing[0], spacing[1]],
+    )
+    .map(lps_to_ras);
+    let axis_off = (0..2)
+        .flat_map(|a| {
+            let step = geometry.axis_step(a);
+            (0..3).map(move |r| (step[r] - expected[a][r]).abs())
+        })
         .fold(0.0, f64::max);
     let k = v[2].round();
     let tol = 1e-2;
@@ -727,8 +722,7 @@ fn span_grid(
     rows: usize,
     cols: usize,
 ) -> Result<Geometry> {
-    let (row_dir, col_dir) = ([o[0], o[1], o[2]], [o[3], o[4], o[5]]);
-    let n = cross(row_dir, col_dir);
+    let n = cross([o[0], o[1], o[2]], [o[3], o[4], o[5]]);
     let len = norm(n);
     if len < 1e-6 {
         return Err(Error::InvalidDicom {
@@ -746,19 +740,29 @@ fn span_grid(
         .map(|w| w[1].0 - w[0].0)
         .fold(f64::INFINITY, f64::min);
     let count = if d.len() > 1 {
-        ((last.0 - first.0) / gap).round() as usize + 1
+        (((last.0 - first.0) / gap).round() as usize).saturating_add(1)
     } else {
         1
     };
+    // A grid no real series has (frames far apart at a tiny step) is refused before allocation.
+    if count.saturating_mul(rows * cols) > 1 << 31 {
+        return Err(Error::InvalidDicom {
+            path: path.to_path_buf(),
+            reason: format!(
+                "frames span {count} planes of {cols}×{rows} at a {gap:.4} mm step: not one grid"
+            ),
+        });
+    }
     let step: [f64; 3] = if count > 1 {
         std::array::from_fn(|r| (last.1[r] - first.1[r]) / (count - 1) as f64)
     } else {
         n
     };
+    let [step_i, step_j] = plane_steps(std::array::from_fn(|i| o[i]), [spacing[0], spacing[1]]);
     let mut affine = IDENTITY;
     for r in 0..3 {
-        affine[r][0] = row_dir[r] * spacing[1];
-        affine[r][1] = col_dir[r] * spacing[0];
+        affine[r][0] = step_i[r];
+        affine[r][1] = step_j[r];
         affine[r][2] = step[r];
         affine[r][3] = first.1[r];
     }

@@ -9,25 +9,23 @@ use std::cell::Cell;
 use std::io::Read;
 use std::rc::Rc;
 
+use dicom_core::VR;
+use dicom_dictionary_std::uids;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::{DefaultDicomObject, FileMetaTable, InMemDicomObject};
 use dicom_parser::dataset::DataToken;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
-const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+use crate::io::dicom;
 
 /// VRs whose explicit-VR header has a 4-byte length after 2 reserved bytes (PS3.5 Table 7.1-1).
-const LONG_VRS: [&[u8; 2]; 13] = [
-    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV",
-];
-
-/// Every VR of PS3.5 Table 6.2-1.
-const VRS: [&[u8; 2]; 34] = [
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
-    b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
-    b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
-];
+fn long_header(vr: VR) -> bool {
+    use VR::*;
+    matches!(
+        vr,
+        OB | OD | OF | OL | OV | OW | SQ | SV | UC | UN | UR | UT | UV
+    )
+}
 
 /// Where the data set starts: the end of the file meta group (group 0002, always explicit VR
 /// little endian), walked element by element so a wrong group length does not matter. `body`
@@ -39,8 +37,7 @@ fn data_set_start(body: &[u8]) -> Option<usize> {
         if u16::from_le_bytes([head[0], head[1]]) != 0x0002 {
             return Some(at);
         }
-        let vr = [head[4], head[5]];
-        let (header, len) = if LONG_VRS.contains(&&vr) {
+        let (header, len) = if VR::from_binary([head[4], head[5]]).is_some_and(long_header) {
             let l = body.get(at + 8..at + 12)?;
             (12, u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
         } else {
@@ -53,7 +50,7 @@ fn data_set_start(body: &[u8]) -> Option<usize> {
 /// Whether the first data element carries an explicit VR (two letters of a known VR after its tag).
 fn looks_explicit(data: &[u8]) -> bool {
     data.get(4..6)
-        .is_some_and(|vr| VRS.iter().any(|known| known.as_slice() == vr))
+        .is_some_and(|vr| VR::from_binary([vr[0], vr[1]]).is_some())
 }
 
 /// A reader over `inner` that shares how many bytes it has handed out.
@@ -140,19 +137,19 @@ pub fn reread(bytes: &[u8]) -> Option<(DefaultDicomObject, Vec<String>)> {
     let declared = meta.transfer_syntax().trim_end_matches('\0').to_string();
     let mut notes = Vec::new();
     let uid = match (declared.as_str(), looks_explicit(data)) {
-        (IMPLICIT_LE, true) => {
+        (uids::IMPLICIT_VR_LITTLE_ENDIAN, true) => {
             notes.push("the data set is explicit VR but the file meta says implicit: read as explicit (as pydicom does)".to_string());
-            EXPLICIT_LE
+            uids::EXPLICIT_VR_LITTLE_ENDIAN
         }
-        (EXPLICIT_LE, false) => {
+        (uids::EXPLICIT_VR_LITTLE_ENDIAN, false) => {
             notes.push("the data set is implicit VR but the file meta says explicit: read as implicit (as pydicom does)".to_string());
-            IMPLICIT_LE
+            uids::IMPLICIT_VR_LITTLE_ENDIAN
         }
         (uid, _) => uid,
     }
     .to_string();
     // Deflated data sets cannot be walked byte by byte.
-    if uid == "1.2.840.10008.1.2.1.99" || uid == "1.2.840.10008.1.2.4.95" {
+    if dicom::is_deflated(&uid) {
         return None;
     }
     let ts = TransferSyntaxRegistry.get(&uid)?;

@@ -321,19 +321,24 @@ fn shards_partition_the_inputs() {
     assert_ne!(out.status.code(), Some(0));
 }
 
+/// `n` copies of TotalSegmentator's small CT in `dir`, `scan0.nii.gz`, `scan1.nii.gz`, …
+fn scan_copies(dir: &Path, n: usize) -> Vec<PathBuf> {
+    let scan = cache("totalsegmentator/example_ct_sm.nii.gz");
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("scan{i}.nii.gz"));
+            std::fs::copy(&scan, &p).unwrap();
+            p
+        })
+        .collect()
+}
+
 /// A batch killed mid-way leaves only whole files; `--skip-existing` finishes it without redoing
 /// finished cases.
 #[test]
 fn killed_batch_resumes_with_skip_existing() {
     let tmp = tempfile::tempdir().unwrap();
-    let scan = cache("totalsegmentator/example_ct_sm.nii.gz");
-    let inputs: Vec<PathBuf> = (0..4)
-        .map(|n| {
-            let p = tmp.path().join(format!("scan{n}.nii.gz"));
-            std::fs::copy(&scan, &p).unwrap();
-            p
-        })
-        .collect();
+    let inputs = scan_copies(tmp.path(), 4);
     let out_dir = tmp.path().join("out");
     let mut args: Vec<String> = vec![
         "segment".into(),
@@ -532,13 +537,9 @@ fn exit_statuses_and_fail_fast() {
 #[test]
 fn shard_summaries_merge_into_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let scan = cache("totalsegmentator/example_ct_sm.nii.gz");
-    let inputs: Vec<String> = (0..4)
-        .map(|n| {
-            let p = tmp.path().join(format!("scan{n}.nii.gz"));
-            std::fs::copy(&scan, &p).unwrap();
-            p.display().to_string()
-        })
+    let inputs: Vec<String> = scan_copies(tmp.path(), 4)
+        .iter()
+        .map(|p| p.display().to_string())
         .collect();
     let out = tmp.path().join("out");
     let out_s = out.to_str().unwrap();
