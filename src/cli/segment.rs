@@ -1,6 +1,6 @@
 //! `medseg segment --model RUN_OR_CHECKPOINT INPUT... --output DIR [--tta] [--save-probabilities]
 //! [--overlay] [--format nifti,dicom-seg,rtstruct] [--reference-series DIR] [--skip-existing]
-//! [--shard I/N] [--device NAME] [--set segment.key=value] [--list]
+//! [--shard I/N] [--max-memory SIZE] [--device NAME] [--set segment.key=value] [--list]
 //! `medseg segment --merge-summaries DIR``
 
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use medseg::export::segment_case;
 use medseg::infer::batch::{
     expand, merge_summaries, run_batch, select_shard, BatchEvent, BatchOptions, Shard,
 };
+use medseg::infer::memory::human;
 use medseg::infer::predictor::Predictor;
 use medseg::io::derived::SourceSeries;
 use medseg::io::layout::{BatchCase, CaseOutputs, CaseStatus, OutputFormat};
@@ -55,6 +56,12 @@ pub struct Args {
     /// Skip cases whose outputs all exist (resume an interrupted batch).
     #[arg(long)]
     skip_existing: bool,
+    /// A budget for this process's resident memory, e.g. `6GiB` or `4000MB`: the windows per
+    /// forward pass are chosen per case to stay within it (at most `segment.batch_size`), scans
+    /// are read one at a time, and a case that cannot fit one window fails before any work,
+    /// naming what it needs. Host memory: on a GPU the activations are in device memory.
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<bytesize::ByteSize>,
     /// Stop at the first case that fails (exit status 1) instead of going on.
     #[arg(long)]
     fail_fast: bool,
@@ -97,7 +104,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tta {
         overrides.push("segment.tta=true".into());
     }
-    let predictor = Predictor::load(&model, args.device.as_deref(), &overrides)?;
+    let mut predictor = Predictor::load(&model, args.device.as_deref(), &overrides)?;
+    if let Some(limit) = args.max_memory {
+        predictor = predictor.with_memory_budget(limit.as_u64(), crate::ALLOCATOR)?;
+        if let Some(b) = &predictor.memory {
+            eprintln!(
+                "memory budget {}: {} resident with the model, {} per window of a forward pass",
+                human(b.limit),
+                human(b.baseline),
+                human(b.cost.per_window)
+            );
+        }
+    }
     let filter = predictor.lesion_filter()?;
     let dicom = dicom_export(&args, &model, &predictor)?;
     let outputs = |name: &str| {
@@ -124,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             skip_existing: args.skip_existing,
             fail_fast: args.fail_fast,
             shard: args.shard,
+            no_read_ahead: args.max_memory.is_some(),
         },
         &|case| outputs(&case.name).complete(case.is_dicom()),
         &mut |case, scan, stages| {
@@ -257,8 +276,22 @@ fn case_line(c: &BatchCase) -> String {
                 .iter()
                 .map(|w| format!("; warning: {w}"))
                 .collect();
+            let memory = c
+                .memory
+                .map(|m| {
+                    let measured = m
+                        .measured_peak_bytes
+                        .map(|b| format!(" (measured {})", human(b)))
+                        .unwrap_or_default();
+                    format!(
+                        ", {} window(s) per pass for a predicted peak of {}{measured}",
+                        m.windows_per_pass,
+                        human(m.predicted_peak_bytes)
+                    )
+                })
+                .unwrap_or_default();
             format!(
-                "{}: {} lesion(s), {:.1} s{warnings}",
+                "{}: {} lesion(s), {:.1} s{memory}{warnings}",
                 c.case,
                 c.lesions.unwrap_or(0),
                 c.seconds.unwrap_or(0.0)

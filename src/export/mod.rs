@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::infer::batch::{BatchInput, CaseDone, Stages};
 use crate::infer::postprocess::LesionFilter;
 use crate::infer::predictor::Predictor;
-use crate::io::layout::{CaseOutputs, LabelsSidecar, LesionTable};
+use crate::io::layout::{CaseMemory, CaseOutputs, LabelsSidecar, LesionTable};
 use crate::io::nifti::{write_label_map, write_nifti};
 use crate::io::plot::{overlay_tile, save_montage};
 use crate::io::{write_atomically, write_json_atomically};
@@ -88,9 +88,14 @@ pub fn segment_case(
     if let Some(e) = refusal {
         return Err(e);
     }
+    let memory = prediction.memory.map(|m| CaseMemory {
+        measured_peak_bytes: predictor.measured_peak(),
+        ..m
+    });
     Ok(CaseDone {
         lesions: count,
         warnings,
+        memory,
     })
 }
 

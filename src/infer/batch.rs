@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::io::layout::{
-    case_name, case_name_with, dicom_case_name, sanitize_name, BatchCase, BatchSummary, CaseStatus,
+    case_name, case_name_with, dicom_case_name, sanitize_name, BatchCase, BatchSummary, CaseMemory,
+    CaseStatus,
 };
 use crate::io::{discover, manifest, ScanSource};
 use crate::volume::Volume;
@@ -300,6 +301,8 @@ pub struct CaseDone {
     pub lesions: usize,
     /// Warnings (e.g. non-finite voxels filled), recorded in `batch_summary.json`.
     pub warnings: Vec<String>,
+    /// How the case met the memory budget, when there is one.
+    pub memory: Option<CaseMemory>,
 }
 
 /// What the batch should do besides segmenting.
@@ -311,6 +314,9 @@ pub struct BatchOptions {
     pub fail_fast: bool,
     /// The shard the summary is named for.
     pub shard: Option<Shard>,
+    /// Read each scan only when its turn comes, so that no second scan is in memory (a memory
+    /// budget); by default the next scan is read while the current one is segmented.
+    pub no_read_ahead: bool,
 }
 
 /// Segments `cases` in order, reading the next one while the current one is segmented.
@@ -345,23 +351,31 @@ pub fn run_batch(
             stages: BTreeMap::new(),
             reason: None,
             warnings: Vec::new(),
+            memory: None,
         });
     }
     on_event(BatchEvent::Started { todo: todo.len() });
 
-    // Reading the next scan overlaps segmenting the current one.
+    // Reading the next scan overlaps segmenting the current one, unless told not to.
     let (tx, rx) = sync_channel::<(usize, Result<Volume>)>(1);
     let reader_cases = todo.clone();
-    let reader = std::thread::spawn(move || {
-        for (n, case) in reader_cases.iter().enumerate() {
-            if tx.send((n, case.load())).is_err() {
-                break;
+    let reader = (!options.no_read_ahead).then(|| {
+        std::thread::spawn(move || {
+            for (n, case) in reader_cases.iter().enumerate() {
+                if tx.send((n, case.load())).is_err() {
+                    break;
+                }
             }
-        }
+        })
     });
+    let mut in_turn = 0..todo.len();
     loop {
         let waited = Instant::now();
-        let Ok((n, scan)) = rx.recv() else {
+        let next = match reader {
+            Some(_) => rx.recv().ok(),
+            None => in_turn.next().map(|n| (n, todo[n].load())),
+        };
+        let Some((n, scan)) = next else {
             break;
         };
         let case = &todo[n];
@@ -384,6 +398,7 @@ pub fn run_batch(
                     stages: stages.seconds,
                     reason: None,
                     warnings: done.warnings,
+                    memory: done.memory,
                 }
             }
             Err(e) => {
@@ -397,6 +412,7 @@ pub fn run_batch(
                     stages: BTreeMap::new(),
                     reason: Some(e.to_string()),
                     warnings: Vec::new(),
+                    memory: None,
                 }
             }
         };
@@ -411,7 +427,9 @@ pub fn run_batch(
     // Closing the receiver ends a reader still waiting to send (after --fail-fast); it only
     // sends, so a panic there would already have closed the channel.
     drop(rx);
-    let _ = reader.join();
+    if let Some(reader) = reader {
+        let _ = reader.join();
+    }
     let path = BatchSummary::path(output, options.shard.map(|s| (s.index, s.count)));
     crate::io::write_json_atomically(&path, &summary)?;
     Ok(summary)

@@ -1,8 +1,9 @@
 //! Inference: a checkpoint rebuilt with its preprocessing ([`predictor`]), sliding-window prediction
 //! with optional mirror test-time augmentation, and post-processing of label maps into lesion
-//! instances, and batch segmentation ([`batch`]).
+//! instances, batch segmentation ([`batch`]) and its memory budget ([`memory`]).
 
 pub mod batch;
+pub mod memory;
 pub mod postprocess;
 pub mod predictor;
 pub mod sliding_window;

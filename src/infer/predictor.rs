@@ -5,12 +5,18 @@ use std::path::Path;
 
 use ndarray::{Array3, Array4, Axis};
 
+use peakmem_alloc::PeakMemAllocTrait;
+
+use super::memory::{
+    release_freed_memory, reset_resident_peak, resident_bytes, resident_peak, CaseArrays,
+    MemoryBudget, WindowCost,
+};
 use super::postprocess::{extract_lesions, Extracted, LesionFilter, RoiFilter};
 use super::sliding_window::SlidingWindow;
 use crate::config::{class_values, NonFinite, RunConfig};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
-use crate::io::layout::Checkpoint;
+use crate::io::layout::{CaseMemory, Checkpoint};
 use crate::model::HybridSegNet;
 use crate::transforms::post::decide_classes;
 use crate::transforms::preprocessing::Preprocessing;
@@ -33,6 +39,10 @@ pub struct Predictor {
     pub window: SlidingWindow,
     /// Class names, background first.
     pub labels: Vec<String>,
+    /// Channels the first layer reads (image channels × 2.5D slices).
+    pub input_channels: usize,
+    /// `--max-memory`: windows per pass chosen per case to stay within it.
+    pub memory: Option<MemoryBudget>,
 }
 
 /// A prediction: class labels on the source grid, probabilities on the preprocessed grid.
@@ -47,6 +57,8 @@ pub struct Prediction {
     pub grid: Geometry,
     /// What was done to the scan that the user should know (e.g. non-finite voxels filled).
     pub warnings: Vec<String>,
+    /// How the case was fitted to the memory budget, when there is one.
+    pub memory: Option<CaseMemory>,
 }
 
 impl Predictor {
@@ -81,7 +93,82 @@ impl Predictor {
             device,
             window,
             labels,
+            input_channels: model_config.input_channels(),
+            memory: None,
         })
+    }
+
+    /// Fits every case to `limit` bytes of resident memory (see [`super::memory`]): measures a
+    /// forward pass of one and of two windows with `meter`, which must be the process's global
+    /// allocator, and refuses a budget the model alone does not fit. Host memory only: on a GPU
+    /// the activations live in device memory.
+    pub fn with_memory_budget(mut self, limit: u64, meter: &dyn PeakMemAllocTrait) -> Result<Self> {
+        let baseline = resident_bytes().ok_or_else(|| Error::Config {
+            reason: "--max-memory reads this process's resident memory from /proc/self/status, which this system does not have".into(),
+        })?;
+        let measure = |batch| {
+            self.window
+                .forward_bytes(&self.model, &self.device, meter, self.input_channels, batch)
+        };
+        // The first pass sets up what every later one reuses; it is not what a window costs.
+        // Resident memory grows by more than what is allocated (each thread's heap keeps its own
+        // freed pages), so the passes are also measured by it, and the larger figure is kept.
+        let resident = || resident_bytes().unwrap_or(baseline);
+        measure(1)?;
+        let after_one = resident();
+        let by_allocation = WindowCost::from_peaks(measure(1)?, measure(2)?);
+        let by_residence = WindowCost::from_peaks(
+            after_one.saturating_sub(baseline),
+            resident().saturating_sub(baseline),
+        );
+        let cost = by_allocation.max(by_residence);
+        let budget = MemoryBudget {
+            limit,
+            baseline,
+            cost,
+        };
+        budget
+            .check_model()
+            .map_err(|reason| Error::Config { reason })?;
+        self.memory = Some(budget);
+        Ok(self)
+    }
+
+    /// Under a budget, the peak resident memory since [`Self::predict`] began.
+    pub fn measured_peak(&self) -> Option<u64> {
+        self.memory.as_ref().and(resident_peak())
+    }
+
+    /// The sliding window for a scan: under a memory budget, as many windows per pass as fit,
+    /// or the reason none does.
+    fn window_for(
+        &self,
+        volume: &Volume,
+        filled: bool,
+    ) -> Result<(SlidingWindow, Option<CaseMemory>)> {
+        let Some(budget) = &self.memory else {
+            return Ok((self.window.clone(), None));
+        };
+        let grid = self.preprocessing.spatial.resampled_grid(&volume.geometry);
+        let [wd, wh, ww] = self.window.window;
+        let [ni, nj, nk] = grid.dims;
+        let arrays = CaseArrays {
+            source_voxels: volume.geometry.voxel_count() as u64,
+            grid_voxels: grid.voxel_count() as u64,
+            padded_voxels: (nk.max(wd) * nj.max(wh) * ni.max(ww)) as u64,
+            channels: volume.voxels.dim().0 as u64,
+            classes: self.labels.len() as u64,
+            filled_copy: filled,
+        };
+        let plan = budget
+            .plan(&arrays, self.window.batch_size)
+            .map_err(|reason| Error::Unsupported {
+                path: volume.info.path.clone(),
+                reason,
+            })?;
+        let mut window = self.window.clone();
+        window.batch_size = plan.windows_per_pass;
+        Ok((window, Some(plan)))
     }
 
     /// Refuses a scan whose preprocessed grid would exceed `segment.max_voxels`, before any work,
@@ -105,9 +192,17 @@ impl Predictor {
     /// mapped back onto the scan's grid (nearest neighbour through the voxel→world affines).
     pub fn predict(&self, volume: &Volume) -> Result<Prediction> {
         self.check_size(volume)?;
+        let non_finite = volume.non_finite();
+        let filling = non_finite != (0, 0) && self.config.segment.non_finite == NonFinite::Fill;
+        let (window, memory) = self.window_for(volume, filling)?;
+        if memory.is_some() {
+            // What earlier cases freed goes back to the system; the case's own peak starts here.
+            release_freed_memory();
+            reset_resident_peak();
+        }
         let mut warnings = Vec::new();
         let filled;
-        let volume = match volume.non_finite() {
+        let volume = match non_finite {
             (0, 0) => volume,
             (nan, inf) => {
                 let what = format!("{nan} NaN and {inf} infinite voxel(s)");
@@ -144,9 +239,7 @@ impl Predictor {
             ));
         }
         let spatial = self.preprocessing.apply(volume)?;
-        let probabilities = self
-            .window
-            .predict(&self.model, spatial.image.view(), &self.device)?;
+        let probabilities = window.predict(&self.model, spatial.image.view(), &self.device)?;
         let classes = decide_classes(
             probabilities.view(),
             Some(self.config.segment.threshold as f32),
@@ -158,6 +251,7 @@ impl Predictor {
             probabilities,
             grid: spatial.geometry,
             warnings,
+            memory,
         })
     }
 }

@@ -7,6 +7,7 @@
 use burn::prelude::*;
 use burn::tensor::activation;
 use ndarray::{s, Array3, Array4, ArrayView4};
+use peakmem_alloc::PeakMemAllocTrait;
 
 use crate::error::{Error, Result};
 use crate::model::HybridSegNet;
@@ -157,6 +158,47 @@ impl SlidingWindow {
             class /= &weight;
         }
         Ok(acc.slice_move(s![.., ..nd, ..nh, ..nw]))
+    }
+
+    /// Peak host bytes allocated by a forward pass of `batch` windows of `input_channels`, as
+    /// [`Self::predict`] runs it (input buffer, tensor, activations, probabilities read back),
+    /// measured by `meter`, which must be the process's global allocator. Mirrored passes are not
+    /// run: their extra (a running sum, one pass's output and a flipped input per window) is added.
+    pub fn forward_bytes(
+        &self,
+        model: &HybridSegNet,
+        device: &Device,
+        meter: &dyn PeakMemAllocTrait,
+        input_channels: usize,
+        batch: usize,
+    ) -> Result<u64> {
+        let [wd, wh, ww] = self.window;
+        let shape = [batch, input_channels, wd, wh, ww];
+        let elements: usize = shape.iter().product();
+        meter.reset_peak_memory();
+        let input = vec![0f32; elements];
+        let x = Tensor::<5>::from_data(TensorData::new(input, shape), device);
+        let probs = activation::softmax(model.forward(x).logits, 1);
+        let classes = probs.dims()[1];
+        let values: Vec<f32> = probs.try_to_vec_as().map_err(|e| Error::Config {
+            reason: format!("reading predictions from the device: {e:?}"),
+        })?;
+        drop(values);
+        let measured = meter.get_peak_memory() as u64;
+        // Nothing counted means the meter is not the allocator: a budget from it would be void.
+        if measured < (elements * 4) as u64 {
+            return Err(Error::Config {
+                reason:
+                    "the memory meter did not see the forward pass: it must be the global allocator"
+                        .into(),
+            });
+        }
+        let mirrored = if self.mirror {
+            (batch * (2 * classes + input_channels) * wd * wh * ww * 4) as u64
+        } else {
+            0
+        };
+        Ok(measured + mirrored)
     }
 
     /// Softmax probabilities, averaged over mirrored passes when `mirror` is set.

@@ -207,7 +207,6 @@ fn check_declared_lengths(
     header_only: bool,
 ) -> Result<()> {
     use dicom_encoding::TransferSyntaxIndex;
-    use dicom_parser::dataset::DataToken;
     let mut source = source;
     let mut preamble = [0u8; 132];
     if std::io::Read::read_exact(&mut source, &mut preamble).is_err() {
@@ -225,27 +224,60 @@ fn check_declared_lengths(
         return Ok(());
     };
     let uid = meta.transfer_syntax();
-    // Deflated data sets: declared lengths refer to inflated bytes, not comparable to the file.
+    let registry = dicom_transfer_syntax_registry::TransferSyntaxRegistry;
     if is_deflated(uid) {
-        return Ok(());
+        // Declared lengths count inflated bytes: walk those (deflate expands at most 1032:1, so
+        // this is bounded by the file). A corrupt stream is walked as far as it inflates, which
+        // is as far as the parser will get too.
+        let mut inflated = Vec::new();
+        let _ = std::io::Read::read_to_end(
+            &mut flate2::read::DeflateDecoder::new(reader),
+            &mut inflated,
+        );
+        let Some(ts) = registry.get(uids::EXPLICIT_VR_LITTLE_ENDIAN) else {
+            return Ok(());
+        };
+        let size = inflated.len() as u64;
+        return check_tokens(
+            path,
+            &inflated[..],
+            ts,
+            size,
+            "the inflated data set",
+            header_only,
+        );
     }
-    let Some(ts) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid) else {
+    let Some(ts) = registry.get(uid) else {
         return Ok(());
     };
-    let Ok(tokens) = dicom_parser::DataSetReader::new_with_ts(reader, ts) else {
+    check_tokens(path, reader, ts, file_size, "the file", header_only)
+}
+
+/// [`check_declared_lengths`] past the file meta: every element and item of `source`, a data set
+/// in `ts` of `size` bytes (`what`), holds at most `size` bytes.
+fn check_tokens(
+    path: &Path,
+    source: impl std::io::Read,
+    ts: &dicom_encoding::TransferSyntax,
+    size: u64,
+    what: &str,
+    header_only: bool,
+) -> Result<()> {
+    use dicom_parser::dataset::DataToken;
+    let Ok(tokens) = dicom_parser::DataSetReader::new_with_ts(source, ts) else {
         return Ok(());
     };
-    let too_long = |what: String, len: u32| {
+    let too_long = |element: String, len: u32| {
         dicom_err(
             path,
-            format!("{what} declares {len} bytes but the file has {file_size}"),
+            format!("{element} declares {len} bytes but {what} has {size}"),
         )
     };
     for token in tokens {
         match token {
             Ok(DataToken::ElementHeader(h)) => {
                 if let Some(len) = h.len.get() {
-                    if u64::from(len) > file_size {
+                    if u64::from(len) > size {
                         return Err(too_long(format!("element {}", h.tag), len));
                     }
                 }
@@ -255,7 +287,7 @@ fn check_declared_lengths(
             }
             Ok(DataToken::ItemStart { len }) => {
                 if let Some(n) = len.get() {
-                    if u64::from(n) > file_size {
+                    if u64::from(n) > size {
                         return Err(too_long("an item".into(), n));
                     }
                 }

@@ -528,6 +528,28 @@ pub struct BatchCase {
     /// What was done to the scan that the user should know (e.g. non-finite voxels filled).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// How the case met `--max-memory`, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<CaseMemory>,
+}
+
+/// How a case was fitted to `medseg segment --max-memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseMemory {
+    /// The budget, bytes.
+    pub limit_bytes: u64,
+    /// The peak resident memory predicted for the case, bytes.
+    pub predicted_peak_bytes: u64,
+    /// Windows per forward pass chosen to stay within it (at most `segment.batch_size`).
+    pub windows_per_pass: usize,
+    /// What each window of a pass costs, bytes (measured on the model).
+    pub bytes_per_window: u64,
+    /// What the scan and its resampled grid hold besides the passes, bytes.
+    pub case_bytes: u64,
+    /// The peak resident memory measured while the case was segmented (Linux: `VmHWM`, reset
+    /// when the case began).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_peak_bytes: Option<u64>,
 }
 
 /// `batch_summary.json` (or `batch_summary_shard-I-of-N.json`) of a `medseg segment` run.

@@ -620,3 +620,80 @@ fn corrupt_dicom_in_a_directory_is_a_failed_case() {
         .unwrap()
         .contains("not a readable DICOM file"));
 }
+
+/// `--max-memory`: a generous budget keeps `segment.batch_size` windows per pass, a tighter one
+/// fewer with the same mask, one the scan cannot fit fails that case naming what it needs, and
+/// one below the model's own needs is a usage error. The figures are measured on the model.
+#[test]
+fn max_memory_fits_the_windows_to_the_budget_or_refuses() {
+    use medseg::infer::memory::HEADROOM;
+    let tmp = tempfile::tempdir().unwrap();
+    let scan = cache("totalsegmentator/example_ct.nii.gz");
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![scan.to_str().unwrap(), "--output", out.to_str().unwrap()];
+        args.extend(extra);
+        let o = segment(&args);
+        let summary: Option<serde_json::Value> = std::fs::read(out.join("batch_summary.json"))
+            .ok()
+            .map(|b| serde_json::from_slice(&b).unwrap());
+        (o, summary, out.join("example_ct.nii.gz"))
+    };
+    let labels = |path: &Path| medseg::io::read_nifti(path).unwrap().voxels;
+
+    let (o, _, free_mask) = run("free", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, summary, wide_mask) = run("wide", &["--max-memory", "16GiB"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let memory = summary.unwrap()["cases"][0]["memory"].clone();
+    assert_eq!(memory["windows_per_pass"], 4, "{memory}");
+    let peak = memory["predicted_peak_bytes"].as_u64().unwrap();
+    let window = memory["bytes_per_window"].as_u64().unwrap();
+    let case = memory["case_bytes"].as_u64().unwrap();
+    assert!(peak < 16 << 30 && window > 0 && case > 0, "{memory}");
+    assert_eq!(labels(&wide_mask), labels(&free_mask));
+
+    // A budget whose usable part (less the headroom) is `usable`.
+    let limit = |usable: u64| usable * HEADROOM / (HEADROOM - 1) + 1;
+    // Room for one window (two at most, as the resident baseline moves by a few MiB per run).
+    let tight_limit = limit(peak - 5 * window / 2);
+    let tight = tight_limit.to_string();
+    let (o, summary, tight_mask) = run("tight", &["--max-memory", &tight]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let memory = summary.unwrap()["cases"][0]["memory"].clone();
+    let windows = memory["windows_per_pass"].as_u64().unwrap();
+    assert!((1..=2).contains(&windows), "{memory}");
+    // The promise itself: the resident peak stayed within the budget.
+    if let Some(measured) = memory["measured_peak_bytes"].as_u64() {
+        assert!(measured <= tight_limit, "{memory}");
+    }
+    let (a, b) = (labels(&tight_mask), labels(&free_mask));
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert!(
+        same as f64 >= 0.9999 * a.len() as f64,
+        "{same} of {}",
+        a.len()
+    );
+
+    // The model fits, the scan does not: the case fails before any work, naming its needs.
+    let model_only = peak - 4 * window - case;
+    let short = limit(model_only + window + case / 2).to_string();
+    let (o, summary, short_mask) = run("short", &["--max-memory", &short]);
+    assert_eq!(o.status.code(), Some(1));
+    let reason = summary.unwrap()["cases"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("needs about") && reason.contains("--max-memory"),
+        "{reason}"
+    );
+    assert!(!short_mask.exists());
+
+    let (o, _, _) = run("tiny", &["--max-memory", "10MiB"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("below what the model alone needs"), "{err}");
+    let (o, _, _) = run("garbage", &["--max-memory", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+}

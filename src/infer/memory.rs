@@ -1,0 +1,267 @@
+//! `medseg segment --max-memory`: a host-memory budget for the whole process. It is met by
+//! choosing how many windows each forward pass takes, case by case, and by refusing, before any
+//! work, a case that cannot fit even one window. What a forward pass costs is measured on the
+//! loaded model ([`super::sliding_window::SlidingWindow::forward_bytes`]), not assumed; what a case
+//! holds besides is counted from the arrays the pipeline allocates for it.
+
+use crate::io::layout::CaseMemory;
+
+/// What forward passes cost on the host, measured on the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowCost {
+    /// Bytes a pass needs whatever its batch (buffers that do not grow with it).
+    pub fixed: u64,
+    /// Bytes each window adds to a pass: its input, activations and probabilities.
+    pub per_window: u64,
+}
+
+impl WindowCost {
+    /// From the peak bytes of a pass of one window and of two.
+    pub fn from_peaks(one: u64, two: u64) -> Self {
+        let per_window = two.saturating_sub(one).max(1);
+        WindowCost {
+            fixed: one.saturating_sub(per_window),
+            per_window,
+        }
+    }
+
+    /// The larger of each part of two measurements.
+    pub fn max(self, other: WindowCost) -> Self {
+        WindowCost {
+            fixed: self.fixed.max(other.fixed),
+            per_window: self.per_window.max(other.per_window),
+        }
+    }
+}
+
+/// The arrays one case holds besides the forward passes, in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaseArrays {
+    /// Voxels of the scan's own grid (per channel).
+    pub source_voxels: u64,
+    /// Voxels of the preprocessed grid.
+    pub grid_voxels: u64,
+    /// Voxels of the preprocessed grid padded to at least one window per axis.
+    pub padded_voxels: u64,
+    /// Image channels.
+    pub channels: u64,
+    /// Classes, background included.
+    pub classes: u64,
+    /// Non-finite voxels are being filled: a second copy of the scan.
+    pub filled_copy: bool,
+}
+
+impl CaseArrays {
+    /// Bytes, counted from what the pipeline allocates:
+    /// - on the scan's grid: the scan (f32 per channel, twice when filled), the label map (u8),
+    ///   the component labels of lesion extraction (u32) and the probability map (f32);
+    /// - on the preprocessed grid: resampled and reoriented image (two f32 copies per channel),
+    ///   the padded copy the windows are cut from, the accumulated probabilities (f32 per class),
+    ///   the blending weights (f32) and the class map (u8).
+    pub fn bytes(&self) -> u64 {
+        let scan = self.channels * 4 * if self.filled_copy { 2 } else { 1 };
+        let source = self.source_voxels * (scan + 1 + 4 + 4);
+        let grid = self.grid_voxels * (self.channels * 8 + self.classes * 4 + 4 + 1);
+        let padded = self.padded_voxels * self.channels * 4;
+        source + grid + padded
+    }
+}
+
+/// 1/20 of a budget is left free: resident memory exceeded the prediction by up to 2 % in
+/// measurements (allocator fragmentation that a pass of one window does not show).
+pub const HEADROOM: u64 = 20;
+
+/// A process's host-memory budget and what it has to spend it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryBudget {
+    /// The budget, bytes of resident memory.
+    pub limit: u64,
+    /// Resident bytes once the model was loaded (code, weights, runtime), before any case.
+    pub baseline: u64,
+    /// Forward passes, measured.
+    pub cost: WindowCost,
+}
+
+impl MemoryBudget {
+    /// The windows per pass for a case holding `arrays`, at most `wanted`, and the peak it
+    /// predicts; or why the case cannot be done within the budget.
+    pub fn plan(&self, arrays: &CaseArrays, wanted: usize) -> Result<CaseMemory, String> {
+        let case = arrays.bytes();
+        let before_windows = self.baseline + case + self.cost.fixed;
+        let room = self.usable().saturating_sub(before_windows);
+        let windows = ((room / self.cost.per_window) as usize).min(wanted.max(1));
+        if windows == 0 {
+            return Err(format!(
+                "needs about {} within --max-memory {} ({} of it usable): {} resident with the model, {} \
+                 for the scan and its resampled grid, and {} for a forward pass of one window",
+                human(before_windows + self.cost.per_window),
+                human(self.limit),
+                human(self.usable()),
+                human(self.baseline),
+                human(case),
+                human(self.cost.fixed + self.cost.per_window),
+            ));
+        }
+        Ok(CaseMemory {
+            limit_bytes: self.limit,
+            predicted_peak_bytes: before_windows + windows as u64 * self.cost.per_window,
+            windows_per_pass: windows,
+            bytes_per_window: self.cost.per_window,
+            case_bytes: case,
+            measured_peak_bytes: None,
+        })
+    }
+
+    /// The budget less [`HEADROOM`].
+    pub fn usable(&self) -> u64 {
+        self.limit - self.limit / HEADROOM
+    }
+
+    /// Whether the model alone, with one window of one case-free pass, fits the budget.
+    pub fn check_model(&self) -> Result<(), String> {
+        let needed = self.baseline + self.cost.fixed + self.cost.per_window;
+        if needed > self.usable() {
+            return Err(format!(
+                "--max-memory {} is below what the model alone needs: {} ({} resident once loaded, {} \
+                 for a forward pass of one window)",
+                human(self.limit),
+                human(needed),
+                human(self.baseline),
+                human(self.cost.fixed + self.cost.per_window),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes as MiB or GiB for messages.
+pub fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+/// Returns the free pages of every thread's heap to the system (glibc's `malloc_trim`), so that
+/// what the last case or measurement freed is not still resident when the next one starts; the
+/// binary keeps freed memory otherwise (see `src/main.rs`).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only hands free pages back; it takes the allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// This process's resident memory (Linux: `VmRSS` of `/proc/self/status`); `None` elsewhere.
+pub fn resident_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+/// The most resident memory since [`reset_resident_peak`] (Linux: `VmHWM`); `None` elsewhere.
+pub fn resident_peak() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// Starts a new resident peak at the current resident memory (Linux resets `VmHWM` when `5` is
+/// written to `/proc/self/clear_refs`); where that fails the peak stays the process's.
+pub fn reset_resident_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(limit: u64) -> MemoryBudget {
+        MemoryBudget {
+            limit,
+            baseline: 100 << 20,
+            cost: WindowCost::from_peaks(30 << 20, 50 << 20),
+        }
+    }
+
+    fn arrays(grid: u64) -> CaseArrays {
+        CaseArrays {
+            source_voxels: grid,
+            grid_voxels: grid,
+            padded_voxels: grid,
+            channels: 1,
+            classes: 2,
+            filled_copy: false,
+        }
+    }
+
+    #[test]
+    fn windows_shrink_with_the_budget_and_a_case_that_cannot_fit_is_refused() {
+        assert_eq!(
+            WindowCost::from_peaks(30, 50),
+            WindowCost {
+                fixed: 10,
+                per_window: 20
+            }
+        );
+        let case = arrays(1 << 20);
+        let bytes = case.bytes();
+        assert_eq!(bytes, (1 << 20) * (13 + 8 + 8 + 5 + 4));
+        let base = (100 << 20) + bytes + (10 << 20);
+        // The smallest budget that leaves `need` usable after the headroom (then exactly `need`).
+        let budget = |need: u64| {
+            let mut limit = need;
+            while limit - limit / HEADROOM < need {
+                limit += 1;
+            }
+            let b = budget(limit);
+            assert_eq!(b.usable(), need);
+            b
+        };
+        let plan = budget(base + 4 * (20 << 20)).plan(&case, 8).unwrap();
+        assert_eq!(plan.windows_per_pass, 4);
+        assert_eq!(plan.predicted_peak_bytes, base + 4 * (20 << 20));
+        assert_eq!(
+            budget(base + 4 * (20 << 20))
+                .plan(&case, 2)
+                .unwrap()
+                .windows_per_pass,
+            2
+        );
+        assert_eq!(
+            budget(base + (20 << 20))
+                .plan(&case, 8)
+                .unwrap()
+                .windows_per_pass,
+            1
+        );
+        let refused = budget(base + (20 << 20) - 1).plan(&case, 8).unwrap_err();
+        assert!(
+            refused.contains("--max-memory") && refused.contains("one window"),
+            "{refused}"
+        );
+        assert!(budget(130 << 20).check_model().is_ok());
+        assert!(budget((130 << 20) - 1).check_model().is_err());
+    }
+
+    /// The peak follows a 64 MiB buffer that was touched and freed, and a reset starts it over.
+    #[test]
+    fn resident_memory_and_its_peak_are_read_on_linux() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let rss = resident_bytes().expect("VmRSS");
+        assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+        reset_resident_peak();
+        let before = resident_peak().expect("VmHWM");
+        let buffer = vec![1u8; 64 << 20];
+        assert_eq!(buffer.iter().map(|&b| b as usize).sum::<usize>(), 64 << 20);
+        drop(buffer);
+        release_freed_memory();
+        let peak = resident_peak().unwrap();
+        assert!(peak >= before + (60 << 20), "{before} -> {peak}");
+        reset_resident_peak();
+        assert!(resident_peak().unwrap() < peak, "the reset did not take");
+    }
+}
