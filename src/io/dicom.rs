@@ -207,18 +207,23 @@ fn check_declared_lengths(
     header_only: bool,
 ) -> Result<()> {
     use dicom_encoding::TransferSyntaxIndex;
+    use std::io::Read;
     let mut source = source;
-    let mut preamble = [0u8; 132];
-    if std::io::Read::read_exact(&mut source, &mut preamble).is_err() {
-        return Ok(());
-    }
+    // The file meta group is a few hundred bytes; its elements are checked in this window first,
+    // since the meta reader zero-fills declared lengths too.
+    let mut head = Vec::new();
+    let _ = (&mut source).take(64 * 1024).read_to_end(&mut head);
     // With a preamble the meta group follows "DICM" at 128; without one the bytes start with it.
-    let prefix = if &preamble[128..132] == b"DICM" {
-        b"DICM".to_vec()
+    let start = if head.get(128..132) == Some(b"DICM".as_slice()) {
+        128
     } else {
-        preamble.to_vec()
+        0
     };
-    let chained = std::io::Read::chain(std::io::Cursor::new(prefix), source);
+    let head = head.split_off(start);
+    if let Some(meta) = head.strip_prefix(b"DICM") {
+        check_meta_lengths(path, meta, file_size)?;
+    }
+    let chained = std::io::Cursor::new(head).chain(source);
     let mut reader = std::io::BufReader::new(chained);
     let Ok(meta) = dicom_object::FileMetaTable::from_reader(&mut reader) else {
         return Ok(());
@@ -229,11 +234,9 @@ fn check_declared_lengths(
         // Declared lengths count inflated bytes: walk those (deflate expands at most 1032:1, so
         // this is bounded by the file). A corrupt stream is walked as far as it inflates, which
         // is as far as the parser will get too.
-        let mut inflated = Vec::new();
-        let _ = std::io::Read::read_to_end(
-            &mut flate2::read::DeflateDecoder::new(reader),
-            &mut inflated,
-        );
+        let mut raw = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader, &mut raw);
+        let inflated = inflate_prefix(&raw);
         let Some(ts) = registry.get(uids::EXPLICIT_VR_LITTLE_ENDIAN) else {
             return Ok(());
         };
@@ -251,6 +254,57 @@ fn check_declared_lengths(
         return Ok(());
     };
     check_tokens(path, reader, ts, file_size, "the file", header_only)
+}
+
+/// The file meta group's elements (always explicit VR little endian) hold at most the file.
+fn check_meta_lengths(path: &Path, meta: &[u8], file_size: u64) -> Result<()> {
+    match oversized_meta_element(meta, file_size) {
+        None => Ok(()),
+        Some((tag, len)) => Err(dicom_err(
+            path,
+            format!("file meta element {tag} declares {len} bytes but the file has {file_size}"),
+        )),
+    }
+}
+
+/// The first file meta element in `meta` (the bytes after "DICM") that declares more than
+/// `file_size` bytes.
+pub(crate) fn oversized_meta_element(mut meta: &[u8], file_size: u64) -> Option<(Tag, u32)> {
+    use dicom_encoding::decode::{explicit_le::ExplicitVRLittleEndianDecoder, Decode};
+    let decoder = ExplicitVRLittleEndianDecoder::default();
+    while let Ok((header, _)) = decoder.decode_header(&mut meta) {
+        let len = header.len.get()?;
+        if header.tag.group() != 0x0002 {
+            return None;
+        }
+        if u64::from(len) > file_size {
+            return Some((header.tag, len));
+        }
+        meta = meta.get(len as usize..).unwrap_or_default();
+    }
+    None
+}
+
+/// A raw deflate stream inflated as far as it goes: to its end, or up to the first corrupt
+/// byte, keeping what came before it, which is what a streaming parser reads before it fails.
+fn inflate_prefix(raw: &[u8]) -> Vec<u8> {
+    use flate2::{Decompress, FlushDecompress, Status};
+    let mut inflater = Decompress::new(false);
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).max(4096));
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity());
+        }
+        let (read, written) = (inflater.total_in(), inflater.total_out());
+        let input = &raw[(read as usize).min(raw.len())..];
+        match inflater.decompress_vec(input, &mut out, FlushDecompress::None) {
+            Ok(Status::StreamEnd) | Err(_) => break,
+            // No progress with room to write: the input is used up.
+            Ok(_) if inflater.total_in() == read && inflater.total_out() == written => break,
+            Ok(_) => {}
+        }
+    }
+    out
 }
 
 /// [`check_declared_lengths`] past the file meta: every element and item of `source`, a data set

@@ -131,6 +131,10 @@ pub fn reread(bytes: &[u8]) -> Option<(DefaultDicomObject, Vec<String>)> {
         (_, Some(b"DICM")) => bytes,
         _ => return None,
     };
+    // The meta reader zero-fills declared lengths: one corrupt length must not cost gigabytes.
+    if dicom::oversized_meta_element(&body[4..], bytes.len() as u64).is_some() {
+        return None;
+    }
     let mut meta = FileMetaTable::from_reader(body).ok()?;
     let start = data_set_start(body)?;
     let data = &body[start..];
