@@ -795,11 +795,41 @@ pub fn transfer_syntax_name(uid: &str) -> String {
 }
 
 fn decode<'a>(path: &Path, obj: &'a DefaultDicomObject) -> Result<DecodedPixelData<'a>> {
+    check_frame_sizes(path, obj)?;
     obj.decode_pixel_data().map_err(|e| Error::PixelData {
         path: path.to_path_buf(),
         transfer_syntax: transfer_syntax_name(obj.meta().transfer_syntax()),
         reason: e.to_string(),
     })
+}
+
+/// Refuses compressed frames that declare more columns or rows than the header: decoders
+/// allocate by the frame's own size (see [`super::codestream`]).
+fn check_frame_sizes(path: &Path, obj: &DefaultDicomObject) -> Result<()> {
+    let Some(fragments) = obj
+        .element(tags::PIXEL_DATA)
+        .ok()
+        .and_then(|e| e.value().fragments())
+    else {
+        return Ok(());
+    };
+    let rows = int(obj, tags::ROWS).unwrap_or(0);
+    let columns = int(obj, tags::COLUMNS).unwrap_or(0);
+    for fragment in fragments {
+        let Some([w, h]) = super::codestream::declared_size(fragment) else {
+            continue;
+        };
+        if i64::from(w) > columns || i64::from(h) > rows {
+            return Err(Error::PixelData {
+                path: path.to_path_buf(),
+                transfer_syntax: transfer_syntax_name(obj.meta().transfer_syntax()),
+                reason: format!(
+                    "a compressed frame declares {w} × {h} pixels but the header {columns} × {rows}"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Assembles a stack of single-frame files into one volume; slices decode in parallel.

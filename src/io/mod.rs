@@ -3,6 +3,7 @@
 //! [`discover`] finds what a path holds without decoding pixels; [`ScanSource::load`] decodes one
 //! volume; [`read_volume`] does both for a path that must hold exactly one volume.
 
+pub mod codestream;
 pub mod derived;
 pub mod dicom;
 pub mod gzip;
