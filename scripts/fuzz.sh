@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets (not part of CI):
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]      (default 300 s, all four targets)
-# Environment: FUZZ_RUNS caps the inputs per target (default: no cap); FUZZ_SANITIZER=address
+# Inputs are held to 1 GiB and 10 s each (inputs are at most 128 KB: more is a runaway).
+# Environment: FUZZ_ARGS adds libFuzzer options (`-fork=1 -ignore_ooms=1 -ignore_timeouts=1`
+# goes on past findings, collecting them all); FUZZ_RUNS caps the inputs per target (default: no
+# cap); FUZZ_SANITIZER=address
 # builds with AddressSanitizer (default: none, several times the throughput; Rust code is memory
 # safe, and the C decoders are still checked for panics and aborts).
 # Seeds are the small real sample files (run scripts/fetch-data.sh first), plus header mutations
@@ -67,5 +70,5 @@ for target in "${targets[@]}"; do
     echo "== $target for ${secs}s (sanitizer $sanitizer, runs $runs)"
     cargo fuzz run --fuzz-dir fuzz -s "$sanitizer" -a "$target" "fuzz/corpus/$target" -- \
         -dict="$dict" -max_total_time="$secs" -runs="$runs" -max_len="$max_len" \
-        -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=10 -print_final_stats=1 2>&1 | tail -n 25
+        -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-} 2>&1 | tail -n 25
 done

@@ -268,17 +268,28 @@ fn check_meta_lengths(path: &Path, meta: &[u8], file_size: u64) -> Result<()> {
 }
 
 /// The first file meta element in `meta` (the bytes after "DICM") that declares more than
-/// `file_size` bytes.
+/// `file_size` bytes. The meta reader reads every element within the group length that the
+/// first element gives, whatever its tag, so those are walked too.
 pub(crate) fn oversized_meta_element(mut meta: &[u8], file_size: u64) -> Option<(Tag, u32)> {
     use dicom_encoding::decode::{explicit_le::ExplicitVRLittleEndianDecoder, Decode};
     let decoder = ExplicitVRLittleEndianDecoder::default();
-    while let Ok((header, _)) = decoder.decode_header(&mut meta) {
+    let mut group: Option<(u64, u64)> = None; // (group length, bytes read of it)
+    while let Ok((header, read)) = decoder.decode_header(&mut meta) {
         let len = header.len.get()?;
-        if header.tag.group() != 0x0002 {
+        let within = group.is_some_and(|(length, done)| done < length);
+        if header.tag.group() != 0x0002 && !within {
             return None;
         }
         if u64::from(len) > file_size {
             return Some((header.tag, len));
+        }
+        match &mut group {
+            Some((_, done)) => *done += (read + len as usize) as u64,
+            None if header.tag == tags::FILE_META_INFORMATION_GROUP_LENGTH => {
+                let value = meta.get(..4)?;
+                group = Some((u64::from(u32::from_le_bytes(value.try_into().ok()?)), 0));
+            }
+            None => {}
         }
         meta = meta.get(len as usize..).unwrap_or_default();
     }
