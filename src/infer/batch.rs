@@ -57,6 +57,37 @@ impl BatchInput {
             .is_some_and(|s| !matches!(s, ScanSource::Nifti(_)))
     }
 
+    /// What reading the case holds at its peak, from its headers (see
+    /// [`ScanSource::read_bytes`]); `None` when a header cannot be read.
+    pub fn read_bytes(&self) -> Option<u64> {
+        match &self.input {
+            CaseInput::Source(s) => s.read_bytes(),
+            CaseInput::Channels(paths) => paths.iter().try_fold(0u64, |sum, p| {
+                let (voxels, stored) = crate::io::nifti_extent(p)?;
+                sum.checked_add(voxels.checked_mul(stored + 4)?)
+            }),
+            CaseInput::Unreadable(_) => None,
+        }
+    }
+
+    /// Decodes the case's volume, refusing first, from its headers, one whose reading would
+    /// hold more than `limit` bytes.
+    pub fn load_within(&self, limit: Option<u64>) -> Result<Volume> {
+        if let (Some(limit), Some(needed)) = (limit, self.read_bytes()) {
+            if needed > limit {
+                return Err(Error::Unsupported {
+                    path: PathBuf::from(&self.origin),
+                    reason: format!(
+                        "reading it needs about {} (its stored values and their float32 copy), more than the {} that --max-memory leaves beside the model",
+                        crate::infer::memory::human(needed),
+                        crate::infer::memory::human(limit)
+                    ),
+                });
+            }
+        }
+        self.load()
+    }
+
     /// Decodes the case's volume.
     pub fn load(&self) -> Result<Volume> {
         match &self.input {
@@ -317,6 +348,9 @@ pub struct BatchOptions {
     /// Read each scan only when its turn comes, so that no second scan is in memory (a memory
     /// budget); by default the next scan is read while the current one is segmented.
     pub no_read_ahead: bool,
+    /// Refuse, from its headers and before reading it, a scan whose reading would hold more
+    /// bytes than this (what a memory budget leaves beside the model).
+    pub max_read_bytes: Option<u64>,
 }
 
 /// Segments `cases` in order, reading the next one while the current one is segmented.
@@ -373,7 +407,9 @@ pub fn run_batch(
         let waited = Instant::now();
         let next = match reader {
             Some(_) => rx.recv().ok(),
-            None => in_turn.next().map(|n| (n, todo[n].load())),
+            None => in_turn
+                .next()
+                .map(|n| (n, todo[n].load_within(options.max_read_bytes))),
         };
         let Some((n, scan)) = next else {
             break;

@@ -112,6 +112,11 @@ impl MemoryBudget {
         })
     }
 
+    /// What the budget leaves beside the model for reading a scan.
+    pub fn read_room(&self) -> u64 {
+        self.usable().saturating_sub(self.baseline)
+    }
+
     /// The budget less [`HEADROOM`].
     pub fn usable(&self) -> u64 {
         self.limit - self.limit / HEADROOM

@@ -77,6 +77,32 @@ impl ScanSource {
         }
     }
 
+    /// What reading the scan holds at its peak, from its headers alone (nothing decoded): the
+    /// stored values and the float32 volume made from them. `None` when a header cannot be read
+    /// (reading then reports why).
+    pub fn read_bytes(&self) -> Option<u64> {
+        let (voxels, stored) = match self {
+            ScanSource::Nifti(p) => {
+                // A compressed file is held whole beside what it inflates to.
+                let (voxels, stored) = nifti_extent(p)?;
+                let compressed = match p.extension().is_some_and(|e| e == "gz") {
+                    true => std::fs::metadata(p).ok()?.len(),
+                    false => 0,
+                };
+                return voxels.checked_mul(stored + 4)?.checked_add(compressed);
+            }
+            ScanSource::DicomFile { path, frames, .. } => {
+                let h = dicom::SliceHeader::read(path).ok()?;
+                let n = frames
+                    .as_ref()
+                    .map_or(u64::from(h.frames.max(1)), |f| f.len() as u64);
+                slice_extent(&h, n)
+            }
+            ScanSource::DicomSeries(s) => slice_extent(s.slices.first()?, s.slices.len() as u64),
+        };
+        voxels.checked_mul(stored + 4)
+    }
+
     /// The file, or the directory a series was found in.
     pub fn path(&self) -> &Path {
         match self {
@@ -84,6 +110,24 @@ impl ScanSource {
             ScanSource::DicomSeries(s) => &s.root,
         }
     }
+}
+
+/// Voxels (every channel) and stored bytes per voxel of a NIfTI file, from its header.
+pub(crate) fn nifti_extent(path: &Path) -> Option<(u64, u64)> {
+    let h = nifti::read_header(path).ok()?;
+    let (_, stored) = h.data_type(path).ok()?;
+    let voxels = h
+        .spatial_dims()
+        .iter()
+        .try_fold(h.channel_count() as u64, |n, &d| n.checked_mul(d as u64))?;
+    Some((voxels, stored as u64))
+}
+
+/// Voxels and stored bytes per voxel of `planes` DICOM planes shaped like `h`.
+fn slice_extent(h: &dicom::SliceHeader, planes: u64) -> (u64, u64) {
+    let samples = u64::from(h.samples_per_pixel.max(1));
+    let voxels = u64::from(h.rows) * u64::from(h.columns) * planes * samples;
+    (voxels, u64::from(h.bits_allocated.div_ceil(8).max(1)))
 }
 
 /// What a path holds: volumes, and files that were passed over with the reason.

@@ -295,7 +295,7 @@ impl NiftiHeader {
         }
     }
 
-    fn data_type(&self, path: &Path) -> Result<(DataType, usize)> {
+    pub(crate) fn data_type(&self, path: &Path) -> Result<(DataType, usize)> {
         Ok(match self.datatype {
             2 => (DataType::Uint8, 1),
             256 => (DataType::Int8, 1),

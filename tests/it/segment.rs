@@ -690,6 +690,17 @@ fn max_memory_fits_the_windows_to_the_budget_or_refuses() {
     );
     assert!(!short_mask.exists());
 
+    // A scan whose reading alone would not fit is refused from its header, before it is read:
+    // int32 voxels and their float32 copy, beside the compressed file.
+    let case = medseg::infer::batch::expand(std::slice::from_ref(&scan)).remove(0);
+    let need = case.read_bytes().unwrap();
+    let voxels = 122 * 101 * 112;
+    let file = std::fs::metadata(&scan).unwrap().len();
+    assert_eq!(need, voxels * (4 + 4) + file);
+    let err = case.load_within(Some(need - 1)).unwrap_err().to_string();
+    assert!(err.contains("reading it needs about"), "{err}");
+    assert!(case.load_within(Some(need)).is_ok());
+
     let (o, _, _) = run("tiny", &["--max-memory", "10MiB"]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
