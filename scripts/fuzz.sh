@@ -70,5 +70,6 @@ for target in "${targets[@]}"; do
     echo "== $target for ${secs}s (sanitizer $sanitizer, runs $runs)"
     cargo fuzz run --fuzz-dir fuzz -s "$sanitizer" -a "$target" "fuzz/corpus/$target" -- \
         -dict="$dict" -max_total_time="$secs" -runs="$runs" -max_len="$max_len" \
-        -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-} 2>&1 | tail -n 25
+        -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-} 2>&1 | tail -n 25 \
+        || echo "== $target stopped at a finding: see fuzz/artifacts/$target/"
 done

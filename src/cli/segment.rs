@@ -104,18 +104,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tta {
         overrides.push("segment.tta=true".into());
     }
-    let mut predictor = Predictor::load(&model, args.device.as_deref(), &overrides)?;
-    if let Some(limit) = args.max_memory {
-        predictor = predictor.with_memory_budget(limit.as_u64(), crate::ALLOCATOR)?;
-        if let Some(b) = &predictor.memory {
-            eprintln!(
-                "memory budget {}: {} resident with the model, {} per window of a forward pass",
-                human(b.limit),
-                human(b.baseline),
-                human(b.cost.per_window)
-            );
-        }
-    }
+    let predictor = with_budget(
+        Predictor::load(&model, args.device.as_deref(), &overrides)?,
+        args.max_memory,
+    )?;
     let filter = predictor.lesion_filter()?;
     let dicom = dicom_export(&args, &model, &predictor)?;
     let outputs = |name: &str| {
@@ -185,6 +177,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("failed: {}: {}", c.case, c.reason.as_deref().unwrap_or(""));
     }
     Err(Reported.into())
+}
+
+/// `--max-memory`: the forward pass measured on the model, and what it leaves for cases.
+fn with_budget(
+    predictor: Predictor,
+    max_memory: Option<bytesize::ByteSize>,
+) -> anyhow::Result<Predictor> {
+    let Some(limit) = max_memory else {
+        return Ok(predictor);
+    };
+    let predictor = predictor.with_memory_budget(limit.as_u64(), crate::ALLOCATOR)?;
+    if let Some(b) = &predictor.memory {
+        eprintln!(
+            "memory budget {} ({} usable): {} resident with the model, {} per window of a forward pass",
+            human(b.limit),
+            human(b.usable()),
+            human(b.baseline),
+            human(b.cost.per_window)
+        );
+    }
+    Ok(predictor)
 }
 
 /// How DICOM objects are described: the model's classes and codes, its run, the reference series.

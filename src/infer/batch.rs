@@ -62,9 +62,11 @@ impl BatchInput {
     pub fn read_bytes(&self) -> Option<u64> {
         match &self.input {
             CaseInput::Source(s) => s.read_bytes(),
+            // Each channel is read as a scan, then all are copied into one volume.
             CaseInput::Channels(paths) => paths.iter().try_fold(0u64, |sum, p| {
-                let (voxels, stored) = crate::io::nifti_extent(p)?;
-                sum.checked_add(voxels.checked_mul(stored + 4)?)
+                let (voxels, _) = crate::io::nifti_extent(p)?;
+                let read = ScanSource::Nifti(p.clone()).read_bytes()?;
+                sum.checked_add(read.checked_add(voxels.checked_mul(4)?)?)
             }),
             CaseInput::Unreadable(_) => None,
         }
@@ -407,9 +409,13 @@ pub fn run_batch(
         let waited = Instant::now();
         let next = match reader {
             Some(_) => rx.recv().ok(),
-            None => in_turn
-                .next()
-                .map(|n| (n, todo[n].load_within(options.max_read_bytes))),
+            None => in_turn.next().map(|n| {
+                // Under a budget, what the last case freed goes back before the next is read.
+                if options.max_read_bytes.is_some() {
+                    crate::infer::memory::release_freed_memory();
+                }
+                (n, todo[n].load_within(options.max_read_bytes))
+            }),
         };
         let Some((n, scan)) = next else {
             break;

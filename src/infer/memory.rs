@@ -55,14 +55,16 @@ impl CaseArrays {
     /// Bytes, counted from what the pipeline allocates:
     /// - on the scan's grid: the scan (f32 per channel, twice when filled), the label map (u8),
     ///   the component labels of lesion extraction (u32) and the probability map (f32);
-    /// - on the preprocessed grid: resampled and reoriented image (two f32 copies per channel),
-    ///   the padded copy the windows are cut from, the accumulated probabilities (f32 per class),
-    ///   the blending weights (f32) and the class map (u8).
+    /// - on the preprocessed grid: the resampled and the reoriented image (f32 per channel
+    ///   each) and the class map (u8);
+    /// - on that grid padded to a window: the copy the windows are cut from (f32 per channel),
+    ///   the accumulated probabilities (f32 per class, kept as the result) and the blending
+    ///   weights (f32).
     pub fn bytes(&self) -> u64 {
         let scan = self.channels * 4 * if self.filled_copy { 2 } else { 1 };
         let source = self.source_voxels * (scan + 1 + 4 + 4);
-        let grid = self.grid_voxels * (self.channels * 8 + self.classes * 4 + 4 + 1);
-        let padded = self.padded_voxels * self.channels * 4;
+        let grid = self.grid_voxels * (self.channels * 8 + 1);
+        let padded = self.padded_voxels * (self.channels * 4 + self.classes * 4 + 4);
         source + grid + padded
     }
 }
@@ -212,7 +214,7 @@ mod tests {
         );
         let case = arrays(1 << 20);
         let bytes = case.bytes();
-        assert_eq!(bytes, (1 << 20) * (13 + 8 + 8 + 5 + 4));
+        assert_eq!(bytes, (1 << 20) * ((4 + 1 + 4 + 4) + (8 + 1) + (4 + 8 + 4)));
         let base = (100 << 20) + bytes + (10 << 20);
         // The smallest budget that leaves `need` usable after the headroom (then exactly `need`).
         let budget = |need: u64| {
@@ -250,7 +252,8 @@ mod tests {
         assert!(budget((130 << 20) - 1).check_model().is_err());
     }
 
-    /// The peak follows a 64 MiB buffer that was touched and freed, and a reset starts it over.
+    /// Resident memory and its peak are read on Linux (the per-case reset of the peak is
+    /// checked in a process of its own, by `segment --max-memory` in tests/it/segment.rs).
     #[test]
     fn resident_memory_and_its_peak_are_read_on_linux() {
         if !cfg!(target_os = "linux") {
@@ -258,15 +261,6 @@ mod tests {
         }
         let rss = resident_bytes().expect("VmRSS");
         assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
-        reset_resident_peak();
-        let before = resident_peak().expect("VmHWM");
-        let buffer = vec![1u8; 64 << 20];
-        assert_eq!(buffer.iter().map(|&b| b as usize).sum::<usize>(), 64 << 20);
-        drop(buffer);
-        release_freed_memory();
-        let peak = resident_peak().unwrap();
-        assert!(peak >= before + (60 << 20), "{before} -> {peak}");
-        reset_resident_peak();
-        assert!(resident_peak().unwrap() < peak, "the reset did not take");
+        assert!(resident_peak().expect("VmHWM") >= rss);
     }
 }

@@ -149,7 +149,9 @@ impl Predictor {
         let Some(budget) = &self.memory else {
             return Ok((self.window.clone(), None));
         };
-        let grid = self.preprocessing.spatial.resampled_grid(&volume.geometry);
+        // Windows tile the reoriented grid: pad its axes, not the source's.
+        let spatial = &self.preprocessing.spatial;
+        let grid = spatial.oriented(&spatial.resampled_grid(&volume.geometry));
         let [wd, wh, ww] = self.window.window;
         let [ni, nj, nk] = grid.dims;
         let arrays = CaseArrays {

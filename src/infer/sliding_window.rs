@@ -163,7 +163,8 @@ impl SlidingWindow {
     /// Peak host bytes allocated by a forward pass of `batch` windows of `input_channels`, as
     /// [`Self::predict`] runs it (input buffer, tensor, activations, probabilities read back),
     /// measured by `meter`, which must be the process's global allocator. Mirrored passes are not
-    /// run: their extra (a running sum, one pass's output and a flipped input per window) is added.
+    /// run (8 in 3D): their extra per window (a running sum, one pass's output and its flipped
+    /// copy, and a flipped input) is added.
     pub fn forward_bytes(
         &self,
         model: &HybridSegNet,
@@ -194,7 +195,7 @@ impl SlidingWindow {
             });
         }
         let mirrored = if self.mirror {
-            (batch * (2 * classes + input_channels) * wd * wh * ww * 4) as u64
+            (batch * (3 * classes + input_channels) * wd * wh * ww * 4) as u64
         } else {
             0
         };

@@ -4,20 +4,24 @@
 //! so a frame claiming 30 000 × 30 000 pixels inside a 3 KB file costs gigabytes unless it is
 //! refused first (found by fuzzing).
 
-/// Columns and rows declared by a compressed frame; `None` when its header is not recognised
-/// (the decoder then reports what it finds).
-pub fn declared_size(frame: &[u8]) -> Option<[u32; 2]> {
+/// What a compressed frame declares of itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Declared {
+    /// Columns.
+    pub columns: u32,
+    /// Rows.
+    pub rows: u32,
+    /// Components (samples per pixel).
+    pub components: u32,
+}
+
+/// The size a compressed frame declares; `None` when its header is not recognised (the
+/// decoder then reports what it finds).
+pub fn declared_size(frame: &[u8]) -> Option<Declared> {
     match frame {
         [0xFF, 0xD8, ..] => jpeg_size(frame),
         [0xFF, 0x4F, 0xFF, 0x51, ..] => j2k_size(&frame[2..]),
-        _ => {
-            // A JP2 file: the codestream is the payload of the `jp2c` box.
-            let at = frame.windows(4).position(|w| w == b"jp2c")?;
-            match frame.get(at + 4..)? {
-                [0xFF, 0x4F, 0xFF, 0x51, ..] => j2k_size(&frame[at + 6..]),
-                _ => None,
-            }
-        }
+        _ => j2k_size(jp2_codestream(frame)?.get(2..)?),
     }
 }
 
@@ -32,8 +36,8 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Walks the marker segments after SOI to the first frame header (SOF0–15 but DHT, JPG, DAC;
-/// SOF55 for JPEG-LS): `Lf P Y X`.
-fn jpeg_size(frame: &[u8]) -> Option<[u32; 2]> {
+/// SOF55 for JPEG-LS): `Lf P Y X Nf`.
+fn jpeg_size(frame: &[u8]) -> Option<Declared> {
     let mut at = 2;
     loop {
         // Fill bytes (0xFF) may precede a marker.
@@ -47,7 +51,11 @@ fn jpeg_size(frame: &[u8]) -> Option<[u32; 2]> {
         let is_frame_header = matches!(marker, 0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC))
             || marker == 0xF7;
         if is_frame_header {
-            return Some([be16(frame, at + 7)?, be16(frame, at + 5)?]);
+            return Some(Declared {
+                columns: be16(frame, at + 7)?,
+                rows: be16(frame, at + 5)?,
+                components: u32::from(*frame.get(at + 9)?),
+            });
         }
         // Segments without a length: RSTn, SOI, EOI, TEM.
         if matches!(marker, 0xD0..=0xD9 | 0x01) {
@@ -58,11 +66,46 @@ fn jpeg_size(frame: &[u8]) -> Option<[u32; 2]> {
     }
 }
 
-/// `SIZ`: `Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz ...`, with `siz` starting at the SIZ marker.
-fn j2k_size(siz: &[u8]) -> Option<[u32; 2]> {
+/// `SIZ`: `Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz Csiz`, with `siz`
+/// starting at the SIZ marker.
+fn j2k_size(siz: &[u8]) -> Option<Declared> {
+    if siz.get(..2)? != [0xFF, 0x51] {
+        return None;
+    }
     let (x, y) = (be32(siz, 6)?, be32(siz, 10)?);
     let (x0, y0) = (be32(siz, 14)?, be32(siz, 18)?);
-    Some([x.checked_sub(x0)?, y.checked_sub(y0)?])
+    Some(Declared {
+        columns: x.checked_sub(x0)?,
+        rows: y.checked_sub(y0)?,
+        components: be16(siz, 38)?,
+    })
+}
+
+/// The codestream of a JP2 file (T.800 Annex I): the payload of its `jp2c` box, found by
+/// walking the boxes from the signature box (`LBox TBox [XLBox]`; `LBox` 0: to the end).
+fn jp2_codestream(file: &[u8]) -> Option<&[u8]> {
+    if file.get(..12)? != b"\0\0\0\x0cjP  \r\n\x87\n" {
+        return None;
+    }
+    let mut at = 0usize;
+    while at < file.len() {
+        let (length, header) = match be32(file, at)? {
+            0 => (file.len() - at, 8),
+            1 => {
+                let long = u64::from(be32(file, at + 8)?) << 32 | u64::from(be32(file, at + 12)?);
+                (usize::try_from(long).ok()?, 16)
+            }
+            n => (n as usize, 8),
+        };
+        if length < header {
+            return None;
+        }
+        if file.get(at + 4..at + 8)? == b"jp2c" {
+            return file.get(at + header..);
+        }
+        at = at.checked_add(length)?;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -71,28 +114,42 @@ mod tests {
 
     #[test]
     fn sizes_are_read_from_jpeg_jpeg_ls_and_jpeg_2000_headers() {
+        let size = |columns, rows, components| {
+            Some(Declared {
+                columns,
+                rows,
+                components,
+            })
+        };
         // SOI, an APP0 segment, then SOF0 of 8 bits, 3 rows by 5 columns, one component.
         let jpeg = [
             0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0x00, 0x00, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x00,
             0x03, 0x00, 0x05, 0x01, 0x01, 0x11, 0x00,
         ];
-        assert_eq!(declared_size(&jpeg), Some([5, 3]));
-        // JPEG-LS: SOF55 right after SOI.
+        assert_eq!(declared_size(&jpeg), size(5, 3, 1));
+        // JPEG-LS: SOF55 right after SOI, three components.
         let ls = [
-            0xFF, 0xD8, 0xFF, 0xF7, 0x00, 0x0B, 0x10, 0x02, 0x00, 0x01, 0x00, 0x01, 0x01, 0x11,
+            0xFF, 0xD8, 0xFF, 0xF7, 0x00, 0x0B, 0x10, 0x02, 0x00, 0x01, 0x00, 0x03, 0x01, 0x11,
             0x00,
         ];
-        assert_eq!(declared_size(&ls), Some([256, 512]));
-        // J2K: SOC, SIZ with Xsiz 300, Ysiz 200 and an image offset of (100, 50).
+        assert_eq!(declared_size(&ls), size(256, 512, 3));
+        // J2K: SOC, SIZ with Xsiz 300, Ysiz 200, an image offset of (100, 50), tiles, Csiz 1.
         let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
-        for v in [300u32, 200, 100, 50] {
+        for v in [300u32, 200, 100, 50, 300, 200, 0, 0] {
             j2k.extend(v.to_be_bytes());
         }
-        assert_eq!(declared_size(&j2k), Some([200, 150]));
-        let mut jp2 = b"\0\0\0\x0cjP  \r\n\x87\n....jp2c".to_vec();
+        j2k.extend([0x00, 0x01]);
+        assert_eq!(declared_size(&j2k), size(200, 150, 1));
+        // JP2: the signature box, a 16-byte box whose payload says "jp2c", then the codestream
+        // box with a 64-bit length.
+        let mut jp2 = b"\0\0\0\x0cjP  \r\n\x87\n".to_vec();
+        jp2.extend(b"\0\0\0\x10xml jp2c....");
+        jp2.extend(b"\0\0\0\x01jp2c");
+        jp2.extend((16 + j2k.len() as u64).to_be_bytes());
         jp2.extend(&j2k);
-        assert_eq!(declared_size(&jp2), Some([200, 150]));
+        assert_eq!(declared_size(&jp2), size(200, 150, 1));
         assert_eq!(declared_size(&[0xFF, 0xD8, 0xFF]), None);
         assert_eq!(declared_size(b"raw bytes"), None);
+        assert_eq!(declared_size(&jp2[..30]), None);
     }
 }

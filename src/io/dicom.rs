@@ -235,15 +235,16 @@ fn check_declared_lengths(
         // this is bounded by the file). A corrupt stream is walked as far as it inflates, which
         // is as far as the parser will get too.
         let mut raw = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut reader, &mut raw);
-        let inflated = inflate_prefix(&raw);
+        let _ = reader.read_to_end(&mut raw);
         let Some(ts) = registry.get(uids::EXPLICIT_VR_LITTLE_ENDIAN) else {
             return Ok(());
         };
-        let size = inflated.len() as u64;
+        // Two streaming passes, so only the compressed bytes are held: the size, then the walk.
+        let size = std::io::copy(&mut Inflating::new(&raw), &mut std::io::sink()).unwrap_or(0);
+        let inflated = Inflating::new(&raw);
         return check_tokens(
             path,
-            &inflated[..],
+            inflated,
             ts,
             size,
             "the inflated data set",
@@ -296,26 +297,42 @@ pub(crate) fn oversized_meta_element(mut meta: &[u8], file_size: u64) -> Option<
     None
 }
 
-/// A raw deflate stream inflated as far as it goes: to its end, or up to the first corrupt
-/// byte, keeping what came before it, which is what a streaming parser reads before it fails.
-fn inflate_prefix(raw: &[u8]) -> Vec<u8> {
-    use flate2::{Decompress, FlushDecompress, Status};
-    let mut inflater = Decompress::new(false);
-    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).max(4096));
-    loop {
-        if out.len() == out.capacity() {
-            out.reserve(out.capacity());
-        }
-        let (read, written) = (inflater.total_in(), inflater.total_out());
-        let input = &raw[(read as usize).min(raw.len())..];
-        match inflater.decompress_vec(input, &mut out, FlushDecompress::None) {
-            Ok(Status::StreamEnd) | Err(_) => break,
-            // No progress with room to write: the input is used up.
-            Ok(_) if inflater.total_in() == read && inflater.total_out() == written => break,
-            Ok(_) => {}
+/// A raw deflate stream read as far as it inflates: to its end, or up to the first corrupt
+/// byte, keeping what came before it (which is what a streaming parser reads before it fails).
+struct Inflating<'a> {
+    raw: &'a [u8],
+    inflater: flate2::Decompress,
+    done: bool,
+}
+
+impl<'a> Inflating<'a> {
+    fn new(raw: &'a [u8]) -> Self {
+        Inflating {
+            raw,
+            inflater: flate2::Decompress::new(false),
+            done: false,
         }
     }
-    out
+}
+
+impl std::io::Read for Inflating<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use flate2::{FlushDecompress, Status};
+        while !self.done && !buf.is_empty() {
+            let (read, written) = (self.inflater.total_in(), self.inflater.total_out());
+            let input = self.raw.get(read as usize..).unwrap_or_default();
+            let status = self.inflater.decompress(input, buf, FlushDecompress::None);
+            let out = (self.inflater.total_out() - written) as usize;
+            let stalled = out == 0 && self.inflater.total_in() == read;
+            if matches!(status, Ok(Status::StreamEnd) | Err(_)) || stalled {
+                self.done = true;
+            }
+            if out > 0 {
+                return Ok(out);
+            }
+        }
+        Ok(0)
+    }
 }
 
 /// [`check_declared_lengths`] past the file meta: every element and item of `source`, a data set
@@ -814,9 +831,18 @@ fn decode<'a>(path: &Path, obj: &'a DefaultDicomObject) -> Result<DecodedPixelDa
     })
 }
 
-/// Refuses compressed frames that declare more columns or rows than the header: decoders
-/// allocate by the frame's own size (see [`super::codestream`]).
+/// Refuses compressed frames (JPEG, JPEG-LS, JPEG 2000) that declare more columns, rows or
+/// components than the header: decoders allocate by the frame's own size (see
+/// [`super::codestream`]).
 fn check_frame_sizes(path: &Path, obj: &DefaultDicomObject) -> Result<()> {
+    let ts = obj.meta().transfer_syntax().trim_end_matches('\0');
+    // JPEG (…4.50–4.70), JPEG-LS (…4.80–81), JPEG 2000 (…4.90–93), HTJ2K (…4.201–203).
+    let Some(code) = ts.strip_prefix("1.2.840.10008.1.2.4.") else {
+        return Ok(());
+    };
+    if !matches!(code.parse::<u32>(), Ok(50..=93 | 201..=203)) {
+        return Ok(());
+    }
     let Some(fragments) = obj
         .element(tags::PIXEL_DATA)
         .ok()
@@ -826,16 +852,21 @@ fn check_frame_sizes(path: &Path, obj: &DefaultDicomObject) -> Result<()> {
     };
     let rows = int(obj, tags::ROWS).unwrap_or(0);
     let columns = int(obj, tags::COLUMNS).unwrap_or(0);
+    let samples = int(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
     for fragment in fragments {
-        let Some([w, h]) = super::codestream::declared_size(fragment) else {
+        let Some(d) = super::codestream::declared_size(fragment) else {
             continue;
         };
-        if i64::from(w) > columns || i64::from(h) > rows {
+        if i64::from(d.columns) > columns
+            || i64::from(d.rows) > rows
+            || i64::from(d.components) > samples
+        {
             return Err(Error::PixelData {
                 path: path.to_path_buf(),
-                transfer_syntax: transfer_syntax_name(obj.meta().transfer_syntax()),
+                transfer_syntax: transfer_syntax_name(ts),
                 reason: format!(
-                    "a compressed frame declares {w} × {h} pixels but the header {columns} × {rows}"
+                    "a compressed frame declares {} × {} pixels of {} component(s) but the header {columns} × {rows} of {samples}",
+                    d.columns, d.rows, d.components
                 ),
             });
         }

@@ -96,9 +96,9 @@ impl ScanSource {
                 let n = frames
                     .as_ref()
                     .map_or(u64::from(h.frames.max(1)), |f| f.len() as u64);
-                slice_extent(&h, n)
+                slice_extent(&h, n)?
             }
-            ScanSource::DicomSeries(s) => slice_extent(s.slices.first()?, s.slices.len() as u64),
+            ScanSource::DicomSeries(s) => slice_extent(s.slices.first()?, s.slices.len() as u64)?,
         };
         voxels.checked_mul(stored + 4)
     }
@@ -123,11 +123,15 @@ pub(crate) fn nifti_extent(path: &Path) -> Option<(u64, u64)> {
     Some((voxels, stored as u64))
 }
 
-/// Voxels and stored bytes per voxel of `planes` DICOM planes shaped like `h`.
-fn slice_extent(h: &dicom::SliceHeader, planes: u64) -> (u64, u64) {
+/// Voxels and stored bytes per voxel of `planes` DICOM planes shaped like `h`; `None` when a
+/// malformed header's product overflows.
+fn slice_extent(h: &dicom::SliceHeader, planes: u64) -> Option<(u64, u64)> {
     let samples = u64::from(h.samples_per_pixel.max(1));
-    let voxels = u64::from(h.rows) * u64::from(h.columns) * planes * samples;
-    (voxels, u64::from(h.bits_allocated.div_ceil(8).max(1)))
+    let voxels = u64::from(h.rows)
+        .checked_mul(u64::from(h.columns))?
+        .checked_mul(planes)?
+        .checked_mul(samples)?;
+    Some((voxels, u64::from(h.bits_allocated.div_ceil(8).max(1))))
 }
 
 /// What a path holds: volumes, and files that were passed over with the reason.
