@@ -110,26 +110,41 @@ impl Predictor {
             self.window
                 .forward_bytes(&self.model, &self.device, meter, self.input_channels, batch)
         };
+        let mut budget = MemoryBudget {
+            limit,
+            baseline,
+            cost: WindowCost {
+                fixed: 0,
+                per_window: 0,
+            },
+        };
+        // A budget below what is resident already is refused before any pass runs.
+        let refuse = |budget: &MemoryBudget| {
+            budget
+                .check_model()
+                .map_err(|reason| Error::Config { reason })
+        };
+        refuse(&budget)?;
         // The first pass sets up what every later one reuses; it is not what a window costs.
         // Resident memory grows by more than what is allocated (each thread's heap keeps its own
         // freed pages), so the passes are also measured by it, and the larger figure is kept.
         let resident = || resident_bytes().unwrap_or(baseline);
         measure(1)?;
-        let after_one = resident();
-        let by_allocation = WindowCost::from_peaks(measure(1)?, measure(2)?);
-        let by_residence = WindowCost::from_peaks(
-            after_one.saturating_sub(baseline),
-            resident().saturating_sub(baseline),
-        );
-        let cost = by_allocation.max(by_residence);
-        let budget = MemoryBudget {
-            limit,
-            baseline,
-            cost,
+        let after_one = resident().saturating_sub(baseline);
+        let one = measure(1)?.max(after_one);
+        // Two windows cost at most twice one: they are measured only when that fits.
+        budget.cost = if baseline + 2 * one <= budget.usable() {
+            let by_allocation = WindowCost::from_peaks(measure(1)?, measure(2)?);
+            let by_residence =
+                WindowCost::from_peaks(after_one, resident().saturating_sub(baseline));
+            by_allocation.max(by_residence)
+        } else {
+            WindowCost {
+                fixed: 0,
+                per_window: one,
+            }
         };
-        budget
-            .check_model()
-            .map_err(|reason| Error::Config { reason })?;
+        refuse(&budget)?;
         self.memory = Some(budget);
         Ok(self)
     }

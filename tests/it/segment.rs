@@ -744,7 +744,10 @@ fn max_memory_fits_the_windows_to_the_budget_or_refuses() {
     let (o, _, _) = run("tiny", &["--max-memory", "10MiB"]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("below what the model alone needs"), "{err}");
+    assert!(
+        err.contains("--max-memory") && err.contains("is below what"),
+        "{err}"
+    );
     let (o, _, _) = run("garbage", &["--max-memory", "lots"]);
     assert_eq!(o.status.code(), Some(2));
 }
