@@ -296,9 +296,10 @@ impl Geometry {
         None
     }
 
-    /// Number of voxels in the grid.
+    /// Number of voxels in the grid, saturating: an absurd grid must fail its size check, not
+    /// overflow into a small count.
     pub fn voxel_count(&self) -> usize {
-        self.dims.iter().product()
+        self.dims.iter().fold(1, |n, &d| n.saturating_mul(d))
     }
 }
 

@@ -225,7 +225,13 @@ impl NiftiHeader {
 
     /// Product of the axes beyond the third (4D time points, 5D vector components …).
     pub fn channel_count(&self) -> usize {
-        self.dims.iter().skip(3).product::<usize>().max(1)
+        // Saturating: an absurd header must reach the size check, not overflow on the way.
+        let count = self
+            .dims
+            .iter()
+            .skip(3)
+            .fold(1usize, |n, &d| n.saturating_mul(d));
+        count.max(1)
     }
 
     /// Voxel sizes `pixdim[1..=3]` as nibabel uses them (absolute value; missing axes 1).
@@ -459,9 +465,9 @@ pub fn read_nifti_bytes(path: &Path, bytes: &[u8]) -> Result<Volume> {
             format!("empty image: dim = {:?}", header.dims),
         ));
     }
-    let voxels_per_channel = dims.iter().product::<usize>();
-    let needed = voxels_per_channel
-        .checked_mul(channels)
+    let needed = dims
+        .iter()
+        .try_fold(channels, |n, &d| n.checked_mul(d))
         .and_then(|n| n.checked_mul(bytes_per_voxel))
         .ok_or_else(|| invalid(path, format!("dim = {:?} overflows", header.dims)))?;
     let start = header.vox_offset as usize;
