@@ -134,7 +134,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             skip_existing: args.skip_existing,
             fail_fast: args.fail_fast,
             shard: args.shard,
-            no_read_ahead: args.max_memory.is_some(),
             max_read_bytes: predictor.memory.as_ref().map(|b| b.read_room()),
         },
         &|case| outputs(&case.name).complete(case.is_dicom()),

@@ -64,8 +64,7 @@ impl BatchInput {
             CaseInput::Source(s) => s.read_bytes(),
             // Each channel is read as a scan, then all are copied into one volume.
             CaseInput::Channels(paths) => paths.iter().try_fold(0u64, |sum, p| {
-                let (voxels, _) = crate::io::nifti_extent(p)?;
-                let read = ScanSource::Nifti(p.clone()).read_bytes()?;
+                let (voxels, read) = crate::io::nifti_read_bytes(p)?;
                 sum.checked_add(read.checked_add(voxels.checked_mul(4)?)?)
             }),
             CaseInput::Unreadable(_) => None,
@@ -347,11 +346,10 @@ pub struct BatchOptions {
     pub fail_fast: bool,
     /// The shard the summary is named for.
     pub shard: Option<Shard>,
-    /// Read each scan only when its turn comes, so that no second scan is in memory (a memory
-    /// budget); by default the next scan is read while the current one is segmented.
-    pub no_read_ahead: bool,
-    /// Refuse, from its headers and before reading it, a scan whose reading would hold more
-    /// bytes than this (what a memory budget leaves beside the model).
+    /// Under a memory budget, what it leaves beside the model for reading a scan: each scan is
+    /// then read only when its turn comes (no second scan in memory), and one whose reading
+    /// would hold more is refused from its headers. Without one, the next scan is read while the
+    /// current one is segmented.
     pub max_read_bytes: Option<u64>,
 }
 
@@ -395,7 +393,7 @@ pub fn run_batch(
     // Reading the next scan overlaps segmenting the current one, unless told not to.
     let (tx, rx) = sync_channel::<(usize, Result<Volume>)>(1);
     let reader_cases = todo.clone();
-    let reader = (!options.no_read_ahead).then(|| {
+    let reader = options.max_read_bytes.is_none().then(|| {
         std::thread::spawn(move || {
             for (n, case) in reader_cases.iter().enumerate() {
                 if tx.send((n, case.load())).is_err() {
@@ -410,10 +408,8 @@ pub fn run_batch(
         let next = match reader {
             Some(_) => rx.recv().ok(),
             None => in_turn.next().map(|n| {
-                // Under a budget, what the last case freed goes back before the next is read.
-                if options.max_read_bytes.is_some() {
-                    crate::infer::memory::release_freed_memory();
-                }
+                // What the last case freed goes back before the next is read.
+                crate::infer::memory::release_freed_memory();
                 (n, todo[n].load_within(options.max_read_bytes))
             }),
         };

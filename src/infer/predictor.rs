@@ -151,7 +151,7 @@ impl Predictor {
 
     /// Under a budget, the peak resident memory since [`Self::predict`] began.
     pub fn measured_peak(&self) -> Option<u64> {
-        self.memory.as_ref().and(resident_peak())
+        self.memory.as_ref().and_then(|_| resident_peak())
     }
 
     /// The sliding window for a scan: under a memory budget, as many windows per pass as fit,

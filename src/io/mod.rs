@@ -82,15 +82,7 @@ impl ScanSource {
     /// (reading then reports why).
     pub fn read_bytes(&self) -> Option<u64> {
         let (voxels, stored) = match self {
-            ScanSource::Nifti(p) => {
-                // A compressed file is held whole beside what it inflates to.
-                let (voxels, stored) = nifti_extent(p)?;
-                let compressed = match p.extension().is_some_and(|e| e == "gz") {
-                    true => std::fs::metadata(p).ok()?.len(),
-                    false => 0,
-                };
-                return voxels.checked_mul(stored + 4)?.checked_add(compressed);
-            }
+            ScanSource::Nifti(p) => return nifti_read_bytes(p).map(|(_, read)| read),
             ScanSource::DicomFile { path, frames, .. } => {
                 let h = dicom::SliceHeader::read(path).ok()?;
                 let n = frames
@@ -112,15 +104,21 @@ impl ScanSource {
     }
 }
 
-/// Voxels (every channel) and stored bytes per voxel of a NIfTI file, from its header.
-pub(crate) fn nifti_extent(path: &Path) -> Option<(u64, u64)> {
+/// Voxels (every channel) of a NIfTI file and what reading it holds at its peak (see
+/// [`ScanSource::read_bytes`]), from its header.
+pub(crate) fn nifti_read_bytes(path: &Path) -> Option<(u64, u64)> {
     let h = nifti::read_header(path).ok()?;
     let (_, stored) = h.data_type(path).ok()?;
-    let voxels = h
-        .spatial_dims()
-        .iter()
-        .try_fold(h.channel_count() as u64, |n, &d| n.checked_mul(d as u64))?;
-    Some((voxels, stored as u64))
+    let voxels = h.voxel_count()? as u64;
+    // A compressed file is held whole beside what it inflates to.
+    let compressed = match path.extension().is_some_and(|e| e == "gz") {
+        true => std::fs::metadata(path).ok()?.len(),
+        false => 0,
+    };
+    let read = voxels
+        .checked_mul(stored as u64 + 4)?
+        .checked_add(compressed)?;
+    Some((voxels, read))
 }
 
 /// Voxels and stored bytes per voxel of `planes` DICOM planes shaped like `h`; `None` when a

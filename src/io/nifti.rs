@@ -234,6 +234,13 @@ impl NiftiHeader {
         count.max(1)
     }
 
+    /// Voxels of every channel, `None` when the product overflows.
+    pub fn voxel_count(&self) -> Option<usize> {
+        self.spatial_dims()
+            .iter()
+            .try_fold(self.channel_count(), |n, &d| n.checked_mul(d))
+    }
+
     /// Voxel sizes `pixdim[1..=3]` as nibabel uses them (absolute value; missing axes 1).
     fn zooms(&self) -> [f64; 3] {
         std::array::from_fn(|a| {
@@ -465,9 +472,8 @@ pub fn read_nifti_bytes(path: &Path, bytes: &[u8]) -> Result<Volume> {
             format!("empty image: dim = {:?}", header.dims),
         ));
     }
-    let needed = dims
-        .iter()
-        .try_fold(channels, |n, &d| n.checked_mul(d))
+    let needed = header
+        .voxel_count()
         .and_then(|n| n.checked_mul(bytes_per_voxel))
         .ok_or_else(|| invalid(path, format!("dim = {:?} overflows", header.dims)))?;
     let start = header.vox_offset as usize;

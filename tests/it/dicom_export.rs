@@ -113,8 +113,7 @@ fn segment_to(out: &Path, input: &Path, extra: &[&str]) -> Output {
 }
 
 fn case_name(out: &Path) -> String {
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("batch_summary.json")).unwrap()).unwrap();
+    let summary = crate::segment::summary_in(out);
     summary["cases"][0]["case"].as_str().unwrap().to_string()
 }
 
