@@ -713,6 +713,42 @@ pub struct SegmentConfig {
     /// RTSTRUCT export (`--format rtstruct`): one ROI per class (`class`) or per lesion
     /// (`lesion`, numbered as in the lesion table).
     pub rtstruct_rois: RoiGrouping,
+    /// Logits are divided by this before the softmax: `"fitted"` (the temperature training fitted
+    /// on validation, saved in the checkpoint's `calibration.json`; 1 when it has none) or a
+    /// number (`1.0` = uncalibrated).
+    pub temperature: Temperature,
+    /// The map `--attention` writes: `lesion` (attention from the tokens inside each finding) or
+    /// `rollout` (attention rollout through the Transformer blocks).
+    pub attention: AttentionMap,
+}
+
+/// `segment.temperature`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "\"fitted\" or a positive number")]
+pub enum Temperature {
+    /// A named choice.
+    Named(TemperatureChoice),
+    /// This temperature.
+    Value(f64),
+}
+
+/// The named `segment.temperature`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemperatureChoice {
+    /// The checkpoint's fitted temperature.
+    Fitted,
+}
+
+/// Which attention map `segment --attention` writes (see `infer::attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionMap {
+    /// Attention from the tokens inside findings, averaged over heads and blocks.
+    #[default]
+    Lesion,
+    /// Attention rollout through the blocks (Abnar & Zuidema, 2020).
+    Rollout,
 }
 
 /// How RTSTRUCT ROIs are formed from a label map.
@@ -775,6 +811,8 @@ impl Default for SegmentConfig {
             non_finite: NonFinite::Error,
             max_voxels: DEFAULT_MAX_VOXELS,
             rtstruct_rois: RoiGrouping::Class,
+            temperature: Temperature::Named(TemperatureChoice::Fitted),
+            attention: AttentionMap::Lesion,
         }
     }
 }
@@ -1028,6 +1066,13 @@ impl RunConfig {
                 "[segment] overlap must be in [0, 1), batch_size positive and threshold in [0, 1]"
                     .into(),
             );
+        }
+        if let Temperature::Value(t) = g.temperature {
+            if !(t.is_finite() && t > 0.0) {
+                return bad(format!(
+                    "[segment] temperature must be \"fitted\" or a positive number, not {t}"
+                ));
+            }
         }
         if let Some(roi) = &g.roi {
             if roi.classes.is_empty() || !(roi.margin_mm.is_finite() && roi.margin_mm >= 0.0) {

@@ -1,11 +1,12 @@
 //! `medseg evaluate --pred DIR --truth DIR [--config FILE] [--set evaluate.key=value] [--images DIR]
-//! --output DIR`
+//! [--compare-calibration DIR] --output DIR`
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
 use medseg::config::load_layered;
+use medseg::eval::calibration::voxel_calibration;
 use medseg::eval::report::{write_report, EvalSummary, ReportInputs};
 use medseg::eval::{evaluate_cases, pair_cases, synth_lesions, worst_case_tiles, EvalFile};
 use medseg::io::layout::DatasetJson;
@@ -38,6 +39,11 @@ pub struct Args {
     /// Where per_case.csv, per_lesion.csv, summary.json, report.md and the plots go.
     #[arg(long, required_unless_present = "dump_config")]
     output: Option<PathBuf>,
+    /// Another directory of predictions of the same cases (e.g. segmented with
+    /// `--set segment.temperature=1`), whose probability maps' calibration the report shows beside
+    /// these (before and after temperature scaling).
+    #[arg(long, value_name = "DIR")]
+    compare_calibration: Option<PathBuf>,
     /// Worst cases shown in the overlay montage.
     #[arg(long, default_value_t = 4)]
     worst: usize,
@@ -80,12 +86,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.inc(1);
     });
     bar.finish_and_clear();
+    let tolerance = config.grid_tolerance_mm;
+    let baseline_calibration = match &args.compare_calibration {
+        Some(dir) => Some(voxel_calibration(&pairs, dir, tolerance)?.with_context(|| {
+            format!(
+                "--compare-calibration {}: no CASE_probabilities.nii.gz of these cases",
+                dir.display()
+            )
+        })?),
+        None => None,
+    };
     let inputs = ReportInputs {
         config: &config,
         results: &results,
         failed: &failed,
         unmatched_predictions: &unmatched,
         worst_tiles: worst_case_tiles(&results, &pairs, args.images.as_deref(), args.worst),
+        calibration: voxel_calibration(&pairs, &pred, tolerance)?,
+        baseline_calibration,
     };
     let summary =
         write_report(&inputs, &output).with_context(|| format!("{}", output.display()))?;
@@ -109,6 +127,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn print_summary(summary: &EvalSummary) {
     let num = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    if let Some(c) = &summary.calibration {
+        let before = c
+            .baseline
+            .as_ref()
+            .map(|b| {
+                format!(
+                    " (comparison{}: ECE {:.4}, near the boundary {:.4})",
+                    b.temperature
+                        .map(|t| format!(" at temperature {t:.3}"))
+                        .unwrap_or_default(),
+                    num(b.ece),
+                    num(b.ece_boundary)
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  calibration{}: ECE {:.4}, near the boundary {:.4}, Brier {:.4}, lesion ECE {:.3}{before}",
+            c.temperature
+                .map(|t| format!(" at temperature {t:.3}"))
+                .unwrap_or_default(),
+            num(c.ece),
+            num(c.ece_boundary),
+            num(c.brier),
+            num(c.lesion_ece)
+        );
+    }
     for (c, e) in &summary.classes {
         println!(
             "  class {c} {:<12} Dice {:.3}  HD95 {} mm  NSD {:.3}",

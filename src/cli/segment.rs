@@ -1,5 +1,5 @@
 //! `medseg segment --model RUN_OR_CHECKPOINT INPUT... --output DIR [--tta] [--save-probabilities]
-//! [--overlay] [--format nifti,dicom-seg,rtstruct] [--reference-series DIR] [--skip-existing]
+//! [--overlay] [--uncertainty] [--attention] [--format nifti,dicom-seg,rtstruct] [--reference-series DIR] [--skip-existing]
 //! [--shard I/N] [--max-memory SIZE] [--device NAME] [--set segment.key=value] [--list]
 //! `medseg segment --merge-summaries DIR``
 
@@ -13,7 +13,7 @@ use medseg::infer::batch::{
     expand, merge_summaries, run_batch, select_shard, BatchEvent, BatchOptions, Shard,
 };
 use medseg::infer::memory::human;
-use medseg::infer::predictor::Predictor;
+use medseg::infer::predictor::{Predictor, TemperatureSource};
 use medseg::io::derived::SourceSeries;
 use medseg::io::layout::{BatchCase, CaseOutputs, CaseStatus, OutputFormat};
 use medseg::io::{discover, ScanSource};
@@ -42,9 +42,20 @@ pub struct Args {
     /// Also write the foreground probability map (float32) on each scan's grid.
     #[arg(long)]
     save_probabilities: bool,
-    /// Also write a PNG montage of the mask on the scan.
+    /// Also write a PNG montage of the mask on the scan, with a legend of the lesions (most
+    /// confident first).
     #[arg(long)]
     overlay: bool,
+    /// Also write NAME_uncertainty.nii.gz (entropy of the mean foreground probability, then the
+    /// variance across members, float32 on the scan's grid) and per-lesion uncertainty columns.
+    /// The members are the mirrored passes, so this turns --tta on.
+    #[arg(long)]
+    uncertainty: bool,
+    /// Also write NAME_attention.nii.gz: the Transformer's attention for the windows that hold
+    /// findings (`segment.attention`: `lesion`, the default, or `rollout`), tinted yellow in the
+    /// overlay.
+    #[arg(long)]
+    attention: bool,
     /// How the segmentation is written, any of `nifti` (NAME.nii.gz), `dicom-seg` (NAME_seg.dcm, a
     /// DICOM Segmentation) and `rtstruct` (NAME_rtstruct.dcm, an RT Structure Set), comma-separated.
     /// The DICOM objects reference the scan's series; a NIfTI scan gets its label map instead.
@@ -105,9 +116,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         overrides.push("segment.tta=true".into());
     }
     let predictor = with_budget(
-        Predictor::load(&model, args.device.as_deref(), &overrides)?,
+        Predictor::load(&model, args.device.as_deref(), &overrides)?
+            .with_maps(args.uncertainty, args.attention),
         args.max_memory,
     )?;
+    if !args.quiet {
+        eprintln!("{}", temperature_line(&predictor.temperature));
+    }
     let filter = predictor.lesion_filter()?;
     let dicom = dicom_export(&args, &model, &predictor)?;
     let outputs = |name: &str| {
@@ -118,6 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.overlay,
             &args.format,
         )
+        .with_maps(&output, name, args.uncertainty, args.attention)
     };
 
     let bars = progress::multi(args.quiet);
@@ -176,6 +192,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("failed: {}: {}", c.case, c.reason.as_deref().unwrap_or(""));
     }
     Err(Reported.into())
+}
+
+/// Which temperature the probabilities are divided by, and why.
+fn temperature_line(t: &TemperatureSource) -> String {
+    match t {
+        TemperatureSource::Fitted(c) => format!(
+            "temperature {:.3} (fitted on {} validation voxels: ECE {:.4} -> {:.4})",
+            c.temperature, c.samples, c.ece_before, c.ece_after
+        ),
+        TemperatureSource::Given(v) => format!("temperature {v} (segment.temperature)"),
+        TemperatureSource::Missing => {
+            "temperature 1 (the checkpoint has no fitted temperature: its run had no validation cases or predates calibration)".into()
+        }
+    }
 }
 
 /// `--max-memory`: the forward pass measured on the model, and what it leaves for cases.

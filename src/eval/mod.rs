@@ -3,6 +3,7 @@
 //!
 //! Metrics accumulate per case, then aggregate (MONAI's cumulative-metric pattern).
 
+pub mod calibration;
 pub mod lesions;
 pub mod metrics;
 pub mod report;
@@ -431,7 +432,7 @@ fn worst_tile(r: &CaseResult, pair: &CasePair, images: Option<&Path>) -> Option<
         let window = display_window(&s[k * plane..(k + 1) * plane]);
         (s, window)
     });
-    Some(overlay_tile(scan, &truth_fg, &pred_fg, r.dims, k))
+    Some(overlay_tile(scan, &truth_fg, &pred_fg, None, r.dims, k))
 }
 
 /// Overlay tiles of the `n` worst cases by mean Dice over classes (see [`report::ReportInputs`]).

@@ -1,5 +1,6 @@
 //! Evaluation outputs: `per_case.csv`, `per_lesion.csv`, `summary.json`, `report.md` and PNG plots
-//! (Dice per class as box plots, the FROC curve, an overlay montage of the worst cases).
+//! (Dice per class as box plots, the FROC curve, the reliability diagram, an overlay montage of the
+//! worst cases).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,6 +9,9 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::calibration::{
+    lesion_reliability, CalibrationSummary, VoxelCalibration, BOUNDARY_BAND_MM,
+};
 use super::lesions::{detection_scores, froc, LesionRecord, Polarity, FROC_FP_RATES};
 use super::{CaseResult, EvalConfig};
 use crate::error::{Error, Result};
@@ -117,6 +121,9 @@ pub struct EvalSummary {
     pub classes: BTreeMap<u32, ClassSummary>,
     /// Lesion-wise detection per class.
     pub lesions: BTreeMap<u32, LesionSummary>,
+    /// Calibration of the probability maps beside the predictions, when there are any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationSummary>,
 }
 
 /// A case that could not be evaluated.
@@ -296,6 +303,11 @@ pub struct ReportInputs<'a> {
     pub unmatched_predictions: &'a [std::path::PathBuf],
     /// Overlay tiles of the worst cases, already rendered (see [`crate::io::plot::overlay_tile`]).
     pub worst_tiles: Vec<(String, image::RgbImage)>,
+    /// Voxel-wise calibration of the predictions' probability maps, when they have any.
+    pub calibration: Option<VoxelCalibration>,
+    /// The same of other predictions of the cases, for comparison (e.g. before temperature
+    /// scaling).
+    pub baseline_calibration: Option<VoxelCalibration>,
 }
 
 /// Per-class overlap metrics, aggregated over cases.
@@ -588,7 +600,25 @@ pub fn summarize(inp: &ReportInputs) -> EvalSummary {
         conventions: "overlap metrics: Metrics Reloaded (both empty = 1, one empty = 0); surface metrics: MONAI (NaN if either mask is empty; NSD 0 if exactly one is empty); aggregates skip NaN and count them".into(),
         classes: class_summaries(inp),
         lesions,
+        calibration: calibration_summary(inp),
     }
+}
+
+/// The calibration object: voxels from the probability maps, lesions from the matching.
+fn calibration_summary(inp: &ReportInputs) -> Option<CalibrationSummary> {
+    let voxels = inp.calibration.as_ref()?;
+    let pred = inp
+        .results
+        .iter()
+        .flat_map(|r| r.lesions.iter().flat_map(|(_, m)| m.pred.iter()));
+    let mut summary = CalibrationSummary::new(voxels, &lesion_reliability(pred));
+    summary.baseline = inp.baseline_calibration.as_ref().map(|b| {
+        Box::new(CalibrationSummary::new(
+            b,
+            &crate::infer::calibration::Reliability::default(),
+        ))
+    });
+    Some(summary)
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
@@ -653,6 +683,9 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<EvalSummary> {
     write_json_atomically(&dir.join("summary.json"), &summary)?;
     plot_dice(inp, &dir.join("dice_per_class.png"))?;
     plot_froc(&summary, &dir.join("froc.png"))?;
+    if let Some(c) = &summary.calibration {
+        plot_reliability(c, &dir.join("reliability.png"))?;
+    }
     let montage = !inp.worst_tiles.is_empty();
     if montage {
         save_montage(&inp.worst_tiles, &dir.join("worst_cases.png"))?;
@@ -804,10 +837,121 @@ fn markdown(s: &EvalSummary, montage: bool) -> String {
         }
     }
     md.push_str("\n![FROC](froc.png)\n");
+    if let Some(c) = &s.calibration {
+        calibration_markdown(&mut md, c);
+    }
     if montage {
         md.push_str("\n## Worst cases\n\nTruth contours green, prediction red, on the slice with the largest error.\n\n![worst cases](worst_cases.png)\n");
     }
     md
+}
+
+/// The calibration section: ECE and Brier score of the foreground probability, overall and near
+/// the boundary, of the lesion confidences, and of the comparison predictions.
+fn calibration_markdown(md: &mut String, c: &CalibrationSummary) {
+    let t = |t: Option<f64>| t.map_or("unknown".into(), |t| format!("{t:.3}"));
+    let _ = writeln!(
+        md,
+        "\n## Calibration\n\nForeground probability (1 − background) against truth foreground, {} equal-width bins; {} cases with a probability map.\n\n| predictions | temperature | ECE | ECE within {} mm of the boundary | Brier | Brier near the boundary | lesion ECE |\n|---|---|---|---|---|---|---|",
+        crate::infer::calibration::ECE_BINS,
+        c.cases,
+        BOUNDARY_BAND_MM
+    );
+    let mut row = |name: &str, s: &CalibrationSummary| {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            t(s.temperature),
+            f(s.ece),
+            f(s.ece_boundary),
+            f(s.brier),
+            f(s.brier_boundary),
+            f(s.lesion_ece)
+        );
+    };
+    row("these", c);
+    if let Some(b) = &c.baseline {
+        row("comparison (`--compare-calibration`)", b);
+    }
+    let _ = writeln!(md, "\n| bin | voxels | mean probability | observed | near-boundary voxels | observed | lesions | observed |\n|---|---|---|---|---|---|---|---|");
+    for ((a, b), l) in c.bins.iter().zip(&c.boundary_bins).zip(&c.lesion_bins) {
+        let _ = writeln!(
+            md,
+            "| {:.3}-{:.3} | {} | {} | {} | {} | {} | {} | {} |",
+            a.lower,
+            a.upper,
+            a.count,
+            f(a.mean_probability),
+            f(a.observed),
+            b.count,
+            f(b.observed),
+            l.count,
+            f(l.observed)
+        );
+    }
+    for s in &c.skipped {
+        let _ = writeln!(md, "\nskipped: {s}");
+    }
+    md.push_str("\n![reliability diagram](reliability.png)\n");
+}
+
+/// The reliability diagram: observed share against mean probability per bin, for every voxel,
+/// the near-boundary voxels and the lesions (and the comparison's voxels), with the diagonal.
+fn plot_reliability(c: &CalibrationSummary, path: &Path) -> Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (560, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Reliability (foreground probability)", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("mean predicted probability")
+            .y_desc("observed share")
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK.mix(0.4)))
+            .map_err(|e| plot_err(path, e))?;
+        let points = |bins: &[crate::infer::calibration::ReliabilityBin]| -> Vec<(f64, f64)> {
+            bins.iter()
+                .filter_map(|b| Some((b.mean_probability?, b.observed?)))
+                .collect()
+        };
+        let mut series = vec![
+            ("every voxel", points(&c.bins), RED),
+            ("near the boundary", points(&c.boundary_bins), BLUE),
+            ("lesions", points(&c.lesion_bins), GREEN),
+        ];
+        if let Some(b) = &c.baseline {
+            series.push(("comparison, every voxel", points(&b.bins), MAGENTA));
+        }
+        for (name, pts, colour) in series {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
+                .map_err(|e| plot_err(path, e))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour));
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+                .map_err(|e| plot_err(path, e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Box plot of per-case Dice for each class.

@@ -7,16 +7,16 @@ pub mod dicom;
 
 use std::path::Path;
 
-use ndarray::{Array3, Axis};
+use ndarray::{Array3, Array4, Axis};
 
 use crate::config::class_values;
 use crate::error::Result;
 use crate::infer::batch::{BatchInput, CaseDone, Stages};
 use crate::infer::postprocess::LesionFilter;
 use crate::infer::predictor::Predictor;
-use crate::io::layout::{CaseMemory, CaseOutputs, LabelsSidecar, LesionTable};
+use crate::io::layout::{CaseMemory, CaseOutputs, LabelsSidecar, Lesion, LesionTable};
 use crate::io::nifti::{write_label_map, write_nifti};
-use crate::io::plot::{overlay_tile, save_montage};
+use crate::io::plot::{overlay_tile, save_montage_with_legend};
 use crate::io::{write_atomically, write_json_atomically};
 use crate::transforms::intensity::display_window;
 use crate::transforms::spatial::Orientation;
@@ -49,15 +49,18 @@ pub fn segment_case(
         case: case.name.clone(),
         lesions: extracted.lesions,
         roi: extracted.roi,
+        temperature: Some(predictor.temperature.value()),
     };
-    write_case(
-        outputs,
-        scan,
-        &prediction.labels,
-        probabilities.as_ref(),
-        &table,
-        &predictor.labels,
-    )?;
+    let maps = CaseMaps {
+        probabilities: probabilities.as_ref(),
+        uncertainty: outputs
+            .uncertainty
+            .is_some()
+            .then(|| prediction.uncertainty_map())
+            .flatten(),
+        attention: prediction.attention.as_ref(),
+    };
+    write_case(outputs, scan, &prediction.labels, &maps, &table, &predictor.labels)?;
     let mut warnings = prediction.warnings;
     // DICOM objects before the label map, which marks the case done; when they cannot be written
     // the label map still is, and a refusal fails the case after it.
@@ -99,27 +102,41 @@ pub fn segment_case(
     })
 }
 
+/// The float maps of a case on the scan's grid, each present when asked for.
+#[derive(Default)]
+pub struct CaseMaps<'a> {
+    /// The foreground probability `[k, j, i]`.
+    pub probabilities: Option<&'a Array3<f32>>,
+    /// Entropy and variance `[2, k, j, i]`.
+    pub uncertainty: Option<Array4<f32>>,
+    /// The attention map `[k, j, i]`.
+    pub attention: Option<&'a Array3<f32>>,
+}
+
 /// Writes a case's tables, class names and the asked-for maps (everything but the label map and
-/// DICOM objects); `probabilities` is the foreground map on the scan's grid when asked.
+/// DICOM objects), all on the scan's grid.
 pub fn write_case(
     outputs: &CaseOutputs,
     scan: &Volume,
     labels: &Array3<u8>,
-    probabilities: Option<&Array3<f32>>,
+    maps: &CaseMaps,
     table: &LesionTable,
     names: &[String],
 ) -> Result<()> {
     write_json_atomically(&outputs.lesions_json, table)?;
     write_atomically(&outputs.lesions_csv, table.to_csv().as_bytes())?;
     write_json_atomically(&outputs.labels, &LabelsSidecar::from_names(names))?;
-    if let (Some(path), Some(p)) = (&outputs.probabilities, probabilities) {
-        let v = Volume::new(
-            p.clone().insert_axis(Axis(0)),
-            scan.geometry.clone(),
-            scan.info.clone(),
-        )?;
-        write_nifti(&v, path, DataType::Float32)?;
-    }
+    let write_map = |path: &Option<std::path::PathBuf>, map: Option<Array4<f32>>| -> Result<()> {
+        if let (Some(path), Some(map)) = (path, map) {
+            let v = Volume::new(map, scan.geometry.clone(), scan.info.clone())?;
+            write_nifti(&v, path, DataType::Float32)?;
+        }
+        Ok(())
+    };
+    let single = |m: Option<&Array3<f32>>| m.map(|m| m.clone().insert_axis(Axis(0)));
+    write_map(&outputs.probabilities, single(maps.probabilities))?;
+    write_map(&outputs.uncertainty, maps.uncertainty.clone())?;
+    write_map(&outputs.attention, single(maps.attention))?;
     if let Some(path) = &outputs.overlay {
         // The names were resolved against these classes when the stage ran.
         let organs = table
@@ -127,19 +144,25 @@ pub fn write_case(
             .as_ref()
             .and_then(|roi| class_values(names, "segment.roi.classes", &roi.classes).ok())
             .unwrap_or_default();
-        write_overlay(path, scan, labels, &organs)?;
+        write_overlay(path, scan, labels, &organs, maps.attention, &table.lesions)?;
     }
     Ok(())
 }
 
+/// Lesions listed under an overlay at most.
+const LEGEND_LESIONS: usize = 8;
+
 /// A montage of up to three slices with the most lesion voxels (any class not in `organs`), the
-/// lesions outlined in red and the organ classes (the region of interest) in green, on the scan's
-/// first channel.
+/// lesions outlined in red, the organ classes (the region of interest) in green and the attention
+/// map, when given, tinted yellow, on the scan's first channel; below it a legend of the lesions
+/// in the table's order (most confident first).
 pub fn write_overlay(
     path: &Path,
     scan: &Volume,
     labels: &Array3<u8>,
     organs: &[u32],
+    attention: Option<&Array3<f32>>,
+    lesions: &[Lesion],
 ) -> Result<()> {
     // Drawn on the RAS-reoriented grid so every montage shows anterior up, whatever the storage
     // order of the scan.
@@ -180,6 +203,20 @@ pub fn write_overlay(
     slices.sort_unstable();
     let channel = voxels.index_axis(Axis(0), 0);
     let scan_values: Vec<f32> = channel.iter().copied().collect();
+    // The tint spans the map's own range over the windows that were run (it is 0 elsewhere),
+    // so a nearly uniform map does not cover the scan.
+    let heat: Option<Vec<f32>> = attention.map(|a| {
+        let (lo, hi) = a
+            .iter()
+            .filter(|v| **v > 0.0)
+            .fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let span = hi - lo;
+        orientation
+            .apply(a.view().insert_axis(Axis(0)))
+            .iter()
+            .map(|&v| if span > 1e-3 && v > 0.0 { (v - lo) / span } else { 0.0 })
+            .collect()
+    });
     let window = |k: usize| display_window(&scan_values[k * plane..(k + 1) * plane]);
     let tiles: Vec<(String, image::RgbImage)> = slices
         .into_iter()
@@ -190,11 +227,51 @@ pub fn write_overlay(
                     Some((&scan_values, window(k))),
                     &organ,
                     &flat,
+                    heat.as_deref(),
                     [nk, nj, ni],
                     k,
                 ),
             )
         })
         .collect();
-    save_montage(&tiles, path)
+    save_montage_with_legend(&tiles, &legend(lesions, organs, attention.is_some()), path)
+}
+
+/// The overlay's legend: the colours, then the lesions (not the organ classes) as the table
+/// orders them.
+fn legend(lesions: &[Lesion], organs: &[u32], attention: bool) -> Vec<String> {
+    let mut lines = vec![format!(
+        "red: findings{}{}",
+        if organs.is_empty() {
+            ""
+        } else {
+            ", green: region of interest"
+        },
+        if attention {
+            ", yellow: attention"
+        } else {
+            ""
+        }
+    )];
+    let found: Vec<&Lesion> = lesions
+        .iter()
+        .filter(|l| !organs.contains(&l.class))
+        .collect();
+    for l in found.iter().take(LEGEND_LESIONS) {
+        let uncertainty = match (l.detection_agreement, l.mean_entropy) {
+            (Some(a), Some(h)) => format!(", found by {:.0} % of passes, entropy {h:.2}", 100.0 * a),
+            _ => String::new(),
+        };
+        lines.push(format!(
+            "#{} {}: {:.1} mm, confidence {:.2}{uncertainty}",
+            l.id,
+            l.label,
+            l.diameter_mm,
+            l.confidence.unwrap_or(l.max_probability)
+        ));
+    }
+    if found.len() > LEGEND_LESIONS {
+        lines.push(format!("... {} more in the lesion table", found.len() - LEGEND_LESIONS));
+    }
+    lines
 }

@@ -49,6 +49,8 @@ pub struct CaseArrays {
     pub classes: u64,
     /// Non-finite voxels are being filled: a second copy of the scan.
     pub filled_copy: bool,
+    /// Ensemble members kept for `--uncertainty` (0 without).
+    pub members: u64,
 }
 
 impl CaseArrays {
@@ -59,11 +61,19 @@ impl CaseArrays {
     ///   each) and the class map (u8);
     /// - on that grid padded to a window: the copy the windows are cut from (f32 per channel),
     ///   the accumulated probabilities (f32 per class, kept as the result) and the blending
-    ///   weights (f32).
+    ///   weights (f32);
+    /// - with ensemble members: on the preprocessed grid the running mean (f32 per class) and M2
+    ///   (f32), one class map per member (u8); on the scan's grid the two uncertainty maps (f32).
     pub fn bytes(&self) -> u64 {
         let scan = self.channels * 4 * if self.filled_copy { 2 } else { 1 };
-        let source = self.source_voxels * (scan + 1 + 4 + 4);
-        let grid = self.grid_voxels * (self.channels * 8 + 1);
+        let maps = if self.members > 0 { 8 } else { 0 };
+        let source = self.source_voxels * (scan + 1 + 4 + 4 + maps);
+        let members = if self.members > 0 {
+            self.classes * 4 + 4 + self.members
+        } else {
+            0
+        };
+        let grid = self.grid_voxels * (self.channels * 8 + 1 + members);
         let padded = self.padded_voxels * (self.channels * 4 + self.classes * 4 + 4);
         source + grid + padded
     }
@@ -210,6 +220,7 @@ mod tests {
             channels: 1,
             classes: 2,
             filled_copy: false,
+            members: 0,
         }
     }
 

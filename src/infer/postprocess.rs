@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::geometry::Geometry;
 pub use crate::io::layout::{Lesion, RoiSummary};
+use super::uncertainty::VoxelUncertainty;
 use crate::transforms::post::{connected_components, dilate_mm};
 
 /// What to remove from a label map before measuring its lesions.
@@ -33,6 +34,15 @@ pub struct RoiFilter {
     pub drop_outside: bool,
 }
 
+/// What lesion extraction reads of the model at one voxel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Probe {
+    /// The class's probability.
+    pub probability: f32,
+    /// With ensemble members: their uncertainty for the class.
+    pub uncertainty: Option<VoxelUncertainty>,
+}
+
 /// The lesions of a label map and what the region-of-interest stage did.
 #[derive(Debug, Clone, Default)]
 pub struct Extracted {
@@ -43,17 +53,20 @@ pub struct Extracted {
 }
 
 /// Per component: removes what `filter` asks for (in place) and measures the rest.
-/// `labels` is `[k, j, i]` on `geometry`; `probability(class, [k, j, i])` gives the model's
-/// probability of that class at a voxel. The region-of-interest classes are cleaned first (so
-/// `keep_largest` applies to the organ before it bounds the lesions); a lesion is inside when any
-/// of its voxels lies in the dilated region. An empty region drops nothing.
+/// `labels` is `[k, j, i]` on `geometry`; `probe(class, [k, j, i])` gives the model's probability
+/// of that class at a voxel and, from `members` ensemble members (0 = none), its uncertainty. The
+/// region-of-interest classes are cleaned first (so `keep_largest` applies to the organ before it
+/// bounds the lesions); a lesion is inside when any of its voxels lies in the dilated region. An
+/// empty region drops nothing. Rows are numbered by decreasing confidence.
 pub fn extract_lesions(
     labels: &mut Array3<u8>,
     geometry: &Geometry,
     names: &[String],
     filter: &LesionFilter,
-    probability: impl Fn(u32, [usize; 3]) -> f32,
+    members: usize,
+    probe: impl Fn(u32, [usize; 3]) -> Probe,
 ) -> Extracted {
+    let probe = Prober { members, probe };
     let classes = labels.iter().copied().max().unwrap_or(0) as u32;
     let roi_classes: Vec<u32> = filter.roi.iter().flat_map(|r| r.classes.clone()).collect();
     let (first, rest): (Vec<u32>, Vec<u32>) = (1..=classes).partition(|c| roi_classes.contains(c));
@@ -66,7 +79,7 @@ pub fn extract_lesions(
             filter,
             class,
             None,
-            &probability,
+            &probe,
             &mut out.lesions,
         );
     }
@@ -96,14 +109,51 @@ pub fn extract_lesions(
             filter,
             class,
             region.as_ref().map(|(mask, drop)| (mask.as_slice(), *drop)),
-            &probability,
+            &probe,
             &mut out.lesions,
         );
         if let Some(summary) = &mut out.roi {
             summary.removed_outside += removed;
         }
     }
+    // Most confident first (ties keep raster order), numbered in that order.
+    out.lesions.sort_by(|a, b| {
+        b.confidence
+            .unwrap_or(0.0)
+            .total_cmp(&a.confidence.unwrap_or(0.0))
+    });
+    for (n, l) in out.lesions.iter_mut().enumerate() {
+        l.id = n + 1;
+    }
     out
+}
+
+/// The model's read-out at a voxel, with the ensemble size.
+struct Prober<F> {
+    members: usize,
+    probe: F,
+}
+
+/// Per-lesion sums of what [`Probe`] reads.
+#[derive(Debug, Clone, Copy, Default)]
+struct LesionSums {
+    probability: f64,
+    max_probability: f32,
+    entropy: f64,
+    std: f64,
+    detected_by: u64,
+}
+
+impl LesionSums {
+    fn add(&mut self, p: Probe) {
+        self.probability += p.probability as f64;
+        self.max_probability = self.max_probability.max(p.probability);
+        if let Some(u) = p.uncertainty {
+            self.entropy += u.entropy as f64;
+            self.std += u.std as f64;
+            self.detected_by |= u.detected_by;
+        }
+    }
 }
 
 /// Filters and measures the components of one class, appending to `lesions`; `region` is the
@@ -117,7 +167,7 @@ fn extract_class(
     filter: &LesionFilter,
     class: u32,
     region: Option<(&[bool], bool)>,
-    probability: &impl Fn(u32, [usize; 3]) -> f32,
+    probe: &Prober<impl Fn(u32, [usize; 3]) -> Probe>,
     lesions: &mut Vec<Lesion>,
 ) -> usize {
     let (_, nj, ni) = labels.dim();
@@ -158,8 +208,7 @@ fn extract_class(
         .count();
     // Accumulate each kept component's statistics in one raster pass over the box.
     let mut sum = vec![[0.0f64; 3]; n];
-    let mut p_sum = vec![0.0f64; n];
-    let mut p_max = vec![0.0f32; n];
+    let mut read = vec![LesionSums::default(); n];
     let mut surface: Vec<Vec<[usize; 3]>> = vec![Vec::new(); n];
     let id_at = |k: isize, j: isize, i: isize| -> u32 {
         if k < 0 || j < 0 || i < 0 || k as usize >= bnk || j as usize >= bnj || i as usize >= bni {
@@ -185,9 +234,7 @@ fn extract_class(
                 for (a, x) in [i, j, k].into_iter().enumerate() {
                     sum[c][a] += x as f64;
                 }
-                let p = probability(class, [k, j, i]);
-                p_sum[c] += p as f64;
-                p_max[c] = p_max[c].max(p);
+                read[c].add((probe.probe)(class, [k, j, i]));
                 let (z, y, x) = (bz as isize, by as isize, bx as isize);
                 let me = id as u32;
                 let on_surface = id_at(z - 1, y, x) != me
@@ -222,10 +269,14 @@ fn extract_class(
             bbox_voxel: [lo, hi],
             bbox_mm: corner_extent(geometry, lo, hi),
             diameter_mm: feret_diameter(geometry, &surface[c]),
-            mean_probability: p_sum[c] / size as f64,
-            max_probability: p_max[c] as f64,
-            confidence: Some(p_max[c] as f64),
+            mean_probability: read[c].probability / size as f64,
+            max_probability: read[c].max_probability as f64,
+            confidence: Some(read[c].max_probability as f64),
             inside_roi: region.map(|_| inside[c]),
+            mean_entropy: (probe.members > 0).then(|| read[c].entropy / size as f64),
+            detection_agreement: (probe.members > 0)
+                .then(|| read[c].detected_by.count_ones() as f64 / probe.members as f64),
+            probability_std: (probe.members > 0).then(|| read[c].std / size as f64),
         });
     }
     removed
@@ -378,16 +429,22 @@ mod tests {
             roi: None,
         };
         let lesions =
-            extract_lesions(&mut labels, &g, &names, &filter, |c, _| c as f32 / 4.0).lesions;
+            extract_lesions(&mut labels, &g, &names, &filter, 0, |c, _| Probe {
+                probability: c as f32 / 4.0,
+                uncertainty: None,
+            })
+            .lesions;
         assert_eq!(lesions.len(), 2);
-        let cube = &lesions[0];
+        // Numbered by confidence: the organ (0.5) before the cube (0.25).
+        assert_eq!((lesions[0].id, lesions[0].class), (1, 2));
+        let cube = &lesions[1];
         assert_eq!((cube.class, cube.voxels, cube.volume_mm3), (1, 8, 64.0));
         assert_eq!(cube.bbox_voxel, [[1, 1, 1], [2, 2, 2]]);
         assert_eq!(cube.centroid_mm, [-5.0 + 3.0, 3.0, 3.0]);
         // Opposite corners of the 2×2×2 cube of 2 mm voxels: √(3 · 2²).
         assert!((cube.diameter_mm - 12f64.sqrt()).abs() < 1e-12);
         assert_eq!((cube.max_probability, cube.confidence), (0.25, Some(0.25)));
-        let organ = &lesions[1];
+        let organ = &lesions[0];
         assert_eq!((organ.class, organ.voxels, organ.diameter_mm), (2, 3, 4.0));
         // The small voxel and the smaller organ piece were removed from the map.
         assert_eq!(labels[[8, 8, 8]], 0);
@@ -437,9 +494,13 @@ mod tests {
             keep_largest: vec![2],
             roi: Some(roi(drop)),
         };
+        let one = |_: u32, _: [usize; 3]| Probe {
+            probability: 1.0,
+            uncertainty: None,
+        };
         // Flagging only: every lesion kept, each flagged as expected; the organ row has no flag.
         let mut flagged = labels.clone();
-        let out = extract_lesions(&mut flagged, &g, &names, &filter(false), |_, _| 1.0);
+        let out = extract_lesions(&mut flagged, &g, &names, &filter(false), 0, one);
         let lesions: Vec<_> = out.lesions.iter().filter(|l| l.class == 1).collect();
         assert_eq!(lesions.len(), cases.len());
         for (l, (at, inside)) in lesions.iter().zip(&cases) {
@@ -454,7 +515,7 @@ mod tests {
             .all(|l| l.inside_roi.is_none()));
         assert_eq!(out.roi.as_ref().unwrap().removed_outside, 0);
         // Dropping: exactly the outside ones leave the table and the mask.
-        let out = extract_lesions(&mut labels, &g, &names, &filter(true), |_, _| 1.0);
+        let out = extract_lesions(&mut labels, &g, &names, &filter(true), 0, one);
         let kept: Vec<[usize; 3]> = out
             .lesions
             .iter()
@@ -474,7 +535,7 @@ mod tests {
         // An empty region drops nothing.
         let mut no_organ = Array3::<u8>::zeros([15, 30, 30]);
         no_organ[[3, 3, 3]] = 1;
-        let out = extract_lesions(&mut no_organ, &g, &names, &filter(true), |_, _| 1.0);
+        let out = extract_lesions(&mut no_organ, &g, &names, &filter(true), 0, one);
         assert_eq!(out.lesions.len(), 1);
         assert_eq!(out.lesions[0].inside_roi, None);
         assert_eq!(out.roi.unwrap().voxels, 0);

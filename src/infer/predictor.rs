@@ -11,12 +11,16 @@ use super::memory::{
     release_freed_memory, reset_resident_peak, resident_bytes, resident_peak, CaseArrays,
     MemoryBudget, WindowCost,
 };
-use super::postprocess::{extract_lesions, Extracted, LesionFilter, RoiFilter};
+use super::attention::{attention_map, AttentionMap};
+use super::calibration::Calibration;
+use super::postprocess::{extract_lesions, Extracted, LesionFilter, Probe, RoiFilter};
 use super::sliding_window::SlidingWindow;
-use crate::config::{class_values, NonFinite, RunConfig};
+use super::uncertainty::{binary_entropy, MemberSpread, MemberStats};
+use crate::config::{class_values, NonFinite, RunConfig, Temperature, TemperatureChoice};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::io::layout::{CaseMemory, Checkpoint};
+use crate::io::read_json;
 use crate::model::HybridSegNet;
 use crate::transforms::post::decide_classes;
 use crate::transforms::preprocessing::Preprocessing;
@@ -43,6 +47,35 @@ pub struct Predictor {
     pub input_channels: usize,
     /// `--max-memory`: windows per pass chosen per case to stay within it.
     pub memory: Option<MemoryBudget>,
+    /// The temperature the logits are divided by, and where it came from.
+    pub temperature: TemperatureSource,
+    /// `--uncertainty`: every mirrored pass is an ensemble member ([`MemberStats`]).
+    pub uncertainty: bool,
+    /// `--attention`: the attention map to compute for windows that hold findings.
+    pub attention: Option<AttentionMap>,
+}
+
+/// Where the temperature came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TemperatureSource {
+    /// Fitted at the end of training (`calibration.json`).
+    Fitted(Calibration),
+    /// `segment.temperature` asked for this value.
+    Given(f64),
+    /// `fitted` was asked for, but the checkpoint has no fit (a run without validation cases, or
+    /// one trained before calibration existed): 1.
+    Missing,
+}
+
+impl TemperatureSource {
+    /// The temperature itself.
+    pub fn value(&self) -> f64 {
+        match self {
+            TemperatureSource::Fitted(c) => c.temperature,
+            TemperatureSource::Given(t) => *t,
+            TemperatureSource::Missing => 1.0,
+        }
+    }
 }
 
 /// A prediction: class labels on the source grid, probabilities on the preprocessed grid.
@@ -59,6 +92,10 @@ pub struct Prediction {
     pub warnings: Vec<String>,
     /// How the case was fitted to the memory budget, when there is one.
     pub memory: Option<CaseMemory>,
+    /// With `--uncertainty`: the members' spread on `grid`.
+    pub members: Option<MemberSpread>,
+    /// With `--attention`: the attention map on the scan's grid.
+    pub attention: Option<Array3<f32>>,
 }
 
 impl Predictor {
@@ -77,12 +114,31 @@ impl Predictor {
                 path: config_path.clone(),
                 reason: e.to_string(),
             })?;
+        let temperature = match config.segment.temperature {
+            Temperature::Value(t) => TemperatureSource::Given(t),
+            Temperature::Named(TemperatureChoice::Fitted) => {
+                let path = checkpoint.calibration();
+                if path.is_file() {
+                    TemperatureSource::Fitted(read_json::<Calibration>(&path)?)
+                } else {
+                    TemperatureSource::Missing
+                }
+            }
+        };
+        let t = temperature.value();
+        if !(t.is_finite() && t > 0.0) {
+            return Err(Error::Checkpoint {
+                path: checkpoint.calibration(),
+                reason: format!("temperature {t} is not a positive number"),
+            });
+        }
         let window = SlidingWindow {
             window: model_config.patch_size.window(),
             overlap: config.segment.overlap,
             batch_size: config.segment.batch_size,
             mirror: config.segment.tta,
             context: model_config.context_slices,
+            temperature: t as f32,
         };
         let mut labels = config.data.labels.clone();
         labels.resize(model_config.num_classes.max(labels.len()), String::new());
@@ -95,7 +151,21 @@ impl Predictor {
             labels,
             input_channels: model_config.input_channels(),
             memory: None,
+            temperature,
+            uncertainty: false,
+            attention: None,
         })
+    }
+
+    /// With `--uncertainty` (the mirrored passes become ensemble members, so mirroring is on)
+    /// and `--attention`.
+    pub fn with_maps(mut self, uncertainty: bool, attention: bool) -> Self {
+        self.uncertainty = uncertainty;
+        if uncertainty {
+            self.window.mirror = true;
+        }
+        self.attention = attention.then_some(self.config.segment.attention);
+        self
     }
 
     /// Fits every case to `limit` bytes of resident memory (see [`super::memory`]): measures a
@@ -176,6 +246,11 @@ impl Predictor {
             channels: volume.voxels.dim().0 as u64,
             classes: self.labels.len() as u64,
             filled_copy: filled,
+            members: if self.uncertainty {
+                self.window.member_flips().len() as u64
+            } else {
+                0
+            },
         };
         let plan = budget
             .plan(&arrays, self.window.batch_size)
@@ -256,11 +331,37 @@ impl Predictor {
             ));
         }
         let spatial = self.preprocessing.apply(volume)?;
-        let probabilities = window.predict(&self.model, spatial.image.view(), &self.device)?;
-        let classes = decide_classes(
-            probabilities.view(),
-            Some(self.config.segment.threshold as f32),
-        );
+        let threshold = Some(self.config.segment.threshold as f32);
+        let (probabilities, members) = if self.uncertainty {
+            let mut stats = MemberStats::new(threshold);
+            window.predict_members(&self.model, spatial.image.view(), &self.device, &mut stats)?;
+            let (mean, spread) = stats.into_parts();
+            (mean, Some(spread))
+        } else {
+            let p = window.predict(&self.model, spatial.image.view(), &self.device)?;
+            (p, None)
+        };
+        let classes = decide_classes(probabilities.view(), threshold);
+        let attention = match self.attention {
+            Some(kind) => {
+                let findings = self.finding_classes()?;
+                let map = attention_map(
+                    &self.model,
+                    &window,
+                    spatial.image.view(),
+                    &classes,
+                    &findings,
+                    kind,
+                    &self.device,
+                )?;
+                Some(resample_linear_onto(
+                    map.view(),
+                    &spatial.geometry,
+                    &volume.geometry,
+                ))
+            }
+            None => None,
+        };
         let labels = resample_labels_onto(classes.view(), &spatial.geometry, &volume.geometry);
         Ok(Prediction {
             labels,
@@ -269,6 +370,8 @@ impl Predictor {
             grid: spatial.geometry,
             warnings,
             memory,
+            members,
+            attention,
         })
     }
 }
@@ -280,15 +383,39 @@ impl Prediction {
     pub fn lesions(&mut self, names: &[String], filter: &LesionFilter) -> Extracted {
         let to_grid = voxel_map(&self.grid, &self.geometry);
         let probs = &self.probabilities;
+        let members = self.members.as_ref();
         let (classes, nd, nh, nw) = probs.dim();
-        let probability = |class: u32, [k, j, i]: [usize; 3]| {
+        let probe = |class: u32, [k, j, i]: [usize; 3]| {
             let p = apply_affine(&to_grid, [i as f64, j as f64, k as f64]);
             match nearest_voxel(p, [nd, nh, nw]) {
-                Some([z, y, x]) if (class as usize) < classes => probs[[class as usize, z, y, x]],
-                _ => 0.0,
+                Some([z, y, x]) if (class as usize) < classes => Probe {
+                    probability: probs[[class as usize, z, y, x]],
+                    uncertainty: members
+                        .map(|m| m.at(class, [z, y, x], 1.0 - probs[[0, z, y, x]])),
+                },
+                _ => Probe::default(),
             }
         };
-        extract_lesions(&mut self.labels, &self.geometry, names, filter, probability)
+        let members = members.map_or(0, |m| m.members);
+        extract_lesions(
+            &mut self.labels,
+            &self.geometry,
+            names,
+            filter,
+            members,
+            probe,
+        )
+    }
+
+    /// With `--uncertainty`: `[2, k, j, i]` on the scan's grid, the normalised entropy of the
+    /// mean foreground probability, then the foreground probability's variance across members
+    /// (both resampled linearly, the entropy taken after resampling the mean).
+    pub fn uncertainty_map(&self) -> Option<Array4<f32>> {
+        let members = self.members.as_ref()?;
+        let foreground = self.foreground_probability();
+        let variance = resample_linear_onto(members.variance().view(), &self.grid, &self.geometry);
+        let entropy = foreground.mapv(binary_entropy);
+        ndarray::stack(Axis(0), &[entropy.view(), variance.view()]).ok()
     }
 
     /// Foreground probability (1 − background) resampled linearly onto the scan's grid.
@@ -300,6 +427,18 @@ impl Prediction {
 }
 
 impl Predictor {
+    /// The classes whose voxels are findings for the attention map: every foreground class but
+    /// the region of interest's.
+    fn finding_classes(&self) -> Result<Vec<u32>> {
+        let roi = match &self.config.segment.roi {
+            Some(roi) => class_values(&self.labels, "segment.roi.classes", &roi.classes)?,
+            None => Vec::new(),
+        };
+        Ok((1..self.labels.len() as u32)
+            .filter(|c| !roi.contains(c))
+            .collect())
+    }
+
     /// The `[segment]` lesion filter, with `keep_largest` class names resolved.
     pub fn lesion_filter(&self) -> Result<LesionFilter> {
         let resolve = |key: &str, names: &[String]| class_values(&self.labels, key, names);

@@ -10,6 +10,7 @@ use ndarray::{s, Array3, Array4, ArrayView4};
 use peakmem_alloc::PeakMemAllocTrait;
 
 use crate::error::{Error, Result};
+use super::uncertainty::MemberStats;
 use crate::model::HybridSegNet;
 
 /// σ of the importance map as a share of the window (nnU-Net's `sigma_scale = 1/8`).
@@ -28,6 +29,8 @@ pub struct SlidingWindow {
     pub mirror: bool,
     /// 2.5D: neighbouring slices on each side as extra channels (2D windows only).
     pub context: usize,
+    /// Logits are divided by this before the softmax (temperature scaling; 1 = none).
+    pub temperature: f32,
 }
 
 /// Window start positions along an axis of length `n` (nnU-Net's `compute_steps_for_sliding_window`):
@@ -67,14 +70,20 @@ pub fn importance_map(window: [usize; 3]) -> Array3<f32> {
     map
 }
 
+/// A volume cut into windows: the image padded to at least one window per axis, and the
+/// windows' start corners.
+pub struct Tiling {
+    /// `[C, D, H, W]`, padded.
+    pub padded: Array4<f32>,
+    /// Window starts `[d, h, w]` in raster order.
+    pub starts: Vec<[usize; 3]>,
+    /// The unpadded `[D, H, W]`.
+    pub dims: [usize; 3],
+}
+
 impl SlidingWindow {
-    /// Class probabilities `[K, D, H, W]` for an image `[C, D, H, W]` (both on the preprocessed grid).
-    pub fn predict(
-        &self,
-        model: &HybridSegNet,
-        image: ArrayView4<f32>,
-        device: &Device,
-    ) -> Result<Array4<f32>> {
+    /// Cuts `image` `[C, D, H, W]` into this window's tiles.
+    pub fn tile(&self, image: ArrayView4<f32>) -> Result<Tiling> {
         let (c, nd, nh, nw) = image.dim();
         let [wd, wh, ww] = self.window;
         if wd > 1 && self.context > 0 {
@@ -91,7 +100,6 @@ impl SlidingWindow {
         } else {
             image.to_owned()
         };
-        let importance = importance_map(self.window);
         let mut starts = Vec::new();
         for d in window_starts(pd, wd, if wd == 1 { 0.0 } else { self.overlap }) {
             for h in window_starts(ph, wh, self.overlap) {
@@ -100,30 +108,106 @@ impl SlidingWindow {
                 }
             }
         }
+        Ok(Tiling {
+            padded,
+            starts,
+            dims: [nd, nh, nw],
+        })
+    }
+
+    /// The model's input for the windows at `chunk`: `[B, C·slices, wd, wh, ww]`.
+    pub fn window_input(&self, tiling: &Tiling, chunk: &[[usize; 3]], device: &Device) -> Tensor<5> {
+        let padded = &tiling.padded;
+        let (c, pd, ..) = padded.dim();
+        let [wd, wh, ww] = self.window;
         let slices = 2 * self.context + 1;
         let cin = c * slices;
-        let mut acc: Option<Array4<f32>> = None;
-        let mut weight = Array3::<f32>::zeros([pd, ph, pw]);
-        for chunk in starts.chunks(self.batch_size.max(1)) {
-            let b = chunk.len();
-            let mut input: Vec<f32> = Vec::with_capacity(b * cin * wd * wh * ww);
-            for &[d, h, w] in chunk {
-                for ch in 0..c {
-                    for sl in 0..slices {
-                        // 2.5D neighbours clamp at the volume's ends, as in training.
-                        let k = (d as isize + sl as isize - self.context as isize)
-                            .clamp(0, pd as isize - 1) as usize;
-                        let dk = if self.context > 0 {
-                            k..k + 1
-                        } else {
-                            d..d + wd
-                        };
-                        input.extend(padded.slice(s![ch, dk, h..h + wh, w..w + ww]).iter());
-                    }
+        let b = chunk.len();
+        let mut input: Vec<f32> = Vec::with_capacity(b * cin * wd * wh * ww);
+        for &[d, h, w] in chunk {
+            for ch in 0..c {
+                for sl in 0..slices {
+                    // 2.5D neighbours clamp at the volume's ends, as in training.
+                    let k = (d as isize + sl as isize - self.context as isize)
+                        .clamp(0, pd as isize - 1) as usize;
+                    let dk = if self.context > 0 { k..k + 1 } else { d..d + wd };
+                    input.extend(padded.slice(s![ch, dk, h..h + wh, w..w + ww]).iter());
                 }
             }
-            let x = Tensor::<5>::from_data(TensorData::new(input, [b, cin, wd, wh, ww]), device);
-            let probs = self.forward_probabilities(model, x);
+        }
+        Tensor::<5>::from_data(TensorData::new(input, [b, cin, wd, wh, ww]), device)
+    }
+
+    /// Every mirroring the window's spatial axes allow, the identity first: the members of
+    /// mirror test-time augmentation (4 in 2D, 8 in 3D).
+    pub fn member_flips(&self) -> Vec<Vec<usize>> {
+        // Tensor axes of the spatial dimensions the window spans (2D slices: H, W only).
+        let axes: Vec<usize> = if self.window[0] > 1 {
+            vec![2, 3, 4]
+        } else {
+            vec![3, 4]
+        };
+        (0..(1usize << axes.len()))
+            .map(|mask| {
+                axes.iter()
+                    .enumerate()
+                    .filter(|(bit, _)| mask & (1 << bit) != 0)
+                    .map(|(_, a)| *a)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Class probabilities `[K, D, H, W]` for an image `[C, D, H, W]` (both on the preprocessed
+    /// grid), averaged over the mirrored passes when `mirror` is set.
+    pub fn predict(
+        &self,
+        model: &HybridSegNet,
+        image: ArrayView4<f32>,
+        device: &Device,
+    ) -> Result<Array4<f32>> {
+        let flips = if self.mirror {
+            self.member_flips()
+        } else {
+            vec![Vec::new()]
+        };
+        self.predict_flipped(model, image, device, &flips)
+    }
+
+    /// The probabilities of each mirrored pass as its own ensemble member, added one at a time to
+    /// `stats` (whose mean is then what [`Self::predict`] with `mirror` returns).
+    pub fn predict_members(
+        &self,
+        model: &HybridSegNet,
+        image: ArrayView4<f32>,
+        device: &Device,
+        stats: &mut MemberStats,
+    ) -> Result<()> {
+        for flip in self.member_flips() {
+            let member = self.predict_flipped(model, image, device, &[flip])?;
+            stats.add(member.view())?;
+        }
+        Ok(())
+    }
+
+    /// Sliding-window probabilities averaged over the inputs mirrored along each of `flips`.
+    fn predict_flipped(
+        &self,
+        model: &HybridSegNet,
+        image: ArrayView4<f32>,
+        device: &Device,
+        flips: &[Vec<usize>],
+    ) -> Result<Array4<f32>> {
+        let tiling = self.tile(image)?;
+        let [nd, nh, nw] = tiling.dims;
+        let (_, pd, ph, pw) = tiling.padded.dim();
+        let [wd, wh, ww] = self.window;
+        let importance = importance_map(self.window);
+        let mut acc: Option<Array4<f32>> = None;
+        let mut weight = Array3::<f32>::zeros([pd, ph, pw]);
+        for chunk in tiling.starts.chunks(self.batch_size.max(1)) {
+            let x = self.window_input(&tiling, chunk, device);
+            let probs = self.forward_probabilities(model, x, flips);
             let [_, k, ..] = probs.dims();
             let values: Vec<f32> = probs.try_to_vec_as().map_err(|e| Error::Config {
                 reason: format!("reading predictions from the device: {e:?}"),
@@ -202,40 +286,62 @@ impl SlidingWindow {
         Ok(measured + mirrored)
     }
 
-    /// Softmax probabilities, averaged over mirrored passes when `mirror` is set.
+    /// The logits divided by the temperature.
     ///
     /// # Shapes
     /// - `x`: `[B, C_in, D, H, W]` → `[B, K, D, H, W]`
-    fn forward_probabilities(&self, model: &HybridSegNet, x: Tensor<5>) -> Tensor<5> {
-        let probs = |x: Tensor<5>| activation::softmax(model.forward(x).logits, 1);
-        if !self.mirror {
-            return probs(x);
-        }
-        // Mirror over the spatial axes the window spans (2D slices: H, W only).
-        let axes: Vec<usize> = if self.window[0] > 1 {
-            vec![2, 3, 4]
+    pub fn scaled_logits(&self, model: &HybridSegNet, x: Tensor<5>) -> Tensor<5> {
+        let logits = model.forward(x).logits;
+        if self.temperature == 1.0 {
+            logits
         } else {
-            vec![3, 4]
-        };
-        let mut sum = probs(x.clone());
-        let mut passes = 1.0;
-        for mask in 1..(1usize << axes.len()) {
-            let flip: Vec<usize> = axes
-                .iter()
-                .enumerate()
-                .filter(|(bit, _)| mask & (1 << bit) != 0)
-                .map(|(_, a)| *a)
-                .collect();
-            let p = match flip.as_slice() {
-                [a] => probs(x.clone().flip([*a])).flip([*a]),
-                [a, b] => probs(x.clone().flip([*a, *b])).flip([*a, *b]),
-                [a, b, c] => probs(x.clone().flip([*a, *b, *c])).flip([*a, *b, *c]),
-                _ => continue,
-            };
-            sum = sum + p;
-            passes += 1.0;
+            logits / self.temperature
         }
-        sum / passes
+    }
+
+    /// Softmax probabilities of the temperature-scaled logits, averaged over the inputs mirrored
+    /// along each of `flips` (an empty flip is the input itself).
+    ///
+    /// # Shapes
+    /// - `x`: `[B, C_in, D, H, W]` → `[B, K, D, H, W]`
+    fn forward_probabilities(
+        &self,
+        model: &HybridSegNet,
+        x: Tensor<5>,
+        flips: &[Vec<usize>],
+    ) -> Tensor<5> {
+        let probs = |x: Tensor<5>| activation::softmax(self.scaled_logits(model, x), 1);
+        let mut sum: Option<Tensor<5>> = None;
+        for flip in flips {
+            let p = if flip.is_empty() {
+                probs(x.clone())
+            } else {
+                flip_axes(probs(flip_axes(x.clone(), flip)), flip)
+            };
+            sum = Some(match sum {
+                Some(s) => s + p,
+                None => p,
+            });
+        }
+        let sum = sum.unwrap_or_else(|| probs(x));
+        if flips.len() > 1 {
+            sum / flips.len() as f32
+        } else {
+            sum
+        }
+    }
+}
+
+/// `x` reversed along each of `axes` (at most three).
+///
+/// # Shapes
+/// - `x`: `[B, C, D, H, W]` → same
+fn flip_axes(x: Tensor<5>, axes: &[usize]) -> Tensor<5> {
+    match *axes {
+        [a] => x.flip([a]),
+        [a, b] => x.flip([a, b]),
+        [a, b, c] => x.flip([a, b, c]),
+        _ => x,
     }
 }
 
@@ -280,6 +386,7 @@ mod tests {
             batch_size: 4,
             mirror: true,
             context: 0,
+            temperature: 1.0,
         };
         let mut flipped = image.clone();
         flipped.invert_axis(ndarray::Axis(3));

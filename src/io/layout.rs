@@ -204,6 +204,11 @@ impl Checkpoint {
     pub fn run_config(&self) -> PathBuf {
         self.dir.join(RUN_CONFIG_FILE)
     }
+    /// `calibration.json`: the temperature fitted on validation at the end of training
+    /// ([`Calibration`]); absent in a checkpoint of a run without validation cases.
+    pub fn calibration(&self) -> PathBuf {
+        self.dir.join("calibration.json")
+    }
     /// A checkpoint is written whole into `NAME.partial/`, then the old one is moved to
     /// `NAME.previous/` and the new one into place: `(partial, previous)`.
     pub fn swap_paths(&self) -> (PathBuf, PathBuf) {
@@ -252,7 +257,7 @@ impl Checkpoint {
 // A case's outputs
 
 /// Suffixes of per-case files that sit beside the masks and are not cases of their own.
-const SIDECAR_SUFFIXES: [&str; 1] = ["_probabilities"];
+const SIDECAR_SUFFIXES: [&str; 3] = ["_probabilities", "_uncertainty", "_attention"];
 
 /// What `medseg segment --format` writes as the segmentation itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,6 +306,12 @@ pub struct CaseOutputs {
     pub probabilities: Option<PathBuf>,
     /// `NAME_overlay.png`, when asked for.
     pub overlay: Option<PathBuf>,
+    /// `NAME_uncertainty.nii.gz` (`--uncertainty`): two float32 volumes on the scan's grid, the
+    /// normalised entropy of the mean foreground probability, then the variance of the foreground
+    /// probability across members.
+    pub uncertainty: Option<PathBuf>,
+    /// `NAME_attention.nii.gz` (`--attention`): the attention map (float32, `[0, 1]`).
+    pub attention: Option<PathBuf>,
     /// `NAME_seg.dcm`: the DICOM Segmentation, when asked for (DICOM sources only).
     pub seg: Option<PathBuf>,
     /// `NAME_rtstruct.dcm`: the RT Structure Set, when asked for (DICOM sources only).
@@ -319,6 +330,8 @@ impl CaseOutputs {
             lesions_json: dir.join(format!("{name}_lesions.json")),
             probabilities: probabilities.then(|| dir.join(format!("{name}_probabilities.nii.gz"))),
             overlay: overlay.then(|| dir.join(format!("{name}_overlay.png"))),
+            uncertainty: None,
+            attention: None,
             seg: None,
             rtstruct: None,
         }
@@ -345,6 +358,15 @@ impl CaseOutputs {
         }
     }
 
+    /// With the uncertainty and attention maps when asked for.
+    pub fn with_maps(self, dir: &Path, name: &str, uncertainty: bool, attention: bool) -> Self {
+        CaseOutputs {
+            uncertainty: uncertainty.then(|| dir.join(format!("{name}_uncertainty.nii.gz"))),
+            attention: attention.then(|| dir.join(format!("{name}_attention.nii.gz"))),
+            ..self
+        }
+    }
+
     /// Every file exists for a case whose source is DICOM (`dicom`) or not: the DICOM objects
     /// are only written for DICOM sources, and the label map stands in for them otherwise.
     pub fn complete(&self, dicom: bool) -> bool {
@@ -359,6 +381,8 @@ impl CaseOutputs {
             .chain(mask)
             .chain(self.probabilities.iter())
             .chain(self.overlay.iter())
+            .chain(self.uncertainty.iter())
+            .chain(self.attention.iter())
             .chain(dicom_files)
             .all(|p| p.is_file())
     }
@@ -405,10 +429,23 @@ pub struct Lesion {
     /// Maximum of the class probability over the lesion.
     #[serde(default)]
     pub max_probability: f64,
-    /// The detection confidence (medseg: the lesion's maximum probability); absent in another
-    /// tool's table, `max_probability` stands in.
+    /// The detection confidence (medseg: the lesion's maximum probability, after the model's
+    /// temperature); absent in another tool's table, `max_probability` stands in. medseg numbers
+    /// and orders its rows by it, most confident first.
     #[serde(default)]
     pub confidence: Option<f64>,
+    /// With `--uncertainty`: mean over the lesion's voxels of the normalised entropy of the mean
+    /// foreground probability (0 = every member certain, 1 = a coin toss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_entropy: Option<f64>,
+    /// With `--uncertainty`: the share of ensemble members (mirrored passes) whose own label map
+    /// has this class on at least one of the lesion's voxels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection_agreement: Option<f64>,
+    /// With `--uncertainty`: mean over the lesion's voxels of the standard deviation of the
+    /// class probability across members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probability_std: Option<f64>,
     /// With a region-of-interest stage: whether the lesion reaches the dilated region of
     /// interest (an organ class itself has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -426,6 +463,42 @@ pub struct LesionTable {
     /// What the region-of-interest stage did, when one ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roi: Option<RoiSummary>,
+    /// The temperature the probabilities were divided by (1 = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+}
+
+/// `calibration.json` in a checkpoint: the temperature fitted on validation voxels, and how the
+/// fit changed their negative log-likelihood and expected calibration error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// The fitted temperature `T`: `segment` divides the logits by it.
+    pub temperature: f64,
+    /// Validation voxels sampled (foreground and background stratified, weighted back).
+    pub samples: usize,
+    /// Mean negative log-likelihood at `T = 1`.
+    pub nll_before: f64,
+    /// Mean negative log-likelihood at the fitted `T`.
+    pub nll_after: f64,
+    /// Expected calibration error of the foreground probability at `T = 1`.
+    pub ece_before: f64,
+    /// Expected calibration error at the fitted `T`.
+    pub ece_after: f64,
+}
+
+/// One bin of a reliability diagram.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReliabilityBin {
+    /// Lower edge of the probability bin.
+    pub lower: f64,
+    /// Upper edge.
+    pub upper: f64,
+    /// Pairs in the bin.
+    pub count: u64,
+    /// Their mean probability; `None` when empty.
+    pub mean_probability: Option<f64>,
+    /// The share of them that are foreground; `None` when empty.
+    pub observed: Option<f64>,
 }
 
 /// The region-of-interest stage of one case.
@@ -449,20 +522,23 @@ impl LesionTable {
             "case,id,class,label,voxels,volume_mm3,centroid_x_mm,centroid_y_mm,centroid_z_mm,\
              bbox_i_min,bbox_j_min,bbox_k_min,bbox_i_max,bbox_j_max,bbox_k_max,\
              bbox_x_min_mm,bbox_y_min_mm,bbox_z_min_mm,bbox_x_max_mm,bbox_y_max_mm,bbox_z_max_mm,\
-             diameter_mm,mean_probability,max_probability,inside_roi\n",
+             diameter_mm,mean_probability,max_probability,inside_roi,\
+             mean_entropy,detection_agreement,probability_std\n",
         );
         let case = &self.case;
+        let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
         for l in &self.lesions {
             let [c0, c1, c2] = l.centroid_mm;
             let [lo, hi] = l.bbox_voxel;
             let [wlo, whi] = l.bbox_mm;
             out.push_str(&format!(
-                "{case},{},{},{},{},{:.3},{c0:.3},{c1:.3},{c2:.3},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{:.4},{}\n",
+                "{case},{},{},{},{},{:.3},{c0:.3},{c1:.3},{c2:.3},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{:.4},{},{},{},{}\n",
                 l.id, l.class, l.label.replace(',', " "), l.voxels, l.volume_mm3,
                 lo[0], lo[1], lo[2], hi[0], hi[1], hi[2],
                 wlo[0], wlo[1], wlo[2], whi[0], whi[1], whi[2],
                 l.diameter_mm, l.mean_probability, l.max_probability,
-                l.inside_roi.map_or("", |inside| if inside { "yes" } else { "no" })
+                l.inside_roi.map_or("", |inside| if inside { "yes" } else { "no" }),
+                opt(l.mean_entropy), opt(l.detection_agreement), opt(l.probability_std)
             ));
         }
         out

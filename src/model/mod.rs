@@ -275,6 +275,32 @@ impl HybridSegNet {
         SegOutput { logits, deep }
     }
 
+    /// The Transformer's attention over a batch of windows: every block's weights and the token
+    /// grid they index (stem and encoder only; the decoder is not run).
+    ///
+    /// # Shapes
+    /// - `x`: `[B, C_in, D, H, W]` as for [`Self::forward`]
+    /// - output: per block `[B, heads, N, N]`, and the token grid `[d, h, w]` (`N = d·h·w`)
+    ///   covering the input padded to a multiple of the total stride
+    pub fn attention(&self, x: Tensor<5>) -> (Vec<Tensor<4>>, [usize; 3]) {
+        let [_, _, d, h, w] = x.dims();
+        let s = self.stride;
+        let extra = |n: usize| n.div_ceil(s) * s - n;
+        let depth_pad = if self.spatial_dims == 3 { extra(d) } else { 0 };
+        let x = x.pad(
+            [(0, depth_pad), (0, extra(h)), (0, extra(w))],
+            PadMode::Constant(0.0),
+        );
+        let skips = self.stem.forward(x);
+        let deepest = skips
+            .last()
+            .cloned()
+            .expect("the stem has at least one stage (validated)");
+        let encoded = self.vit.forward_with_attention(deepest);
+        let [_, _, td, th, tw] = encoded.features.dims();
+        (encoded.attention, [td, th, tw])
+    }
+
     /// Forward for a 2D batch `[B, C, H, W]` → logits `[B, K, H, W]`.
     ///
     /// # Shapes

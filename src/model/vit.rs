@@ -92,16 +92,24 @@ impl VitBlock {
     /// # Shapes
     /// - `x`: `[B, N, E]` → `[B, N, E]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self
+        self.forward_with_attention(x).0
+    }
+
+    /// The block's output and its attention weights (computed by every pass anyway).
+    ///
+    /// # Shapes
+    /// - `x`: `[B, N, E]` → (`[B, N, E]`, weights `[B, heads, N, N]`, rows sum to 1)
+    pub fn forward_with_attention(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let attended = self
             .attention
-            .forward(MhaInput::self_attn(self.norm_attention.forward(x.clone())))
-            .context;
+            .forward(MhaInput::self_attn(self.norm_attention.forward(x.clone())));
+        let (h, weights) = (attended.context, attended.weights);
         let x = x + self.dropout.forward(h);
         let h = self.mlp_in.forward(self.norm_mlp.forward(x.clone()));
         let h = self
             .mlp_out
             .forward(self.dropout.forward(activation::gelu(h)));
-        x + self.dropout.forward(h)
+        (x + self.dropout.forward(h), weights)
     }
 }
 
@@ -123,6 +131,9 @@ pub struct VitOutput {
     pub features: Tensor<5>,
     /// Per block, `[B, E, d, h, w]`.
     pub hidden: Vec<Tensor<5>>,
+    /// Per block, the attention weights `[B, heads, N, N]` (tokens in `[d, h, w]` raster order)
+    /// when asked for, else empty.
+    pub attention: Vec<Tensor<4>>,
 }
 
 impl VitConfig {
@@ -168,6 +179,20 @@ impl Vit {
     /// - `x`: stem features `[B, C, D, H, W]`; 2D uses `D = 1` and the patch only spans H, W
     /// - output: [`VitOutput`] on the token grid `[d, h, w] = [D/p (3D) or 1, H/p, W/p]`
     pub fn forward(&self, x: Tensor<5>) -> VitOutput {
+        self.encode(x, false)
+    }
+
+    /// [`Self::forward`] keeping every block's attention weights.
+    ///
+    /// # Shapes
+    /// - as [`Self::forward`]; `attention` per block `[B, heads, N, N]`, `N = d·h·w`
+    pub fn forward_with_attention(&self, x: Tensor<5>) -> VitOutput {
+        self.encode(x, true)
+    }
+
+    /// # Shapes
+    /// - as [`Self::forward`]
+    fn encode(&self, x: Tensor<5>, keep_attention: bool) -> VitOutput {
         let tokens = self.embed.forward(x);
         let [b, e, d, h, w] = tokens.dims();
         let n = d * h * w;
@@ -180,13 +205,19 @@ impl Vit {
         };
         let to_map = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, e, d, h, w]);
         let mut hidden = Vec::with_capacity(self.blocks.len());
+        let mut attention = Vec::new();
         for block in &self.blocks {
-            t = block.forward(t);
+            let (out, weights) = block.forward_with_attention(t);
+            t = out;
             hidden.push(to_map(t.clone()));
+            if keep_attention {
+                attention.push(weights);
+            }
         }
         VitOutput {
             features: to_map(self.norm.forward(t)),
             hidden,
+            attention,
         }
     }
 

@@ -1,5 +1,7 @@
-//! Training: losses, learning-rate schedules, checkpoints, the loop and its reports.
+//! Training: losses, learning-rate schedules, checkpoints, the loop and its reports, and the
+//! temperature fitted at its end ([`calibrate`]).
 
+pub mod calibrate;
 pub mod checkpoint;
 pub mod curves;
 pub mod loss;

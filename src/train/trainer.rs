@@ -9,6 +9,7 @@ use std::time::Instant;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 
+use super::calibrate::calibrate_checkpoints;
 use super::checkpoint::{self, EpochRecord, TrainState};
 use super::curves::{plot_training_curve, write_metrics_csv};
 use super::loss::dice_ce_loss;
@@ -269,6 +270,7 @@ impl Trainer {
             overlap: config.validate.overlap,
             batch_size: config.validate.batch_size,
             mirror: false,
+            temperature: 1.0,
             context: config.model.context_slices,
         };
         let deep_supervision = deep_supervision_weights(
@@ -554,6 +556,25 @@ pub fn train(
                 on_event,
             );
         }
+    }
+    // Temperature scaling on the validation cases; a resumed finished run fits what is missing.
+    if !trainer.validation.is_empty() {
+        on_event(TrainEvent::Validating);
+    }
+    if let Some(c) = calibrate_checkpoints(
+        &run,
+        &trainer.validation,
+        &trainer.window,
+        &trainer.device,
+        trainer.state.seed,
+    )? {
+        log.line(
+            &format!(
+                "calibration: temperature {:.3} fitted on {} validation voxels; ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4}",
+                c.temperature, c.samples, c.ece_before, c.ece_after, c.nll_before, c.nll_after
+            ),
+            on_event,
+        );
     }
     let state = trainer.state;
     log.line(
