@@ -98,6 +98,7 @@ fn predict(
         batch_size: BATCH,
         mirror: true,
         context: 0,
+        temperature: 1.0,
     };
     let start = Instant::now();
     let probs = window.predict(&net, image.view(), device)?;

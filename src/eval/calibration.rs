@@ -103,8 +103,11 @@ pub fn voxel_calibration(
     for pair in pairs {
         let outputs = CaseOutputs::new(dir, &pair.case, true, false);
         let Some(path) = outputs.probabilities.filter(|p| p.is_file()) else {
-            out.skipped
-                .push(format!("{}: no probability map in {}", pair.case, dir.display()));
+            out.skipped.push(format!(
+                "{}: no probability map in {}",
+                pair.case,
+                dir.display()
+            ));
             continue;
         };
         any = true;
@@ -192,7 +195,10 @@ mod tests {
     fn the_boundary_band_holds_the_voxels_near_the_truth_edge() {
         let dims = [1, 1, 60];
         let truth: Vec<u32> = (0..60).map(|i| (20..30).contains(&i) as u32).collect();
-        let prob: Vec<f32> = truth.iter().map(|&t| if t > 0 { 0.9 } else { 0.1 }).collect();
+        let prob: Vec<f32> = truth
+            .iter()
+            .map(|&t| if t > 0 { 0.9 } else { 0.1 })
+            .collect();
         let (overall, band) = case_reliability(&truth, &prob, dims, [1.0; 3]);
         assert_eq!(overall.counts.iter().sum::<u64>(), 60);
         // Voxels 10..40 are within 10 mm of the foreground and of the background.

@@ -60,7 +60,14 @@ pub fn segment_case(
             .flatten(),
         attention: prediction.attention.as_ref(),
     };
-    write_case(outputs, scan, &prediction.labels, &maps, &table, &predictor.labels)?;
+    write_case(
+        outputs,
+        scan,
+        &prediction.labels,
+        &maps,
+        &table,
+        &predictor.labels,
+    )?;
     let mut warnings = prediction.warnings;
     // DICOM objects before the label map, which marks the case done; when they cannot be written
     // the label map still is, and a refusal fails the case after it.
@@ -209,12 +216,20 @@ pub fn write_overlay(
         let (lo, hi) = a
             .iter()
             .filter(|v| **v > 0.0)
-            .fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            .fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
         let span = hi - lo;
         orientation
             .apply(a.view().insert_axis(Axis(0)))
             .iter()
-            .map(|&v| if span > 1e-3 && v > 0.0 { (v - lo) / span } else { 0.0 })
+            .map(|&v| {
+                if span > 1e-3 && v > 0.0 {
+                    (v - lo) / span
+                } else {
+                    0.0
+                }
+            })
             .collect()
     });
     let window = |k: usize| display_window(&scan_values[k * plane..(k + 1) * plane]);
@@ -247,11 +262,7 @@ fn legend(lesions: &[Lesion], organs: &[u32], attention: bool) -> Vec<String> {
         } else {
             ", green: region of interest"
         },
-        if attention {
-            ", yellow: attention"
-        } else {
-            ""
-        }
+        if attention { ", yellow: attention" } else { "" }
     )];
     let found: Vec<&Lesion> = lesions
         .iter()
@@ -259,7 +270,9 @@ fn legend(lesions: &[Lesion], organs: &[u32], attention: bool) -> Vec<String> {
         .collect();
     for l in found.iter().take(LEGEND_LESIONS) {
         let uncertainty = match (l.detection_agreement, l.mean_entropy) {
-            (Some(a), Some(h)) => format!(", found by {:.0} % of passes, entropy {h:.2}", 100.0 * a),
+            (Some(a), Some(h)) => {
+                format!(", found by {:.0} % of passes, entropy {h:.2}", 100.0 * a)
+            }
             _ => String::new(),
         };
         lines.push(format!(
@@ -271,7 +284,10 @@ fn legend(lesions: &[Lesion], organs: &[u32], attention: bool) -> Vec<String> {
         ));
     }
     if found.len() > LEGEND_LESIONS {
-        lines.push(format!("... {} more in the lesion table", found.len() - LEGEND_LESIONS));
+        lines.push(format!(
+            "... {} more in the lesion table",
+            found.len() - LEGEND_LESIONS
+        ));
     }
     lines
 }

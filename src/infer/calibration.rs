@@ -211,7 +211,9 @@ impl LogitSamples {
         let mut total = 0.0;
         for (n, (&y, &w)) in self.labels.iter().zip(&self.weights).enumerate() {
             let z = &self.logits[n * k..(n + 1) * k];
-            let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
+            let max = z
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
             let lse = max
                 + z.iter()
                     .map(|&v| (v as f64 / t - max).exp())
@@ -234,7 +236,9 @@ impl LogitSamples {
         let mut r = Reliability::default();
         for (n, (&y, &w)) in self.labels.iter().zip(&self.weights).enumerate() {
             let z = &self.logits[n * k..(n + 1) * k];
-            let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
+            let max = z
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
             let exp: Vec<f64> = z.iter().map(|&v| (v as f64 / t - max).exp()).collect();
             let background = exp[0] / exp.iter().sum::<f64>();
             r.add(1.0 - background, y > 0, w);

@@ -5,9 +5,9 @@ use ndarray::Array3;
 
 use rayon::prelude::*;
 
+use super::uncertainty::VoxelUncertainty;
 use crate::geometry::Geometry;
 pub use crate::io::layout::{Lesion, RoiSummary};
-use super::uncertainty::VoxelUncertainty;
 use crate::transforms::post::{connected_components, dilate_mm};
 
 /// What to remove from a label map before measuring its lesions.
@@ -428,12 +428,11 @@ mod tests {
             keep_largest: vec![2],
             roi: None,
         };
-        let lesions =
-            extract_lesions(&mut labels, &g, &names, &filter, 0, |c, _| Probe {
-                probability: c as f32 / 4.0,
-                uncertainty: None,
-            })
-            .lesions;
+        let lesions = extract_lesions(&mut labels, &g, &names, &filter, 0, |c, _| Probe {
+            probability: c as f32 / 4.0,
+            uncertainty: None,
+        })
+        .lesions;
         assert_eq!(lesions.len(), 2);
         // Numbered by confidence: the organ (0.5) before the cube (0.25).
         assert_eq!((lesions[0].id, lesions[0].class), (1, 2));

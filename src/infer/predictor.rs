@@ -7,12 +7,12 @@ use ndarray::{Array3, Array4, Axis};
 
 use peakmem_alloc::PeakMemAllocTrait;
 
+use super::attention::{attention_map, AttentionMap};
+use super::calibration::Calibration;
 use super::memory::{
     release_freed_memory, reset_resident_peak, resident_bytes, resident_peak, CaseArrays,
     MemoryBudget, WindowCost,
 };
-use super::attention::{attention_map, AttentionMap};
-use super::calibration::Calibration;
 use super::postprocess::{extract_lesions, Extracted, LesionFilter, Probe, RoiFilter};
 use super::sliding_window::SlidingWindow;
 use super::uncertainty::{binary_entropy, MemberSpread, MemberStats};
@@ -390,8 +390,7 @@ impl Prediction {
             match nearest_voxel(p, [nd, nh, nw]) {
                 Some([z, y, x]) if (class as usize) < classes => Probe {
                     probability: probs[[class as usize, z, y, x]],
-                    uncertainty: members
-                        .map(|m| m.at(class, [z, y, x], 1.0 - probs[[0, z, y, x]])),
+                    uncertainty: members.map(|m| m.at(class, [z, y, x], 1.0 - probs[[0, z, y, x]])),
                 },
                 _ => Probe::default(),
             }

@@ -9,8 +9,8 @@ use burn::tensor::activation;
 use ndarray::{s, Array3, Array4, ArrayView4};
 use peakmem_alloc::PeakMemAllocTrait;
 
-use crate::error::{Error, Result};
 use super::uncertainty::MemberStats;
+use crate::error::{Error, Result};
 use crate::model::HybridSegNet;
 
 /// σ of the importance map as a share of the window (nnU-Net's `sigma_scale = 1/8`).
@@ -116,7 +116,12 @@ impl SlidingWindow {
     }
 
     /// The model's input for the windows at `chunk`: `[B, C·slices, wd, wh, ww]`.
-    pub fn window_input(&self, tiling: &Tiling, chunk: &[[usize; 3]], device: &Device) -> Tensor<5> {
+    pub fn window_input(
+        &self,
+        tiling: &Tiling,
+        chunk: &[[usize; 3]],
+        device: &Device,
+    ) -> Tensor<5> {
         let padded = &tiling.padded;
         let (c, pd, ..) = padded.dim();
         let [wd, wh, ww] = self.window;
@@ -130,7 +135,11 @@ impl SlidingWindow {
                     // 2.5D neighbours clamp at the volume's ends, as in training.
                     let k = (d as isize + sl as isize - self.context as isize)
                         .clamp(0, pd as isize - 1) as usize;
-                    let dk = if self.context > 0 { k..k + 1 } else { d..d + wd };
+                    let dk = if self.context > 0 {
+                        k..k + 1
+                    } else {
+                        d..d + wd
+                    };
                     input.extend(padded.slice(s![ch, dk, h..h + wh, w..w + ww]).iter());
                 }
             }

@@ -39,9 +39,8 @@ pub fn sample_logits(
             let values: Vec<f32> = logits.try_to_vec_as().map_err(|e| Error::Config {
                 reason: format!("reading logits from the device: {e:?}"),
             })?;
-            let sampler = sampler.get_or_insert_with(|| {
-                StratifiedSampler::new(k, SAMPLES[0], SAMPLES[1], seed)
-            });
+            let sampler = sampler
+                .get_or_insert_with(|| StratifiedSampler::new(k, SAMPLES[0], SAMPLES[1], seed));
             let plane = wh * ww;
             let per_window = k * wd * plane;
             for (n, &[d, h, w]) in chunk.iter().enumerate() {

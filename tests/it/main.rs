@@ -16,3 +16,4 @@ mod roundtrip;
 mod segment;
 mod synth;
 mod train;
+mod uncertainty;

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use crate::common::{affine_diff, bin, cache};
 
 /// A 2D liver model trained once (4 short epochs) for every test here.
-fn model() -> &'static Path {
+pub(crate) fn model() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
         // Under cargo's per-target temp dir, not /tmp: nothing is left outside target/.
@@ -225,7 +225,15 @@ fn batch_writes_aligned_masks_and_lesion_tables_past_a_bad_file() {
         assert!(!rows.is_empty());
         let s = mask.geometry.spacing();
         let voxel_mm3 = s[0] * s[1] * s[2];
-        for (row, voxels) in rows.iter().zip(&truth) {
+        // Rows are ordered by confidence: each is paired with its component by its box corner.
+        for voxels in &truth {
+            let corner: Vec<usize> = (0..3)
+                .map(|a| voxels.iter().map(|v| v[a]).min().unwrap())
+                .collect();
+            let row = rows
+                .iter()
+                .find(|r| (0..3).all(|a| r["bbox_voxel"][0][a].as_u64() == Some(corner[a] as u64)))
+                .expect("a row for every component");
             assert_eq!(row["voxels"].as_u64().unwrap() as usize, voxels.len());
             assert!(row["volume_mm3"].as_f64().unwrap() >= 50.0);
             assert!(
