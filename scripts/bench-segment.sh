@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Seconds per case and peak RSS of `medseg segment` on a CT-sized volume (512×512×300), with the
-# `tiny` and `small` presets, with and without mirror TTA, on CPU.
+# `tiny` and `small` presets (PRESETS="tiny" for one), on CPU: plain, mirror TTA, --uncertainty
+# (the mirrored passes as members), --attention, and both.
 # The volume is TotalSegmentator's 1.5 mm aorta CT resampled to 512×512×300 (0.68×0.49×0.96 mm);
 # the models are configs/liver-ct-2d.toml trained in full with each preset (about 1 and 3 minutes).
-# Usage: scripts/bench-segment.sh   (after scripts/fetch-data.sh)
+# Usage: [PRESETS="tiny small"] scripts/bench-segment.sh   (after scripts/fetch-data.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --locked --quiet
@@ -13,20 +14,22 @@ mkdir -p "$work"
 ct="$work/ct_512x512x300.nii.gz"
 [ -f "$ct" ] || "$medseg" convert datasets/cache/totalsegmentator/aorta_example_ct.nii.gz "$ct" \
   --spacing 0.68262,0.48926,0.955
-for preset in tiny small; do
+presets=${PRESETS:-tiny small}
+for preset in $presets; do
   run="$work/model-$preset"
   [ -f "$run/checkpoints/last/state.json" ] || "$medseg" train --config configs/liver-ct-2d.toml --quiet \
     --set "model.preset=\"$preset\"" --set "output.dir=\"$run\"" > /dev/null
 done
-printf '%-6s %-5s %10s %12s\n' preset tta seconds peak_rss_MiB
-for preset in tiny small; do
-  for tta in "" "--tta"; do
-    out="$work/out-$preset${tta:+-tta}"
+printf '%-6s %-28s %10s %12s\n' preset flags seconds peak_rss_MiB
+for preset in $presets; do
+  for flags in "" "--tta" "--uncertainty" "--attention" "--uncertainty --attention"; do
+    out="$work/out-$preset$(echo "$flags" | tr -d ' ')"
     rm -rf "$out"
-    /usr/bin/time -v "$medseg" segment --model "$work/model-$preset" "$ct" --output "$out" --quiet $tta \
+    # shellcheck disable=SC2086 # the flags are words
+    /usr/bin/time -v "$medseg" segment --model "$work/model-$preset" "$ct" --output "$out" --quiet $flags \
       2> "$out.time" > /dev/null
     secs=$(grep -o '"seconds": [0-9.]*' "$out/batch_summary.json" | awk '{print $2}')
     rss=$(awk '/Maximum resident/ {printf "%.0f", $6/1024}' "$out.time")
-    printf '%-6s %-5s %10.1f %12s\n' "$preset" "${tta:-no}" "$secs" "$rss"
+    printf '%-6s %-28s %10.1f %12s\n' "$preset" "${flags:-(none)}" "$secs" "$rss"
   done
 done

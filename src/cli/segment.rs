@@ -115,14 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tta {
         overrides.push("segment.tta=true".into());
     }
-    let predictor = with_budget(
-        Predictor::load(&model, args.device.as_deref(), &overrides)?
-            .with_maps(args.uncertainty, args.attention),
-        args.max_memory,
-    )?;
-    if !args.quiet {
-        eprintln!("{}", temperature_line(&predictor.temperature));
-    }
+    let predictor = load_predictor(&args, &model, &overrides)?;
     let filter = predictor.lesion_filter()?;
     let dicom = dicom_export(&args, &model, &predictor)?;
     let outputs = |name: &str| {
@@ -192,6 +185,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("failed: {}: {}", c.case, c.reason.as_deref().unwrap_or(""));
     }
     Err(Reported.into())
+}
+
+/// The model with the asked-for maps and memory budget; says which temperature it applies.
+fn load_predictor(args: &Args, model: &Path, overrides: &[String]) -> anyhow::Result<Predictor> {
+    let predictor = with_budget(
+        Predictor::load(model, args.device.as_deref(), overrides)?
+            .with_maps(args.uncertainty, args.attention),
+        args.max_memory,
+    )?;
+    if !args.quiet {
+        eprintln!("{}", temperature_line(&predictor.temperature));
+    }
+    Ok(predictor)
 }
 
 /// Which temperature the probabilities are divided by, and why.

@@ -52,19 +52,19 @@ pub fn segment_case(
         temperature: Some(predictor.temperature.value()),
     };
     let maps = CaseMaps {
-        probabilities: probabilities.as_ref(),
+        probabilities,
         uncertainty: outputs
             .uncertainty
             .is_some()
             .then(|| prediction.uncertainty_map())
             .flatten(),
-        attention: prediction.attention.as_ref(),
+        attention: prediction.attention.take(),
     };
     write_case(
         outputs,
         scan,
         &prediction.labels,
-        &maps,
+        maps,
         &table,
         &predictor.labels,
     )?;
@@ -109,15 +109,16 @@ pub fn segment_case(
     })
 }
 
-/// The float maps of a case on the scan's grid, each present when asked for.
+/// The float maps of a case on the scan's grid, each present when asked for (owned: each moves
+/// into its file's volume, so CT-sized maps are not copied).
 #[derive(Default)]
-pub struct CaseMaps<'a> {
+pub struct CaseMaps {
     /// The foreground probability `[k, j, i]`.
-    pub probabilities: Option<&'a Array3<f32>>,
+    pub probabilities: Option<Array3<f32>>,
     /// Entropy and variance `[2, k, j, i]`.
     pub uncertainty: Option<Array4<f32>>,
     /// The attention map `[k, j, i]`.
-    pub attention: Option<&'a Array3<f32>>,
+    pub attention: Option<Array3<f32>>,
 }
 
 /// Writes a case's tables, class names and the asked-for maps (everything but the label map and
@@ -126,24 +127,13 @@ pub fn write_case(
     outputs: &CaseOutputs,
     scan: &Volume,
     labels: &Array3<u8>,
-    maps: &CaseMaps,
+    maps: CaseMaps,
     table: &LesionTable,
     names: &[String],
 ) -> Result<()> {
     write_json_atomically(&outputs.lesions_json, table)?;
     write_atomically(&outputs.lesions_csv, table.to_csv().as_bytes())?;
     write_json_atomically(&outputs.labels, &LabelsSidecar::from_names(names))?;
-    let write_map = |path: &Option<std::path::PathBuf>, map: Option<Array4<f32>>| -> Result<()> {
-        if let (Some(path), Some(map)) = (path, map) {
-            let v = Volume::new(map, scan.geometry.clone(), scan.info.clone())?;
-            write_nifti(&v, path, DataType::Float32)?;
-        }
-        Ok(())
-    };
-    let single = |m: Option<&Array3<f32>>| m.map(|m| m.clone().insert_axis(Axis(0)));
-    write_map(&outputs.probabilities, single(maps.probabilities))?;
-    write_map(&outputs.uncertainty, maps.uncertainty.clone())?;
-    write_map(&outputs.attention, single(maps.attention))?;
     if let Some(path) = &outputs.overlay {
         // The names were resolved against these classes when the stage ran.
         let organs = table
@@ -151,9 +141,20 @@ pub fn write_case(
             .as_ref()
             .and_then(|roi| class_values(names, "segment.roi.classes", &roi.classes).ok())
             .unwrap_or_default();
-        write_overlay(path, scan, labels, &organs, maps.attention, &table.lesions)?;
+        let attention = maps.attention.as_ref();
+        write_overlay(path, scan, labels, &organs, attention, &table.lesions)?;
     }
-    Ok(())
+    let write_map = |path: &Option<std::path::PathBuf>, map: Option<Array4<f32>>| -> Result<()> {
+        if let (Some(path), Some(map)) = (path, map) {
+            let v = Volume::new(map, scan.geometry.clone(), scan.info.clone())?;
+            write_nifti(&v, path, DataType::Float32)?;
+        }
+        Ok(())
+    };
+    let single = |m: Option<Array3<f32>>| m.map(|m| m.insert_axis(Axis(0)));
+    write_map(&outputs.probabilities, single(maps.probabilities))?;
+    write_map(&outputs.uncertainty, maps.uncertainty)?;
+    write_map(&outputs.attention, single(maps.attention))
 }
 
 /// Lesions listed under an overlay at most.

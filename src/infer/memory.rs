@@ -51,6 +51,8 @@ pub struct CaseArrays {
     pub filled_copy: bool,
     /// Ensemble members kept for `--uncertainty` (0 without).
     pub members: u64,
+    /// `--attention`: its map and weights on the padded grid, the map on the scan's.
+    pub attention: bool,
 }
 
 impl CaseArrays {
@@ -63,10 +65,13 @@ impl CaseArrays {
     ///   the accumulated probabilities (f32 per class, kept as the result) and the blending
     ///   weights (f32);
     /// - with ensemble members: on the preprocessed grid the running mean (f32 per class) and M2
-    ///   (f32), one class map per member (u8); on the scan's grid the two uncertainty maps (f32).
+    ///   (f32), one class map per member (u8); on the scan's grid the two uncertainty maps (f32);
+    /// - with attention: on the padded grid its sum, weights (f32) and finding mask (u8); on the
+    ///   scan's grid the map (f32).
     pub fn bytes(&self) -> u64 {
         let scan = self.channels * 4 * if self.filled_copy { 2 } else { 1 };
-        let maps = if self.members > 0 { 8 } else { 0 };
+        let attention = self.attention as u64;
+        let maps = if self.members > 0 { 8 } else { 0 } + 4 * attention;
         let source = self.source_voxels * (scan + 1 + 4 + 4 + maps);
         let members = if self.members > 0 {
             self.classes * 4 + 4 + self.members
@@ -74,7 +79,8 @@ impl CaseArrays {
             0
         };
         let grid = self.grid_voxels * (self.channels * 8 + 1 + members);
-        let padded = self.padded_voxels * (self.channels * 4 + self.classes * 4 + 4);
+        let padded =
+            self.padded_voxels * (self.channels * 4 + self.classes * 4 + 4 + 9 * attention);
         source + grid + padded
     }
 }
@@ -221,6 +227,7 @@ mod tests {
             classes: 2,
             filled_copy: false,
             members: 0,
+            attention: false,
         }
     }
 

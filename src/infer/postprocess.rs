@@ -145,6 +145,16 @@ struct LesionSums {
 }
 
 impl LesionSums {
+    /// A sum's mean over the lesion's `size` voxels, when there are ensemble members.
+    fn per_voxel(sum: f64, size: usize, members: usize) -> Option<f64> {
+        (members > 0).then(|| sum / size as f64)
+    }
+
+    /// The share of `members` that detected the lesion.
+    fn agreement(&self, members: usize) -> Option<f64> {
+        (members > 0).then(|| self.detected_by.count_ones() as f64 / members as f64)
+    }
+
     fn add(&mut self, p: Probe) {
         self.probability += p.probability as f64;
         self.max_probability = self.max_probability.max(p.probability);
@@ -273,10 +283,9 @@ fn extract_class(
             max_probability: read[c].max_probability as f64,
             confidence: Some(read[c].max_probability as f64),
             inside_roi: region.map(|_| inside[c]),
-            mean_entropy: (probe.members > 0).then(|| read[c].entropy / size as f64),
-            detection_agreement: (probe.members > 0)
-                .then(|| read[c].detected_by.count_ones() as f64 / probe.members as f64),
-            probability_std: (probe.members > 0).then(|| read[c].std / size as f64),
+            mean_entropy: LesionSums::per_voxel(read[c].entropy, size, probe.members),
+            detection_agreement: read[c].agreement(probe.members),
+            probability_std: LesionSums::per_voxel(read[c].std, size, probe.members),
         });
     }
     removed

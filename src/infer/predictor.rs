@@ -251,6 +251,7 @@ impl Predictor {
             } else {
                 0
             },
+            attention: self.attention.is_some(),
         };
         let plan = budget
             .plan(&arrays, self.window.batch_size)
@@ -411,10 +412,16 @@ impl Prediction {
     /// (both resampled linearly, the entropy taken after resampling the mean).
     pub fn uncertainty_map(&self) -> Option<Array4<f32>> {
         let members = self.members.as_ref()?;
-        let foreground = self.foreground_probability();
+        // Filled one channel at a time: one scan-sized temporary at most.
+        let [ni, nj, nk] = self.geometry.dims;
+        let mut out = Array4::<f32>::zeros([2, nk, nj, ni]);
+        let mut entropy = self.foreground_probability();
+        entropy.mapv_inplace(binary_entropy);
+        out.index_axis_mut(Axis(0), 0).assign(&entropy);
+        drop(entropy);
         let variance = resample_linear_onto(members.variance().view(), &self.grid, &self.geometry);
-        let entropy = foreground.mapv(binary_entropy);
-        ndarray::stack(Axis(0), &[entropy.view(), variance.view()]).ok()
+        out.index_axis_mut(Axis(0), 1).assign(&variance);
+        Some(out)
     }
 
     /// Foreground probability (1 − background) resampled linearly onto the scan's grid.

@@ -14,7 +14,7 @@ use flate2::{Compression, Crc};
 use rayon::prelude::*;
 
 /// Uncompressed bytes per block: BGZF's limit, so a block stays under 64 KiB even when stored.
-const BLOCK_INPUT: usize = 0xff00;
+pub const BLOCK_INPUT: usize = 0xff00;
 const HEADER_LEN: usize = 18;
 const TRAILER_LEN: usize = 8;
 
@@ -22,41 +22,50 @@ const TRAILER_LEN: usize = 8;
 pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let blocks: Vec<Vec<u8>> = data
         .par_chunks(BLOCK_INPUT)
-        .map(|chunk| {
-            let mut enc = DeflateEncoder::new(
-                Vec::with_capacity(chunk.len() / 4 + 64),
-                Compression::fast(),
-            );
-            enc.write_all(chunk)?;
-            let mut cdata = enc.finish()?;
-            if HEADER_LEN + cdata.len() + TRAILER_LEN > 1 << 16 {
-                // Incompressible data (noise, float probabilities) can grow under level-1
-                // Huffman coding; stored blocks cost only 5 bytes per 64 KiB and always fit.
-                let mut stored =
-                    DeflateEncoder::new(Vec::with_capacity(chunk.len() + 64), Compression::none());
-                stored.write_all(chunk)?;
-                cdata = stored.finish()?;
-            }
-            let mut crc = Crc::new();
-            crc.update(chunk);
-            let bsize = HEADER_LEN + cdata.len() + TRAILER_LEN;
-            let bsize_field = u16::try_from(bsize - 1)
-                .map_err(|_| std::io::Error::other("gzip block exceeds 64 KiB"))?;
-            let mut block = Vec::with_capacity(bsize);
-            // ID1 ID2 CM FLG(FEXTRA) MTIME(4) XFL OS(unknown) XLEN=6, then subfield "BC", SLEN=2, BSIZE-1.
-            block.extend_from_slice(&[31, 139, 8, 4, 0, 0, 0, 0, 0, 255, 6, 0, b'B', b'C', 2, 0]);
-            block.extend_from_slice(&bsize_field.to_le_bytes());
-            block.extend_from_slice(&cdata);
-            block.extend_from_slice(&crc.sum().to_le_bytes());
-            block.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-            Ok(block)
-        })
+        .map(block)
         .collect::<std::io::Result<_>>()?;
     let mut out = Vec::with_capacity(blocks.iter().map(Vec::len).sum());
     for b in blocks {
         out.extend_from_slice(&b);
     }
     Ok(out)
+}
+
+/// One block of blocked gzip holding `chunk` (at most [`BLOCK_INPUT`] bytes): a gzip member with
+/// the `BC` extra field. Blocks written one after another make a blocked gzip file.
+pub fn block(chunk: &[u8]) -> std::io::Result<Vec<u8>> {
+    if chunk.len() > BLOCK_INPUT {
+        return Err(std::io::Error::other(
+            "gzip block input exceeds 65280 bytes",
+        ));
+    }
+    let mut enc = DeflateEncoder::new(
+        Vec::with_capacity(chunk.len() / 4 + 64),
+        Compression::fast(),
+    );
+    enc.write_all(chunk)?;
+    let mut cdata = enc.finish()?;
+    if HEADER_LEN + cdata.len() + TRAILER_LEN > 1 << 16 {
+        // Incompressible data (noise, float probabilities) can grow under level-1
+        // Huffman coding; stored blocks cost only 5 bytes per 64 KiB and always fit.
+        let mut stored =
+            DeflateEncoder::new(Vec::with_capacity(chunk.len() + 64), Compression::none());
+        stored.write_all(chunk)?;
+        cdata = stored.finish()?;
+    }
+    let mut crc = Crc::new();
+    crc.update(chunk);
+    let bsize = HEADER_LEN + cdata.len() + TRAILER_LEN;
+    let bsize_field =
+        u16::try_from(bsize - 1).map_err(|_| std::io::Error::other("gzip block exceeds 64 KiB"))?;
+    let mut block = Vec::with_capacity(bsize);
+    // ID1 ID2 CM FLG(FEXTRA) MTIME(4) XFL OS(unknown) XLEN=6, then subfield "BC", SLEN=2, BSIZE-1.
+    block.extend_from_slice(&[31, 139, 8, 4, 0, 0, 0, 0, 0, 255, 6, 0, b'B', b'C', 2, 0]);
+    block.extend_from_slice(&bsize_field.to_le_bytes());
+    block.extend_from_slice(&cdata);
+    block.extend_from_slice(&crc.sum().to_le_bytes());
+    block.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+    Ok(block)
 }
 
 /// Block layout of a blocked gzip file: `(offset, compressed size, uncompressed size)` per block,

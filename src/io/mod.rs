@@ -360,6 +360,15 @@ pub fn select(
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_parts_atomically(path, [bytes])
+}
+
+/// Writes `parts` one after another to a temporary file beside `path`, then renames it over
+/// `path` (a large file from its pieces, without joining them in memory first).
+pub fn write_parts_atomically<'a>(
+    path: &Path,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<()> {
     use std::io::Write;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -369,7 +378,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .prefix(".medseg-")
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    for part in parts {
+        tmp.write_all(part).map_err(|e| Error::io(path, e))?;
+    }
     tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
     // Temp files are created owner-only; outputs get the usual rw-r--r-- so others on a shared
     // server (or a PACS import job) can read them.

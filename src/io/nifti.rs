@@ -610,26 +610,65 @@ pub fn write_nifti(volume: &Volume, path: &Path, dtype: DataType) -> Result<()> 
         reason,
     };
     check_output_name(path)?;
-    let mut bytes = nifti1_header(&volume.geometry, volume.channels(), dtype).map_err(write_err)?;
+    let header = nifti1_header(&volume.geometry, volume.channels(), dtype).map_err(write_err)?;
     let voxels = volume
         .voxels
         .as_slice()
         .ok_or_else(|| write_err("voxel array is not contiguous".into()))?;
-    let encoded = match dtype {
-        DataType::Uint8 => encode::<u8>(voxels),
-        DataType::Uint16 => encode::<u16>(voxels),
-        DataType::Int16 => encode::<i16>(voxels),
-        _ => encode::<f32>(voxels),
-    };
-    let data = encoded.map_err(|bad| {
+    let bad_value = |bad: f32| {
         write_err(format!(
             "value {bad} cannot be stored as {} without change; choose another type",
             dtype.as_str()
         ))
-    })?;
-    bytes.extend_from_slice(&data);
-    drop(data);
-    finish_write(path, bytes)
+    };
+    let size = stored_size(dtype);
+    if !is_gz(path) {
+        // Encoded straight after the header: no second copy of a CT-sized volume.
+        let mut bytes = header;
+        let start = bytes.len();
+        bytes.resize(start + voxels.len() * size, 0);
+        encode_as(dtype, voxels, &mut bytes[start..]).map_err(bad_value)?;
+        return super::write_atomically(path, &bytes);
+    }
+    // Gzipped block by block: each block's voxels are encoded and compressed on their own, so
+    // neither the encoded volume nor the whole compressed file is held twice.
+    let blocks: Vec<Vec<u8>> = voxels
+        .par_chunks(gzip::BLOCK_INPUT / size)
+        .map(|src| {
+            let mut buf = vec![0u8; src.len() * size];
+            encode_as(dtype, src, &mut buf).map_err(bad_value)?;
+            gzip::block(&buf).map_err(|e| write_err(e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let head = gzip::block(&header).map_err(|e| write_err(e.to_string()))?;
+    super::write_parts_atomically(
+        path,
+        std::iter::once(head.as_slice()).chain(blocks.iter().map(Vec::as_slice)),
+    )
+}
+
+/// Whether `path` names a gzipped file.
+fn is_gz(path: &Path) -> bool {
+    path.to_string_lossy().to_ascii_lowercase().ends_with(".gz")
+}
+
+/// Bytes per voxel stored as `dtype` (float32 for the types medseg does not write).
+fn stored_size(dtype: DataType) -> usize {
+    match dtype {
+        DataType::Uint8 => 1,
+        DataType::Uint16 | DataType::Int16 => 2,
+        _ => 4,
+    }
+}
+
+/// [`encode`] for `dtype`.
+fn encode_as(dtype: DataType, voxels: &[f32], out: &mut [u8]) -> std::result::Result<(), f32> {
+    match dtype {
+        DataType::Uint8 => encode::<u8>(voxels, out),
+        DataType::Uint16 => encode::<u16>(voxels, out),
+        DataType::Int16 => encode::<i16>(voxels, out),
+        _ => encode::<f32>(voxels, out),
+    }
 }
 
 /// Writes a label map `[k, j, i]` as uint8 NIfTI on `geometry`, straight from its bytes (no
@@ -674,8 +713,7 @@ fn check_output_name(path: &Path) -> Result<()> {
 
 /// Gzips (for `.gz` names) and writes atomically.
 fn finish_write(path: &Path, bytes: Vec<u8>) -> Result<()> {
-    let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
-    let bytes = if gz {
+    let bytes = if is_gz(path) {
         gzip::compress(&bytes).map_err(|e| Error::Write {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -721,9 +759,9 @@ impl StoreAs for f32 {
     }
 }
 
-/// Little-endian bytes of `voxels` as `T`, in parallel; `Err(value)` names a voxel that won't fit.
-fn encode<T: StoreAs>(voxels: &[f32]) -> std::result::Result<Vec<u8>, f32> {
-    let mut out = vec![0u8; voxels.len() * T::SIZE];
+/// Little-endian bytes of `voxels` as `T` into `out` (`T::SIZE` bytes per voxel), in parallel;
+/// `Err(value)` names a voxel that won't fit.
+fn encode<T: StoreAs>(voxels: &[f32], out: &mut [u8]) -> std::result::Result<(), f32> {
     out.par_chunks_mut(T::SIZE << 16)
         .zip(voxels.par_chunks(1 << 16))
         .try_for_each(|(dst, src)| {
@@ -731,8 +769,7 @@ fn encode<T: StoreAs>(voxels: &[f32]) -> std::result::Result<Vec<u8>, f32> {
                 T::store(v).ok_or(v)?.put_le(d);
             }
             Ok::<(), f32>(())
-        })?;
-    Ok(out)
+        })
 }
 
 /// The 348-byte NIfTI-1 header (+ 4-byte empty extension flag) for `geometry`, little endian:

@@ -557,25 +557,7 @@ pub fn train(
             );
         }
     }
-    // Temperature scaling on the validation cases; a resumed finished run fits what is missing.
-    if !trainer.validation.is_empty() {
-        on_event(TrainEvent::Validating);
-    }
-    if let Some(c) = calibrate_checkpoints(
-        &run,
-        &trainer.validation,
-        &trainer.window,
-        &trainer.device,
-        trainer.state.seed,
-    )? {
-        log.line(
-            &format!(
-                "calibration: temperature {:.3} fitted on {} validation voxels; ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4}",
-                c.temperature, c.samples, c.ece_before, c.ece_after, c.nll_before, c.nll_after
-            ),
-            on_event,
-        );
-    }
+    calibrate_run(&run, &trainer, &mut log, on_event)?;
     let state = trainer.state;
     log.line(
         &format!(
@@ -591,6 +573,37 @@ pub fn train(
         state,
         resumed_at,
     })
+}
+
+/// Temperature scaling on the validation cases at the end of training (a resumed finished run
+/// fits what is missing), with its log line.
+fn calibrate_run(
+    run: &RunDir,
+    trainer: &Trainer,
+    log: &mut RunLog,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<()> {
+    if trainer.validation.is_empty() {
+        return Ok(());
+    }
+    on_event(TrainEvent::Validating);
+    let fit = calibrate_checkpoints(
+        run,
+        &trainer.validation,
+        &trainer.window,
+        &trainer.device,
+        trainer.state.seed,
+    )?;
+    if let Some(c) = fit {
+        log.line(
+            &format!(
+                "calibration: temperature {:.3} fitted on {} validation voxels; ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4}",
+                c.temperature, c.samples, c.ece_before, c.ece_after, c.nll_before, c.nll_after
+            ),
+            on_event,
+        );
+    }
+    Ok(())
 }
 
 /// The log line of a finished epoch.
