@@ -724,7 +724,7 @@ pub struct SegmentConfig {
 
 /// `segment.temperature`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(untagged, expecting = "\"fitted\" or a positive number")]
+#[serde(untagged, expecting = "expected \"fitted\" or a positive number")]
 pub enum Temperature {
     /// A named choice.
     Named(TemperatureChoice),
