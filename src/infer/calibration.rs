@@ -211,15 +211,9 @@ impl LogitSamples {
         let mut total = 0.0;
         for (n, (&y, &w)) in self.labels.iter().zip(&self.weights).enumerate() {
             let z = &self.logits[n * k..(n + 1) * k];
-            let max = z
-                .iter()
-                .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
-            let lse = max
-                + z.iter()
-                    .map(|&v| (v as f64 / t - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            let zy = z.get(y as usize).map_or(max, |&v| v as f64 / t);
+            let lse = log_sum_exp(z, t);
+            // A label beyond the logits (not a class of the model) costs nothing.
+            let zy = z.get(y as usize).map_or(lse, |&v| v as f64 / t);
             sum += w * (lse - zy);
             total += w;
         }
@@ -236,15 +230,23 @@ impl LogitSamples {
         let mut r = Reliability::default();
         for (n, (&y, &w)) in self.labels.iter().zip(&self.weights).enumerate() {
             let z = &self.logits[n * k..(n + 1) * k];
-            let max = z
-                .iter()
-                .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
-            let exp: Vec<f64> = z.iter().map(|&v| (v as f64 / t - max).exp()).collect();
-            let background = exp[0] / exp.iter().sum::<f64>();
+            let background = (z[0] as f64 / t - log_sum_exp(z, t)).exp();
             r.add(1.0 - background, y > 0, w);
         }
         r
     }
+}
+
+/// `ln Σ exp(z / t)`, computed from the largest term so it cannot overflow.
+fn log_sum_exp(z: &[f32], t: f64) -> f64 {
+    let max = z
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
+    max + z
+        .iter()
+        .map(|&v| (v as f64 / t - max).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 /// Temperatures searched (beyond them a model is not miscalibrated but broken).

@@ -94,12 +94,6 @@ impl MemberStats {
         Ok(())
     }
 
-    /// `[D, H, W]` population variance of the foreground probability across members.
-    pub fn variance(&self) -> Array3<f32> {
-        let n = self.members.max(1) as f32;
-        self.m2.mapv(|m| (m / n).max(0.0))
-    }
-
     /// `[D, H, W]` mean foreground probability.
     pub fn foreground(&self) -> Array3<f32> {
         self.mean.index_axis(Axis(0), 0).mapv(|p| 1.0 - p)
@@ -177,16 +171,16 @@ mod tests {
             s.add(member(&[0.0, 1.0, split, 0.5]).view()).unwrap();
         }
         let fg = s.foreground();
+        let (_, spread) = s.into_parts();
         let h: Vec<f32> = fg.iter().map(|&p| binary_entropy(p)).collect();
         assert_eq!(h[0], 0.0);
         assert_eq!(h[1], 0.0);
         assert!((h[2] - 1.0).abs() < 1e-6 && (h[3] - 1.0).abs() < 1e-6);
         // Variance separates the split voxel (members disagree) from the unsure one.
-        let v = s.variance();
+        let v = spread.variance();
         assert!((v[[0, 0, 2]] - 0.25).abs() < 1e-6);
         assert!(v[[0, 0, 3]].abs() < 1e-7 && v[[0, 0, 0]].abs() < 1e-7);
         // Members 1 and 3 decided foreground at the split voxel.
-        let (_, spread) = s.into_parts();
         assert_eq!(spread.at(1, [0, 0, 2], 0.5).detected_by, 0b1010);
         assert_eq!(spread.at(1, [0, 0, 1], 1.0).detected_by, 0b1111);
         assert!((spread.at(1, [0, 0, 2], 0.5).std - 0.5).abs() < 1e-6);
@@ -203,7 +197,10 @@ mod tests {
         for d in &draws {
             s.add(member(d).view()).unwrap();
         }
-        let (fg, var) = (s.foreground(), s.variance());
+        let fg = s.foreground();
+        // A member of another shape is refused.
+        assert!(s.add(member(&[0.5]).view()).is_err());
+        let var = s.into_parts().1.variance();
         for i in 0..n {
             let mean = draws.iter().map(|d| d[i] as f64).sum::<f64>() / members as f64;
             let two_pass = draws
@@ -214,7 +211,5 @@ mod tests {
             assert!((fg[[0, 0, i]] as f64 - mean).abs() < 1e-5);
             assert!((var[[0, 0, i]] as f64 - two_pass).abs() < 1e-5);
         }
-        // A member of another shape is refused.
-        assert!(s.add(member(&[0.5]).view()).is_err());
     }
 }

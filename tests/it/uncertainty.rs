@@ -32,18 +32,20 @@ fn uncertainty_and_attention_maps_lie_on_the_scan_grid() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("out");
     let nifti = cache("totalsegmentator/example_ct_sm.nii.gz");
-    let out = segment(&[
-        nifti.to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-        "--uncertainty",
-        "--attention",
-        "--overlay",
-        "--save-probabilities",
-        "--set",
-        "segment.min_lesion_mm3=50",
-    ]);
-    ok(&out);
+    // Every map, plus `extra`.
+    let run = |extra: &str| {
+        segment(&[
+            nifti.to_str().unwrap(),
+            "--output",
+            out_dir.to_str().unwrap(),
+            "--uncertainty",
+            "--attention",
+            "--overlay",
+            "--save-probabilities",
+            extra,
+        ])
+    };
+    ok(&run("--set=segment.min_lesion_mm3=50"));
     let scan = medseg::io::read_volume(&nifti, None).unwrap();
     let read = |suffix: &str| {
         medseg::io::read_nifti(&out_dir.join(format!("example_ct_sm{suffix}.nii.gz"))).unwrap()
@@ -103,17 +105,7 @@ fn uncertainty_and_attention_maps_lie_on_the_scan_grid() {
         .ends_with("mean_entropy,detection_agreement,probability_std"));
     assert!(out_dir.join("example_ct_sm_overlay.png").is_file());
     // The maps are sidecars: a resumed batch with the same flags skips the finished case.
-    let again = segment(&[
-        nifti.to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-        "--uncertainty",
-        "--attention",
-        "--overlay",
-        "--save-probabilities",
-        "--skip-existing",
-    ]);
-    ok(&again);
+    ok(&run("--skip-existing"));
     assert_eq!(
         crate::segment::summary_in(&out_dir)["skipped"].as_u64(),
         Some(1)
