@@ -16,8 +16,9 @@ started=$SECONDS
 
 # Every prerequisite first, so a missing one stops the run in seconds, not after the build.
 scripts/prereqs.sh
-echo "== 1/7 fetch the sample scans"
+echo "== 1/7 fetch the sample scans (and NiiVue, the review page's viewer)"
 scripts/fetch-data.sh
+scripts/fetch-viewer.sh
 echo "== 2/7 build medseg (release)"
 cargo build --release --locked
 medseg=target/release/medseg
@@ -52,7 +53,7 @@ echo "== 5/7 segment the test scans (a host the model never saw), and its shifte
 # Lesion-wise scores for the lesion class only; the brain (label 2) gets Dice and surface metrics.
 echo "== 6/7 evaluate against the inserted lesions"
 "$medseg" evaluate --pred "$out/masks" --truth "$data/labelsTs" --images "$data/imagesTs" \
-  --set "evaluate.lesion_classes=[1]" --output "$out/evaluation" \
+  --set "evaluate.lesion_classes=[1]" --output "$out/evaluation" --review \
   --compare-calibration "$out/masks-roi-off" | tee "$out/summary.txt"
 
 echo "== 7/7 evaluate on the shifted test set (5-7 mm slices, redrawn contrasts, every polarity)"
@@ -99,4 +100,5 @@ quickstart done in $((SECONDS - started)) s ($((SECONDS - stage)) s after the bu
   masks              $out/masks (NAME.nii.gz, NAME_lesions.csv, NAME_overlay.png,
                      NAME_uncertainty.nii.gz, NAME_attention.nii.gz, NAME_probabilities.nii.gz)
   reports            $out/evaluation/report.md, $out_shifted/evaluation/report.md
+  review page        $out/evaluation/review/index.html (open it in a browser; no server needed)
 EOF

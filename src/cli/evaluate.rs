@@ -1,5 +1,5 @@
 //! `medseg evaluate --pred DIR --truth DIR [--config FILE] [--set evaluate.key=value] [--images DIR]
-//! [--compare-calibration DIR] --output DIR`
+//! [--compare-calibration DIR] [--review] --output DIR`
 
 use std::path::PathBuf;
 
@@ -8,6 +8,7 @@ use anyhow::Context;
 use medseg::config::load_layered;
 use medseg::eval::calibration::voxel_calibration;
 use medseg::eval::report::{write_report, EvalSummary, ReportInputs};
+use medseg::eval::review::evaluation_cases;
 use medseg::eval::{evaluate_cases, pair_cases, synth_lesions, worst_case_tiles, EvalFile};
 use medseg::io::layout::DatasetJson;
 use medseg::io::read_json;
@@ -47,6 +48,11 @@ pub struct Args {
     /// Worst cases shown in the overlay montage.
     #[arg(long, default_value_t = 4)]
     worst: usize,
+    /// Also write a review page, OUTPUT/review/index.html: every case in a browser viewer
+    /// (NiiVue) with its scan (from --images), prediction, truth outline and lesions marked TP, FP
+    /// or FN; it opens from the file system.
+    #[arg(long)]
+    review: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -70,6 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             config.labels = names;
         }
     }
+    let viewer = super::find_viewer(args.review)?;
     let (pairs, unmatched) = pair_cases(&pred, &truth)?;
     // A synthetic dataset's lesions.json adds results by contrast-to-noise ratio.
     let synth = synth_lesions(&truth);
@@ -113,6 +120,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         output.join("report.md").display()
     );
     print_summary(&summary);
+    if args.review {
+        let cases = evaluation_cases(&pairs, &results, args.images.as_deref(), &config);
+        super::write_review_page(&output.join("review"), &cases, viewer, "medseg evaluation")?;
+    }
     let missing = results.iter().filter(|r| r.missing_prediction).count();
     if missing > 0 {
         eprintln!("warning: {missing} cases had no prediction (counted as empty)");

@@ -9,7 +9,11 @@ mod segment;
 mod synth;
 mod train;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use anyhow::Context;
+use medseg::eval::review::{write_review, ReviewCase, VIEWER_FILE};
 
 use clap::{Parser, Subcommand};
 
@@ -128,6 +132,67 @@ pub fn run() -> ExitCode {
             }
         }
     }
+}
+
+/// The classic-script NiiVue that review pages carry: `$MEDSEG_NIIVUE` (set but empty: none), else
+/// `datasets/cache/niivue/` (where `scripts/fetch-viewer.sh` puts it) under the current directory or
+/// under the checkout this binary was built from; `None` when no review is `wanted`. Looked up
+/// before any work, so a wrong setting stops the command at once.
+fn find_viewer(wanted: bool) -> anyhow::Result<Option<PathBuf>> {
+    if !wanted {
+        return Ok(None);
+    }
+    if let Some(v) = std::env::var_os("MEDSEG_NIIVUE") {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        let path = PathBuf::from(v);
+        if !path.is_file() {
+            usage!(
+                "MEDSEG_NIIVUE={}: no such file (scripts/fetch-viewer.sh writes datasets/cache/niivue/{VIEWER_FILE})",
+                path.display()
+            );
+        }
+        return Ok(Some(path));
+    }
+    let under = |root: &Path| root.join("datasets/cache/niivue").join(VIEWER_FILE);
+    Ok([
+        under(Path::new(".")),
+        under(Path::new(env!("CARGO_MANIFEST_DIR"))),
+    ]
+    .into_iter()
+    .find(|p| p.is_file()))
+}
+
+/// `--review`: writes the review page of `cases` into `dir`, with `viewer` (from [`find_viewer`])
+/// when there is one, and says where it is.
+fn write_review_page(
+    dir: &Path,
+    cases: &[ReviewCase],
+    viewer: Option<PathBuf>,
+    title: &str,
+) -> anyhow::Result<()> {
+    let bar = progress::bar(
+        cases.len() as u64,
+        "review {bar:30} {pos}/{len} {msg}",
+        false,
+    );
+    let written = write_review(dir, cases, viewer.as_deref(), title, &mut |case| {
+        bar.set_message(case.to_string());
+        bar.inc(1);
+    })
+    .with_context(|| format!("review page in {}", dir.display()))?;
+    bar.finish_and_clear();
+    for (case, reason) in &written.failed {
+        eprintln!("warning: review of {case}: {reason}");
+    }
+    if !written.viewer {
+        eprintln!(
+            "warning: the review page has no 3D viewer (NiiVue not found): run scripts/fetch-viewer.sh, or set MEDSEG_NIIVUE to {VIEWER_FILE}; it shows the static pictures"
+        );
+    }
+    println!("review page: {}", written.index.display());
+    Ok(())
 }
 
 #[cfg(test)]

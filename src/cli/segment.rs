@@ -1,5 +1,5 @@
 //! `medseg segment --model RUN_OR_CHECKPOINT INPUT... --output DIR [--tta] [--save-probabilities]
-//! [--overlay] [--uncertainty] [--attention] [--format nifti,dicom-seg,rtstruct] [--reference-series DIR] [--skip-existing]
+//! [--overlay] [--uncertainty] [--attention] [--review] [--format nifti,dicom-seg,rtstruct] [--reference-series DIR] [--skip-existing]
 //! [--shard I/N] [--max-memory SIZE] [--device NAME] [--set segment.key=value] [--list]
 //! `medseg segment --merge-summaries DIR``
 
@@ -7,15 +7,16 @@ use std::path::PathBuf;
 
 use std::path::Path;
 
+use medseg::eval::review::segmentation_cases;
 use medseg::export::dicom::DicomExport;
 use medseg::export::segment_case;
 use medseg::infer::batch::{
-    expand, merge_summaries, run_batch, select_shard, BatchEvent, BatchOptions, Shard,
+    expand, merge_summaries, run_batch, select_shard, BatchEvent, BatchInput, BatchOptions, Shard,
 };
 use medseg::infer::memory::human;
 use medseg::infer::predictor::{Predictor, TemperatureSource};
 use medseg::io::derived::SourceSeries;
-use medseg::io::layout::{BatchCase, CaseOutputs, CaseStatus, OutputFormat};
+use medseg::io::layout::{BatchCase, BatchSummary, CaseOutputs, CaseStatus, OutputFormat};
 use medseg::io::{discover, ScanSource};
 
 use super::{progress, Reported};
@@ -56,6 +57,10 @@ pub struct Args {
     /// overlay.
     #[arg(long)]
     attention: bool,
+    /// Also write a review page, OUTPUT/review/index.html: every segmented case in a browser
+    /// viewer (NiiVue) with its mask, maps and lesion table; it opens from the file system.
+    #[arg(long)]
+    review: bool,
     /// How the segmentation is written, any of `nifti` (NAME.nii.gz), `dicom-seg` (NAME_seg.dcm, a
     /// DICOM Segmentation) and `rtstruct` (NAME_rtstruct.dcm, an RT Structure Set), comma-separated.
     /// The DICOM objects reference the scan's series; a NIfTI scan gets its label map instead.
@@ -111,6 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let viewer = super::find_viewer(args.review)?;
     let mut overrides = args.set.clone();
     if args.tta {
         overrides.push("segment.tta=true".into());
@@ -135,6 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "segment [{bar:30}] {pos}/{len} {msg} eta {eta}",
         args.quiet,
     ));
+    let inputs = args.review.then(|| cases.clone());
     let summary = run_batch(
         cases,
         total,
@@ -167,6 +174,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
+    let review = inputs.map(|i| (i, viewer, predictor.labels.clone()));
+    finish(&output, &summary, review)
+}
+
+/// Says what the batch did, writes the review page when asked (`(inputs, viewer, class names)`),
+/// and lists the failed cases (exit status 1).
+fn finish(
+    output: &Path,
+    summary: &BatchSummary,
+    review: Option<(Vec<BatchInput>, Option<PathBuf>, Vec<String>)>,
+) -> anyhow::Result<()> {
     println!(
         "segmented {}, skipped {} (already done), failed {} — outputs in {}",
         summary.segmented,
@@ -174,6 +192,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.failed,
         output.display()
     );
+    if let Some((inputs, viewer, labels)) = review {
+        let cases = segmentation_cases(output, &inputs, summary, &labels);
+        super::write_review_page(
+            &output.join("review"),
+            &cases,
+            viewer,
+            "medseg segmentation",
+        )?;
+    }
     if summary.failed == 0 {
         return Ok(());
     }

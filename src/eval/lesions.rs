@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::geometry::{to_voxel_order, Affine, Geometry};
 pub use crate::io::layout::Polarity;
 use crate::transforms::post::connected_components;
 pub use crate::transforms::post::VoxelBox;
@@ -26,6 +27,8 @@ pub struct LesionRecord {
     pub volume_mm3: f64,
     /// Inclusive bounding box `[[i, j, k] min, [i, j, k] max]` (voxel order).
     pub bbox_voxel: VoxelBox,
+    /// Mean voxel-centre position, RAS mm (the review page's crosshair goes there).
+    pub centroid_mm: [f64; 3],
     /// Contrast-to-noise ratio of a synthetic truth lesion, from `medseg synth`'s `lesions.json`.
     pub contrast_to_noise: Option<f64>,
     /// Polarity of a synthetic truth lesion (domain-randomised datasets).
@@ -64,13 +67,37 @@ impl LesionMatch {
     }
 }
 
-/// The grid lesions are found on: `[nk, nj, ni]` and the volume of one voxel.
+/// The grid lesions are found on: `[nk, nj, ni]`, the volume of one voxel and the voxel-to-world
+/// affine.
 #[derive(Debug, Clone, Copy)]
 pub struct LesionGrid {
     /// Mask shape `[nk, nj, ni]` (array order).
     pub dims: [usize; 3],
     /// Volume of one voxel in mm³.
     pub voxel_mm3: f64,
+    /// Voxel `(i, j, k)` to RAS mm.
+    pub affine: Affine,
+}
+
+/// Mean voxel-centre position in RAS mm of each component of `labels` (1-based ids, `count` of
+/// them) on `grid`.
+fn centroids(labels: &[u32], count: usize, grid: &LesionGrid) -> Vec<[f64; 3]> {
+    let [_, nj, ni] = grid.dims;
+    let mut sums = vec![[0.0f64; 4]; count];
+    for (idx, &l) in labels.iter().enumerate() {
+        if l > 0 {
+            let s = &mut sums[l as usize - 1];
+            let ijk = [idx % ni, (idx / ni) % nj, idx / (ni * nj)];
+            for a in 0..3 {
+                s[a] += ijk[a] as f64;
+            }
+            s[3] += 1.0;
+        }
+    }
+    let geometry = Geometry::new(to_voxel_order(grid.dims), grid.affine);
+    sums.iter()
+        .map(|s| geometry.voxel_to_world([s[0] / s[3], s[1] / s[3], s[2] / s[3]]))
+        .collect()
 }
 
 /// Finds the lesions of `truth` and `pred` (binary masks on `grid`) and
@@ -86,9 +113,13 @@ pub fn match_lesions(
     iou_threshold: f64,
     confidence: &dyn Fn(&[usize], VoxelBox) -> f64,
 ) -> LesionMatch {
-    let LesionGrid { dims, voxel_mm3 } = grid;
+    let LesionGrid {
+        dims, voxel_mm3, ..
+    } = grid;
     let ct = connected_components(truth, dims);
     let cp = connected_components(pred, dims);
+    let truth_centres = centroids(&ct.labels, ct.count(), &grid);
+    let pred_centres = centroids(&cp.labels, cp.count(), &grid);
     let mut overlap: HashMap<(u32, u32), usize> = HashMap::new();
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); cp.count()];
     let truth_boxes = ct.boxes(dims);
@@ -111,7 +142,7 @@ pub fn match_lesions(
         .collect();
     // Highest IoU first; ties by ids so the result is deterministic.
     pairs.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    let record = |source, id: u32, size: usize, bbox_voxel, conf| LesionRecord {
+    let record = |source, id: u32, size: usize, bbox_voxel, centroid_mm, conf| LesionRecord {
         case: case.to_string(),
         class,
         source,
@@ -119,6 +150,7 @@ pub fn match_lesions(
         voxels: size,
         volume_mm3: size as f64 * voxel_mm3,
         bbox_voxel,
+        centroid_mm,
         contrast_to_noise: None,
         polarity: None,
         matched: None,
@@ -131,7 +163,16 @@ pub fn match_lesions(
             .sizes
             .iter()
             .enumerate()
-            .map(|(n, &s)| record("truth", n as u32 + 1, s, truth_boxes[n], f64::NAN))
+            .map(|(n, &s)| {
+                record(
+                    "truth",
+                    n as u32 + 1,
+                    s,
+                    truth_boxes[n],
+                    truth_centres[n],
+                    f64::NAN,
+                )
+            })
             .collect(),
         pred: cp
             .sizes
@@ -139,7 +180,14 @@ pub fn match_lesions(
             .enumerate()
             .map(|(n, &s)| {
                 let conf = confidence(&members[n], pred_boxes[n]);
-                record("pred", n as u32 + 1, s, pred_boxes[n], conf)
+                record(
+                    "pred",
+                    n as u32 + 1,
+                    s,
+                    pred_boxes[n],
+                    pred_centres[n],
+                    conf,
+                )
             })
             .collect(),
     };
@@ -228,9 +276,16 @@ pub fn froc(
 mod tests {
     use super::*;
 
+    // 2 mm along i, so a centroid in mm is twice its voxel index, shifted by the origin.
     const GRID: LesionGrid = LesionGrid {
         dims: [1, 1, 10],
         voxel_mm3: 2.0,
+        affine: [
+            [2.0, 0.0, 0.0, -5.0],
+            [0.0, 1.0, 0.0, 3.0],
+            [0.0, 0.0, 1.0, 7.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ],
     };
 
     #[test]
@@ -247,6 +302,9 @@ mod tests {
         // Boxes in (i, j, k): the line runs along i.
         assert_eq!(m.truth[1].bbox_voxel, [[5, 0, 0], [7, 0, 0]]);
         assert_eq!(m.pred[1].bbox_voxel, [[9, 0, 0], [9, 0, 0]]);
+        // Centroids: voxels 5..8 have mean i = 6 → x = 2·6 − 5 = 7; voxel 9 → 13.
+        assert_eq!(m.truth[1].centroid_mm, [7.0, 3.0, 7.0]);
+        assert_eq!(m.pred[1].centroid_mm, [13.0, 3.0, 7.0]);
         // A higher IoU threshold rejects the pair.
         let m = match_lesions("c", 1, &t, &p, GRID, 0.6, &|_, _| 1.0);
         assert_eq!(m.tp(), 0);

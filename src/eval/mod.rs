@@ -7,6 +7,7 @@ pub mod calibration;
 pub mod lesions;
 pub mod metrics;
 pub mod report;
+pub mod review;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -345,7 +346,11 @@ pub fn evaluate_case(
                 c,
                 &tm,
                 &pm,
-                LesionGrid { dims, voxel_mm3 },
+                LesionGrid {
+                    dims,
+                    voxel_mm3,
+                    affine: truth.geometry.affine,
+                },
                 config.lesion_iou_threshold,
                 &confidence,
             );
@@ -384,7 +389,7 @@ pub fn evaluate_cases(
 }
 
 /// The scan of a case for its overlay: `CASE_0000` or `CASE` (`.nii.gz`, `.nii`) in `images`.
-fn case_scan(images: &Path, case: &str) -> Option<PathBuf> {
+pub(crate) fn case_scan(images: &Path, case: &str) -> Option<PathBuf> {
     [
         format!("{case}_0000.nii.gz"),
         format!("{case}.nii.gz"),

@@ -651,14 +651,14 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<EvalSummary> {
     write_text(&dir.join("per_case.csv"), &csv)?;
     // per_lesion.csv
     let mut csv = String::from(
-        "case,class,label,source,id,voxels,volume_mm3,volume_bin,matched_id,iou,dice,confidence,contrast_to_noise,polarity,slice_thickness_mm\n",
+        "case,class,label,source,id,voxels,volume_mm3,volume_bin,matched_id,iou,dice,confidence,contrast_to_noise,polarity,slice_thickness_mm,centroid_x_mm,centroid_y_mm,centroid_z_mm\n",
     );
     for r in inp.results {
         for (_, m) in &r.lesions {
             for l in m.truth.iter().chain(&m.pred) {
                 let _ = writeln!(
                     csv,
-                    "{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{:.2},{:.2},{:.2}",
                     l.case,
                     l.class,
                     cfg.label_name(l.class),
@@ -674,6 +674,9 @@ pub fn write_report(inp: &ReportInputs, dir: &Path) -> Result<EvalSummary> {
                     l.contrast_to_noise.map(num).unwrap_or_default(),
                     l.polarity.map(Polarity::name).unwrap_or_default(),
                     r.slice_thickness_mm.map(num).unwrap_or_default(),
+                    l.centroid_mm[0],
+                    l.centroid_mm[1],
+                    l.centroid_mm[2],
                 );
             }
         }
@@ -1069,6 +1072,7 @@ mod tests {
             voxels: 10,
             volume_mm3: 10.0,
             bbox_voxel: [[0; 3]; 2],
+            centroid_mm: [0.0; 3],
             contrast_to_noise: None,
             polarity: None,
             matched,

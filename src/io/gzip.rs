@@ -136,9 +136,45 @@ pub fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// `data` (gzip) as one gzip member when it is blocked, for readers that stop after the first
+/// member (browsers' `DecompressionStream`, and so NiiVue); `None` when it is not blocked and can
+/// be read as it is.
+pub fn single_member(data: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+    if blocks(data).is_none_or(|b| b.len() < 2) {
+        return Ok(None);
+    }
+    compress_one_member(&decompress(data)?).map(Some)
+}
+
+/// Compresses `data` as one ordinary gzip member (level 1), for readers that stop after the first.
+pub fn compress_one_member(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut enc =
+        flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4 + 64), Compression::fast());
+    enc.write_all(data)?;
+    enc.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocked_gzip_becomes_one_member_with_the_same_content() {
+        let data: Vec<u8> = (0..3 * BLOCK_INPUT + 17).map(|i| (i % 251) as u8).collect();
+        let blocked = compress(&data).unwrap();
+        let one = single_member(&blocked).unwrap().unwrap();
+        // A single-member reader gets everything.
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&one[..])
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, data);
+        // Ordinary gzip, and a file of one block, are left as they are.
+        assert!(single_member(&one).unwrap().is_none());
+        assert!(single_member(&compress(&data[..100]).unwrap())
+            .unwrap()
+            .is_none());
+    }
 
     /// Regression: float32 probability maps written by `medseg segment` are nearly
     /// incompressible, and level-1 deflate grew a block past the 64 KiB a member may hold.

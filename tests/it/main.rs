@@ -12,6 +12,7 @@ mod geometry_oracle;
 mod kernels;
 mod model;
 mod nifti_conformance;
+mod review;
 mod roundtrip;
 mod segment;
 mod synth;

@@ -33,8 +33,8 @@ fn uncertainty_and_attention_maps_lie_on_the_scan_grid() {
     let out_dir = tmp.path().join("out");
     let nifti = cache("totalsegmentator/example_ct_sm.nii.gz");
     // Every map, plus `extra`.
-    let run = |extra: &str| {
-        segment(&[
+    let run = |extra: &[&str]| {
+        let mut args = vec![
             nifti.to_str().unwrap(),
             "--output",
             out_dir.to_str().unwrap(),
@@ -42,10 +42,11 @@ fn uncertainty_and_attention_maps_lie_on_the_scan_grid() {
             "--attention",
             "--overlay",
             "--save-probabilities",
-            extra,
-        ])
+        ];
+        args.extend_from_slice(extra);
+        segment(&args)
     };
-    ok(&run("--set=segment.min_lesion_mm3=50"));
+    ok(&run(&["--set=segment.min_lesion_mm3=50"]));
     let scan = medseg::io::read_volume(&nifti, None).unwrap();
     let read = |suffix: &str| {
         medseg::io::read_nifti(&out_dir.join(format!("example_ct_sm{suffix}.nii.gz"))).unwrap()
@@ -104,12 +105,54 @@ fn uncertainty_and_attention_maps_lie_on_the_scan_grid() {
         .unwrap()
         .ends_with("mean_entropy,detection_agreement,probability_std"));
     assert!(out_dir.join("example_ct_sm_overlay.png").is_file());
-    // The maps are sidecars: a resumed batch with the same flags skips the finished case.
-    ok(&run("--skip-existing"));
+    // The maps are sidecars: a resumed batch with the same flags skips the finished case, and
+    // its review page shows it from the files on disk.
+    ok(&run(&["--skip-existing", "--review"]));
     assert_eq!(
         crate::segment::summary_in(&out_dir)["skipped"].as_u64(),
         Some(1)
     );
+    let review = out_dir.join("review");
+    assert!(std::fs::read_to_string(review.join("index.html"))
+        .unwrap()
+        .contains(">example_ct_sm</a>"));
+    let volumes = crate::review::case_volumes(
+        &std::fs::read_to_string(review.join("cases/0001.js")).unwrap(),
+    );
+    let roles: Vec<&str> = volumes.iter().map(|v| v.0.as_str()).collect();
+    assert_eq!(
+        roles,
+        [
+            "scan",
+            "prediction",
+            "probabilities",
+            "uncertainty",
+            "attention"
+        ]
+    );
+    // The input as it is (one ordinary gzip member); the mask, blocked gzip, as one member.
+    assert_eq!(volumes[0].1, std::fs::read(&nifti).unwrap());
+    assert_eq!(
+        crate::review::one_member(&volumes[1].1),
+        medseg::io::gzip::decompress(&std::fs::read(out_dir.join("example_ct_sm.nii.gz")).unwrap())
+            .unwrap()
+    );
+    // One row per lesion, in the table's order, at its centroid.
+    let page = std::fs::read_to_string(review.join("cases/0001.html")).unwrap();
+    assert_eq!(page.matches("<tr class=\"lesion").count(), rows.len());
+    let first: Vec<f64> = page
+        .split("data-mm=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .split(',')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    for (a, v) in first.iter().enumerate() {
+        assert!((v - rows[0]["centroid_mm"][a].as_f64().unwrap()).abs() < 1e-9);
+    }
 }
 
 /// ECE of 15 equal-width bins over (probability, foreground) pairs, computed here independently.
