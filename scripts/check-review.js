@@ -8,6 +8,8 @@
 //   back from NiiVue's location report (what its views show); with --expect (lesion centres
 //   computed by nibabel), every row's finding and centroid match, and NiiVue reports the
 //   prediction's label under the crosshair for TP/FP rows and background for FN rows;
+// - the controls act on NiiVue: window presets, prediction opacity, the truth outline's toggle;
+//   the index sorts by a clicked column; no page raises a script error;
 // - without JavaScript, and without the bundled viewer (--fallback), a case page still shows its
 //   static picture and lesion table.
 // Screenshots go to SHOTS_DIR. Exit status 1 on the first failed check.
@@ -30,9 +32,10 @@ const check = (ok, what) => {
   if (!ok) failures++;
 };
 
+const scriptErrors = [];
 async function open(context, file) {
   const page = await context.newPage();
-  page.on('pageerror', (e) => console.log('  page error: ' + e.message));
+  page.on('pageerror', (e) => scriptErrors.push(`${path.basename(file)}: ${e.message}`));
   await page.goto(url(file));
   return page;
 }
@@ -69,6 +72,7 @@ async function checkCase(context, file, name) {
   });
   const want = expect && expect[name];
   if (want) check(rows.length === want.length, `${name}: ${rows.length} lesion rows, expected ${want.length}`);
+  const unmatched = want ? want.slice() : null;
   for (let r = 0; r < rows.length; r++) {
     if (r > 0 && !want) break; // without expectations the first row is enough
     await rows[r].click();
@@ -82,8 +86,9 @@ async function checkCase(context, file, name) {
     check(dist(got.mm, rowMm) <= voxel,
       `${name}: row ${r + 1} crosshair at [${got.mm.map((v) => v.toFixed(2))}] mm, row centroid [${rowMm.map((v) => v.toFixed(2))}], ${dist(got.mm, rowMm).toFixed(3)} mm apart (voxel ${voxel.toFixed(2)} mm)`);
     if (want) {
-      const match = want.find((w) => w.finding.toLowerCase() === finding && dist(w.centroid_mm, got.mm) <= voxel);
-      check(!!match, `${name}: row ${r + 1} (${finding}) lands within one voxel of a ${finding} lesion placed by nibabel`);
+      const at = unmatched.findIndex((w) => w.finding.toLowerCase() === finding && dist(w.centroid_mm, got.mm) <= voxel);
+      check(at >= 0, `${name}: row ${r + 1} (${finding}) lands within one voxel of a ${finding} lesion placed by nibabel`);
+      if (at >= 0) unmatched.splice(at, 1);
       // NiiVue's own report of the crosshair's voxel: a found or false lesion is predicted there,
       // a missed one is not.
       const labelled = finding === 'fn' ? got.pred === 0 : got.pred >= 1;
@@ -92,7 +97,32 @@ async function checkCase(context, file, name) {
     if (r === 0) await page.screenshot({ path: path.join(shots, `${name}.png`) });
   }
   if (!rows.length) await page.screenshot({ path: path.join(shots, `${name}.png`) });
+  await checkControls(page, name);
   await page.close();
+}
+
+// The page's controls change what NiiVue draws.
+async function checkControls(page, name) {
+  const scanPresets = await page.$eval('#preset', (s) => !s.parentElement.hidden);
+  if (scanPresets) {
+    await page.selectOption('#preset', 'lung');
+    const cal = await page.evaluate(() => [window.medsegReview.nv.volumes[0].cal_min, window.medsegReview.nv.volumes[0].cal_max]);
+    check(cal[0] === -1350 && cal[1] === 150, `${name}: the lung preset sets the window to [${cal}] (want [-1350,150])`);
+    await page.selectOption('#preset', 'auto');
+  }
+  const roles = await page.evaluate(() => window.MEDSEG_CASE.volumes.map((v) => v.role));
+  const opacity = (role) => page.evaluate((i) => window.medsegReview.nv.volumes[i].opacity, roles.indexOf(role));
+  if (roles.includes('prediction')) {
+    await page.$eval('#opacity', (el) => { el.value = '0.2'; el.dispatchEvent(new Event('input')); });
+    const o = await opacity('prediction');
+    check(Math.abs(o - 0.2) < 1e-6, `${name}: the opacity slider sets the prediction's opacity to ${o}`);
+  }
+  if (roles.includes('truth')) {
+    await page.click('#truth');
+    const o = await opacity('truth');
+    check(o === 0, `${name}: unticking the truth outline hides it (opacity ${o})`);
+    await page.click('#truth');
+  }
 }
 
 async function checkStatic(context, file, what) {
@@ -131,6 +161,15 @@ async function checkStatic(context, file, what) {
   const context = await offline(await browser.newContext({ viewport: { width: 1366, height: 800 } }));
   const index = await open(context, path.join(reviewDir, 'index.html'));
   const listed = await index.$$eval('#cases tbody tr td:first-child a', (as) => as.map((a) => [a.textContent, a.getAttribute('href')]));
+  // Sorting: the case column, clicked, orders the names; clicked again, reverses them.
+  const names = () => index.$$eval('#cases tbody tr td:first-child a', (as) => as.map((a) => a.textContent));
+  await index.click('#cases thead th:first-child');
+  const up = await names();
+  await index.click('#cases thead th:first-child');
+  const down = await names();
+  const sorted = up.slice().sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
+  check(JSON.stringify(up) === JSON.stringify(sorted) && JSON.stringify(down) === JSON.stringify(sorted.slice().reverse()),
+    `the index sorts by case name both ways (${up.join(' ')})`);
   await index.screenshot({ path: path.join(shots, 'index.png'), fullPage: true });
   if (cases) {
     const names = listed.map((l) => l[0]);
@@ -147,6 +186,7 @@ async function checkStatic(context, file, what) {
     await checkCase(context, file, name);
     if (!firstWithLesions && fs.readFileSync(file, 'utf8').includes('class="lesion')) firstWithLesions = href;
   }
+  check(scriptErrors.length === 0, `no page raised a script error${scriptErrors.length ? ': ' + scriptErrors.slice(0, 3).join('; ') : ''}`);
   check(blocked.length === 0, `no request left the file system (${blocked.length} blocked${blocked.length ? ': ' + blocked.slice(0, 3).join(' ') : ''})`);
   if (firstWithLesions) {
     const noJs = await offline(await browser.newContext({ javaScriptEnabled: false, viewport: { width: 1366, height: 800 } }));

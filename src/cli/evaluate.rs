@@ -122,7 +122,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     print_summary(&summary);
     if args.review {
         let cases = evaluation_cases(&pairs, &results, args.images.as_deref(), &config);
-        super::write_review_page(&output.join("review"), &cases, viewer, "medseg evaluation")?;
+        super::write_review_page(
+            &output.join("review"),
+            &cases,
+            viewer,
+            "medseg evaluation",
+            false,
+        )?;
     }
     let missing = results.iter().filter(|r| r.missing_prediction).count();
     if missing > 0 {

@@ -171,11 +171,12 @@ fn write_review_page(
     cases: &[ReviewCase],
     viewer: Option<PathBuf>,
     title: &str,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     let bar = progress::bar(
         cases.len() as u64,
         "review {bar:30} {pos}/{len} {msg}",
-        false,
+        quiet,
     );
     let written = write_review(dir, cases, viewer.as_deref(), title, &mut |case| {
         bar.set_message(case.to_string());
@@ -183,7 +184,7 @@ fn write_review_page(
     })
     .with_context(|| format!("review page in {}", dir.display()))?;
     bar.finish_and_clear();
-    for (case, reason) in &written.failed {
+    for (case, reason) in written.failed.iter().chain(&written.warnings) {
         eprintln!("warning: review of {case}: {reason}");
     }
     if !written.viewer {

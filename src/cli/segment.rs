@@ -58,8 +58,10 @@ pub struct Args {
     #[arg(long)]
     attention: bool,
     /// Also write a review page, OUTPUT/review/index.html: every segmented case in a browser
-    /// viewer (NiiVue) with its mask, maps and lesion table; it opens from the file system.
-    #[arg(long)]
+    /// viewer (NiiVue) with its mask, maps and lesion table; it opens from the file system. Not
+    /// with --shard (the shards share the folder): run one unsharded `--skip-existing --review`
+    /// over the same inputs once they are done.
+    #[arg(long, conflicts_with = "shard")]
     review: bool,
     /// How the segmentation is written, any of `nifti` (NAME.nii.gz), `dicom-seg` (NAME_seg.dcm, a
     /// DICOM Segmentation) and `rtstruct` (NAME_rtstruct.dcm, an RT Structure Set), comma-separated.
@@ -174,17 +176,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let review = inputs.map(|i| (i, viewer, predictor.labels.clone()));
+    let review = inputs.map(|inputs| Review {
+        inputs,
+        viewer,
+        labels: predictor.labels.clone(),
+        max_read_bytes: predictor.memory.as_ref().map(|b| b.read_room()),
+        quiet: args.quiet,
+    });
     finish(&output, &summary, review)
 }
 
-/// Says what the batch did, writes the review page when asked (`(inputs, viewer, class names)`),
-/// and lists the failed cases (exit status 1).
-fn finish(
-    output: &Path,
-    summary: &BatchSummary,
-    review: Option<(Vec<BatchInput>, Option<PathBuf>, Vec<String>)>,
-) -> anyhow::Result<()> {
+/// What `--review` needs once the batch is done.
+struct Review {
+    inputs: Vec<BatchInput>,
+    viewer: Option<PathBuf>,
+    labels: Vec<String>,
+    max_read_bytes: Option<u64>,
+    quiet: bool,
+}
+
+/// Says what the batch did, writes the review page when asked, and lists the failed cases (exit
+/// status 1).
+fn finish(output: &Path, summary: &BatchSummary, review: Option<Review>) -> anyhow::Result<()> {
     println!(
         "segmented {}, skipped {} (already done), failed {} — outputs in {}",
         summary.segmented,
@@ -192,13 +205,14 @@ fn finish(
         summary.failed,
         output.display()
     );
-    if let Some((inputs, viewer, labels)) = review {
-        let cases = segmentation_cases(output, &inputs, summary, &labels);
+    if let Some(r) = review {
+        let cases = segmentation_cases(output, &r.inputs, summary, &r.labels, r.max_read_bytes);
         super::write_review_page(
             &output.join("review"),
             &cases,
-            viewer,
+            r.viewer,
             "medseg segmentation",
+            r.quiet,
         )?;
     }
     if summary.failed == 0 {

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::geometry::{to_voxel_order, Affine, Geometry};
 pub use crate::io::layout::Polarity;
-use crate::transforms::post::connected_components;
 pub use crate::transforms::post::VoxelBox;
+use crate::transforms::post::{connected_components, Components};
 
 /// One lesion of a case: a connected component of the truth or the prediction.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -79,27 +79,6 @@ pub struct LesionGrid {
     pub affine: Affine,
 }
 
-/// Mean voxel-centre position in RAS mm of each component of `labels` (1-based ids, `count` of
-/// them) on `grid`.
-fn centroids(labels: &[u32], count: usize, grid: &LesionGrid) -> Vec<[f64; 3]> {
-    let [_, nj, ni] = grid.dims;
-    let mut sums = vec![[0.0f64; 4]; count];
-    for (idx, &l) in labels.iter().enumerate() {
-        if l > 0 {
-            let s = &mut sums[l as usize - 1];
-            let ijk = [idx % ni, (idx / ni) % nj, idx / (ni * nj)];
-            for a in 0..3 {
-                s[a] += ijk[a] as f64;
-            }
-            s[3] += 1.0;
-        }
-    }
-    let geometry = Geometry::new(to_voxel_order(grid.dims), grid.affine);
-    sums.iter()
-        .map(|s| geometry.voxel_to_world([s[0] / s[3], s[1] / s[3], s[2] / s[3]]))
-        .collect()
-}
-
 /// Finds the lesions of `truth` and `pred` (binary masks on `grid`) and
 /// matches them one to one, greedily by decreasing IoU, accepting pairs with IoU above
 /// `iou_threshold` (0 = any overlap). `confidence(component voxels, inclusive (i, j, k) box)` gives
@@ -118,8 +97,14 @@ pub fn match_lesions(
     } = grid;
     let ct = connected_components(truth, dims);
     let cp = connected_components(pred, dims);
-    let truth_centres = centroids(&ct.labels, ct.count(), &grid);
-    let pred_centres = centroids(&cp.labels, cp.count(), &grid);
+    let geometry = Geometry::new(to_voxel_order(dims), grid.affine);
+    let centres = |c: &Components| -> Vec<[f64; 3]> {
+        c.mean_voxels(dims)
+            .into_iter()
+            .map(|v| geometry.voxel_to_world(v))
+            .collect()
+    };
+    let (truth_centres, pred_centres) = (centres(&ct), centres(&cp));
     let mut overlap: HashMap<(u32, u32), usize> = HashMap::new();
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); cp.count()];
     let truth_boxes = ct.boxes(dims);

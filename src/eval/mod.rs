@@ -193,6 +193,15 @@ pub struct CaseResult {
     pub slice_thickness_mm: Option<f64>,
 }
 
+impl CaseResult {
+    /// Mean Dice over the evaluated classes; `None` when none was evaluated.
+    pub fn mean_dice(&self) -> Option<f64> {
+        (!self.classes.is_empty()).then(|| {
+            self.classes.iter().map(|(_, m)| m.dice).sum::<f64>() / self.classes.len() as f64
+        })
+    }
+}
+
 fn labels_of(v: &Volume) -> Vec<u32> {
     v.voxels
         .iter()
@@ -202,7 +211,7 @@ fn labels_of(v: &Volume) -> Vec<u32> {
 
 /// The lesion table beside a prediction (`CASE_lesions.json`, as `medseg segment` writes it, or
 /// another tool's with only `class`, `bbox_voxel` and `confidence`).
-fn lesion_table(pair: &CasePair) -> Result<Option<Vec<Lesion>>> {
+pub(crate) fn lesion_table(pair: &CasePair) -> Result<Option<Vec<Lesion>>> {
     let Some(dir) = pair.pred.as_ref().and_then(|p| p.parent()) else {
         return Ok(None);
     };
@@ -447,9 +456,8 @@ pub fn worst_case_tiles(
     images: Option<&Path>,
     n: usize,
 ) -> Vec<(String, image::RgbImage)> {
-    let mean_dice = |r: &CaseResult| {
-        r.classes.iter().map(|(_, m)| m.dice).sum::<f64>() / r.classes.len().max(1) as f64
-    };
+    // Worst first; a case with no class evaluated has nothing wrong to show.
+    let mean_dice = |r: &CaseResult| r.mean_dice().unwrap_or(f64::INFINITY);
     let mut order: Vec<&CaseResult> = results.iter().collect();
     order.sort_by(|a, b| mean_dice(a).total_cmp(&mean_dice(b)));
     order

@@ -17,27 +17,24 @@ use ndarray::{Array3, ArrayView3, Axis};
 use serde::Serialize;
 
 use super::lesions::LesionMatch;
-use super::{case_scan, CasePair, CaseResult, EvalConfig};
+use super::{case_scan, lesion_table, CasePair, CaseResult, EvalConfig};
 use crate::error::{Error, Result};
 use crate::infer::batch::BatchInput;
 use crate::io::gzip;
 use crate::io::layout::{BatchSummary, CaseOutputs, CaseStatus, Lesion, LesionTable};
-use crate::io::nifti::write_label_map;
-use crate::io::plot::overlay_tile;
+use crate::io::nifti::{read_header, write_label_map, NiftiHeader};
+use crate::io::plot::{overlay_tile, plot_err};
 use crate::io::ScanSource;
-use crate::io::{read_json, read_nifti, write_atomically, write_nifti};
+use crate::io::{read_json, read_nifti, write_atomically, write_nifti, write_parts_atomically};
 use crate::transforms::intensity::display_window;
 use crate::volume::{DataType, Volume};
 
-/// The NiiVue release the page is written for (npm `@niivue/niivue`, BSD-2-Clause).
-pub const NIIVUE_VERSION: &str = "0.69.0";
-
-/// File name of the classic-script NiiVue that `scripts/fetch-viewer.sh` writes and the review
-/// folder carries (`review/viewer/`).
+/// File name of the classic-script NiiVue (npm `@niivue/niivue` 0.69.0, BSD-2-Clause) that
+/// `scripts/fetch-viewer.sh` writes and the review folder carries (`review/viewer/`).
 pub const VIEWER_FILE: &str = "niivue-0.69.0.js";
 
 const CASE_SCRIPT: &str = include_str!("review/case.js");
-const INDEX_SCRIPT: &str = include_str!("review/index.js");
+const SORT_SCRIPT: &str = include_str!("review/sort.js");
 const STYLE: &str = include_str!("review/review.css");
 
 /// Where a case's scan comes from.
@@ -92,10 +89,10 @@ pub struct ReviewLesion {
 }
 
 /// A case's scores against the truth (`evaluate --review`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReviewScores {
-    /// Mean Dice over the evaluated classes.
-    pub dice: f64,
+    /// Mean Dice over the evaluated classes; `None` when no class was evaluated.
+    pub dice: Option<f64>,
     /// Mean HD95 over the classes where it is defined, mm (NaN when none is).
     pub hd95_mm: f64,
     /// Lesions found.
@@ -126,6 +123,9 @@ pub struct ReviewCase {
     pub lesions: Vec<ReviewLesion>,
     /// Scores against the truth.
     pub scores: Option<ReviewScores>,
+    /// What the reader should know that the page cannot show (a lesion table that cannot be
+    /// read, a mask written only as DICOM).
+    pub warnings: Vec<String>,
 }
 
 /// What [`write_review`] wrote.
@@ -137,6 +137,8 @@ pub struct ReviewWritten {
     pub cases: usize,
     /// Cases whose page shows an error instead of the viewer, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Cases whose page carries a warning, with it.
+    pub warnings: Vec<(String, String)>,
     /// Whether the interactive viewer was bundled.
     pub viewer: bool,
 }
@@ -156,12 +158,14 @@ pub fn maps_beside(dir: &Path, name: &str) -> Vec<(ReviewMap, PathBuf)> {
 
 /// The cases of a `medseg segment` batch in `dir` that have a label map (segmented now or
 /// before), in the batch's order: their scans read from `inputs`, with the lesion tables and maps
-/// written beside them. `labels` names the model's classes.
+/// written beside them. `labels` names the model's classes; `max_read_bytes` bounds a scan's read
+/// as `--max-memory` bounded the batch's.
 pub fn segmentation_cases(
     dir: &Path,
     inputs: &[BatchInput],
     summary: &BatchSummary,
     labels: &[String],
+    max_read_bytes: Option<u64>,
 ) -> Vec<ReviewCase> {
     summary
         .cases
@@ -170,7 +174,20 @@ pub fn segmentation_cases(
         .filter_map(|c| {
             let input = inputs.iter().find(|i| i.name == c.case)?;
             let outputs = CaseOutputs::new(dir, &c.case, false, false);
-            let table: Option<LesionTable> = read_json(&outputs.lesions_json).ok();
+            let mut warnings = Vec::new();
+            let table: Option<LesionTable> = match read_json(&outputs.lesions_json) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warnings.push(format!("no lesion table: {e}"));
+                    None
+                }
+            };
+            if !outputs.mask.is_file() {
+                warnings.push(format!(
+                    "no NIfTI label map ({}): segment with --format nifti (beside the DICOM formats) to see the mask here",
+                    outputs.mask.display()
+                ));
+            }
             let lesions = table.as_ref().map(table_lesions).unwrap_or_default();
             let mut outlined: Vec<u32> = table
                 .iter()
@@ -182,7 +199,7 @@ pub fn segmentation_cases(
                 Some(ScanSource::Nifti(p)) => ReviewScan::Nifti(p.clone()),
                 _ => {
                     let input = input.clone();
-                    ReviewScan::Load(Box::new(move || input.load()))
+                    ReviewScan::Load(Box::new(move || input.load_within(max_read_bytes)))
                 }
             };
             Some(ReviewCase {
@@ -195,6 +212,7 @@ pub fn segmentation_cases(
                 outlined,
                 lesions,
                 scores: None,
+                warnings,
             })
         })
         .collect()
@@ -231,18 +249,28 @@ pub fn evaluation_cases(
         .map(|pair| {
             let result = results.iter().find(|r| r.case == pair.case);
             let pred_dir = pair.pred.as_deref().and_then(Path::parent);
-            let table: Option<LesionTable> = pred_dir
-                .map(|d| CaseOutputs::new(d, &pair.case, false, false).lesions_json)
-                .filter(|p| p.is_file())
-                .and_then(|p| read_json(&p).ok());
-            let rows = table.as_ref().map_or(&[][..], |t| &t.lesions[..]);
+            let mut warnings = Vec::new();
+            let rows = lesion_table(pair).unwrap_or_else(|e| {
+                warnings.push(format!("lesion table: {e}"));
+                None
+            });
+            let maps = pred_dir.map_or_else(Vec::new, |d| maps_beside(d, &pair.case));
+            // Without a table or a probability map evaluate scored every lesion as confidence 1:
+            // shown as unknown, not as certain.
+            let confident = rows.is_some() || maps.iter().any(|m| m.0 == ReviewMap::Probabilities);
+            let labels = if config.labels.is_empty() {
+                table_labels(pred_dir, &pair.case)
+            } else {
+                config.labels.clone()
+            };
+            let judge = Judge {
+                rows: rows.as_deref().unwrap_or_default(),
+                labels: &labels,
+                config,
+                confident,
+            };
             let mut lesions: Vec<ReviewLesion> = result
-                .map(|r| {
-                    r.lesions
-                        .iter()
-                        .flat_map(|(_, m)| judged_lesions(m, rows, config))
-                        .collect()
-                })
+                .map(|r| r.lesions.iter().flat_map(|(_, m)| judge.rows(m)).collect())
                 .unwrap_or_default();
             let rank = |l: &ReviewLesion| (l.finding == Some(Finding::Fn)) as u8;
             lesions.sort_by(|a, b| {
@@ -253,11 +281,6 @@ pub fn evaluation_cases(
                         .then(b.volume_mm3.total_cmp(&a.volume_mm3)),
                 )
             });
-            let labels = if config.labels.is_empty() {
-                table_labels(pred_dir, &pair.case)
-            } else {
-                config.labels.clone()
-            };
             ReviewCase {
                 name: pair.case.clone(),
                 scan: images
@@ -265,23 +288,25 @@ pub fn evaluation_cases(
                     .map(ReviewScan::Nifti),
                 prediction: pair.pred.clone(),
                 truth: Some(pair.truth.clone()),
-                maps: pred_dir.map_or_else(Vec::new, |d| maps_beside(d, &pair.case)),
+                maps,
                 labels,
                 outlined: config.lesion_classes.clone().unwrap_or_default(),
                 lesions,
                 scores: result.map(scores),
+                warnings,
             }
         })
         .collect()
 }
 
-/// Class names from segment's `NAME_labels.json` beside the prediction, when there is one.
+/// Class names from segment's `NAME_labels.json` beside the prediction, when there is one. Label
+/// maps are 8-bit, so no value above 255 is named.
 fn table_labels(pred_dir: Option<&Path>, case: &str) -> Vec<String> {
     pred_dir
         .map(|d| CaseOutputs::new(d, case, false, false).labels)
         .and_then(|p| read_json::<crate::io::layout::LabelsSidecar>(&p).ok())
         .map(|s| {
-            let n = s.labels.keys().max().map_or(0, |&m| m + 1);
+            let n = s.labels.keys().max().map_or(0, |&m| m.min(255) + 1);
             (0..n)
                 .map(|v| s.labels.get(&v).cloned().unwrap_or_else(|| v.to_string()))
                 .collect()
@@ -289,48 +314,65 @@ fn table_labels(pred_dir: Option<&Path>, case: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A class's matched lesions as rows: predictions (TP or FP) and missed truth lesions (FN).
-/// Diameter and ROI come from medseg's lesion table row with the same class and box.
-fn judged_lesions(m: &LesionMatch, rows: &[Lesion], config: &EvalConfig) -> Vec<ReviewLesion> {
-    let row_of = |class: u32, bbox| {
-        rows.iter()
-            .find(|r| r.class == class && r.bbox_voxel == bbox)
-    };
-    let pred = m.pred.iter().map(|l| {
-        let row = row_of(l.class, l.bbox_voxel);
-        ReviewLesion {
-            label: config.label_name(l.class),
-            finding: Some(if l.matched.is_some() {
-                Finding::Tp
-            } else {
-                Finding::Fp
-            }),
-            centroid_mm: l.centroid_mm,
-            volume_mm3: l.volume_mm3,
-            diameter_mm: row.map(|r| r.diameter_mm),
-            confidence: l.confidence.is_finite().then_some(l.confidence),
-            inside_roi: row.and_then(|r| r.inside_roi),
-        }
-    });
-    let missed = m
-        .truth
-        .iter()
-        .filter(|l| l.matched.is_none())
-        .map(|l| ReviewLesion {
-            label: config.label_name(l.class),
-            finding: Some(Finding::Fn),
-            centroid_mm: l.centroid_mm,
-            volume_mm3: l.volume_mm3,
-            diameter_mm: None,
-            confidence: None,
-            inside_roi: None,
+/// How a case's matched lesions become rows.
+struct Judge<'a> {
+    /// medseg's lesion table beside the prediction (diameter, ROI, confidence by class and box).
+    rows: &'a [Lesion],
+    /// Class names by label value.
+    labels: &'a [String],
+    config: &'a EvalConfig,
+    /// Whether the evaluation's confidences came from a table or a probability map.
+    confident: bool,
+}
+
+impl Judge<'_> {
+    fn label(&self, class: u32) -> String {
+        self.labels
+            .get(class as usize)
+            .cloned()
+            .unwrap_or_else(|| self.config.label_name(class))
+    }
+
+    /// A class's matched lesions: predictions (TP or FP), then missed truth lesions (FN).
+    fn rows(&self, m: &LesionMatch) -> Vec<ReviewLesion> {
+        let pred = m.pred.iter().map(|l| {
+            let row = self
+                .rows
+                .iter()
+                .find(|r| r.class == l.class && r.bbox_voxel == l.bbox_voxel);
+            ReviewLesion {
+                label: self.label(l.class),
+                finding: Some(if l.matched.is_some() {
+                    Finding::Tp
+                } else {
+                    Finding::Fp
+                }),
+                centroid_mm: l.centroid_mm,
+                volume_mm3: l.volume_mm3,
+                diameter_mm: row.map(|r| r.diameter_mm),
+                confidence: (self.confident && l.confidence.is_finite()).then_some(l.confidence),
+                inside_roi: row.and_then(|r| r.inside_roi),
+            }
         });
-    pred.chain(missed).collect()
+        let missed = m
+            .truth
+            .iter()
+            .filter(|l| l.matched.is_none())
+            .map(|l| ReviewLesion {
+                label: self.label(l.class),
+                finding: Some(Finding::Fn),
+                centroid_mm: l.centroid_mm,
+                volume_mm3: l.volume_mm3,
+                diameter_mm: None,
+                confidence: None,
+                inside_roi: None,
+            });
+        pred.chain(missed).collect()
+    }
 }
 
 /// A case's scores for the index: mean Dice and HD95 over classes, lesion counts summed.
 fn scores(r: &CaseResult) -> ReviewScores {
-    let n = r.classes.len().max(1) as f64;
     let hd: Vec<f64> = r
         .classes
         .iter()
@@ -338,7 +380,7 @@ fn scores(r: &CaseResult) -> ReviewScores {
         .filter(|v| v.is_finite())
         .collect();
     ReviewScores {
-        dice: r.classes.iter().map(|(_, m)| m.dice).sum::<f64>() / n,
+        dice: r.mean_dice(),
         hd95_mm: if hd.is_empty() {
             f64::NAN
         } else {
@@ -355,24 +397,23 @@ fn scores(r: &CaseResult) -> ReviewScores {
 struct EmbeddedVolume<'a> {
     role: &'a str,
     name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frames: Option<usize>,
 }
 
-/// What a case page's script reads besides the volumes.
+/// What a case page's script reads besides the volumes (the lesion rows are in the page).
 #[derive(Serialize)]
 struct CaseData<'a> {
-    name: &'a str,
     modality: &'a str,
     labels: &'a [String],
-    lesions: &'a [ReviewLesion],
+    /// Drawn opaque; other classes (an organ, the region of interest) faintly.
+    lesion_classes: &'a [u32],
     volumes: Vec<EmbeddedVolume<'a>>,
     voxels: usize,
 }
 
 /// Writes `dir/index.html`, `dir/cases/` and, when `viewer` (the classic-script NiiVue) is
-/// given, `dir/viewer/`. A case whose volumes cannot be read gets a page that says why; the others
-/// go on. `on_case(name)` is called after each.
+/// given, `dir/viewer/`. Pages are numbered in the index's order (worst Dice first when scored),
+/// which previous/next follow. A case whose volumes cannot be read gets a page that says why; the
+/// others go on. `on_case(name)` is called after each.
 pub fn write_review(
     dir: &Path,
     cases: &[ReviewCase],
@@ -390,29 +431,38 @@ pub fn write_review(
     }
     write_atomically(&dir.join("review.css"), STYLE.as_bytes())?;
     write_atomically(&dir.join("case.js"), CASE_SCRIPT.as_bytes())?;
+    write_atomically(&dir.join("sort.js"), SORT_SCRIPT.as_bytes())?;
+    let mut order: Vec<&ReviewCase> = cases.iter().collect();
+    if cases.iter().any(|c| c.scores.is_some()) {
+        let dice = |c: &ReviewCase| c.scores.and_then(|s| s.dice).unwrap_or(f64::INFINITY);
+        order.sort_by(|a, b| dice(a).total_cmp(&dice(b)));
+    }
     let mut failed = Vec::new();
-    let mut found = Vec::with_capacity(cases.len());
-    for (n, case) in cases.iter().enumerate() {
+    let mut warnings = Vec::new();
+    let mut readable = Vec::with_capacity(order.len());
+    for (n, case) in order.iter().enumerate() {
         let stem = page_stem(n);
         let built = write_case_data(&cases_dir, &stem, case);
         if let Err(e) = &built {
             failed.push((case.name.clone(), e.to_string()));
         }
+        warnings.extend(case.warnings.iter().map(|w| (case.name.clone(), w.clone())));
         let nav = Nav {
             prev: n.checked_sub(1).map(page_stem),
-            next: (n + 1 < cases.len()).then(|| page_stem(n + 1)),
+            next: (n + 1 < order.len()).then(|| page_stem(n + 1)),
         };
         let page = case_page(case, &stem, &nav, built.as_ref().err(), viewer.is_some());
         write_atomically(&cases_dir.join(format!("{stem}.html")), page.as_bytes())?;
-        found.push(built.is_ok());
+        readable.push(built.is_ok());
         on_case(&case.name);
     }
     let index = dir.join("index.html");
-    write_atomically(&index, index_page(cases, &found, title).as_bytes())?;
+    write_atomically(&index, index_page(&order, &readable, title).as_bytes())?;
     Ok(ReviewWritten {
         index,
         cases: cases.len(),
         failed,
+        warnings,
         viewer: viewer.is_some(),
     })
 }
@@ -441,72 +491,73 @@ fn write_case_data(dir: &Path, stem: &str, case: &ReviewCase) -> Result<()> {
             path: dir.to_path_buf(),
             detail: format!(" (case {}: no scan, prediction or truth)", case.name),
         })?;
-    let geometry = grid.geometry.clone();
+    let voxels = grid.geometry.voxel_count();
     let picture = static_picture(
         scan.as_ref().map(|(v, _)| v),
         prediction.as_ref(),
         truth.as_ref(),
         case,
     );
+    let png_path = dir.join(format!("{stem}.png"));
+    let mut png = Vec::new();
     picture
-        .save(dir.join(format!("{stem}.png")))
-        .map_err(|e| Error::Write {
-            path: dir.join(format!("{stem}.png")),
-            reason: e.to_string(),
-        })?;
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| plot_err(&png_path, e))?;
+    write_atomically(&png_path, &png)?;
     let modality = match &scan {
         Some((v, _)) if is_ct(v) => "ct",
         Some(_) => "mr",
         None => "labels",
     };
-    let mut volumes: Vec<(&str, Vec<u8>, Option<usize>)> = Vec::new();
+    // Each volume is base64-encoded as soon as it is read, so only the encoded page is held.
+    let engine = base64::engine::general_purpose::STANDARD;
+    let mut volumes: Vec<(&str, String)> = Vec::new();
+    let mut add = |role, bytes: Vec<u8>| volumes.push((role, engine.encode(bytes)));
     match scan {
-        Some((_, Some(path))) => volumes.push(("scan", nifti_gz_bytes(&path)?, None)),
-        Some((v, None)) => volumes.push(("scan", volume_gz_bytes(&v, dir)?, None)),
+        Some((_, Some(path))) => add("scan", nifti_file_bytes(&path, dir)?),
+        Some((v, None)) => add("scan", volume_gz_bytes(&v, dir)?),
         None => {}
     }
     if let Some(p) = &case.prediction {
-        volumes.push(("prediction", nifti_gz_bytes(p)?, None));
+        add("prediction", nifti_file_bytes(p, dir)?);
     }
     if let Some(t) = &truth {
         let outline = outline(t.voxels.index_axis(Axis(0), 0));
-        volumes.push(("truth", labels_gz_bytes(&outline, t, dir)?, None));
+        add("truth", labels_gz_bytes(&outline, t, dir)?);
     }
     for (kind, path) in &case.maps {
-        let frames = (*kind == ReviewMap::Uncertainty).then_some(2);
         let role = match kind {
             ReviewMap::Probabilities => "probabilities",
             ReviewMap::Uncertainty => "uncertainty",
             ReviewMap::Attention => "attention",
         };
-        volumes.push((role, nifti_gz_bytes(path)?, frames));
+        add(role, nifti_file_bytes(path, dir)?);
     }
     let data = CaseData {
-        name: &case.name,
         modality,
         labels: &case.labels,
-        lesions: &case.lesions,
+        lesion_classes: &case.outlined,
         volumes: volumes
             .iter()
-            .map(|(role, _, frames)| EmbeddedVolume {
+            .map(|(role, _)| EmbeddedVolume {
                 role,
                 name: format!("{role}.nii.gz"),
-                frames: *frames,
             })
             .collect(),
-        voxels: geometry.voxel_count(),
+        voxels,
     };
-    let mut js = String::from("window.MEDSEG_CASE = ");
-    js += &script_json(&data);
-    js += ";\nwindow.MEDSEG_VOLUMES = [\n";
-    let engine = base64::engine::general_purpose::STANDARD;
-    for (_, bytes, _) in &volumes {
-        js.push('"');
-        engine.encode_string(bytes, &mut js);
-        js += "\",\n";
-    }
-    js += "];\n";
-    write_atomically(&dir.join(format!("{stem}.js")), js.as_bytes())
+    let head = format!(
+        "window.MEDSEG_CASE = {};\nwindow.MEDSEG_VOLUMES = [\n",
+        script_json(&data)
+    );
+    let parts = std::iter::once(head.as_bytes())
+        .chain(
+            volumes
+                .iter()
+                .flat_map(|(_, b64)| [&b"\""[..], b64.as_bytes(), &b"\",\n"[..]]),
+        )
+        .chain(std::iter::once(&b"];\n"[..]));
+    write_parts_atomically(&dir.join(format!("{stem}.js")), parts)
 }
 
 /// JSON for inside a `<script>`: `</` cannot end the element early.
@@ -524,11 +575,28 @@ fn is_ct(v: &Volume) -> bool {
         .map_or_else(|| v.voxels.iter().any(|&x| x < -500.0), |m| m == "CT")
 }
 
-/// A NIfTI file's bytes as one gzip member: gzipped files as they are, unless medseg's blocked
-/// gzip (NiiVue's browser inflater stops after the first member), which is re-encoded with the same
-/// content. (NiiVue tells gzipped from plain by the name it is given.)
-fn nifti_gz_bytes(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+/// Whether NiiVue places a NIfTI file where medseg does. medseg, like nibabel, takes the sform
+/// when `sform_code > 0`, else the qform; NiiVue takes the qform when `qform_code > sform_code`, and
+/// a bare scaling when neither code is set.
+fn niivue_agrees(h: &NiftiHeader) -> bool {
+    (h.sform_code > 0 && h.sform_code >= h.qform_code) || (h.sform_code <= 0 && h.qform_code > 0)
+}
+
+/// A NIfTI file for the page, as one gzip member (see [`gzip_one_member`]); a file whose header
+/// NiiVue would place elsewhere is re-written with medseg's affine in both forms.
+fn nifti_file_bytes(path: &Path, dir: &Path) -> Result<Vec<u8>> {
+    if niivue_agrees(&read_header(path)?) {
+        gzip_one_member(path, std::fs::read(path).map_err(|e| Error::io(path, e))?)
+    } else {
+        volume_gz_bytes(&read_nifti(path)?, dir)
+    }
+}
+
+/// NIfTI bytes as one gzip member: gzip as it is unless it has several members (medseg's
+/// blocked gzip among them), which browsers' inflater, and so NiiVue, stops after the first of;
+/// those, and plain files, are (re-)encoded with the same content. (NiiVue tells gzipped from
+/// plain by the name it is given.)
+fn gzip_one_member(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>> {
     let one = if bytes.starts_with(&[0x1f, 0x8b]) {
         gzip::single_member(&bytes).map(|b| b.unwrap_or(bytes))
     } else {
@@ -537,8 +605,8 @@ fn nifti_gz_bytes(path: &Path) -> Result<Vec<u8>> {
     one.map_err(|e| Error::io(path, e))
 }
 
-/// A volume written as gzipped NIfTI through a temporary file in `dir`: int16 when every value is
-/// a whole number in its range (CT in HU, most MR), else float32.
+/// A volume written as NIfTI through a temporary file in `dir`, then gzipped as one member: int16
+/// when every value is a whole number in its range (CT in HU, labels, most MR), else float32.
 fn volume_gz_bytes(volume: &Volume, dir: &Path) -> Result<Vec<u8>> {
     let tmp = temp_nifti(dir)?;
     let whole = volume
@@ -551,20 +619,27 @@ fn volume_gz_bytes(volume: &Volume, dir: &Path) -> Result<Vec<u8>> {
         DataType::Float32
     };
     write_nifti(volume, tmp.path(), dtype)?;
-    nifti_gz_bytes(tmp.path())
+    gzip_one_member(
+        tmp.path(),
+        std::fs::read(tmp.path()).map_err(|e| Error::io(tmp.path(), e))?,
+    )
 }
 
-/// Labels on `like`'s grid written as gzipped NIfTI through a temporary file in `dir`.
+/// Labels on `like`'s grid, written as NIfTI through a temporary file in `dir`, gzipped as one
+/// member.
 fn labels_gz_bytes(labels: &Array3<u8>, like: &Volume, dir: &Path) -> Result<Vec<u8>> {
     let tmp = temp_nifti(dir)?;
     write_label_map(labels, &like.geometry, tmp.path())?;
-    nifti_gz_bytes(tmp.path())
+    gzip_one_member(
+        tmp.path(),
+        std::fs::read(tmp.path()).map_err(|e| Error::io(tmp.path(), e))?,
+    )
 }
 
 fn temp_nifti(dir: &Path) -> Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
         .prefix(".review-")
-        .suffix(".nii.gz")
+        .suffix(".nii")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))
 }
@@ -698,8 +773,9 @@ fn head(title: &str, css: &str) -> String {
     )
 }
 
-/// The index: one row per case, sortable by any column (worst Dice first when scored).
-fn index_page(cases: &[ReviewCase], found: &[bool], title: &str) -> String {
+/// The index: one row per case in page order (worst Dice first when scored), sortable by any
+/// column.
+fn index_page(cases: &[&ReviewCase], readable: &[bool], title: &str) -> String {
     let scored = cases.iter().any(|c| c.scores.is_some());
     let mut html = head(title, "review.css");
     let _ = write!(
@@ -716,16 +792,7 @@ fn index_page(cases: &[ReviewCase], found: &[bool], title: &str) -> String {
             "<th class=\"sorted-asc\">Dice</th><th>HD95 (mm)</th><th>TP</th><th>FP</th><th>FN</th>";
     }
     html += "</tr></thead><tbody>\n";
-    let mut order: Vec<usize> = (0..cases.len()).collect();
-    if scored {
-        // Worst first; unscored cases last.
-        order.sort_by(|&a, &b| {
-            let d = |i: usize| cases[i].scores.map_or(f64::INFINITY, |s| s.dice);
-            d(a).total_cmp(&d(b))
-        });
-    }
-    for n in order {
-        let c = &cases[n];
+    for (n, c) in cases.iter().enumerate() {
         let found_lesions: Vec<&ReviewLesion> = c
             .lesions
             .iter()
@@ -739,7 +806,7 @@ fn index_page(cases: &[ReviewCase], found: &[bool], title: &str) -> String {
             .iter()
             .filter_map(|l| l.confidence)
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
-        let mark = if found[n] {
+        let mark = if readable[n] {
             ""
         } else {
             " <span class=\"bad\">(unreadable)</span>"
@@ -762,8 +829,8 @@ fn index_page(cases: &[ReviewCase], found: &[bool], title: &str) -> String {
                 html,
                 "<td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td><td data-v=\"{tp}\">{tp}</td>\
                  <td data-v=\"{fp}\">{fp}</td><td data-v=\"{fn_}\">{fn_}</td>",
-                key(Some(s.dice)),
-                cell(Some(s.dice), 3),
+                key(s.dice),
+                cell(s.dice, 3),
                 key(Some(s.hd95_mm)),
                 cell(Some(s.hd95_mm), 1),
                 tp = s.tp,
@@ -777,10 +844,9 @@ fn index_page(cases: &[ReviewCase], found: &[bool], title: &str) -> String {
     }
     let _ = write!(
         html,
-        "</tbody></table>\n<p class=\"hint\">Written by medseg {}.</p>\n<script>{}</script>\
-         </body></html>\n",
+        "</tbody></table>\n<p class=\"hint\">Written by medseg {}.</p>\n\
+         <script src=\"sort.js\"></script></body></html>\n",
         env!("CARGO_PKG_VERSION"),
-        INDEX_SCRIPT
     );
     html
 }
@@ -811,7 +877,7 @@ fn case_page(
         let _ = writeln!(
             html,
             "<p class=\"scores\">Dice {} · HD95 {} mm · TP {} · FP {} · FN {}</p>",
-            cell(Some(s.dice), 3),
+            cell(s.dice, 3),
             cell(Some(s.hd95_mm), 1),
             s.tp,
             s.fp,
@@ -824,6 +890,9 @@ fn case_page(
             "<p class=\"bad\">This case could not be shown: {}</p>",
             escape(&e.to_string())
         );
+    }
+    for w in &case.warnings {
+        let _ = writeln!(html, "<p class=\"bad\">{}</p>", escape(w));
     }
     html += "<div class=\"layout\"><section class=\"view\">\n";
     if error.is_none() && viewer {
@@ -842,8 +911,8 @@ fn case_page(
         );
     }
     html += "</section>\n<section class=\"side\">";
-    html += &lesion_table(&case.lesions);
-    html += "</section></div>\n";
+    html += &lesion_rows_html(&case.lesions);
+    html += "</section></div>\n<script src=\"../sort.js\"></script>\n";
     if error.is_none() && viewer {
         let _ = writeln!(
             html,
@@ -870,7 +939,7 @@ const VIEWER_CONTROLS: &str = "<div id=\"viewer\" hidden>\
 <p id=\"loading\" class=\"hint\" hidden>Loading the viewer…</p>\n";
 
 /// The lesion table; each row carries its centroid for `case.js`.
-fn lesion_table(lesions: &[ReviewLesion]) -> String {
+fn lesion_rows_html(lesions: &[ReviewLesion]) -> String {
     if lesions.is_empty() {
         return "<p>No lesions.</p>".into();
     }
@@ -881,7 +950,8 @@ fn lesion_table(lesions: &[ReviewLesion]) -> String {
     if judged {
         html += "<th data-type=\"text\">finding</th>";
     }
-    html += "<th>volume (mm³)</th><th>diameter (mm)</th><th>confidence</th></tr></thead><tbody>\n";
+    html += "<th title=\"volume\">mm³</th><th title=\"longest diameter\">⌀ mm</th>\
+             <th>confidence</th></tr></thead><tbody>\n";
     for (n, l) in lesions.iter().enumerate() {
         let [x, y, z] = l.centroid_mm;
         let finding = l.finding.map(|f| match f {

@@ -136,14 +136,24 @@ pub fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// `data` (gzip) as one gzip member when it is blocked, for readers that stop after the first
-/// member (browsers' `DecompressionStream`, and so NiiVue); `None` when it is not blocked and can
-/// be read as it is.
+/// `data` (gzip) as one gzip member when it has several (blocked gzip, or another tool's
+/// concatenated members), for readers that stop after the first member (browsers'
+/// `DecompressionStream`, and so NiiVue); `None` when it is one member and can be read as it is.
 pub fn single_member(data: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
-    if blocks(data).is_none_or(|b| b.len() < 2) {
-        return Ok(None);
+    let several = match blocks(data) {
+        Some(b) => b.len() > 1,
+        None => {
+            // The buffered decoder reads the slice exactly to the first member's end.
+            let mut first = flate2::bufread::GzDecoder::new(data);
+            std::io::copy(&mut first, &mut std::io::sink())?;
+            !first.into_inner().is_empty()
+        }
+    };
+    if several {
+        compress_one_member(&decompress(data)?).map(Some)
+    } else {
+        Ok(None)
     }
-    compress_one_member(&decompress(data)?).map(Some)
 }
 
 /// Compresses `data` as one ordinary gzip member (level 1), for readers that stop after the first.

@@ -132,6 +132,28 @@ impl Components {
         }
         boxes
     }
+
+    /// The mean voxel-centre position `[i, j, k]` of every component, in id order, on the
+    /// `[nk, nj, ni]` grid the components were labelled on.
+    pub fn mean_voxels(&self, dims: [usize; 3]) -> Vec<[f64; 3]> {
+        let [_, nj, ni] = dims;
+        let mut sums = vec![[0.0f64; 3]; self.count()];
+        for (idx, &id) in self.labels.iter().enumerate() {
+            if id > 0 {
+                let s = &mut sums[id as usize - 1];
+                for (a, x) in [idx % ni, (idx / ni) % nj, idx / (nj * ni)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    s[a] += x as f64;
+                }
+            }
+        }
+        sums.iter()
+            .zip(&self.sizes)
+            .map(|(s, &n)| s.map(|x| x / n as f64))
+            .collect()
+    }
 }
 
 /// The class of every voxel from `[K, D, H, W]` probabilities: with two classes and a `threshold`,

@@ -21,12 +21,14 @@
   // Above this many voxels the 3D render costs more than it shows on a laptop.
   const RENDER_MAX_VOXELS = 256 * 256 * 256;
 
-  // Every label value up to the map's maximum gets a colour, named or not.
-  function labelColormap(labels, max) {
+  // Every label value up to the map's maximum gets a colour, named or not; an organ (a class
+  // that is not a lesion class) is drawn faintly so the lesions on it stand out.
+  function labelColormap(labels, max, lesionClasses) {
     const cm = { R: [0], G: [0], B: [0], A: [0], I: [0], labels: [labels[0] || 'background'] };
     for (let v = 1; v < Math.max(labels.length, max + 1, 2); v++) {
       const c = PALETTE[(v - 1) % PALETTE.length];
-      cm.R.push(c[0]); cm.G.push(c[1]); cm.B.push(c[2]); cm.A.push(255); cm.I.push(v);
+      const lesion = !lesionClasses.length || lesionClasses.includes(v);
+      cm.R.push(c[0]); cm.G.push(c[1]); cm.B.push(c[2]); cm.A.push(lesion ? 255 : 70); cm.I.push(v);
       cm.labels.push(labels[v] || String(v));
     }
     return cm;
@@ -37,7 +39,9 @@
     const nv = new niivue.Niivue({
       backColor: [0, 0, 0, 1],
       show3Dcrosshair: true,
-      crosshairColor: [1, 1, 0, 1],
+      crosshairColor: [1, 1, 0, 0.8],
+      // A gap at the crosshair's centre, so the lesion it points at is not hidden under it.
+      crosshairGap: 10,
       dragAndDropEnabled: false,
       isColorbar: false,
     });
@@ -52,7 +56,7 @@
     if (scan) order.push(scan);
     const pred = byRole.prediction;
     if (pred) {
-      pred.setColormapLabel(labelColormap(data.labels, Math.round(pred.global_max || 1)));
+      pred.setColormapLabel(labelColormap(data.labels, Math.round(pred.global_max || 1), data.lesion_classes));
       order.push(pred);
     }
     const truth = byRole.truth;

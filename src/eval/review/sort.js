@@ -1,4 +1,5 @@
-// medseg review: click a column header to sort a table by it (numbers as numbers, blanks last).
+// medseg review: click a column header to sort a table by it (numbers as numbers, names with
+// numbers in them naturally: case2 before case10; blanks last).
 (function () {
   'use strict';
   for (const table of document.querySelectorAll('table.sortable')) {
@@ -18,7 +19,7 @@
         rows.sort((a, b) => {
           const x = value(a), y = value(b);
           if (x === '' || y === '') return (x === '') - (y === '');
-          const d = text ? x.localeCompare(y) : Number(x) - Number(y);
+          const d = text ? x.localeCompare(y, undefined, { numeric: true }) : Number(x) - Number(y);
           return asc ? d : -d;
         });
         rows.forEach((r) => body.appendChild(r));
