@@ -189,9 +189,14 @@ pub fn segmentation_cases(
                 ));
             }
             let lesions = table.as_ref().map(table_lesions).unwrap_or_default();
-            let mut outlined: Vec<u32> = table
+            // With a region-of-interest stage, the organ's own rows carry no `inside_roi`: the
+            // lesion classes are the others.
+            let rows = table.as_ref().map_or(&[][..], |t| &t.lesions[..]);
+            let roi_stage = rows.iter().any(|l| l.inside_roi.is_some());
+            let mut outlined: Vec<u32> = rows
                 .iter()
-                .flat_map(|t| t.lesions.iter().map(|l| l.class))
+                .filter(|l| !roi_stage || l.inside_roi.is_some())
+                .map(|l| l.class)
                 .collect();
             outlined.sort_unstable();
             outlined.dedup();
