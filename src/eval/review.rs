@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::infer::batch::BatchInput;
 use crate::io::gzip;
 use crate::io::layout::{BatchSummary, CaseOutputs, CaseStatus, Lesion, LesionTable};
-use crate::io::nifti::{read_header, write_label_map, NiftiHeader};
+use crate::io::nifti::{
+    inflate, is_gzip, parse_header, read_nifti_bytes, write_label_map, NiftiHeader,
+};
 use crate::io::plot::{overlay_tile, plot_err};
 use crate::io::ScanSource;
 use crate::io::{read_json, read_nifti, write_atomically, write_nifti, write_parts_atomically};
@@ -478,18 +480,28 @@ fn page_stem(n: usize) -> String {
     format!("{:04}", n + 1)
 }
 
-/// Reads a case's volumes, writes its static picture and `STEM.js` (the volumes, base64).
+/// Reads a case's volumes, writes its static picture and `STEM.js` (the volumes, base64). Each
+/// file is read once, for both the picture and the page.
 fn write_case_data(dir: &Path, stem: &str, case: &ReviewCase) -> Result<()> {
-    let scan = match &case.scan {
-        Some(ReviewScan::Nifti(p)) => Some((read_nifti(p)?, Some(p.clone()))),
-        Some(ReviewScan::Load(load)) => Some((load()?, None)),
-        None => None,
+    // The scan and the prediction with their page copies (a loaded scan's is written below).
+    let (scan, scan_copy) = match &case.scan {
+        Some(ReviewScan::Nifti(p)) => {
+            let (v, copy) = page_nifti(p, dir, true)?;
+            (v, Some(copy))
+        }
+        Some(ReviewScan::Load(load)) => (Some(load()?), None),
+        None => (None, None),
     };
-    let prediction = case.prediction.as_deref().map(read_nifti).transpose()?;
+    let (prediction, prediction_copy) = match case.prediction.as_deref() {
+        Some(p) => {
+            let (v, copy) = page_nifti(p, dir, true)?;
+            (v, Some(copy))
+        }
+        None => (None, None),
+    };
     let truth = case.truth.as_deref().map(read_nifti).transpose()?;
     let grid = scan
         .as_ref()
-        .map(|(v, _)| v)
         .or(prediction.as_ref())
         .or(truth.as_ref())
         .ok_or_else(|| Error::NothingFound {
@@ -497,12 +509,7 @@ fn write_case_data(dir: &Path, stem: &str, case: &ReviewCase) -> Result<()> {
             detail: format!(" (case {}: no scan, prediction or truth)", case.name),
         })?;
     let voxels = grid.geometry.voxel_count();
-    let picture = static_picture(
-        scan.as_ref().map(|(v, _)| v),
-        prediction.as_ref(),
-        truth.as_ref(),
-        case,
-    );
+    let picture = static_picture(scan.as_ref(), prediction.as_ref(), truth.as_ref(), case);
     let png_path = dir.join(format!("{stem}.png"));
     let mut png = Vec::new();
     picture
@@ -510,7 +517,7 @@ fn write_case_data(dir: &Path, stem: &str, case: &ReviewCase) -> Result<()> {
         .map_err(|e| plot_err(&png_path, e))?;
     write_atomically(&png_path, &png)?;
     let modality = match &scan {
-        Some((v, _)) if is_ct(v) => "ct",
+        Some(v) if is_ct(v) => "ct",
         Some(_) => "mr",
         None => "labels",
     };
@@ -518,13 +525,13 @@ fn write_case_data(dir: &Path, stem: &str, case: &ReviewCase) -> Result<()> {
     let engine = base64::engine::general_purpose::STANDARD;
     let mut volumes: Vec<(&str, String)> = Vec::new();
     let mut add = |role, bytes: Vec<u8>| volumes.push((role, engine.encode(bytes)));
-    match scan {
-        Some((_, Some(path))) => add("scan", nifti_file_bytes(&path, dir)?),
-        Some((v, None)) => add("scan", volume_gz_bytes(&v, dir)?),
-        None => {}
+    match (scan_copy, &scan) {
+        (Some(copy), _) => add("scan", copy),
+        (None, Some(v)) => add("scan", volume_gz_bytes(v, dir)?),
+        (None, None) => {}
     }
-    if let Some(p) = &case.prediction {
-        add("prediction", nifti_file_bytes(p, dir)?);
+    if let Some(copy) = prediction_copy {
+        add("prediction", copy);
     }
     if let Some(t) = &truth {
         let outline = outline(t.voxels.index_axis(Axis(0), 0));
@@ -536,7 +543,7 @@ fn write_case_data(dir: &Path, stem: &str, case: &ReviewCase) -> Result<()> {
             ReviewMap::Uncertainty => "uncertainty",
             ReviewMap::Attention => "attention",
         };
-        add(role, nifti_file_bytes(path, dir)?);
+        add(role, page_nifti(path, dir, false)?.1);
     }
     let data = CaseData {
         modality,
@@ -587,27 +594,31 @@ fn niivue_agrees(h: &NiftiHeader) -> bool {
     (h.sform_code > 0 && h.sform_code >= h.qform_code) || (h.sform_code <= 0 && h.qform_code > 0)
 }
 
-/// A NIfTI file for the page, as one gzip member (see [`gzip_one_member`]); a file whose header
-/// NiiVue would place elsewhere is re-written with medseg's affine in both forms.
-fn nifti_file_bytes(path: &Path, dir: &Path) -> Result<Vec<u8>> {
-    if niivue_agrees(&read_header(path)?) {
-        gzip_one_member(path, std::fs::read(path).map_err(|e| Error::io(path, e))?)
+/// A NIfTI file read once for the page: its volume (when `decode`, or when it must be re-written)
+/// and its page copy, one gzip member. A gzip file of one member is copied as it is; one of several
+/// (medseg's blocked gzip among them), which browsers' inflater, and so NiiVue, stops after the
+/// first of, and a plain file are gzipped afresh; a file whose header NiiVue would place elsewhere
+/// is re-written with medseg's affine in both forms. (NiiVue tells gzipped from plain by the name
+/// it is given.)
+fn page_nifti(path: &Path, dir: &Path, decode: bool) -> Result<(Option<Volume>, Vec<u8>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (raw, gzipped) = if is_gzip(&bytes) {
+        (inflate(path, &bytes)?, Some(bytes))
     } else {
-        volume_gz_bytes(&read_nifti(path)?, dir)
-    }
-}
-
-/// NIfTI bytes as one gzip member: gzip as it is unless it has several members (medseg's
-/// blocked gzip among them), which browsers' inflater, and so NiiVue, stops after the first of;
-/// those, and plain files, are (re-)encoded with the same content. (NiiVue tells gzipped from
-/// plain by the name it is given.)
-fn gzip_one_member(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>> {
-    let one = if bytes.starts_with(&[0x1f, 0x8b]) {
-        gzip::single_member(&bytes).map(|b| b.unwrap_or(bytes))
-    } else {
-        gzip::compress_one_member(&bytes)
+        (bytes, None)
     };
-    one.map_err(|e| Error::io(path, e))
+    let agrees = niivue_agrees(&parse_header(path, &raw)?);
+    let volume = if decode || !agrees {
+        Some(read_nifti_bytes(path, &raw)?)
+    } else {
+        None
+    };
+    let copy = match (&volume, gzipped) {
+        (Some(v), _) if !agrees => volume_gz_bytes(v, dir)?,
+        (_, Some(gz)) if gzip::is_one_member(&gz, raw.len()) => gz,
+        _ => gzip::compress_one_member(&raw).map_err(|e| Error::io(path, e))?,
+    };
+    Ok((volume, copy))
 }
 
 /// A volume written as NIfTI through a temporary file in `dir`, then gzipped as one member: int16
@@ -624,10 +635,7 @@ fn volume_gz_bytes(volume: &Volume, dir: &Path) -> Result<Vec<u8>> {
         DataType::Float32
     };
     write_nifti(volume, tmp.path(), dtype)?;
-    gzip_one_member(
-        tmp.path(),
-        std::fs::read(tmp.path()).map_err(|e| Error::io(tmp.path(), e))?,
-    )
+    plain_to_one_member(tmp.path())
 }
 
 /// Labels on `like`'s grid, written as NIfTI through a temporary file in `dir`, gzipped as one
@@ -635,10 +643,13 @@ fn volume_gz_bytes(volume: &Volume, dir: &Path) -> Result<Vec<u8>> {
 fn labels_gz_bytes(labels: &Array3<u8>, like: &Volume, dir: &Path) -> Result<Vec<u8>> {
     let tmp = temp_nifti(dir)?;
     write_label_map(labels, &like.geometry, tmp.path())?;
-    gzip_one_member(
-        tmp.path(),
-        std::fs::read(tmp.path()).map_err(|e| Error::io(tmp.path(), e))?,
-    )
+    plain_to_one_member(tmp.path())
+}
+
+/// A plain NIfTI file medseg just wrote, gzipped as one member.
+fn plain_to_one_member(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    gzip::compress_one_member(&raw).map_err(|e| Error::io(path, e))
 }
 
 fn temp_nifti(dir: &Path) -> Result<tempfile::NamedTempFile> {

@@ -136,23 +136,17 @@ pub fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// `data` (gzip) as one gzip member when it has several (blocked gzip, or another tool's
-/// concatenated members), for readers that stop after the first member (browsers'
-/// `DecompressionStream`, and so NiiVue); `None` when it is one member and can be read as it is.
-pub fn single_member(data: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
-    let several = match blocks(data) {
-        Some(b) => b.len() > 1,
-        None => {
-            // The buffered decoder reads the slice exactly to the first member's end.
-            let mut first = flate2::bufread::GzDecoder::new(data);
-            std::io::copy(&mut first, &mut std::io::sink())?;
-            !first.into_inner().is_empty()
-        }
-    };
-    if several {
-        compress_one_member(&decompress(data)?).map(Some)
-    } else {
-        Ok(None)
+/// Whether `data`, gzip that inflates to `inflated_len` bytes, is a single member, as readers
+/// that stop after the first member need (browsers' `DecompressionStream`, and so NiiVue). Blocked
+/// gzip says so in its block layout; otherwise the last member's ISIZE (its size mod 2^32) equals
+/// the whole stream's only when no member comes before it (or those before are empty).
+pub fn is_one_member(data: &[u8], inflated_len: usize) -> bool {
+    match blocks(data) {
+        Some(b) => b.len() <= 1,
+        None => data
+            .len()
+            .checked_sub(4)
+            .is_some_and(|n| data[n..] == (inflated_len as u32).to_le_bytes()),
     }
 }
 
@@ -169,21 +163,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blocked_gzip_becomes_one_member_with_the_same_content() {
+    fn one_member_gzip_is_told_from_several() {
         let data: Vec<u8> = (0..3 * BLOCK_INPUT + 17).map(|i| (i % 251) as u8).collect();
-        let blocked = compress(&data).unwrap();
-        let one = single_member(&blocked).unwrap().unwrap();
-        // A single-member reader gets everything.
+        // Blocked gzip of several blocks, and two ordinary members one after the other (as
+        // `cat a.gz b.gz` makes), are several; their one-member re-encoding is one.
+        assert!(!is_one_member(&compress(&data).unwrap(), data.len()));
+        let mut two = compress_one_member(&data[..1000]).unwrap();
+        two.extend(compress_one_member(&data[1000..]).unwrap());
+        assert!(!is_one_member(&two, data.len()));
+        let one = compress_one_member(&decompress(&two).unwrap()).unwrap();
+        assert!(is_one_member(&one, data.len()));
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&one[..])
             .read_to_end(&mut out)
             .unwrap();
         assert_eq!(out, data);
-        // Ordinary gzip, and a file of one block, are left as they are.
-        assert!(single_member(&one).unwrap().is_none());
-        assert!(single_member(&compress(&data[..100]).unwrap())
-            .unwrap()
-            .is_none());
+        // A file of one block is one member.
+        assert!(is_one_member(&compress(&data[..100]).unwrap(), 100));
     }
 
     /// Regression: float32 probability maps written by `medseg segment` are nearly

@@ -71,12 +71,22 @@ pub fn is_nifti_path(path: &Path) -> bool {
 /// Reads the whole file, inflating it when it starts with the gzip magic (whatever its name says).
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        gzip::decompress(&bytes)
-            .map_err(|e| invalid(path, format!("gzip stream is truncated or corrupt ({e})")))
+    if is_gzip(&bytes) {
+        inflate(path, &bytes)
     } else {
         Ok(bytes)
     }
+}
+
+/// Whether `bytes` start with the gzip magic.
+pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x1f, 0x8b])
+}
+
+/// Inflates a gzipped NIfTI file's `bytes`; `path` names it in the error.
+pub(crate) fn inflate(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
+    gzip::decompress(bytes)
+        .map_err(|e| invalid(path, format!("gzip stream is truncated or corrupt ({e})")))
 }
 
 /// Parses a NIfTI-1 or NIfTI-2 header from the start of `bytes`.
