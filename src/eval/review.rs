@@ -9,6 +9,7 @@
 //! (`scripts/fetch-viewer.sh` makes it from the pinned npm tarball). Without the viewer or without
 //! JavaScript the pages still show each case's static picture and its tables.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -21,7 +22,9 @@ use super::{case_scan, lesion_table, CasePair, CaseResult, EvalConfig};
 use crate::error::{Error, Result};
 use crate::infer::batch::BatchInput;
 use crate::io::gzip;
-use crate::io::layout::{BatchSummary, CaseOutputs, CaseStatus, Lesion, LesionTable};
+use crate::io::layout::{
+    BatchSummary, CaseOutputs, CaseStatus, LabelsSidecar, Lesion, LesionTable,
+};
 use crate::io::nifti::{
     inflate, is_gzip, parse_header, read_nifti_bytes, write_label_map, NiftiHeader,
 };
@@ -169,12 +172,14 @@ pub fn segmentation_cases(
     labels: &[String],
     max_read_bytes: Option<u64>,
 ) -> Vec<ReviewCase> {
+    // Batches run to thousands of cases: find each one's input by name, not by a scan.
+    let by_name: HashMap<&str, &BatchInput> = inputs.iter().map(|i| (i.name.as_str(), i)).collect();
     summary
         .cases
         .iter()
         .filter(|c| matches!(c.status, CaseStatus::Segmented | CaseStatus::Skipped))
         .filter_map(|c| {
-            let input = inputs.iter().find(|i| i.name == c.case)?;
+            let input = *by_name.get(c.case.as_str())?;
             let outputs = CaseOutputs::new(dir, &c.case, false, false);
             let mut warnings = Vec::new();
             let table: Option<LesionTable> = match read_json(&outputs.lesions_json) {
@@ -306,18 +311,12 @@ pub fn evaluation_cases(
         .collect()
 }
 
-/// Class names from segment's `NAME_labels.json` beside the prediction, when there is one. Label
-/// maps are 8-bit, so no value above 255 is named.
+/// Class names from segment's `NAME_labels.json` beside the prediction, when there is one.
 fn table_labels(pred_dir: Option<&Path>, case: &str) -> Vec<String> {
     pred_dir
         .map(|d| CaseOutputs::new(d, case, false, false).labels)
-        .and_then(|p| read_json::<crate::io::layout::LabelsSidecar>(&p).ok())
-        .map(|s| {
-            let n = s.labels.keys().max().map_or(0, |&m| m.min(255) + 1);
-            (0..n)
-                .map(|v| s.labels.get(&v).cloned().unwrap_or_else(|| v.to_string()))
-                .collect()
-        })
+        .and_then(|p| read_json::<LabelsSidecar>(&p).ok())
+        .map(|s| s.names())
         .unwrap_or_default()
 }
 

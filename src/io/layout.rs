@@ -563,6 +563,20 @@ impl LabelsSidecar {
                 .collect(),
         }
     }
+
+    /// The inverse of [`LabelsSidecar::from_names`]: names in label-value order, a value without
+    /// one named by its number. Label maps are 8-bit, so no value above 255 is listed.
+    pub fn names(&self) -> Vec<String> {
+        let n = self.labels.keys().max().map_or(0, |&m| m.min(255) + 1);
+        (0..n)
+            .map(|v| {
+                self.labels
+                    .get(&v)
+                    .cloned()
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -940,6 +954,19 @@ impl SynthLesions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_names_round_trip_and_fill_gaps() {
+        let names: Vec<String> = ["background", "lesion", "brain"].map(String::from).to_vec();
+        assert_eq!(LabelsSidecar::from_names(&names).names(), names);
+        let mut gappy = LabelsSidecar::default();
+        gappy.labels.insert(0, "background".into());
+        gappy.labels.insert(3, "cyst".into());
+        gappy.labels.insert(u32::MAX, "absurd".into());
+        let n = gappy.names();
+        assert_eq!(n.len(), 256);
+        assert_eq!(&n[..4], ["background", "1", "2", "cyst"]);
+    }
 
     #[test]
     fn names_are_safe_carry_no_uid_and_agree_across_writers() {
