@@ -32,6 +32,7 @@ fn liver_case() -> medseg::data::PreparedCase {
         id: "abdomen_ct".into(),
         images: vec![root.join("example_ct.nii.gz")],
         label: Some(root.join("example_seg_fast_force_split.nii.gz")),
+        group: None,
     };
     let plan = SpatialPlan {
         spacing: [3.0; 3],

@@ -633,6 +633,11 @@ pub struct TrainConfig {
     pub device: DeviceKind,
     /// Seed of weight initialisation, patch sampling and augmentation.
     pub seed: u64,
+    /// Fine-tuning (`train --init-from`): the encoder (stem and Transformer) is frozen for this
+    /// many epochs, so the fresh head adapts before it moves the pre-trained features.
+    pub freeze_encoder_epochs: usize,
+    /// The encoder's learning rate as a share of `lr` (e.g. 0.1 to fine-tune it gently).
+    pub encoder_lr_scale: f64,
 }
 
 impl Default for TrainConfig {
@@ -652,6 +657,8 @@ impl Default for TrainConfig {
             deep_supervision_weights: Vec::new(),
             device: DeviceKind::Cpu,
             seed: 0,
+            freeze_encoder_epochs: 0,
+            encoder_lr_scale: 1.0,
         }
     }
 }
@@ -1053,6 +1060,12 @@ impl RunConfig {
         let t = &self.train;
         if t.epochs == 0 || t.batch_size == 0 || t.lr.is_nan() || t.lr <= 0.0 {
             return bad("[train] epochs, batch_size and lr must be positive".into());
+        }
+        if !(t.encoder_lr_scale > 0.0 && t.encoder_lr_scale.is_finite()) {
+            return bad(format!(
+                "[train] encoder_lr_scale must be a positive share of lr, not {}",
+                t.encoder_lr_scale
+            ));
         }
         if !(0.0..1.0).contains(&self.validate.overlap) || self.validate.batch_size == 0 {
             return bad("[validate] overlap must be in [0, 1) and batch_size positive".into());

@@ -4,6 +4,7 @@ mod convert;
 mod evaluate;
 mod inspect;
 mod model;
+mod plan;
 mod progress;
 mod segment;
 mod synth;
@@ -39,6 +40,10 @@ enum Command {
     /// Score predicted label maps against truth: overlap, surface distances in mm, lesion-wise
     /// detection and FROC, with a report and plots.
     Evaluate(evaluate::Args),
+    /// Plan a training config from a dataset's fingerprint, fitted to a time budget measured on
+    /// this device (spacing, 2.5D/3D, patch, model, batch, epochs, normalisation, sampling,
+    /// postprocessing), each choice with its reason.
+    Plan(plan::Args),
     /// Train a model from a run config: data, preprocessing, sampling, augmentation, model,
     /// optimisation, validation and checkpoints; resumable.
     Train(train::Args),
@@ -112,6 +117,7 @@ pub fn run() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Model(args) => model::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Train(args) => train::run(args),
         Command::Segment(args) => segment::run(args),
         Command::Synth(args) => synth::run(args),

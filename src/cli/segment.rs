@@ -88,6 +88,10 @@ pub struct Args {
     /// `auto` (or `auto/N`) reads it from a Slurm, Kubernetes or AWS Batch array job.
     #[arg(long, value_name = "I/N|auto[/N]")]
     shard: Option<Shard>,
+    /// With a cross-validation run as --model: ensemble only these folds (comma-separated);
+    /// default: every trained fold.
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    folds: Vec<usize>,
     /// cpu, wgpu or cuda; default: the device the model was trained on.
     #[arg(long)]
     device: Option<String>,
@@ -230,12 +234,20 @@ fn finish(output: &Path, summary: &BatchSummary, review: Option<Review>) -> anyh
 
 /// The model with the asked-for maps and memory budget; says which temperature it applies.
 fn load_predictor(args: &Args, model: &Path, overrides: &[String]) -> anyhow::Result<Predictor> {
+    let folds = (!args.folds.is_empty()).then_some(args.folds.as_slice());
     let predictor = with_budget(
-        Predictor::load(model, args.device.as_deref(), overrides)?
+        Predictor::load_folds(model, args.device.as_deref(), overrides, folds)?
             .with_maps(args.uncertainty, args.attention),
         args.max_memory,
     )?;
     if !args.quiet {
+        if !predictor.member_names.is_empty() {
+            eprintln!(
+                "ensemble of {} folds ({}): their probabilities are averaged",
+                predictor.member_names.len(),
+                predictor.member_names.join(", ")
+            );
+        }
         eprintln!("{}", temperature_line(&predictor.temperature));
     }
     Ok(predictor)

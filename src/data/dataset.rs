@@ -1,6 +1,7 @@
 //! Cases ready for training: read, checked, spatially preprocessed (cached on disk), normalised,
 //! and split into training, validation and test sets.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,7 +67,7 @@ impl LabelMap {
     }
 
     /// The class of a source value; `Err` names a value that is not a declared class.
-    fn class_of(&self, v: f32) -> std::result::Result<u8, String> {
+    pub(crate) fn class_of(&self, v: f32) -> std::result::Result<u8, String> {
         if v.fract() != 0.0 || v < 0.0 || !v.is_finite() {
             return Err(format!("label value {v} is not a non-negative integer"));
         }
@@ -92,6 +93,44 @@ impl LabelMap {
 
     fn key(&self) -> String {
         format!("{}:{:?}", self.classes, self.values)
+    }
+}
+
+/// Whether a label map on `label` can be put on its image's grid `image`: `Ok(false)` when the
+/// grids agree, `Ok(true)` when they hold the same voxel centres in another axis order (a label
+/// written by another tool from the same series: reordered exactly); any other grid is refused,
+/// saying both.
+pub fn label_needs_reorder(
+    label: &Geometry,
+    image: &Geometry,
+) -> std::result::Result<bool, String> {
+    let close = |a: &Geometry, b: &Geometry| {
+        a.max_affine_difference(b)
+            .is_some_and(|d| d <= GRID_TOLERANCE_MM)
+    };
+    if close(label, image) {
+        return Ok(false);
+    }
+    let canonical = |g: &Geometry| Orientation::of(g).apply_to_geometry(g);
+    if close(&canonical(label), &canonical(image)) {
+        return Ok(true);
+    }
+    Err(format!(
+        "not on the image grid: label {:?} with affine {:?}, image {:?} with affine {:?}",
+        label.dims, label.affine, image.dims, image.affine
+    ))
+}
+
+/// A label map's classes on its image's grid (see [`label_needs_reorder`]).
+pub fn label_onto_image(
+    classes: Array3<u8>,
+    label: &Geometry,
+    image: &Geometry,
+) -> std::result::Result<Array3<u8>, String> {
+    if label_needs_reorder(label, image)? {
+        Ok(resample_labels_onto(classes.view(), label, image))
+    } else {
+        Ok(classes)
     }
 }
 
@@ -145,51 +184,25 @@ pub fn load_case(
                     v.channels()
                 )));
             }
-            let same_grid = geometry
-                .max_affine_difference(&v.geometry)
-                .is_some_and(|d| d <= GRID_TOLERANCE_MM);
-            // The same voxel centres stored in another axis order (a label written by another
-            // tool from the same series) are accepted and reordered exactly.
-            let reordered = !same_grid
-                && Orientation::of(&geometry)
-                    .apply_to_geometry(&geometry)
-                    .max_affine_difference(
-                        &Orientation::of(&v.geometry).apply_to_geometry(&v.geometry),
-                    )
-                    .is_some_and(|d| d <= GRID_TOLERANCE_MM);
-            match (same_grid, reordered) {
-                (true, _) | (_, true) => {}
-                _ => {
-                    return Err(case_err(format!(
-                        "label {} is not on the image grid: label {:?} with affine {:?}, image {:?} with affine {:?}",
-                        path.display(),
-                        v.geometry.dims,
-                        v.geometry.affine,
-                        geometry.dims,
-                        geometry.affine
-                    )))
-                }
-            }
+            // The grid first: a label on another grid is reported as such, whatever its values.
+            label_needs_reorder(&v.geometry, &geometry)
+                .map_err(|reason| case_err(format!("label {}: {reason}", path.display())))?;
             let mut classes = ndarray::Array4::<u8>::zeros(v.voxels.dim());
             for (c, x) in classes.iter_mut().zip(v.voxels.iter()) {
                 *c = labels
                     .class_of(*x)
                     .map_err(|r| case_err(format!("{}: {r}", path.display())))?;
             }
-            if reordered {
-                let l =
-                    resample_labels_onto(classes.index_axis(Axis(0), 0), &v.geometry, &geometry);
-                Some(l.insert_axis(Axis(0)))
-            } else {
-                Some(classes)
-            }
+            let l = label_onto_image(classes.index_axis_move(Axis(0), 0), &v.geometry, &geometry)
+                .map_err(|reason| case_err(format!("label {}: {reason}", path.display())))?;
+            Some(l.insert_axis(Axis(0)))
         }
     };
     Ok(plan.apply(image.view(), label.as_ref().map(|l| l.view()), &geometry))
 }
 
 /// Stable identity of a case's source files (paths, sizes, modification times).
-fn source_key(entry: &CaseEntry) -> String {
+pub(crate) fn source_key(entry: &CaseEntry) -> String {
     let mut h = Sha256::new();
     for p in entry.images.iter().chain(entry.label.iter()) {
         h.update(p.to_string_lossy().as_bytes());
@@ -385,8 +398,13 @@ pub struct Split {
 }
 
 /// Splits case ids by the `[data]` settings: explicit lists first, else a seeded shuffle cut by
-/// fractions, or k folds.
-pub fn split_cases(ids: &[String], config: &crate::config::DataConfig) -> Result<Split> {
+/// fractions, or k folds. `groups` maps a case id to its group (patient, host): folds keep a group
+/// whole, and a case not in it is a group of its own.
+pub fn split_cases(
+    ids: &[String],
+    groups: &BTreeMap<String, String>,
+    config: &crate::config::DataConfig,
+) -> Result<Split> {
     let mut rest: Vec<String> = ids.to_vec();
     rest.sort();
     for wanted in config.test_cases.iter().chain(&config.validation_cases) {
@@ -410,12 +428,12 @@ pub fn split_cases(ids: &[String], config: &crate::config::DataConfig) -> Result
         rest.retain(|c| !config.validation_cases.contains(c));
         config.validation_cases.clone()
     } else if config.folds > 1 {
-        let (val, train): (Vec<_>, Vec<_>) = rest
+        let fold_of = assign_folds(&rest, groups, config.folds, &mut rng)?;
+        let (val, train): (Vec<String>, Vec<String>) = rest
             .iter()
-            .enumerate()
-            .partition(|(i, _)| i % config.folds == config.fold);
-        let val = val.into_iter().map(|p| p.1.clone()).collect();
-        rest = train.into_iter().map(|p| p.1.clone()).collect();
+            .cloned()
+            .partition(|c| fold_of[c] == config.fold);
+        rest = train;
         val
     } else {
         let k = (rest.len() as f64 * config.validation_fraction).round() as usize;
@@ -438,6 +456,46 @@ pub fn split_cases(ids: &[String], config: &crate::config::DataConfig) -> Result
         validation,
         test,
     })
+}
+
+/// The fold of each case in `cases` (already shuffled): whole groups, largest first, each to the
+/// fold with the fewest cases so far (ties to the lower fold), so folds are as even as the groups
+/// allow. Fewer groups than folds is refused: a fold would validate on nothing.
+fn assign_folds(
+    cases: &[String],
+    groups: &BTreeMap<String, String>,
+    folds: usize,
+    rng: &mut impl rand::Rng,
+) -> Result<BTreeMap<String, usize>> {
+    // Groups in first-seen order of the shuffled cases, so the seed decides ties between sizes.
+    let mut members: Vec<(String, Vec<String>)> = Vec::new();
+    for case in cases {
+        let group = groups.get(case).unwrap_or(case);
+        match members.iter_mut().find(|(g, _)| g == group) {
+            Some((_, list)) => list.push(case.clone()),
+            None => members.push((group.clone(), vec![case.clone()])),
+        }
+    }
+    if members.len() < folds {
+        return Err(Error::Config {
+            reason: format!(
+                "[data] folds = {folds}, but the cases form only {} group(s); every fold needs one",
+                members.len()
+            ),
+        });
+    }
+    members.shuffle(rng);
+    members.sort_by_key(|(_, list)| std::cmp::Reverse(list.len()));
+    let mut sizes = vec![0usize; folds];
+    let mut fold_of = BTreeMap::new();
+    for (_, list) in members {
+        let fold = (0..folds).min_by_key(|&f| (sizes[f], f)).unwrap_or(0);
+        sizes[fold] += list.len();
+        for case in list {
+            fold_of.insert(case, fold);
+        }
+    }
+    Ok(fold_of)
 }
 
 /// Training and validation cases in memory, with everything that preprocessing resolved.
@@ -525,6 +583,14 @@ impl Sources {
                 problems,
             })
         }
+    }
+
+    /// Each grouped case's group.
+    fn groups(&self) -> BTreeMap<String, String> {
+        self.cases
+            .iter()
+            .filter_map(|c| Some((c.id.clone(), c.group.clone()?)))
+            .collect()
     }
 
     /// The entries of `ids`, in that order.
@@ -675,7 +741,8 @@ pub fn build(config: &mut RunConfig, progress: &(dyn Fn(usize, usize) + Sync)) -
     let classes = sources.labels.len();
     let labels = LabelMap::new(classes, &config.data.label_values);
     let ids: Vec<String> = sources.cases.iter().map(|c| c.id.clone()).collect();
-    let split = split_cases(&ids, &config.data)?;
+    let groups = sources.groups();
+    let split = split_cases(&ids, &groups, &config.data)?;
     let cache = CaseCache::new(&config.data.cache_dir).with_max_voxels(config.segment.max_voxels);
     let spacing = plan_spacing(config, &sources, &split, &cache)?;
     let plan = SpatialPlan {
@@ -781,9 +848,9 @@ mod tests {
             test_fraction: 0.1,
             ..DataConfig::default()
         };
-        let s = split_cases(&ids, &config).unwrap();
+        let s = split_cases(&ids, &BTreeMap::new(), &config).unwrap();
         assert_eq!((s.train.len(), s.validation.len(), s.test.len()), (7, 2, 1));
-        assert_eq!(split_cases(&ids, &config).unwrap(), s);
+        assert_eq!(split_cases(&ids, &BTreeMap::new(), &config).unwrap(), s);
         let mut all: Vec<_> = s
             .train
             .iter()
@@ -804,10 +871,63 @@ mod tests {
                 test_fraction: 0.0,
                 ..DataConfig::default()
             };
-            seen.extend(split_cases(&ids, &c).unwrap().validation);
+            seen.extend(split_cases(&ids, &BTreeMap::new(), &c).unwrap().validation);
         }
         seen.sort();
         assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn folds_keep_groups_whole_and_cover_every_case() {
+        // 3 hosts of 4, 3 and 2 copies, and one case without a group.
+        let mut groups = BTreeMap::new();
+        let mut ids = Vec::new();
+        for (host, n) in [("h1", 4), ("h2", 3), ("h3", 2)] {
+            for i in 0..n {
+                let id = format!("{host}_{i}");
+                groups.insert(id.clone(), host.to_string());
+                ids.push(id);
+            }
+        }
+        ids.push("alone".into());
+        let folds: Vec<Split> = (0..3)
+            .map(|fold| {
+                let c = DataConfig {
+                    folds: 3,
+                    fold,
+                    seed: 11,
+                    test_fraction: 0.0,
+                    ..DataConfig::default()
+                };
+                split_cases(&ids, &groups, &c).unwrap()
+            })
+            .collect();
+        let mut seen: Vec<String> = folds.iter().flat_map(|s| s.validation.clone()).collect();
+        seen.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(seen, want);
+        for s in &folds {
+            // Disjoint within a fold, and no host on both sides.
+            assert!(s.train.iter().all(|c| !s.validation.contains(c)));
+            for host in ["h1", "h2", "h3"] {
+                let on = |l: &Vec<String>| l.iter().any(|c| c.starts_with(host));
+                assert!(!(on(&s.train) && on(&s.validation)), "{host} split: {s:?}");
+            }
+        }
+        // Balanced as the groups allow: 4 | 3 | 2 + 1.
+        let mut sizes: Vec<usize> = folds.iter().map(|s| s.validation.len()).collect();
+        sizes.sort();
+        assert_eq!(sizes, [3, 3, 4]);
+        let too_many = DataConfig {
+            folds: 5,
+            test_fraction: 0.0,
+            ..DataConfig::default()
+        };
+        let e = split_cases(&ids, &groups, &too_many)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4 group(s)"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 pub mod batcher;
 pub mod dataset;
+pub mod fingerprint;
+pub mod plan;
 pub mod sampler;
 
 /// Manifests are part of the on-disk contract and live in `io`; re-exported where datasets use them.

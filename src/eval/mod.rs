@@ -8,6 +8,7 @@ pub mod lesions;
 pub mod metrics;
 pub mod report;
 pub mod review;
+pub mod search;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 //! foreground probability map, an overlay montage, and DICOM objects ([`dicom`]). The label map is
 //! written last, so its presence marks a finished case (`--skip-existing`).
 
+pub mod cv;
 pub mod dicom;
 
 use std::path::Path;

@@ -53,6 +53,8 @@ pub struct CaseArrays {
     pub members: u64,
     /// `--attention`: its map and weights on the padded grid, the map on the scan's.
     pub attention: bool,
+    /// A fold ensemble without `--uncertainty`: the running mean beside each member's map.
+    pub fold_mean: bool,
 }
 
 impl CaseArrays {
@@ -67,7 +69,8 @@ impl CaseArrays {
     /// - with ensemble members: on the preprocessed grid the running mean (f32 per class) and M2
     ///   (f32), one class map per member (u8); on the scan's grid the two uncertainty maps (f32);
     /// - with attention: on the padded grid its sum, weights (f32) and finding mask (u8); on the
-    ///   scan's grid the map (f32).
+    ///   scan's grid the map (f32);
+    /// - a fold ensemble's running mean on the padded grid (f32 per class).
     pub fn bytes(&self) -> u64 {
         let scan = self.channels * 4 * if self.filled_copy { 2 } else { 1 };
         let attention = self.attention as u64;
@@ -79,8 +82,13 @@ impl CaseArrays {
             0
         };
         let grid = self.grid_voxels * (self.channels * 8 + 1 + members);
-        let padded =
-            self.padded_voxels * (self.channels * 4 + self.classes * 4 + 4 + 9 * attention);
+        let fold_mean = if self.fold_mean && self.members == 0 {
+            self.classes * 4
+        } else {
+            0
+        };
+        let padded = self.padded_voxels
+            * (self.channels * 4 + self.classes * 4 + 4 + 9 * attention + fold_mean);
         source + grid + padded
     }
 }
@@ -228,6 +236,7 @@ mod tests {
             filled_copy: false,
             members: 0,
             attention: false,
+            fold_mean: false,
         }
     }
 

@@ -6,6 +6,8 @@ use ndarray::Array3;
 use rayon::prelude::*;
 
 use super::uncertainty::VoxelUncertainty;
+use crate::config::{class_values, SegmentConfig};
+use crate::error::Result;
 use crate::geometry::Geometry;
 pub use crate::io::layout::{Lesion, RoiSummary};
 use crate::transforms::post::{connected_components, dilate_mm};
@@ -19,6 +21,28 @@ pub struct LesionFilter {
     pub keep_largest: Vec<u32>,
     /// The region-of-interest stage, when on.
     pub roi: Option<RoiFilter>,
+}
+
+impl LesionFilter {
+    /// The `[segment]` settings' filter for a model of classes `labels` (background first), class
+    /// names resolved.
+    pub fn from_config(segment: &SegmentConfig, labels: &[String]) -> Result<LesionFilter> {
+        let resolve = |key: &str, names: &[String]| class_values(labels, key, names);
+        let roi = match &segment.roi {
+            Some(roi) => Some(RoiFilter {
+                classes: resolve("segment.roi.classes", &roi.classes)?,
+                names: roi.classes.clone(),
+                margin_mm: roi.margin_mm,
+                drop_outside: roi.drop_outside,
+            }),
+            None => None,
+        };
+        Ok(LesionFilter {
+            min_volume_mm3: segment.min_lesion_mm3,
+            keep_largest: resolve("segment.keep_largest", &segment.keep_largest)?,
+            roi,
+        })
+    }
 }
 
 /// Lesions of other classes must reach these classes' voxels, dilated by `margin_mm`.

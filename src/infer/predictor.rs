@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ndarray::{Array3, Array4, Axis};
+use ndarray::{Array3, Array4, ArrayView4, Axis};
 
 use peakmem_alloc::PeakMemAllocTrait;
 
@@ -13,13 +13,13 @@ use super::memory::{
     release_freed_memory, reset_resident_peak, resident_bytes, resident_peak, CaseArrays,
     MemoryBudget, WindowCost,
 };
-use super::postprocess::{extract_lesions, Extracted, LesionFilter, Probe, RoiFilter};
+use super::postprocess::{extract_lesions, Extracted, LesionFilter, Probe};
 use super::sliding_window::SlidingWindow;
 use super::uncertainty::{binary_entropy, MemberSpread, MemberStats};
 use crate::config::{class_values, NonFinite, RunConfig, Temperature, TemperatureChoice};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
-use crate::io::layout::{CaseMemory, Checkpoint};
+use crate::io::layout::{CaseMemory, Checkpoint, CheckpointKind, CvRun, RunDir};
 use crate::io::read_json;
 use crate::model::HybridSegNet;
 use crate::transforms::post::decide_classes;
@@ -53,6 +53,18 @@ pub struct Predictor {
     pub uncertainty: bool,
     /// `--attention`: the attention map to compute for windows that hold findings.
     pub attention: Option<AttentionMap>,
+    /// A fold ensemble's other members (the first is `model`); empty for one model.
+    pub ensemble: Vec<EnsembleMember>,
+    /// The members' names (`fold_0`, …), `model`'s first; empty for one model.
+    pub member_names: Vec<String>,
+}
+
+/// One more model of a fold ensemble, with the temperature fitted on its own fold.
+pub struct EnsembleMember {
+    /// The fold's network.
+    pub model: HybridSegNet,
+    /// Its logits are divided by this.
+    pub temperature: f32,
 }
 
 /// Where the temperature came from.
@@ -101,12 +113,91 @@ pub struct Prediction {
 impl Predictor {
     /// Loads the model and its preprocessing from `path` (see [`Checkpoint::find`]) onto `device`
     /// (`cpu`, `wgpu`, `cuda`; default: the one it was trained on). `overrides`
-    /// (`segment.key=value`) change the saved config's inference settings.
+    /// (`segment.key=value`) change the saved config's inference settings. A cross-validation
+    /// run ([`CvRun`]) loads every trained fold as an ensemble.
     pub fn load(path: &Path, device: Option<&str>, overrides: &[String]) -> Result<Self> {
-        let checkpoint = Checkpoint::find(path)?;
+        Self::load_folds(path, device, overrides, None)
+    }
+
+    /// As [`Self::load`]; of a cross-validation run, only the folds in `wanted` (all when `None`).
+    pub fn load_folds(
+        path: &Path,
+        device: Option<&str>,
+        overrides: &[String],
+        wanted: Option<&[usize]>,
+    ) -> Result<Self> {
+        let cv = CvRun::new(path);
+        let mut folds = cv.trained_folds();
+        if folds.is_empty() || RunDir::new(path).resolve(CheckpointKind::Last).is_some() {
+            if wanted.is_some() {
+                return Err(Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: "folds were asked for, but this is no cross-validation run (no fold_K/ with a checkpoint)".into(),
+                });
+            }
+            let checkpoint = Checkpoint::find(path)?;
+            let config = RunConfig::load(Some(&checkpoint.run_config()), overrides)?;
+            return Self::from_checkpoint(&checkpoint, config, device);
+        }
+        if let Some(wanted) = wanted {
+            if let Some(k) = wanted.iter().find(|k| !folds.iter().any(|f| f.0 == **k)) {
+                return Err(Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "fold {k} has no finished checkpoint (trained: {:?})",
+                        folds.iter().map(|f| f.0).collect::<Vec<_>>()
+                    ),
+                });
+            }
+            folds.retain(|f| wanted.contains(&f.0));
+        }
+        // The parent's config: the plan the folds share and the postprocessing chosen on them.
+        let config_path = cv.config();
+        let config = RunConfig::load(Some(&config_path), overrides)?;
+        let mut predictor = Self::from_checkpoint(&folds[0].1, config, device)?;
+        for (k, checkpoint) in &folds {
+            let saved = RunConfig::load(Some(&checkpoint.run_config()), &[])?;
+            if saved.preprocess != predictor.config.preprocess {
+                return Err(Error::Checkpoint {
+                    path: checkpoint.run_config(),
+                    reason: format!(
+                        "fold {k} was trained with other preprocessing than {} gives; an ensemble needs one",
+                        config_path.display()
+                    ),
+                });
+            }
+            predictor.member_names.push(format!("fold_{k}"));
+        }
+        for (k, checkpoint) in &folds[1..] {
+            let (model_config, model) = crate::model::load(&checkpoint.dir, &predictor.device)?;
+            if model_config.patch_size.window() != predictor.window.window
+                || model_config.context_slices != predictor.window.context
+                || model_config.num_classes != predictor.labels.len()
+            {
+                return Err(Error::Checkpoint {
+                    path: checkpoint.model_config(),
+                    reason: format!(
+                        "fold {k}'s patch, context or classes differ from fold {}'s",
+                        folds[0].0
+                    ),
+                });
+            }
+            let temperature = temperature(&predictor.config, checkpoint)?.value() as f32;
+            predictor
+                .ensemble
+                .push(EnsembleMember { model, temperature });
+        }
+        Ok(predictor)
+    }
+
+    /// The model of `checkpoint` with `config`'s preprocessing and inference settings.
+    fn from_checkpoint(
+        checkpoint: &Checkpoint,
+        config: RunConfig,
+        device: Option<&str>,
+    ) -> Result<Self> {
         let dir = checkpoint.dir.clone();
         let config_path = checkpoint.run_config();
-        let config = RunConfig::load(Some(&config_path), overrides)?;
         let device = crate::model::device(device.unwrap_or(config.train.device.name()))?;
         let (model_config, model) = crate::model::load(&dir, &device)?;
         let preprocessing =
@@ -114,31 +205,14 @@ impl Predictor {
                 path: config_path.clone(),
                 reason: e.to_string(),
             })?;
-        let temperature = match config.segment.temperature {
-            Temperature::Value(t) => TemperatureSource::Given(t),
-            Temperature::Named(TemperatureChoice::Fitted) => {
-                let path = checkpoint.calibration();
-                if path.is_file() {
-                    TemperatureSource::Fitted(read_json::<Calibration>(&path)?)
-                } else {
-                    TemperatureSource::Missing
-                }
-            }
-        };
-        let t = temperature.value();
-        if !(t.is_finite() && t > 0.0) {
-            return Err(Error::Checkpoint {
-                path: checkpoint.calibration(),
-                reason: format!("temperature {t} is not a positive number"),
-            });
-        }
+        let temperature = temperature(&config, checkpoint)?;
         let window = SlidingWindow {
             window: model_config.patch_size.window(),
             overlap: config.segment.overlap,
             batch_size: config.segment.batch_size,
             mirror: config.segment.tta,
             context: model_config.context_slices,
-            temperature: t as f32,
+            temperature: temperature.value() as f32,
         };
         let mut labels = config.data.labels.clone();
         labels.resize(model_config.num_classes.max(labels.len()), String::new());
@@ -154,6 +228,8 @@ impl Predictor {
             temperature,
             uncertainty: false,
             attention: None,
+            ensemble: Vec::new(),
+            member_names: Vec::new(),
         })
     }
 
@@ -252,6 +328,7 @@ impl Predictor {
                 0
             },
             attention: self.attention.is_some(),
+            fold_mean: !self.ensemble.is_empty(),
         };
         let plan = budget
             .plan(&arrays, self.window.batch_size)
@@ -333,15 +410,8 @@ impl Predictor {
         }
         let spatial = self.preprocessing.apply(volume)?;
         let threshold = Some(self.config.segment.threshold as f32);
-        let (probabilities, members) = if self.uncertainty {
-            let mut stats = MemberStats::new(threshold);
-            window.predict_members(&self.model, spatial.image.view(), &self.device, &mut stats)?;
-            let (mean, spread) = stats.into_parts();
-            (mean, Some(spread))
-        } else {
-            let p = window.predict(&self.model, spatial.image.view(), &self.device)?;
-            (p, None)
-        };
+        let (probabilities, members) =
+            self.ensemble_probabilities(&window, spatial.image.view(), threshold)?;
         let classes = decide_classes(probabilities.view(), threshold);
         let attention = match self.attention {
             Some(kind) => {
@@ -375,6 +445,29 @@ impl Predictor {
             attention,
         })
     }
+}
+
+/// The temperature `config.segment.temperature` asks for, with `checkpoint`'s fit.
+fn temperature(config: &RunConfig, checkpoint: &Checkpoint) -> Result<TemperatureSource> {
+    let source = match config.segment.temperature {
+        Temperature::Value(t) => TemperatureSource::Given(t),
+        Temperature::Named(TemperatureChoice::Fitted) => {
+            let path = checkpoint.calibration();
+            if path.is_file() {
+                TemperatureSource::Fitted(read_json::<Calibration>(&path)?)
+            } else {
+                TemperatureSource::Missing
+            }
+        }
+    };
+    let t = source.value();
+    if !(t.is_finite() && t > 0.0) {
+        return Err(Error::Checkpoint {
+            path: checkpoint.calibration(),
+            reason: format!("temperature {t} is not a positive number"),
+        });
+    }
+    Ok(source)
 }
 
 impl Prediction {
@@ -433,6 +526,47 @@ impl Prediction {
 }
 
 impl Predictor {
+    /// The softmax probabilities of every ensemble member (each fold with its own temperature;
+    /// with `--uncertainty`, each mirrored pass of each fold is a member), averaged as a running
+    /// mean: one probability map and one member's at a time, never K maps.
+    ///
+    /// # Shapes
+    /// - `image` `[C, D, H, W]` → probabilities `[K, D, H, W]`
+    fn ensemble_probabilities(
+        &self,
+        window: &SlidingWindow,
+        image: ArrayView4<f32>,
+        threshold: Option<f32>,
+    ) -> Result<(Array4<f32>, Option<MemberSpread>)> {
+        let others = self
+            .ensemble
+            .iter()
+            .map(|m| (&m.model, window.with_temperature(m.temperature)));
+        let members = std::iter::once((&self.model, window.clone())).chain(others);
+        if self.uncertainty {
+            let mut stats = MemberStats::new(threshold);
+            for (model, window) in members {
+                window.predict_members(model, image, &self.device, &mut stats)?;
+            }
+            let (mean, spread) = stats.into_parts();
+            return Ok((mean, Some(spread)));
+        }
+        let mut mean: Option<Array4<f32>> = None;
+        for (n, (model, window)) in members.enumerate() {
+            let p = window.predict(model, image, &self.device)?;
+            mean = Some(match mean {
+                None => p,
+                Some(mut m) => {
+                    let w = 1.0 / (n + 1) as f32;
+                    m.zip_mut_with(&p, |a, b| *a += (b - *a) * w);
+                    m
+                }
+            });
+        }
+        // `members` always holds `self.model`.
+        Ok((mean.unwrap_or_default(), None))
+    }
+
     /// The classes whose voxels are findings for the attention map: every foreground class but
     /// the region of interest's.
     fn finding_classes(&self) -> Result<Vec<u32>> {
@@ -447,21 +581,6 @@ impl Predictor {
 
     /// The `[segment]` lesion filter, with `keep_largest` class names resolved.
     pub fn lesion_filter(&self) -> Result<LesionFilter> {
-        let resolve = |key: &str, names: &[String]| class_values(&self.labels, key, names);
-        let segment = &self.config.segment;
-        let roi = match &segment.roi {
-            Some(roi) => Some(RoiFilter {
-                classes: resolve("segment.roi.classes", &roi.classes)?,
-                names: roi.classes.clone(),
-                margin_mm: roi.margin_mm,
-                drop_outside: roi.drop_outside,
-            }),
-            None => None,
-        };
-        Ok(LesionFilter {
-            min_volume_mm3: segment.min_lesion_mm3,
-            keep_largest: resolve("segment.keep_largest", &segment.keep_largest)?,
-            roi,
-        })
+        LesionFilter::from_config(&self.config.segment, &self.labels)
     }
 }

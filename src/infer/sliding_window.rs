@@ -295,6 +295,14 @@ impl SlidingWindow {
         Ok(measured + mirrored)
     }
 
+    /// The same window for a model with another fitted temperature (a fold ensemble's member).
+    pub fn with_temperature(&self, temperature: f32) -> Self {
+        SlidingWindow {
+            temperature,
+            ..self.clone()
+        }
+    }
+
     /// The logits divided by the temperature.
     ///
     /// # Shapes

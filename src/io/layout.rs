@@ -150,6 +150,69 @@ impl RunDir {
     }
 }
 
+/// A cross-validation run (`medseg train --folds K`): `config.toml` (the plan every fold shares,
+/// with the postprocessing chosen on the out-of-fold predictions), one run directory per fold
+/// (`fold_K/`), the out-of-fold predictions (`oof/`) and `postprocessing.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CvRun {
+    /// The parent directory.
+    pub root: PathBuf,
+}
+
+impl CvRun {
+    /// The cross-validation run at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        CvRun { root: root.into() }
+    }
+    /// `config.toml`: the shared config (preprocessing fixed by the first fold trained).
+    pub fn config(&self) -> PathBuf {
+        self.root.join(RUN_CONFIG_FILE)
+    }
+    /// `fold_K/`: fold K's run directory.
+    pub fn fold(&self, k: usize) -> RunDir {
+        RunDir::new(self.root.join(format!("fold_{k}")))
+    }
+    /// `oof/`: every training case segmented by the fold that did not train on it, on its own
+    /// grid, with its probability map.
+    pub fn oof(&self) -> PathBuf {
+        self.root.join("oof")
+    }
+    /// `postprocessing.json`: the settings searched on `oof/` and their cross-validated scores.
+    pub fn postprocessing(&self) -> PathBuf {
+        self.root.join("postprocessing.json")
+    }
+    /// Whether `root` is a cross-validation parent: a config, no checkpoints of its own, and a
+    /// fold directory.
+    pub fn is_parent(&self) -> bool {
+        self.config().is_file()
+            && !RunDir::new(&self.root).checkpoints().exists()
+            && std::fs::read_dir(&self.root).is_ok_and(|mut entries| {
+                entries.any(|e| {
+                    e.is_ok_and(|e| {
+                        e.file_name().to_string_lossy().starts_with("fold_") && e.path().is_dir()
+                    })
+                })
+            })
+    }
+    /// The folds with a finished checkpoint, by fold number; empty when `root` is no
+    /// cross-validation run.
+    pub fn trained_folds(&self) -> Vec<(usize, Checkpoint)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut folds: Vec<(usize, Checkpoint)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let k = name.strip_prefix("fold_")?.parse().ok()?;
+                Some((k, Checkpoint::find(&e.path()).ok()?))
+            })
+            .collect();
+        folds.sort_by_key(|f| f.0);
+        folds
+    }
+}
+
 /// The two checkpoints a run keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -767,6 +830,10 @@ pub struct DatasetCase {
     pub image: String,
     /// Label map path.
     pub label: String,
+    /// medseg: the case's group (patient, host, site). Cross-validation keeps a group in one
+    /// fold; other readers ignore the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl DatasetJson {

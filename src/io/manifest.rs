@@ -18,6 +18,9 @@ pub struct CaseEntry {
     pub images: Vec<PathBuf>,
     /// Label map; `None` for a CSV without a `label` column.
     pub label: Option<PathBuf>,
+    /// The case's group (patient, host, site): `dataset.json`'s `group` or the CSV's `group`
+    /// column. Cross-validation keeps a group in one fold.
+    pub group: Option<String>,
 }
 
 /// What a manifest declares.
@@ -72,6 +75,7 @@ pub fn read_decathlon(root: &Path) -> Result<Manifest> {
                 id,
                 images,
                 label: Some(label),
+                group: item.group.clone(),
             });
         }
     } else {
@@ -91,6 +95,7 @@ pub fn read_decathlon(root: &Path) -> Result<Manifest> {
                 images: channel_files(&dir, &stem, n_channels, &ending),
                 label: Some(root.join(LABELS_TRAIN).join(format!("{stem}{ending}"))),
                 id: sanitize_name(&stem),
+                group: None,
             });
         }
     }
@@ -115,7 +120,8 @@ fn channel_files(dir: &Path, id: &str, channels: usize, ending: &str) -> Vec<Pat
 
 /// Reads a CSV manifest: a header `case,image[,image2...],label` (the label column may be left
 /// out for unlabelled data), one case per line; `#` starts a comment line. Relative paths are
-/// resolved against `root`.
+/// resolved against `root`. A column named `group` (anywhere after `case`) is the case's group,
+/// not an image.
 pub fn read_csv(path: &Path, root: &Path) -> Result<Manifest> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut lines = text
@@ -125,7 +131,15 @@ pub fn read_csv(path: &Path, root: &Path) -> Result<Manifest> {
     let (_, header) = lines
         .next()
         .ok_or_else(|| invalid(path, "empty manifest"))?;
-    let columns: Vec<&str> = header.split(',').map(str::trim).collect();
+    let mut columns: Vec<&str> = header.split(',').map(str::trim).collect();
+    let group_column = columns
+        .iter()
+        .position(|c| *c == "group")
+        .filter(|&i| i > 0);
+    let width = columns.len();
+    if let Some(i) = group_column {
+        columns.remove(i);
+    }
     if columns.first() != Some(&"case") || columns.len() < 2 {
         return Err(invalid(
             path,
@@ -140,18 +154,21 @@ pub fn read_csv(path: &Path, root: &Path) -> Result<Manifest> {
     let mut cases = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (n, line) in lines {
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        if fields.len() != columns.len() {
+        let mut fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        if fields.len() != width {
             return Err(invalid(
                 path,
                 format!(
                     "line {}: {} fields, the header has {}",
                     n + 1,
                     fields.len(),
-                    columns.len()
+                    width
                 ),
             ));
         }
+        let group = group_column
+            .map(|i| fields.remove(i).to_string())
+            .filter(|g| !g.is_empty());
         // Ids name output files: the one naming rule, so `case 1` is `case_1` everywhere.
         let id = sanitize_name(fields[0]);
         if id.is_empty() || !seen.insert(id.clone()) {
@@ -167,6 +184,7 @@ pub fn read_csv(path: &Path, root: &Path) -> Result<Manifest> {
                 .collect(),
             label: has_label.then(|| root.join(fields[columns.len() - 1])),
             id,
+            group,
         });
     }
     if cases.is_empty() {
@@ -243,5 +261,21 @@ mod tests {
                 PathBuf::from("/data/x/fl.nii")
             ]
         );
+    }
+
+    #[test]
+    fn a_group_column_is_the_case_group_not_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.csv");
+        std::fs::write(
+            &path,
+            "case,group,image,label\na,p1,a.nii,a_l.nii\nb,,b.nii,b_l.nii\n",
+        )
+        .unwrap();
+        let m = read_csv(&path, Path::new("/d")).unwrap();
+        assert_eq!(m.cases[0].images, vec![PathBuf::from("/d/a.nii")]);
+        assert_eq!(m.cases[0].label, Some(PathBuf::from("/d/a_l.nii")));
+        assert_eq!(m.cases[0].group.as_deref(), Some("p1"));
+        assert_eq!(m.cases[1].group, None);
     }
 }

@@ -9,6 +9,7 @@ pub mod decoder;
 pub mod kernels;
 pub mod stem;
 pub mod summary;
+pub mod transfer;
 pub mod vit;
 
 use crate::io::layout::Checkpoint;

@@ -730,6 +730,8 @@ pub fn build_dataset(
             let entry = DatasetCase {
                 image: format!("./{images}/{case}_0000.nii.gz"),
                 label: format!("./{labels}/{case}.nii.gz"),
+                // Copies of one host are one group: folds stay disjoint by host.
+                group: Some(host_name.clone()),
             };
             if is_train {
                 summary.train_cases += 1;

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::infer::sliding_window::SlidingWindow;
 use crate::io::layout::{Checkpoint, CheckpointKind, RunDir};
 use crate::io::{write_atomically, write_json_atomically};
+use crate::model::transfer::{transfer_parameters, Transfer};
 use crate::model::{HybridSegNet, HybridSegNetConfig};
 use crate::transforms::augment::derive_seed;
 use crate::transforms::post::decide_classes;
@@ -31,6 +32,8 @@ use crate::transforms::post::decide_classes;
 pub struct TrainOptions {
     /// Continue the run in `output.dir` from its last checkpoint (from the start if it has none).
     pub resume: bool,
+    /// Fine-tune: start from this checkpoint's (or run's) weights wherever name and shape match.
+    pub init_from: Option<PathBuf>,
 }
 
 /// What training reports as it goes; drawing it is the caller's business.
@@ -397,8 +400,7 @@ impl Trainer {
                     ),
                 });
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &self.model);
-            self.model = self.optimizer.step(lr, self.model.clone(), grads);
+            self.step(loss, lr, epoch);
             self.state.global_step += 1;
             done += 1;
             loss_sum += value;
@@ -415,6 +417,57 @@ impl Trainer {
             data_wait_seconds,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// One optimiser step. With `freeze_encoder_epochs` or `encoder_lr_scale` (fine-tuning), the
+    /// encoder's gradients are stepped apart: not at all while frozen, else at the scaled rate.
+    /// AdamW keeps its moments per parameter, so two steps over disjoint parameters are one.
+    fn step(&mut self, loss: Tensor<1>, lr: f64, epoch: usize) {
+        let t = &self.config.train;
+        let frozen = epoch < t.freeze_encoder_epochs;
+        let mut grads = loss.backward();
+        if !frozen && t.encoder_lr_scale == 1.0 {
+            let grads = GradientsParams::from_grads(grads, &self.model);
+            self.model = self.optimizer.step(lr, self.model.clone(), grads);
+            return;
+        }
+        let encoder = self.model.encoder_params();
+        let encoder_grads = GradientsParams::from_params(&mut grads, &self.model, &encoder);
+        let rest = GradientsParams::from_grads(grads, &self.model);
+        self.model = self.optimizer.step(lr, self.model.clone(), rest);
+        if !frozen {
+            let scaled = lr * t.encoder_lr_scale;
+            self.model = self
+                .optimizer
+                .step(scaled, self.model.clone(), encoder_grads);
+        }
+    }
+
+    /// Starts the model from `source`'s parameters wherever name and shape match; refuses a
+    /// source of which nothing matches.
+    fn init_from(&mut self, source: &Checkpoint) -> Result<Transfer> {
+        let (_, model) = crate::model::load(&source.dir, &self.autodiff)?;
+        let (model, report) = transfer_parameters(self.model.clone(), &model);
+        let values = |list: &[crate::model::transfer::ParamEntry]| -> usize {
+            list.iter()
+                .filter_map(|p| p.shape.as_ref())
+                .map(|s| s.iter().product::<usize>())
+                .sum()
+        };
+        let (loaded, fresh) = (values(&report.loaded), values(&report.reinitialised));
+        // A few class-sized biases match any model: under a tenth taken is nothing to start from.
+        if loaded * 10 < loaded + fresh {
+            return Err(Error::Checkpoint {
+                path: source.dir.clone(),
+                reason: format!(
+                    "too little of it matches this model by name and shape ({loaded} of {} parameter values, {} tensors); is it a checkpoint of another preset or widths?",
+                    loaded + fresh,
+                    report.loaded.len()
+                ),
+            });
+        }
+        self.model = model;
+        Ok(report)
     }
 
     /// Validation Dice per class after the epoch just trained, when this epoch validates.
@@ -464,6 +517,9 @@ pub fn train(
         resume_from,
     } = RunSetup::open(&config, options)?;
 
+    let init = (options.init_from.as_deref())
+        .map(|path| adopt_preprocessing(&mut config, path, &mut log, on_event))
+        .transpose()?;
     // Data: checks every case, fills in what the config left to the dataset.
     let data = {
         let events = std::sync::Mutex::new(&mut *on_event);
@@ -498,17 +554,13 @@ pub fn train(
     let epochs = config.train.epochs;
     let batch_size = config.train.batch_size;
     let mut trainer = Trainer::new(config, &data)?;
-    if let Some(ckpt) = &resume_from {
-        trainer.restore(ckpt)?;
-        log.line(
-            &format!(
-                "resumed from {} after epoch {}",
-                ckpt.dir.display(),
-                trainer.state.epoch
-            ),
-            on_event,
-        );
-    }
+    start_weights(
+        &mut trainer,
+        resume_from.as_ref(),
+        init.as_ref(),
+        &mut log,
+        on_event,
+    )?;
     let resumed_at = trainer.state.epoch;
     write_reports(&run, &trainer.state, &classes)?;
 
@@ -573,6 +625,171 @@ pub fn train(
         state,
         resumed_at,
     })
+}
+
+/// Times a training step (forward, Dice + CE, backward, AdamW) of the model and batch `config`
+/// describes, on random data on its device: one warm-up step, then the mean of `steps`; with the
+/// peak bytes allocated above what was allocated before, by `meter` (the process's global
+/// allocator). `medseg plan` calibrates its choices with it.
+pub fn measure_step(
+    config: &RunConfig,
+    steps: usize,
+    meter: &dyn peakmem_alloc::PeakMemAllocTrait,
+) -> Result<crate::data::plan::StepCost> {
+    let model_config = model_config(config)?;
+    let device = crate::model::device(config.train.device.name())?;
+    let autodiff = device.clone().autodiff();
+    autodiff.seed(config.train.seed);
+    meter.reset_peak_memory();
+    let mut model = model_config.init(&autodiff)?;
+    let mut optimizer = AdamWConfig::new().init();
+    let [d, h, w] = model_config.patch_size.window();
+    let b = config.train.batch_size;
+    let c = model_config.input_channels();
+    let k = model_config.num_classes;
+    let weights = deep_supervision_weights(
+        &[],
+        model_config.deep_supervision,
+        model_config.stem_widths.len(),
+    );
+    let batch = || {
+        // A fixed pattern: the step's cost does not depend on the values.
+        let image = (0..b * c * d * h * w)
+            .map(|i| ((i % 97) as f32 / 48.5) - 1.0)
+            .collect();
+        let label = (0..b * d * h * w).map(|i| ((i / 7) % k) as u8).collect();
+        Batch {
+            image,
+            image_shape: [b, c, d, h, w],
+            label,
+            label_shape: [b, d, h, w],
+        }
+    };
+    let mut timed = 0.0;
+    for step in 0..=steps.max(1) {
+        let started = Instant::now();
+        let loss = step_loss(&model, batch(), &autodiff, &weights, 1.0, 1.0);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(1e-4, model, grads);
+        if step > 0 {
+            timed += started.elapsed().as_secs_f64();
+        }
+    }
+    Ok(crate::data::plan::StepCost {
+        seconds: timed / steps.max(1) as f64,
+        peak_bytes: meter.get_peak_memory() as u64,
+    })
+}
+
+/// Fine-tuning from `path`: its checkpoint, whose preprocessing the run takes for what the config
+/// leaves open (spacing, intensity); where the config sets another, a warning says so.
+fn adopt_preprocessing(
+    config: &mut RunConfig,
+    path: &std::path::Path,
+    log: &mut RunLog,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<Checkpoint> {
+    let source = Checkpoint::find(path)?;
+    let saved = RunConfig::load(Some(&source.run_config()), &[])?;
+    let (mine, theirs) = (&mut config.preprocess, &saved.preprocess);
+    let mut taken = Vec::new();
+    if mine.spacing.is_empty() {
+        mine.spacing = theirs.spacing.clone();
+        taken.push("spacing");
+    }
+    if mine.intensity.is_empty() {
+        mine.intensity = theirs.intensity.clone();
+        taken.push("intensity");
+    }
+    if !taken.is_empty() {
+        log.line(
+            &format!(
+                "fine-tuning from {}: its {} taken",
+                source.dir.display(),
+                taken.join(" and ")
+            ),
+            on_event,
+        );
+    }
+    if *mine != *theirs {
+        log.line(
+            &format!(
+                "warning: the config's preprocessing differs from {}'s (spacing {:?} vs {:?}, intensity {:?} vs {:?}); the pre-trained features saw the latter",
+                source.dir.display(),
+                mine.spacing,
+                theirs.spacing,
+                mine.intensity.iter().map(|i| i.scheme).collect::<Vec<_>>(),
+                theirs.intensity.iter().map(|i| i.scheme).collect::<Vec<_>>()
+            ),
+            on_event,
+        );
+    }
+    Ok(source)
+}
+
+/// The run's first weights: the last checkpoint's when resuming, else `init`'s wherever they
+/// match (fine-tuning, with a table of what was loaded), else the seeded initialisation.
+fn start_weights(
+    trainer: &mut Trainer,
+    resume_from: Option<&Checkpoint>,
+    init: Option<&Checkpoint>,
+    log: &mut RunLog,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<()> {
+    if let Some(ckpt) = resume_from {
+        trainer.restore(ckpt)?;
+        let line = format!(
+            "resumed from {} after epoch {}",
+            ckpt.dir.display(),
+            trainer.state.epoch
+        );
+        log.line(&line, on_event);
+        return Ok(());
+    }
+    if let Some(source) = init {
+        let report = trainer.init_from(source)?;
+        for line in transfer_table(&report, source) {
+            log.line(&line, on_event);
+        }
+    }
+    Ok(())
+}
+
+/// What fine-tuning took: counts per module, then every parameter not taken, with its shapes.
+fn transfer_table(report: &Transfer, source: &Checkpoint) -> Vec<String> {
+    let module = |name: &str| name.split('.').next().unwrap_or(name).to_string();
+    let mut rows: std::collections::BTreeMap<String, [usize; 3]> = Default::default();
+    for (i, list) in [&report.loaded, &report.reinitialised, &report.ignored]
+        .into_iter()
+        .enumerate()
+    {
+        for p in list {
+            rows.entry(module(&p.name)).or_default()[i] += 1;
+        }
+    }
+    let mut lines = vec![
+        format!("initialised from {}:", source.dir.display()),
+        format!(
+            "  {:<10} {:>7} {:>15} {:>8}",
+            "module", "loaded", "re-initialised", "ignored"
+        ),
+    ];
+    for (m, [l, r, i]) in &rows {
+        lines.push(format!("  {m:<10} {l:>7} {r:>15} {i:>8}"));
+    }
+    let shape = |s: &Option<Vec<usize>>| s.as_ref().map_or("-".into(), |s| format!("{s:?}"));
+    for p in &report.reinitialised {
+        lines.push(format!(
+            "  re-initialised {} {} (source: {})",
+            p.name,
+            shape(&p.shape),
+            shape(&p.source_shape)
+        ));
+    }
+    for p in &report.ignored {
+        lines.push(format!("  ignored {} {}", p.name, shape(&p.source_shape)));
+    }
+    lines
 }
 
 /// Temperature scaling on the validation cases at the end of training (a resumed finished run

@@ -5,6 +5,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod cv;
 mod dicom_conformance;
 mod dicom_export;
 mod evaluate;

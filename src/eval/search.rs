@@ -1,0 +1,478 @@
+//! Postprocessing chosen on the out-of-fold predictions of a cross-validation (nnU-Net v2's
+//! `determine_postprocessing` idea, widened): the foreground threshold of a two-class model, the
+//! smallest component kept, and keep-largest per organ class. Each candidate runs the same
+//! component filter `medseg segment` runs ([`extract_lesions`]); lesion classes are judged by
+//! lesion F1 over all cases, organ classes by mean Dice.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::Array3;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::lesions::{detection_scores, match_lesions, LesionGrid};
+use crate::data::dataset::{label_onto_image, LabelMap};
+use crate::error::{Error, Result};
+use crate::geometry::Geometry;
+use crate::infer::postprocess::{extract_lesions, LesionFilter, Probe};
+use crate::io::layout::CaseOutputs;
+use crate::io::read_nifti;
+
+/// How a class is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Findings: lesion F1 over all cases (true and false positives summed).
+    LesionF1,
+    /// Organs: Dice, averaged over cases.
+    Dice,
+}
+
+/// One training case as the fold that did not train on it segmented it.
+pub struct OofCase {
+    /// Case name.
+    pub case: String,
+    /// Truth classes `[k, j, i]`.
+    pub truth: Array3<u8>,
+    /// Predicted classes before any component filtering, on the truth's grid.
+    pub pred: Array3<u8>,
+    /// Foreground probability on the same grid, when it was saved.
+    pub foreground: Option<Array3<f32>>,
+    /// The case's grid.
+    pub geometry: Geometry,
+}
+
+/// The candidates tried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchSpace {
+    /// Foreground thresholds (two-class models only).
+    pub thresholds: Vec<f64>,
+    /// Smallest component kept, mm³.
+    pub min_lesion_mm3: Vec<f64>,
+}
+
+impl Default for SearchSpace {
+    fn default() -> Self {
+        SearchSpace {
+            thresholds: vec![0.3, 0.4, 0.5, 0.6, 0.7],
+            // Spheres of about 0, 2.1, 2.7, 3.4, 4.6, 5.8, 7.3 and 9.8 mm diameter.
+            min_lesion_mm3: vec![0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0],
+        }
+    }
+}
+
+/// One setting of the searched knobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Setting {
+    /// `segment.threshold` (used by two-class models).
+    pub threshold: f64,
+    /// `segment.min_lesion_mm3`.
+    pub min_lesion_mm3: f64,
+    /// `segment.keep_largest`, by class name.
+    pub keep_largest: Vec<String>,
+}
+
+/// A class's cross-validated score under the chosen and the starting setting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassScore {
+    /// Class name.
+    pub class: String,
+    /// How it is scored.
+    pub objective: Objective,
+    /// Under the chosen setting.
+    pub chosen: f64,
+    /// Under the run config's own setting.
+    pub before: f64,
+}
+
+/// What the search chose (`postprocessing.json` of a cross-validation run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Postprocessing {
+    /// The chosen setting.
+    pub chosen: Setting,
+    /// The run config's own setting, the starting point.
+    pub before: Setting,
+    /// The mean of the class scores, chosen and before.
+    pub score: f64,
+    /// See `score`.
+    pub score_before: f64,
+    /// Per class.
+    pub classes: Vec<ClassScore>,
+    /// Out-of-fold cases scored.
+    pub cases: usize,
+    /// Settings tried.
+    pub candidates: usize,
+}
+
+/// Reads the out-of-fold predictions in `oof` (`NAME.nii.gz` and `NAME_probabilities.nii.gz`, as
+/// `medseg segment` writes them) of each `(case, truth file)`, mapping truth values to classes
+/// through `labels`. A prediction off its truth's grid, or missing, is an error naming the file.
+pub fn read_oof_cases(
+    oof: &Path,
+    truth: &[(String, PathBuf)],
+    labels: &LabelMap,
+) -> Result<Vec<OofCase>> {
+    truth
+        .par_iter()
+        .map(|(case, truth_path)| {
+            let outputs = CaseOutputs::new(oof, case, true, false);
+            let t = read_nifti(truth_path)?;
+            let p = read_nifti(&outputs.mask)?;
+            let mut truth = Array3::zeros(t.geometry.shape());
+            for (out, v) in truth.iter_mut().zip(t.voxels.iter()) {
+                *out = labels.class_of(*v).map_err(|reason| Error::Unsupported {
+                    path: truth_path.clone(),
+                    reason,
+                })?;
+            }
+            // The prediction lies on the scan's grid; a truth stored in another axis order is
+            // reordered onto it, as training does.
+            let truth = label_onto_image(truth, &t.geometry, &p.geometry).map_err(|reason| {
+                Error::Unsupported {
+                    path: truth_path.clone(),
+                    reason: format!("{reason} (the prediction {})", outputs.mask.display()),
+                }
+            })?;
+            let pred = p.voxels.index_axis(ndarray::Axis(0), 0).mapv(|v| v as u8);
+            let foreground = match &outputs.probabilities {
+                Some(path) if path.is_file() => Some(
+                    read_nifti(path)?
+                        .voxels
+                        .index_axis(ndarray::Axis(0), 0)
+                        .to_owned(),
+                ),
+                _ => None,
+            };
+            Ok(OofCase {
+                case: case.clone(),
+                truth,
+                pred,
+                foreground,
+                geometry: p.geometry,
+            })
+        })
+        .collect()
+}
+
+/// Searches `space` from `start`: first the threshold (two-class models with probability maps)
+/// and the smallest component together, then keep-largest for each organ class in turn; a change
+/// is kept only when it raises the mean class score. `filter` carries the region-of-interest
+/// stage, which is not searched. `objectives[c - 1]` scores class `c` of `names`.
+pub fn search_postprocessing(
+    cases: &[OofCase],
+    names: &[String],
+    objectives: &[Objective],
+    filter: &LesionFilter,
+    start: &Setting,
+    space: &SearchSpace,
+) -> Result<Postprocessing> {
+    let scorer = Scorer {
+        cases,
+        names,
+        objectives,
+        filter,
+    };
+    let thresholds = if names.len() == 2 && cases.iter().all(|c| c.foreground.is_some()) {
+        space.thresholds.clone()
+    } else {
+        vec![start.threshold]
+    };
+    let before = scorer.score(start)?;
+    let mut best = (start.clone(), before.clone());
+    let mut candidates = 1;
+    let better = |a: &[f64], b: &[f64]| mean(a) > mean(b) + 1e-9;
+    for &threshold in &thresholds {
+        for &min_lesion_mm3 in &space.min_lesion_mm3 {
+            let s = Setting {
+                threshold,
+                min_lesion_mm3,
+                keep_largest: start.keep_largest.clone(),
+            };
+            let scores = scorer.score(&s)?;
+            candidates += 1;
+            if better(&scores, &best.1) {
+                best = (s, scores);
+            }
+        }
+    }
+    for (c, objective) in objectives.iter().enumerate() {
+        let name = &names[c + 1];
+        if *objective != Objective::Dice {
+            continue;
+        }
+        let mut s = best.0.clone();
+        if let Some(at) = s.keep_largest.iter().position(|n| n == name) {
+            s.keep_largest.remove(at);
+        } else {
+            s.keep_largest.push(name.clone());
+        }
+        let scores = scorer.score(&s)?;
+        candidates += 1;
+        if better(&scores, &best.1) {
+            best = (s, scores);
+        }
+    }
+    let classes = objectives
+        .iter()
+        .enumerate()
+        .map(|(c, o)| ClassScore {
+            class: names[c + 1].clone(),
+            objective: *o,
+            chosen: best.1[c],
+            before: before[c],
+        })
+        .collect();
+    Ok(Postprocessing {
+        score: mean(&best.1),
+        score_before: mean(&before),
+        chosen: best.0,
+        before: start.clone(),
+        classes,
+        cases: cases.len(),
+        candidates,
+    })
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Scores settings on the out-of-fold cases.
+struct Scorer<'a> {
+    cases: &'a [OofCase],
+    names: &'a [String],
+    objectives: &'a [Objective],
+    filter: &'a LesionFilter,
+}
+
+/// One case's counts per class: lesion (TP, FP, FN) and Dice.
+type CaseCounts = Vec<((usize, usize, usize), f64)>;
+
+impl Scorer<'_> {
+    /// The score of each foreground class under `setting`.
+    fn score(&self, setting: &Setting) -> Result<Vec<f64>> {
+        let keep_largest = setting
+            .keep_largest
+            .iter()
+            .map(|n| {
+                self.names
+                    .iter()
+                    .position(|x| x == n)
+                    .map(|c| c as u32)
+                    .ok_or_else(|| Error::Config {
+                        reason: format!("segment.keep_largest names {n:?}, not a class"),
+                    })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let filter = LesionFilter {
+            min_volume_mm3: setting.min_lesion_mm3,
+            keep_largest,
+            roi: self.filter.roi.clone(),
+        };
+        let per_case: Vec<CaseCounts> = self
+            .cases
+            .par_iter()
+            .map(|c| self.case_counts(c, setting.threshold, &filter))
+            .collect();
+        Ok(self
+            .objectives
+            .iter()
+            .enumerate()
+            .map(|(c, objective)| match objective {
+                Objective::LesionF1 => {
+                    let (tp, fp, fn_) = per_case.iter().fold((0, 0, 0), |a, counts| {
+                        let (tp, fp, fn_) = counts[c].0;
+                        (a.0 + tp, a.1 + fp, a.2 + fn_)
+                    });
+                    // No lesion anywhere and none predicted is a perfect score, not NaN.
+                    let f1 = detection_scores(tp, fp, fn_).2;
+                    if f1.is_nan() {
+                        1.0
+                    } else {
+                        f1
+                    }
+                }
+                Objective::Dice => mean(&per_case.iter().map(|x| x[c].1).collect::<Vec<_>>()),
+            })
+            .collect())
+    }
+
+    fn case_counts(&self, case: &OofCase, threshold: f64, filter: &LesionFilter) -> CaseCounts {
+        let mut labels = match (&case.foreground, self.names.len()) {
+            (Some(p), 2) => p.mapv(|v| u8::from(v as f64 >= threshold)),
+            _ => case.pred.clone(),
+        };
+        extract_lesions(
+            &mut labels,
+            &case.geometry,
+            self.names,
+            filter,
+            0,
+            |_, _| Probe::default(),
+        );
+        let dims = case.geometry.shape();
+        let grid = LesionGrid {
+            dims,
+            voxel_mm3: case.geometry.array_spacing().iter().product(),
+            affine: case.geometry.affine,
+        };
+        let truth = case.truth.as_slice_memory_order();
+        let pred = labels.as_slice_memory_order();
+        (1..self.names.len() as u8)
+            .map(|class| {
+                let (Some(truth), Some(pred)) = (truth, pred) else {
+                    return ((0, 0, 0), 0.0);
+                };
+                let t: Vec<bool> = truth.iter().map(|&v| v == class).collect();
+                let p: Vec<bool> = pred.iter().map(|&v| v == class).collect();
+                let both = t.iter().zip(&p).filter(|(a, b)| **a && **b).count();
+                let sum = t.iter().filter(|v| **v).count() + p.iter().filter(|v| **v).count();
+                let dice = if sum == 0 {
+                    1.0
+                } else {
+                    2.0 * both as f64 / sum as f64
+                };
+                let counts = if self.objectives[class as usize - 1] == Objective::LesionF1 {
+                    let m = match_lesions(&case.case, class as u32, &t, &p, grid, 0.0, &|_, _| 1.0);
+                    (m.tp(), m.fp(), m.fn_())
+                } else {
+                    (0, 0, 0)
+                };
+                (counts, dice)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1 mm grid of `[nk, nj, ni]` with cubes of `class` (side `s` at corner `at`) drawn in.
+    fn draw(dims: [usize; 3], cubes: &[([usize; 3], usize, u8)]) -> Array3<u8> {
+        let mut a = Array3::zeros(dims);
+        for &([k, j, i], s, class) in cubes {
+            a.slice_mut(ndarray::s![k..k + s, j..j + s, i..i + s])
+                .fill(class);
+        }
+        a
+    }
+
+    fn case(truth: Array3<u8>, pred: Array3<u8>, foreground: Option<Array3<f32>>) -> OofCase {
+        let [nk, nj, ni] = [truth.dim().0, truth.dim().1, truth.dim().2];
+        OofCase {
+            case: "c".into(),
+            geometry: Geometry::new(
+                [ni, nj, nk],
+                [
+                    [1.0, 0.0, 0.0, 0.0],
+                    [0.0, 1.0, 0.0, 0.0],
+                    [0.0, 0.0, 1.0, 0.0],
+                    [0.0, 0.0, 0.0, 1.0],
+                ],
+            ),
+            truth,
+            pred,
+            foreground,
+        }
+    }
+
+    fn start() -> Setting {
+        Setting {
+            threshold: 0.5,
+            min_lesion_mm3: 0.0,
+            keep_largest: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn finds_the_smallest_size_that_drops_only_false_positives() {
+        // True lesions of 4³ = 64 mm³; false positives of 2³ = 8 mm³ beside them.
+        let dims = [20, 20, 20];
+        let truth = draw(dims, &[([2, 2, 2], 4, 1), ([12, 12, 12], 4, 1)]);
+        let pred = draw(
+            dims,
+            &[
+                ([2, 2, 2], 4, 1),
+                ([12, 12, 12], 4, 1),
+                ([2, 14, 2], 2, 1),
+                ([14, 2, 14], 2, 1),
+            ],
+        );
+        let cases = [case(truth, pred, None)];
+        let names = vec!["background".to_string(), "lesion".to_string()];
+        let filter = LesionFilter {
+            min_volume_mm3: 0.0,
+            keep_largest: Vec::new(),
+            roi: None,
+        };
+        let space = SearchSpace {
+            thresholds: vec![0.5],
+            min_lesion_mm3: vec![0.0, 5.0, 10.0, 100.0],
+        };
+        let p = search_postprocessing(
+            &cases,
+            &names,
+            &[Objective::LesionF1],
+            &filter,
+            &start(),
+            &space,
+        )
+        .unwrap();
+        // 8 mm³ components go at 10 mm³, the 64 mm³ lesions stay; 100 mm³ would drop them too.
+        assert_eq!(p.chosen.min_lesion_mm3, 10.0);
+        assert!((p.score_before - 2.0 * 2.0 / (2.0 * 2.0 + 2.0)).abs() < 1e-9);
+        assert!((p.score - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn picks_the_threshold_and_keep_largest_that_help() {
+        // Two-class: the lesion has probability 0.65, a false blob 0.45; threshold 0.5 already
+        // separates them, 0.7 would lose the lesion and 0.4 keep the blob.
+        let dims = [16, 16, 16];
+        let truth = draw(dims, &[([2, 2, 2], 5, 1)]);
+        let mut p = Array3::<f32>::zeros(dims);
+        p.slice_mut(ndarray::s![2..7, 2..7, 2..7]).fill(0.65);
+        p.slice_mut(ndarray::s![10..14, 10..14, 10..14]).fill(0.45);
+        let cases = [case(truth.clone(), truth.clone(), Some(p))];
+        let names = vec!["background".to_string(), "lesion".to_string()];
+        let filter = LesionFilter {
+            min_volume_mm3: 0.0,
+            keep_largest: Vec::new(),
+            roi: None,
+        };
+        let s = Setting {
+            threshold: 0.3,
+            ..start()
+        };
+        let space = SearchSpace {
+            thresholds: vec![0.3, 0.4, 0.5, 0.7],
+            min_lesion_mm3: vec![0.0],
+        };
+        let found =
+            search_postprocessing(&cases, &names, &[Objective::LesionF1], &filter, &s, &space)
+                .unwrap();
+        assert_eq!(found.chosen.threshold, 0.5);
+        assert!(found.score > found.score_before);
+
+        // An organ with a stray island: keep-largest raises its Dice and is chosen.
+        let truth = draw(dims, &[([2, 2, 2], 8, 1)]);
+        let pred = draw(dims, &[([2, 2, 2], 8, 1), ([12, 12, 12], 3, 1)]);
+        let cases = [case(truth, pred, None)];
+        let names = vec!["background".to_string(), "liver".to_string()];
+        let found = search_postprocessing(
+            &cases,
+            &names,
+            &[Objective::Dice],
+            &filter,
+            &start(),
+            &SearchSpace {
+                thresholds: vec![0.5],
+                min_lesion_mm3: vec![0.0],
+            },
+        )
+        .unwrap();
+        assert_eq!(found.chosen.keep_largest, vec!["liver".to_string()]);
+        assert!((found.score - 1.0).abs() < 1e-9);
+    }
+}
