@@ -120,8 +120,11 @@ pub struct ChannelFingerprint {
     pub name: String,
     /// From the name.
     pub modality: Modality,
-    /// Intensities under the labels, sampled over every case.
+    /// Intensities under the labels, sampled over every case with each class weighted equally,
+    /// so a large organ does not set a window its lesions fall outside.
     pub foreground: Distribution,
+    /// Intensities under each foreground class, class 1 first.
+    pub classes: Vec<Distribution>,
 }
 
 /// One foreground class.
@@ -162,8 +165,8 @@ pub struct Fingerprint {
 /// What one case contributes, before aggregation.
 struct CaseSample {
     case: CaseFingerprint,
-    /// Per channel.
-    intensities: Vec<Vec<f32>>,
+    /// Per channel, per foreground class.
+    intensities: Vec<Vec<Vec<f32>>>,
     /// Per class: component volumes, mm³.
     components: Vec<Vec<f64>>,
 }
@@ -283,16 +286,24 @@ fn sample_case(entry: &CaseEntry, classes: usize, labels: &LabelMap) -> Result<C
     })?;
     let class_of: Vec<u8> = on_image.iter().copied().collect();
     let foreground = class_of.iter().filter(|c| **c > 0).count();
-    let stride = foreground.div_ceil(SAMPLES_PER_CASE).max(1);
+    // Up to SAMPLES_PER_CASE per class, evenly strided.
+    let counts: Vec<usize> = (1..classes as u8)
+        .map(|k| class_of.iter().filter(|c| **c == k).count())
+        .collect();
     let intensities = (0..scan.voxels.dim().0)
         .map(|ch| {
             let image = scan.voxels.index_axis(ndarray::Axis(0), ch);
-            image
-                .iter()
-                .zip(&class_of)
-                .filter(|(_, c)| **c > 0)
-                .map(|(v, _)| *v)
-                .step_by(stride)
+            (1..classes as u8)
+                .map(|k| {
+                    let stride = counts[k as usize - 1].div_ceil(SAMPLES_PER_CASE).max(1);
+                    image
+                        .iter()
+                        .zip(&class_of)
+                        .filter(|(_, c)| **c == k)
+                        .map(|(v, _)| *v)
+                        .step_by(stride)
+                        .collect()
+                })
                 .collect()
         })
         .collect();
@@ -331,14 +342,40 @@ fn aggregate(
         .iter()
         .enumerate()
         .map(|(ch, name)| {
-            let values: Vec<f32> = samples
+            let per_class: Vec<Vec<f32>> = (0..m.labels.len().saturating_sub(1))
+                .map(|k| {
+                    samples
+                        .iter()
+                        .flat_map(|s| {
+                            s.intensities
+                                .get(ch)
+                                .and_then(|c| c.get(k))
+                                .cloned()
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .collect();
+            // Each class thinned to the smallest class's count, then pooled.
+            let n = per_class
                 .iter()
-                .flat_map(|s| s.intensities.get(ch).cloned().unwrap_or_default())
+                .map(Vec::len)
+                .filter(|n| *n > 0)
+                .min()
+                .unwrap_or(0);
+            let pooled: Vec<f32> = per_class
+                .iter()
+                .filter(|v| !v.is_empty())
+                .flat_map(|v| {
+                    let stride = v.len() as f64 / n as f64;
+                    (0..n).map(move |i| v[(i as f64 * stride) as usize])
+                })
                 .collect();
             ChannelFingerprint {
                 name: name.clone(),
                 modality: Modality::of(name),
-                foreground: Distribution::of(&values),
+                foreground: Distribution::of(&pooled),
+                classes: per_class.iter().map(|v| Distribution::of(v)).collect(),
             }
         })
         .collect();
@@ -403,5 +440,31 @@ mod tests {
         let d = Distribution::of(&v);
         assert_eq!((d.min, d.p50, d.max, d.count), (0.0, 50.0, 100.0, 101));
         assert!((d.p05 - 5.0).abs() < 1e-9 && (d.mean - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_large_organ_does_not_set_the_intensity_window_alone() {
+        // The lung (class 1) outnumbers the nodules (class 2) a hundred to one.
+        let m = Manifest {
+            cases: Vec::new(),
+            channels: vec!["CT".into()],
+            labels: vec!["background".into(), "lung".into(), "nodule".into()],
+        };
+        let sample = CaseSample {
+            case: CaseFingerprint {
+                id: "c".into(),
+                spacing: [1.0; 3],
+                shape: [1; 3],
+                foreground_voxels: 0,
+                foreground_mm3: 0.0,
+            },
+            intensities: vec![vec![vec![-800.0; 10_000], vec![50.0; 100]]],
+            components: vec![Vec::new(), Vec::new()],
+        };
+        let f = aggregate("m".into(), "k".into(), &m, vec![sample]);
+        let ch = &f.channels[0];
+        assert_eq!((ch.foreground.p00_5, ch.foreground.p99_5), (-800.0, 50.0));
+        assert_eq!(ch.classes[0].count, 10_000);
+        assert_eq!(ch.classes[1].p50, 50.0);
     }
 }

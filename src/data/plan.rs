@@ -503,7 +503,7 @@ fn plan_intensity(fp: &Fingerprint, config: &mut RunConfig, d: &mut Decisions) {
             Modality::Ct => {
                 let f = &ch.foreground;
                 d.say("preprocess.intensity", format!("{}: ct [{:.0}, {:.0}]", ch.name, f.p00_5, f.p99_5), format!(
-                    "CT keeps its units across scans: clip to the foreground's 0.5-99.5th percentiles, then z-score with its mean {:.1} and std {:.1} (nnU-Net CTNormalization)", f.mean, f.std));
+                    "CT keeps its units across scans: clip to the 0.5-99.5th percentiles of the labelled voxels (each class weighted equally, so a large organ does not clip its lesions), then z-score with their mean {:.1} and std {:.1} (nnU-Net CTNormalization)", f.mean, f.std));
                 IntensityConfig {
                     scheme: IntensityScheme::Ct,
                     window: vec![f.p00_5, f.p99_5],
@@ -668,6 +668,7 @@ mod tests {
                 name: modality.into(),
                 modality: Modality::of(modality),
                 foreground: d(0.0, 0.0),
+                classes: Vec::new(),
             }],
             classes: vec![
                 ClassFingerprint {

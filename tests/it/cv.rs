@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 use crate::common::{bin, cache};
 
 const CONFIG: &str = "configs/liver-ct-2d.toml";
+const BURN_OPS: &str = "model.kernels=\"burn\"";
+/// Runs that only need to start: no validation case, so no validation and no temperature fit.
+const NO_VALIDATION: &str = "data.validation_cases=[]";
 
 fn medseg(args: &[&str]) -> Output {
     Command::new(bin())
@@ -36,14 +39,15 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The foreground probability map a `segment --save-probabilities` wrote for `example_ct`.
+/// The foreground probability map a `segment --save-probabilities` wrote for `example_ct_sm`.
 fn probabilities(dir: &Path) -> Vec<f32> {
-    let v = medseg::io::read_nifti(&dir.join("example_ct_probabilities.nii.gz")).unwrap();
+    let v = medseg::io::read_nifti(&dir.join("example_ct_sm_probabilities.nii.gz")).unwrap();
     v.voxels.iter().copied().collect()
 }
 
 fn segment(model: &Path, out: &Path) -> String {
-    let scan = root().join("datasets/cache/totalsegmentator/example_ct.nii.gz");
+    // TotalSegmentator's smaller sample CT: four segmentations of it stay quick.
+    let scan = root().join("datasets/cache/totalsegmentator/example_ct_sm.nii.gz");
     ok(&medseg(&[
         "segment",
         "--model",
@@ -78,6 +82,8 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
     let tmp = tempfile::tempdir().unwrap();
     let cv = tmp.path().join("cv");
     let dir = format!("output.dir={:?}", cv.display().to_string());
+    // burn's own ops: this test binary is a debug build, and they are optimised in it (medseg's
+    // kernels are not; they have their own tests).
     let args = [
         "train",
         "--config",
@@ -90,6 +96,8 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         "train.steps_per_epoch=3",
         "--set",
         &dir,
+        "--set",
+        BURN_OPS,
         "--quiet",
     ];
     let said = ok(&medseg(&args));
@@ -218,6 +226,12 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         &format!("output.dir={:?}", tuned.display().to_string()),
         "--set",
         "train.freeze_encoder_epochs=1",
+        "--set",
+        NO_VALIDATION,
+        "--set",
+        "data.validation_fraction=0.0",
+        "--set",
+        BURN_OPS,
     ]));
     let log = std::fs::read_to_string(tuned.join("train.log")).unwrap();
     assert!(log.contains("initialised from"), "{said}\n{log}");
@@ -241,7 +255,11 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         "--set",
         "train.steps_per_epoch=1",
         "--set",
-        "validate.every=0",
+        NO_VALIDATION,
+        "--set",
+        "data.validation_fraction=0.0",
+        "--set",
+        BURN_OPS,
         "--set",
         &format!("output.dir={:?}", other.display().to_string()),
     ]));
