@@ -98,6 +98,10 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         &dir,
         "--set",
         BURN_OPS,
+        // Each fold still fits its temperature on its validation case; a validation pass more
+        // would only slow the test.
+        "--set",
+        "validate.every=0",
         "--quiet",
     ];
     let said = ok(&medseg(&args));
@@ -331,6 +335,12 @@ fn plan_writes_a_commented_config_that_trains() {
         "train.epochs=1",
         "--set",
         "train.steps_per_epoch=2",
+        "--set",
+        NO_VALIDATION,
+        "--set",
+        "data.validation_fraction=0.0",
+        "--set",
+        "data.folds=1",
         "--set",
         &format!("output.dir={:?}", run.display().to_string()),
         "--quiet",
