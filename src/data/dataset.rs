@@ -508,6 +508,21 @@ pub struct Dataset {
     pub split: Split,
 }
 
+/// The manifest `[data]` names, and its path: `dataset.json` under `root`, or the CSV file.
+pub fn read_manifest(data: &crate::config::DataConfig) -> Result<(PathBuf, manifest::Manifest)> {
+    match data.format {
+        DataFormat::Decathlon => Ok((
+            data.root.join("dataset.json"),
+            manifest::read_decathlon(&data.root)?,
+        )),
+        DataFormat::Csv => {
+            let path = data.root.join(&data.manifest);
+            let m = manifest::read_csv(&path, &data.root)?;
+            Ok((path, m))
+        }
+    }
+}
+
 /// The manifest's cases with the channel and label names the run uses (the config's, else the
 /// manifest's), every file checked to exist.
 struct Sources {
@@ -519,17 +534,7 @@ struct Sources {
 
 impl Sources {
     fn read(data: &crate::config::DataConfig) -> Result<Sources> {
-        let (path, manifest) = match data.format {
-            DataFormat::Decathlon => (
-                data.root.join("dataset.json"),
-                manifest::read_decathlon(&data.root)?,
-            ),
-            DataFormat::Csv => {
-                let path = data.root.join(&data.manifest);
-                let m = manifest::read_csv(&path, &data.root)?;
-                (path, m)
-            }
-        };
+        let (path, manifest) = read_manifest(data)?;
         let or = |given: &Vec<String>, found: Vec<String>| {
             if given.is_empty() {
                 found

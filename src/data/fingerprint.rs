@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::dataset::{label_onto_image, source_key, LabelMap, SpatialPlan};
-use super::manifest::{self, CaseEntry, Manifest};
-use crate::config::{DataConfig, DataFormat};
+use super::manifest::{CaseEntry, Manifest};
+use crate::config::DataConfig;
 use crate::error::{Error, Result};
 use crate::io;
 use crate::transforms::intensity::{mean_std, percentiles};
@@ -173,17 +173,7 @@ struct CaseSample {
 
 /// The manifest `data` names, with channel and class names (the config's, else the manifest's).
 pub fn read_manifest(data: &DataConfig) -> Result<(PathBuf, Manifest)> {
-    let (path, mut m) = match data.format {
-        DataFormat::Decathlon => (
-            data.root.join("dataset.json"),
-            manifest::read_decathlon(&data.root)?,
-        ),
-        DataFormat::Csv => {
-            let path = data.root.join(&data.manifest);
-            let m = manifest::read_csv(&path, &data.root)?;
-            (path, m)
-        }
-    };
+    let (path, mut m) = super::dataset::read_manifest(data)?;
     if !data.channels.is_empty() {
         m.channels = data.channels.clone();
     }

@@ -130,8 +130,9 @@ impl CostLine {
 /// The target spacing `[x, y, z]` mm and why: the per-axis median, except that an axis both
 /// [`ANISO_THRESHOLD`]× coarser than the finest and with 3× fewer voxels takes its 10th
 /// percentile (never finer than the other axes), so thick-slice outliers do not set the grid
-/// (nnU-Net v2's `determine_fullres_target_spacing`).
-pub fn target_spacing(fp: &Fingerprint) -> ([f64; 3], String) {
+/// (nnU-Net v2's `determine_fullres_target_spacing`). `fp` holds at least one case ([`plan`]
+/// checks).
+pub(crate) fn target_spacing(fp: &Fingerprint) -> ([f64; 3], String) {
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

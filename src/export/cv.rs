@@ -4,7 +4,7 @@
 
 use crate::config::{LabelCode, RunConfig};
 use crate::data::dataset::{LabelMap, Split};
-use crate::data::manifest::{self, Manifest};
+use crate::data::manifest::Manifest;
 use crate::error::{Error, Result};
 use crate::eval::search::{
     read_oof_cases, search_postprocessing, Objective, Postprocessing, SearchSpace, Setting,
@@ -20,13 +20,7 @@ use super::segment_case;
 
 /// The training cases the run's `[data]` names.
 fn read_manifest(config: &RunConfig) -> Result<Manifest> {
-    match config.data.format {
-        crate::config::DataFormat::Decathlon => manifest::read_decathlon(&config.data.root),
-        crate::config::DataFormat::Csv => manifest::read_csv(
-            &config.data.root.join(&config.data.manifest),
-            &config.data.root,
-        ),
-    }
+    Ok(crate::data::dataset::read_manifest(&config.data)?.1)
 }
 
 /// Segments fold `fold`'s validation cases with its own model into `cv.oof()`: masks before any
