@@ -41,6 +41,18 @@ pub enum IntensityScheme {
     None,
 }
 
+/// What cross-validation folds are made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FoldBy {
+    /// Whole groups (the `group` of each case: patient, host); a case without one is its own.
+    #[default]
+    Group,
+    /// Single cases, groups ignored: every fold trains on every group, and the out-of-fold score
+    /// is optimistic by what a group shares between its cases.
+    Case,
+}
+
 /// Learning-rate decay after the warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -237,6 +249,8 @@ pub struct DataConfig {
     pub folds: usize,
     /// The fold validated on, 0-based (below `folds`).
     pub fold: usize,
+    /// Folds of whole groups (`group`, the default) or of single cases (`case`).
+    pub fold_by: FoldBy,
     /// Explicit validation / test case ids; when given they override the fractions.
     pub validation_cases: Vec<String>,
     /// Explicit test case ids; when given they override `test_fraction`.
@@ -266,6 +280,7 @@ impl Default for DataConfig {
             test_fraction: 0.0,
             folds: 0,
             fold: 0,
+            fold_by: FoldBy::Group,
             validation_cases: Vec::new(),
             test_cases: Vec::new(),
             seed: 42,

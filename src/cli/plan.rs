@@ -25,7 +25,8 @@ pub struct Args {
     /// The device the plan is measured on and trains on: cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Cross-validation folds the budget is shared by (nnU-Net: 5); at most the dataset's groups.
+    /// Cross-validation folds the budget is shared by (nnU-Net: 5): of whole groups when each fold
+    /// still trains on two or more, else of single cases.
     #[arg(long, default_value_t = 5)]
     folds: usize,
     /// Memory a training step may hold, e.g. `8GiB`; default: half of this machine's memory.
@@ -111,10 +112,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })
     .with_context(|| format!("fingerprinting {} failed", args.data.display()))?;
     bar.finish_and_clear();
-    let folds = fold_count(&base, args.folds)?;
+    let (folds, fold_by, fold_why) = fold_count(&base, args.folds)?;
     let request = PlanRequest {
         budget_seconds: args.budget,
         folds,
+        fold_by: (fold_by, fold_why),
         max_memory: args.max_memory.map_or_else(half_of_memory, |b| b.as_u64()),
     };
     let mut measured = Vec::new();
@@ -156,8 +158,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Folds as asked, but no more than the dataset's groups (a group stays in one fold).
-fn fold_count(base: &RunConfig, asked: usize) -> anyhow::Result<usize> {
+/// Folds as asked (no more than the cases), of whole groups or of single cases
+/// ([`medseg::data::plan::fold_scheme`]).
+fn fold_count(
+    base: &RunConfig,
+    asked: usize,
+) -> anyhow::Result<(usize, medseg::config::FoldBy, String)> {
     let (_, m) = medseg::data::fingerprint::read_manifest(&base.data)?;
     let groups: std::collections::BTreeSet<String> = m
         .cases
@@ -167,14 +173,11 @@ fn fold_count(base: &RunConfig, asked: usize) -> anyhow::Result<usize> {
     if asked == 0 {
         super::usage!("--folds must be at least 1");
     }
-    if groups.len() < asked {
-        eprintln!(
-            "warning: {} group(s) in the dataset, fewer than --folds {asked}: planning {} folds",
-            groups.len(),
-            groups.len().max(1)
-        );
+    let scheme = medseg::data::plan::fold_scheme(asked, groups.len(), m.cases.len());
+    if scheme.1 == medseg::config::FoldBy::Case {
+        eprintln!("note: {}", scheme.2);
     }
-    Ok(asked.min(groups.len()).max(1))
+    Ok(scheme)
 }
 
 /// The step of candidate `c` on the plan's device, timed on two steps after a warm-up.

@@ -428,6 +428,11 @@ pub fn split_cases(
         rest.retain(|c| !config.validation_cases.contains(c));
         config.validation_cases.clone()
     } else if config.folds > 1 {
+        let none = BTreeMap::new();
+        let groups = match config.fold_by {
+            crate::config::FoldBy::Group => groups,
+            crate::config::FoldBy::Case => &none,
+        };
         let fold_of = assign_folds(&rest, groups, config.folds, &mut rng)?;
         let (val, train): (Vec<String>, Vec<String>) = rest
             .iter()
@@ -933,6 +938,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("4 group(s)"), "{e}");
+        // Case folds ignore the groups: 5 folds of 2, and some host on both sides of a fold.
+        let by_case: Vec<Split> = (0..5)
+            .map(|fold| {
+                let c = DataConfig {
+                    fold,
+                    fold_by: crate::config::FoldBy::Case,
+                    ..too_many.clone()
+                };
+                split_cases(&ids, &groups, &c).unwrap()
+            })
+            .collect();
+        assert!(by_case.iter().all(|s| s.validation.len() == 2));
+        let mixed = by_case.iter().any(|s| {
+            ["h1", "h2", "h3"].iter().any(|h| {
+                s.train.iter().any(|c| c.starts_with(h))
+                    && s.validation.iter().any(|c| c.starts_with(h))
+            })
+        });
+        assert!(mixed, "{by_case:?}");
     }
 
     #[test]
