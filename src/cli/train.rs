@@ -224,6 +224,12 @@ fn say_postprocessing(p: &Postprocessing, cv: &CvRun) {
         p.before.keep_largest,
         p.chosen.keep_largest
     );
+    if p.best != p.chosen {
+        println!(
+            "  the best on these cases, min_lesion_mm3 {} at threshold {} (score {:.4} against {:.4}), leads by less than its noise ({:.4}): the nearer setting is kept",
+            p.best.min_lesion_mm3, p.best.threshold, p.best_score, p.score, p.noise
+        );
+    }
     for c in &p.classes {
         let what = match c.objective {
             Objective::LesionF1 => "lesion F1",

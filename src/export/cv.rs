@@ -126,10 +126,19 @@ pub fn choose_postprocessing(cv: &CvRun) -> Result<Postprocessing> {
     let labels = LabelMap::new(config.data.labels.len(), &config.data.label_values);
     let cases = read_oof_cases(&cv.oof(), &truth, &labels)?;
     let segment = &config.segment;
-    let start = Setting {
-        threshold: segment.threshold,
-        min_lesion_mm3: segment.min_lesion_mm3,
-        keep_largest: segment.keep_largest.clone(),
+    // A rerun starts where the first search did, not from what it chose: the search prefers
+    // settings near its start.
+    #[derive(serde::Deserialize)]
+    struct Earlier {
+        before: Setting,
+    }
+    let start = match read_json::<Earlier>(&cv.postprocessing()) {
+        Ok(earlier) => earlier.before,
+        Err(_) => Setting {
+            threshold: segment.threshold,
+            min_lesion_mm3: segment.min_lesion_mm3,
+            keep_largest: segment.keep_largest.clone(),
+        },
     };
     let filter = LesionFilter::from_config(segment, &config.data.labels)?;
     let found = search_postprocessing(
