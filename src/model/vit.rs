@@ -221,6 +221,21 @@ impl Vit {
         }
     }
 
+    /// The token grid the learned position embedding was trained on.
+    pub(super) fn grid(&self) -> [usize; 3] {
+        self.grid
+    }
+
+    /// The learned position embedding resampled to `grid` (`None` with sinusoidal embeddings).
+    ///
+    /// # Shapes
+    /// - output: `[1, d·h·w, E]`
+    pub(super) fn position_on(&self, grid: [usize; 3]) -> Option<Tensor<3>> {
+        self.position
+            .as_ref()
+            .map(|p| self.resize_position(p.val(), grid))
+    }
+
     /// The learned embedding on `grid`: as stored when it is the training grid, else resampled
     /// (bilinear per plane, then along depth) like ViT's interpolated position embeddings.
     ///

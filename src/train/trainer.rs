@@ -446,15 +446,21 @@ impl Trainer {
     /// Starts the model from `source`'s parameters wherever name and shape match; refuses a
     /// source of which nothing matches.
     fn init_from(&mut self, source: &Checkpoint) -> Result<Transfer> {
-        let (_, model) = crate::model::load(&source.dir, &self.autodiff)?;
-        let (model, report) = transfer_parameters(self.model.clone(), &model);
+        let (source_config, model) = crate::model::load(&source.dir, &self.autodiff)?;
+        let (model, report) = transfer_parameters(
+            self.model.clone(),
+            &self.model_config,
+            &model,
+            &source_config,
+        );
         let values = |list: &[crate::model::transfer::ParamEntry]| -> usize {
             list.iter()
                 .filter_map(|p| p.shape.as_ref())
                 .map(|s| s.iter().product::<usize>())
                 .sum()
         };
-        let (loaded, fresh) = (values(&report.loaded), values(&report.reinitialised));
+        let loaded = values(&report.loaded) + values(&report.adapted);
+        let fresh = values(&report.reinitialised);
         // A few class-sized biases match any model: under a tenth taken is nothing to start from.
         if loaded * 10 < loaded + fresh {
             return Err(Error::Checkpoint {
@@ -462,7 +468,7 @@ impl Trainer {
                 reason: format!(
                     "too little of it matches this model by name and shape ({loaded} of {} parameter values, {} tensors); is it a checkpoint of another preset or widths?",
                     loaded + fresh,
-                    report.loaded.len()
+                    report.loaded.len() + report.adapted.len()
                 ),
             });
         }
@@ -711,15 +717,41 @@ fn adopt_preprocessing(
             on_event,
         );
     }
-    if *mine != *theirs {
+    // Name only what differs, with both values.
+    let mut differs = Vec::new();
+    if mine.spacing != theirs.spacing {
+        differs.push(format!(
+            "spacing {:?} vs {:?}",
+            mine.spacing, theirs.spacing
+        ));
+    }
+    let intensity = |v: &[crate::config::IntensityConfig]| -> Vec<String> {
+        v.iter()
+            .map(|i| {
+                format!(
+                    "{:?} {:?} mean {:?} std {:?}",
+                    i.scheme, i.window, i.mean, i.std
+                )
+            })
+            .collect()
+    };
+    if mine.intensity != theirs.intensity {
+        let (a, b) = (intensity(&mine.intensity), intensity(&theirs.intensity));
+        differs.push(format!("intensity {a:?} vs {b:?}"));
+    }
+    if (mine.reorient, mine.crop_to_nonzero) != (theirs.reorient, theirs.crop_to_nonzero) {
+        differs.push(format!(
+            "reorient / crop_to_nonzero {:?} vs {:?}",
+            (mine.reorient, mine.crop_to_nonzero),
+            (theirs.reorient, theirs.crop_to_nonzero)
+        ));
+    }
+    if !differs.is_empty() {
         log.line(
             &format!(
-                "warning: the config's preprocessing differs from {}'s (spacing {:?} vs {:?}, intensity {:?} vs {:?}); the pre-trained features saw the latter",
+                "warning: the config's preprocessing differs from {}'s ({}); the pre-trained features saw the latter",
                 source.dir.display(),
-                mine.spacing,
-                theirs.spacing,
-                mine.intensity.iter().map(|i| i.scheme).collect::<Vec<_>>(),
-                theirs.intensity.iter().map(|i| i.scheme).collect::<Vec<_>>()
+                differs.join("; ")
             ),
             on_event,
         );
@@ -758,10 +790,15 @@ fn start_weights(
 /// What fine-tuning took: counts per module, then every parameter not taken, with its shapes.
 fn transfer_table(report: &Transfer, source: &Checkpoint) -> Vec<String> {
     let module = |name: &str| name.split('.').next().unwrap_or(name).to_string();
-    let mut rows: std::collections::BTreeMap<String, [usize; 3]> = Default::default();
-    for (i, list) in [&report.loaded, &report.reinitialised, &report.ignored]
-        .into_iter()
-        .enumerate()
+    let mut rows: std::collections::BTreeMap<String, [usize; 4]> = Default::default();
+    for (i, list) in [
+        &report.loaded,
+        &report.adapted,
+        &report.reinitialised,
+        &report.ignored,
+    ]
+    .into_iter()
+    .enumerate()
     {
         for p in list {
             rows.entry(module(&p.name)).or_default()[i] += 1;
@@ -770,14 +807,22 @@ fn transfer_table(report: &Transfer, source: &Checkpoint) -> Vec<String> {
     let mut lines = vec![
         format!("initialised from {}:", source.dir.display()),
         format!(
-            "  {:<10} {:>7} {:>15} {:>8}",
-            "module", "loaded", "re-initialised", "ignored"
+            "  {:<10} {:>7} {:>8} {:>15} {:>8}",
+            "module", "loaded", "adapted", "re-initialised", "ignored"
         ),
     ];
-    for (m, [l, r, i]) in &rows {
-        lines.push(format!("  {m:<10} {l:>7} {r:>15} {i:>8}"));
+    for (m, [l, a, r, i]) in &rows {
+        lines.push(format!("  {m:<10} {l:>7} {a:>8} {r:>15} {i:>8}"));
     }
     let shape = |s: &Option<Vec<usize>>| s.as_ref().map_or("-".into(), |s| format!("{s:?}"));
+    for p in &report.adapted {
+        lines.push(format!(
+            "  adapted {} {} (source: {})",
+            p.name,
+            shape(&p.shape),
+            shape(&p.source_shape)
+        ));
+    }
     for p in &report.reinitialised {
         lines.push(format!(
             "  re-initialised {} {} (source: {})",
