@@ -112,11 +112,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })
     .with_context(|| format!("fingerprinting {} failed", args.data.display()))?;
     bar.finish_and_clear();
-    let (folds, fold_by, fold_why) = fold_count(&base, args.folds)?;
+    let folds = fold_count(&base, args.folds)?;
     let request = PlanRequest {
         budget_seconds: args.budget,
         folds,
-        fold_by: (fold_by, fold_why),
         max_memory: args.max_memory.map_or_else(half_of_memory, |b| b.as_u64()),
     };
     let mut measured = Vec::new();
@@ -146,24 +145,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         explain(&fp, &plan);
     }
     println!(
-        "plan written to {}: {} {} model, patch {}, {} epochs of {} steps; train it with `medseg train --config {} --folds {folds}`",
+        "plan written to {}: {} {} model, patch {}, {} epochs of {} steps; train it with `medseg train --config {} --folds {}`",
         args.output.display(),
         if plan.config.is_3d() { "3D" } else { "2.5D" },
         plan.config.model.preset.name(),
         plan.config.sampling.patch_size,
         plan.config.train.epochs,
         plan.config.train.steps_per_epoch,
-        args.output.display()
+        args.output.display(),
+        request.folds.count
     );
     Ok(())
 }
 
 /// Folds as asked (no more than the cases), of whole groups or of single cases
 /// ([`medseg::data::plan::fold_scheme`]).
-fn fold_count(
-    base: &RunConfig,
-    asked: usize,
-) -> anyhow::Result<(usize, medseg::config::FoldBy, String)> {
+fn fold_count(base: &RunConfig, asked: usize) -> anyhow::Result<medseg::data::plan::FoldScheme> {
     let (_, m) = medseg::data::fingerprint::read_manifest(&base.data)?;
     let groups: std::collections::BTreeSet<String> = m
         .cases
@@ -174,8 +171,8 @@ fn fold_count(
         super::usage!("--folds must be at least 1");
     }
     let scheme = medseg::data::plan::fold_scheme(asked, groups.len(), m.cases.len());
-    if scheme.1 == medseg::config::FoldBy::Case {
-        eprintln!("note: {}", scheme.2);
+    if scheme.by == medseg::config::FoldBy::Case {
+        eprintln!("note: {}", scheme.why);
     }
     Ok(scheme)
 }
@@ -235,12 +232,12 @@ fn header(
             fp.cases.len(),
             request.budget_seconds,
             args.device,
-            request.folds
+            request.folds.count
         ),
         format!(
             "  medseg train --config {} --folds {}",
             args.output.display(),
-            request.folds
+            request.folds.count
         ),
         "Step times measured on this device:".into(),
     ];

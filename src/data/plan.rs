@@ -71,12 +71,21 @@ pub struct StepCost {
 pub struct PlanRequest {
     /// Training time for the whole plan (every fold), seconds.
     pub budget_seconds: f64,
-    /// Cross-validation folds (1: one run with a validation share).
-    pub folds: usize,
-    /// What the folds are made of, and why ([`fold_scheme`]).
-    pub fold_by: (FoldBy, String),
+    /// Cross-validation folds, what they are made of and why ([`fold_scheme`]).
+    pub folds: FoldScheme,
     /// Memory a training step may hold, bytes.
     pub max_memory: u64,
+}
+
+/// Cross-validation folds as planned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldScheme {
+    /// How many (1: one run with a validation share).
+    pub count: usize,
+    /// Of whole groups or of single cases.
+    pub by: FoldBy,
+    /// Why.
+    pub why: String,
 }
 
 /// One choice and why.
@@ -193,7 +202,7 @@ pub fn plan(
 ) -> Result<Plan> {
     if request.budget_seconds.is_nan()
         || request.budget_seconds <= 0.0
-        || request.folds == 0
+        || request.folds.count == 0
         || fp.cases.is_empty()
     {
         return Err(Error::Config {
@@ -216,11 +225,12 @@ pub fn plan(
     let dims = planner.dims(&grid)?;
     let chosen = planner.model(&grid, dims, &mut config)?;
     let mut decisions = planner.decisions;
-    config.data.folds = request.folds;
-    if request.folds > 1 {
-        config.data.fold_by = request.fold_by.0;
-        let value = format!("{:?}", request.fold_by.0).to_lowercase();
-        decisions.say("data.fold_by", value, request.fold_by.1.clone());
+    let folds = &request.folds;
+    config.data.folds = folds.count;
+    if folds.count > 1 {
+        config.data.fold_by = folds.by;
+        let value = format!("{:?}", folds.by).to_lowercase();
+        decisions.say("data.fold_by", value, folds.why.clone());
     }
     plan_intensity(fp, &mut config, &mut decisions);
     plan_classes(fp, &mut config, &grid.spacing, &chosen, &mut decisions);
@@ -235,19 +245,18 @@ pub fn plan(
 /// out-of-fold score measures groups never trained on; otherwise single cases, because a model
 /// that sees one host of two learns that host's look (measured on the brain data: each host-fold
 /// model alone reached test lesion F1 0.37, against 0.52 for one model trained on both).
-pub fn fold_scheme(asked: usize, groups: usize, cases: usize) -> (usize, FoldBy, String) {
-    let folds = asked.min(cases).max(1);
-    if folds == 1 {
-        return (1, FoldBy::Group, "one run with a validation share".into());
-    }
-    if groups >= folds && groups - groups.div_ceil(folds) >= 2 {
-        let why = format!("{groups} groups: folds of whole groups, so each fold validates on groups it never trained on");
-        return (folds, FoldBy::Group, why);
-    }
-    let why = format!(
-        "{groups} group(s) for {folds} folds: whole groups would leave a fold training on fewer than two, so folds of single cases; the out-of-fold score is then optimistic by what a group's cases share"
-    );
-    (folds, FoldBy::Case, why)
+pub fn fold_scheme(asked: usize, groups: usize, cases: usize) -> FoldScheme {
+    let count = asked.min(cases).max(1);
+    let (by, why) = if count == 1 {
+        (FoldBy::Group, "one run with a validation share".into())
+    } else if groups >= count && groups - groups.div_ceil(count) >= 2 {
+        (FoldBy::Group, format!("{groups} groups: folds of whole groups, so each fold validates on groups it never trained on"))
+    } else {
+        (FoldBy::Case, format!(
+            "{groups} group(s) for {count} folds: whole groups would leave a fold training on fewer than two, so folds of single cases; the out-of-fold score is then optimistic by what a group's cases share"
+        ))
+    };
+    FoldScheme { count, by, why }
 }
 
 /// Decisions as they are made.
@@ -330,7 +339,7 @@ impl Planner<'_> {
     /// pass is about a third of a training step; windows overlap by VALIDATE_OVERLAP per axis.
     fn grid(&mut self, config: &mut RunConfig, why: String) -> Result<Grid> {
         let request = self.request;
-        let per_fold_total = request.budget_seconds / request.folds as f64;
+        let per_fold_total = request.budget_seconds / request.folds.count as f64;
         let reference = candidate(
             Dimensionality::TwoAndHalfD,
             ModelPreset::Tiny,
@@ -344,12 +353,12 @@ impl Planner<'_> {
             / 3.0
             / (1.0 - VALIDATE_OVERLAP).powi(2);
         let cases = self.fp.cases.len() as f64;
-        let validation_cases = if request.folds > 1 {
-            cases / request.folds as f64
+        let validation_cases = if request.folds.count > 1 {
+            cases / request.folds.count as f64
         } else {
             (cases * config.data.validation_fraction).round().max(1.0)
         };
-        let fixed_passes = 2.0 + f64::from(request.folds > 1);
+        let fixed_passes = 2.0 + f64::from(request.folds.count > 1);
         let median_voxels: f64 = self.median_shape(&self.median_spacing).iter().product();
         let pass_at = |f: f64| validation_cases * median_voxels / f.powi(3) * per_voxel;
         let factor = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0]
@@ -465,7 +474,7 @@ impl Planner<'_> {
         );
         d.say("train.epochs", epochs.to_string(), format!(
             "{per_fold:.0} s of steps per fold ({:.0} s over {} fold(s), less {:.0} whole-volume passes of about {:.0} s each) at {step:.3} s per step: {steps:.0} steps, {STEPS_PER_EPOCH} per epoch",
-            grid.per_fold_total, self.request.folds, grid.passes, grid.pass));
+            grid.per_fold_total, self.request.folds.count, grid.passes, grid.pass));
         config.sampling.patch_size =
             PatchSize::new(&chosen.patch).ok_or_else(|| Error::Config {
                 reason: format!("plan: patch {:?} is not a patch size", chosen.patch),
@@ -745,8 +754,7 @@ mod tests {
     fn request(budget_seconds: f64) -> PlanRequest {
         PlanRequest {
             budget_seconds,
-            folds: 1,
-            fold_by: (FoldBy::Group, String::new()),
+            folds: fold_scheme(1, 1, 1),
             max_memory: 64 << 30,
         }
     }
@@ -821,20 +829,18 @@ mod tests {
     #[test]
     fn folds_are_of_groups_only_when_each_trains_on_two() {
         // Five hosts, five folds: each fold trains on four.
-        assert_eq!(fold_scheme(5, 5, 40).1, FoldBy::Group);
+        assert_eq!(fold_scheme(5, 5, 40).by, FoldBy::Group);
         // Ungrouped cases are groups of one.
-        assert_eq!(fold_scheme(5, 30, 30).1, FoldBy::Group);
+        assert_eq!(fold_scheme(5, 30, 30).by, FoldBy::Group);
         // Two hosts: a host fold would train on one, so folds of cases, as many as asked.
-        let (folds, by, why) = fold_scheme(5, 2, 32);
-        assert_eq!((folds, by), (5, FoldBy::Case));
-        assert!(why.contains("optimistic"), "{why}");
+        let s = fold_scheme(5, 2, 32);
+        assert_eq!((s.count, s.by), (5, FoldBy::Case));
+        assert!(s.why.contains("optimistic"), "{}", s.why);
         // Three hosts in three folds: each trains on two.
-        assert_eq!(fold_scheme(3, 3, 9).1, FoldBy::Group);
+        assert_eq!(fold_scheme(3, 3, 9).by, FoldBy::Group);
         // Never more folds than cases; one fold is a plain run.
-        assert_eq!(fold_scheme(5, 3, 3).0, 3);
-        assert_eq!(
-            fold_scheme(1, 1, 10),
-            (1, FoldBy::Group, "one run with a validation share".into())
-        );
+        assert_eq!(fold_scheme(5, 3, 3).count, 3);
+        let one = fold_scheme(1, 1, 10);
+        assert_eq!((one.count, one.by), (1, FoldBy::Group));
     }
 }

@@ -187,6 +187,7 @@ pub fn search_postprocessing(
         names,
         objectives,
         filter,
+        resamples: resamples(cases.len()),
     };
     let thresholds = if names.len() == 2 && cases.iter().all(|c| c.foreground.is_some()) {
         space.thresholds.clone()
@@ -278,6 +279,21 @@ struct Scorer<'a> {
     names: &'a [String],
     objectives: &'a [Objective],
     filter: &'a LesionFilter,
+    /// The case resamples every noise estimate uses.
+    resamples: Vec<Vec<usize>>,
+}
+
+/// [`BOOTSTRAP`] resamples of `n` cases with replacement, seeded so a rerun chooses the same;
+/// none for fewer than two cases, which have no noise to estimate.
+fn resamples(n: usize) -> Vec<Vec<usize>> {
+    use rand::{RngExt, SeedableRng};
+    if n < 2 {
+        return Vec::new();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    (0..BOOTSTRAP)
+        .map(|_| (0..n).map(|_| rng.random_range(0..n)).collect())
+        .collect()
 }
 
 /// One case's counts per class: lesion (TP, FP, FN) and Dice.
@@ -358,18 +374,15 @@ impl Scorer<'_> {
             .collect()
     }
 
-    /// Standard error of `a`'s mean score minus `b`'s over case resamples (seeded, so a rerun
-    /// chooses the same).
+    /// Standard error of `a`'s mean score minus `b`'s over the case resamples.
     fn noise(&self, a: &Scored, b: &Scored) -> f64 {
-        use rand::{RngExt, SeedableRng};
-        let n = self.cases.len();
-        if n < 2 {
+        if self.resamples.len() < 2 {
             return 0.0;
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        let diffs: Vec<f64> = (0..BOOTSTRAP)
-            .map(|_| {
-                let pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+        let diffs: Vec<f64> = self
+            .resamples
+            .iter()
+            .map(|pick| {
                 mean(&self.aggregate(&a.per_case, pick.iter().copied()))
                     - mean(&self.aggregate(&b.per_case, pick.iter().copied()))
             })
@@ -458,6 +471,19 @@ mod tests {
         }
     }
 
+    fn lesion_names() -> Vec<String> {
+        vec!["background".to_string(), "lesion".to_string()]
+    }
+
+    /// No size limit, no keep-largest, no region of interest.
+    fn no_filter() -> LesionFilter {
+        LesionFilter {
+            min_volume_mm3: 0.0,
+            keep_largest: Vec::new(),
+            roi: None,
+        }
+    }
+
     fn start() -> Setting {
         Setting {
             threshold: 0.5,
@@ -481,12 +507,7 @@ mod tests {
             ],
         );
         let cases = [case(truth, pred, None)];
-        let names = vec!["background".to_string(), "lesion".to_string()];
-        let filter = LesionFilter {
-            min_volume_mm3: 0.0,
-            keep_largest: Vec::new(),
-            roi: None,
-        };
+        let (names, filter) = (lesion_names(), no_filter());
         let space = SearchSpace {
             thresholds: vec![0.5],
             min_lesion_mm3: vec![0.0, 5.0, 10.0, 100.0],
@@ -516,12 +537,7 @@ mod tests {
         p.slice_mut(ndarray::s![2..7, 2..7, 2..7]).fill(0.65);
         p.slice_mut(ndarray::s![10..14, 10..14, 10..14]).fill(0.45);
         let cases = [case(truth.clone(), truth.clone(), Some(p))];
-        let names = vec!["background".to_string(), "lesion".to_string()];
-        let filter = LesionFilter {
-            min_volume_mm3: 0.0,
-            keep_largest: Vec::new(),
-            roi: None,
-        };
+        let (names, filter) = (lesion_names(), no_filter());
         let s = Setting {
             threshold: 0.3,
             ..start()
@@ -580,12 +596,7 @@ mod tests {
                 case(truth, pred, None)
             })
             .collect();
-        let names = vec!["background".to_string(), "lesion".to_string()];
-        let filter = LesionFilter {
-            min_volume_mm3: 0.0,
-            keep_largest: Vec::new(),
-            roi: None,
-        };
+        let (names, filter) = (lesion_names(), no_filter());
         let space = SearchSpace {
             thresholds: vec![0.5],
             min_lesion_mm3: vec![0.0, 10.0],

@@ -815,21 +815,18 @@ fn transfer_table(report: &Transfer, source: &Checkpoint) -> Vec<String> {
         lines.push(format!("  {m:<10} {l:>7} {a:>8} {r:>15} {i:>8}"));
     }
     let shape = |s: &Option<Vec<usize>>| s.as_ref().map_or("-".into(), |s| format!("{s:?}"));
-    for p in &report.adapted {
-        lines.push(format!(
-            "  adapted {} {} (source: {})",
-            p.name,
-            shape(&p.shape),
-            shape(&p.source_shape)
-        ));
-    }
-    for p in &report.reinitialised {
-        lines.push(format!(
-            "  re-initialised {} {} (source: {})",
-            p.name,
-            shape(&p.shape),
-            shape(&p.source_shape)
-        ));
+    for (what, list) in [
+        ("adapted", &report.adapted),
+        ("re-initialised", &report.reinitialised),
+    ] {
+        for p in list {
+            lines.push(format!(
+                "  {what} {} {} (source: {})",
+                p.name,
+                shape(&p.shape),
+                shape(&p.source_shape)
+            ));
+        }
     }
     for p in &report.ignored {
         lines.push(format!("  ignored {} {}", p.name, shape(&p.source_shape)));

@@ -11,6 +11,15 @@ const CONFIG: &str = "configs/liver-ct-2d.toml";
 const BURN_OPS: &str = "model.kernels=\"burn\"";
 /// Runs that only need to start: no validation case, so no validation and no temperature fit.
 const NO_VALIDATION: &str = "data.validation_cases=[]";
+/// The settings of a run that only needs to start, on burn's own ops.
+const START_ONLY: [&str; 6] = [
+    "--set",
+    NO_VALIDATION,
+    "--set",
+    "data.validation_fraction=0.0",
+    "--set",
+    BURN_OPS,
+];
 
 fn medseg(args: &[&str]) -> Output {
     Command::new(bin())
@@ -212,12 +221,14 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
 
     // Fine-tuning: three classes (liver, spleen) from a two-class fold; the head starts afresh.
     let tuned = tmp.path().join("tuned");
-    let said = ok(&medseg(&[
+    let tuned_dir = format!("output.dir={:?}", tuned.display().to_string());
+    let fold_0 = cv.join("fold_0");
+    let tune = [
         "train",
         "--config",
         CONFIG,
         "--init-from",
-        cv.join("fold_0").to_str().unwrap(),
+        fold_0.to_str().unwrap(),
         "--set",
         "data.labels=[\"background\", \"liver\", \"spleen\"]",
         "--set",
@@ -227,16 +238,11 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         "--set",
         "train.steps_per_epoch=2",
         "--set",
-        &format!("output.dir={:?}", tuned.display().to_string()),
+        &tuned_dir,
         "--set",
         "train.freeze_encoder_epochs=1",
-        "--set",
-        NO_VALIDATION,
-        "--set",
-        "data.validation_fraction=0.0",
-        "--set",
-        BURN_OPS,
-    ]));
+    ];
+    let said = ok(&medseg(&[&tune[..], &START_ONLY].concat()));
     let log = std::fs::read_to_string(tuned.join("train.log")).unwrap();
     assert!(log.contains("initialised from"), "{said}\n{log}");
     assert!(log.contains("re-initialised decoder."), "{log}");
@@ -246,7 +252,8 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
     );
     // A source of other widths fits (almost) nothing: refused, naming it.
     let other = tmp.path().join("other");
-    ok(&medseg(&[
+    let other_dir = format!("output.dir={:?}", other.display().to_string());
+    let narrow = [
         "train",
         "--config",
         CONFIG,
@@ -259,14 +266,9 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         "--set",
         "train.steps_per_epoch=1",
         "--set",
-        NO_VALIDATION,
-        "--set",
-        "data.validation_fraction=0.0",
-        "--set",
-        BURN_OPS,
-        "--set",
-        &format!("output.dir={:?}", other.display().to_string()),
-    ]));
+        &other_dir,
+    ];
+    ok(&medseg(&[&narrow[..], &START_ONLY].concat()));
     let refused = medseg(&[
         "train",
         "--config",
