@@ -96,6 +96,7 @@ fn predict(
         window: config.patch_size.window(),
         overlap: 0.5,
         batch_size: BATCH,
+        concurrent: SlidingWindow::concurrency_for(device),
         mirror: true,
         context: 0,
         temperature: 1.0,

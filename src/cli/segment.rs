@@ -386,8 +386,9 @@ fn case_line(c: &BatchCase) -> String {
                         .map(|b| format!(" (measured {})", human(b)))
                         .unwrap_or_default();
                     format!(
-                        ", {} window(s) per pass for a predicted peak of {}{measured}",
+                        ", {} window(s) per pass, {} at once, for a predicted peak of {}{measured}",
                         m.windows_per_pass,
+                        m.passes_in_flight,
                         human(m.predicted_peak_bytes)
                     )
                 })

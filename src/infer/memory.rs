@@ -110,14 +110,27 @@ pub struct MemoryBudget {
 }
 
 impl MemoryBudget {
-    /// The windows per pass for a case holding `arrays`, at most `wanted`, and the peak it
-    /// predicts; or why the case cannot be done within the budget.
-    pub fn plan(&self, arrays: &CaseArrays, wanted: usize) -> Result<CaseMemory, String> {
+    /// The windows per pass for a case holding `arrays`, at most `wanted`, with up to
+    /// `concurrent` passes in flight at once, and the peak it predicts; or why the case cannot be
+    /// done within the budget. Fewer passes run at once before a pass gets fewer windows: running
+    /// them at once is what keeps the cores busy, more windows in a pass gain little.
+    pub fn plan(
+        &self,
+        arrays: &CaseArrays,
+        wanted: usize,
+        concurrent: usize,
+    ) -> Result<CaseMemory, String> {
         let case = arrays.bytes();
-        let before_windows = self.baseline + case + self.cost.fixed;
-        let room = self.usable().saturating_sub(before_windows);
-        let windows = ((room / self.cost.per_window) as usize).min(wanted.max(1));
-        if windows == 0 {
+        let fits = |passes: u64| {
+            let before_windows = self.baseline + case + passes * self.cost.fixed;
+            let room = self.usable().saturating_sub(before_windows);
+            let windows = ((room / passes / self.cost.per_window) as usize).min(wanted.max(1));
+            (windows > 0).then_some((passes, before_windows, windows))
+        };
+        let Some((passes, before_windows, windows)) =
+            (1..=concurrent.max(1) as u64).rev().find_map(fits)
+        else {
+            let before_windows = self.baseline + case + self.cost.fixed;
             return Err(format!(
                 "needs about {} within --max-memory {} ({} of it usable): {} resident with the model, {} \
                  for the scan and its resampled grid, and {} for a forward pass of one window",
@@ -128,10 +141,12 @@ impl MemoryBudget {
                 human(case),
                 human(self.cost.fixed + self.cost.per_window),
             ));
-        }
+        };
         Ok(CaseMemory {
             limit_bytes: self.limit,
-            predicted_peak_bytes: before_windows + windows as u64 * self.cost.per_window,
+            predicted_peak_bytes: before_windows + passes * windows as u64 * self.cost.per_window,
+            passes_in_flight: passes as usize,
+            bytes_per_pass: self.cost.fixed,
             windows_per_pass: windows,
             bytes_per_window: self.cost.per_window,
             case_bytes: case,
@@ -263,24 +278,30 @@ mod tests {
             assert_eq!(b.usable(), need);
             b
         };
-        let plan = budget(base + 4 * (20 << 20)).plan(&case, 8).unwrap();
+        let plan = budget(base + 4 * (20 << 20)).plan(&case, 8, 1).unwrap();
         assert_eq!(plan.windows_per_pass, 4);
         assert_eq!(plan.predicted_peak_bytes, base + 4 * (20 << 20));
         assert_eq!(
             budget(base + 4 * (20 << 20))
-                .plan(&case, 2)
+                .plan(&case, 2, 1)
                 .unwrap()
                 .windows_per_pass,
             2
         );
         assert_eq!(
             budget(base + (20 << 20))
-                .plan(&case, 8)
+                .plan(&case, 8, 1)
                 .unwrap()
                 .windows_per_pass,
             1
         );
-        let refused = budget(base + (20 << 20) - 1).plan(&case, 8).unwrap_err();
+        // Two passes at once each pay the fixed cost; when both do not fit, one pass runs.
+        let two = budget(base + 4 * (20 << 20)).plan(&case, 8, 2).unwrap();
+        assert_eq!((two.passes_in_flight, two.windows_per_pass), (2, 1));
+        assert_eq!(two.predicted_peak_bytes, base + (10 << 20) + 2 * (20 << 20));
+        let one = budget(base + (20 << 20)).plan(&case, 8, 2).unwrap();
+        assert_eq!((one.passes_in_flight, one.windows_per_pass), (1, 1));
+        let refused = budget(base + (20 << 20) - 1).plan(&case, 8, 2).unwrap_err();
         assert!(
             refused.contains("--max-memory") && refused.contains("one window"),
             "{refused}"

@@ -210,6 +210,7 @@ impl Predictor {
             window: model_config.patch_size.window(),
             overlap: config.segment.overlap,
             batch_size: config.segment.batch_size,
+            concurrent: SlidingWindow::concurrency_for(&device),
             mirror: config.segment.tta,
             context: model_config.context_slices,
             temperature: temperature.value() as f32,
@@ -331,13 +332,14 @@ impl Predictor {
             fold_mean: !self.ensemble.is_empty(),
         };
         let plan = budget
-            .plan(&arrays, self.window.batch_size)
+            .plan(&arrays, self.window.batch_size, self.window.concurrent)
             .map_err(|reason| Error::Unsupported {
                 path: volume.info.path.clone(),
                 reason,
             })?;
         let mut window = self.window.clone();
         window.batch_size = plan.windows_per_pass;
+        window.concurrent = plan.passes_in_flight;
         Ok((window, Some(plan)))
     }
 

@@ -695,6 +695,12 @@ pub struct CaseMemory {
     pub predicted_peak_bytes: u64,
     /// Windows per forward pass chosen to stay within it (at most `segment.batch_size`).
     pub windows_per_pass: usize,
+    /// Forward passes run at once (one per CPU thread when they fit; absent in older runs: 1).
+    #[serde(default = "one")]
+    pub passes_in_flight: usize,
+    /// What each pass costs besides its windows, bytes (measured on the model).
+    #[serde(default)]
+    pub bytes_per_pass: u64,
     /// What each window of a pass costs, bytes (measured on the model).
     pub bytes_per_window: u64,
     /// What the scan and its resampled grid hold besides the passes, bytes.
@@ -703,6 +709,10 @@ pub struct CaseMemory {
     /// when the case began).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured_peak_bytes: Option<u64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `batch_summary.json` (or `batch_summary_shard-I-of-N.json`) of a `medseg segment` run.

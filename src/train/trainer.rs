@@ -272,6 +272,7 @@ impl Trainer {
             window: sampler.size,
             overlap: config.validate.overlap,
             batch_size: config.validate.batch_size,
+            concurrent: SlidingWindow::concurrency_for(&device),
             mirror: false,
             temperature: 1.0,
             context: config.model.context_slices,

@@ -654,12 +654,16 @@ fn max_memory_fits_the_windows_to_the_budget_or_refuses() {
     let peak = memory["predicted_peak_bytes"].as_u64().unwrap();
     let window = memory["bytes_per_window"].as_u64().unwrap();
     let case = memory["case_bytes"].as_u64().unwrap();
+    let passes = memory["passes_in_flight"].as_u64().unwrap();
+    let pass = memory["bytes_per_pass"].as_u64().unwrap();
+    assert!(passes >= 1, "{memory}");
     assert!(peak < 16 << 30 && window > 0 && case > 0, "{memory}");
     assert_eq!(labels(&wide_mask), labels(&free_mask));
 
     // A budget whose usable part (less the headroom) is `usable`.
     let limit = |usable: u64| usable * HEADROOM / (HEADROOM - 1) + 1;
-    // Room for two windows (one to three, as resident measurements move by a few MiB per run).
+    // Room for two windows less than the free run's (each pass one to three windows, as
+    // resident measurements move by a few MiB per run).
     let tight_limit = limit(peak - 2 * window);
     let tight = tight_limit.to_string();
     let (o, summary, tight_mask) = run("tight", &["--max-memory", &tight]);
@@ -681,8 +685,8 @@ fn max_memory_fits_the_windows_to_the_budget_or_refuses() {
     );
 
     // The model fits, the scan does not: the case fails before any work, naming its needs.
-    let model_only = peak - 4 * window - case;
-    let short = limit(model_only + window + case / 2).to_string();
+    let model_only = peak - passes * (pass + 4 * window) - case;
+    let short = limit(model_only + pass + window + case / 2).to_string();
     let (o, summary, short_mask) = run("short", &["--max-memory", &short]);
     assert_eq!(o.status.code(), Some(1));
     let reason = summary.unwrap()["cases"][0]["reason"]

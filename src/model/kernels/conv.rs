@@ -1,4 +1,9 @@
-//! The convolution weight gradient by tiled im2col and a matrix product, on plain `f32` slices.
+//! The convolution and its weight gradient by tiled im2col and matrix products, on plain `f32`
+//! slices.
+//!
+//! burn's CPU forward convolution gathers its im2col columns one strided index at a time: on the
+//! tiny model's 8- and 16-channel layers that gather took 30 % of a segmentation (perf, 2.5D 64²
+//! windows), more than the matrix products. [`forward`] copies whole rows instead.
 //!
 //! burn's CPU backend gets `dW` by convolving the input with the whole output gradient as the
 //! kernel. On medseg's small-channel layers that runs a direct convolution whose only parallelism
@@ -8,7 +13,7 @@
 //! added in order at the end.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
+use ndarray::{ArrayView2, ArrayViewMut, ArrayViewMut2, ArrayViewMut3, Axis, ShapeBuilder};
 use rayon::prelude::*;
 
 /// Output positions per im2col tile: `Ci·K × TILE` floats per worker stay in L2 for small `Ci`.
@@ -16,6 +21,9 @@ const TILE_POSITIONS: usize = 2048;
 
 /// Partial sums of `dW`, whatever the thread count: enough to keep 16 cores busy.
 const GROUPS: usize = 16;
+
+/// im2col floats per forward tile (1 MiB): the columns stay in L2 while the product reads them.
+const FORWARD_TILE_FLOATS: usize = 1 << 18;
 
 /// A convolution's sizes, in 3D. A 2D convolution has depth 1, kernel depth 1, depth stride 1 and
 /// no depth padding. Dilation is 1 and there is one group.
@@ -109,6 +117,73 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
     dw
 }
 
+/// The output `[N, Co, D', H', W']` (flattened) of a bias-free convolution of `x`
+/// `[N, Ci, D, H, W]` with `weight` `[Co, Ci, kd, kh, kw]`, both contiguous:
+/// `Y[Co, T] = W[Co, Ci·K] · col[Ci·K, T]` per tile of output rows, the tiles in parallel. Each
+/// output is one dot product whatever the tiling, so the result does not depend on thread count.
+///
+/// # Panics
+/// When the slice lengths disagree with `shape`: callers build `shape` from the same tensors.
+pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let s = *shape;
+    let cik = s.in_channels * s.kernel_volume();
+    assert_eq!(x.len(), s.batch * s.in_channels * s.input_volume());
+    assert_eq!(weight.len(), s.out_channels * cik);
+    let [od, oh, ow] = s.output;
+    let out = s.output_volume();
+    let mut y = vec![0f32; s.batch * s.out_channels * out];
+    if out == 0 || s.out_channels == 0 {
+        return y;
+    }
+    let rows_per_tile = (FORWARD_TILE_FLOATS / (cik * ow).max(1)).clamp(1, od * oh);
+    let w = ArrayView2::from_shape((s.out_channels, cik), weight).expect("W has Co·Ci·K elements");
+    let y_view = ArrayViewMut3::from_shape((s.batch, s.out_channels, out), &mut y)
+        .expect("Y has N·Co·D'·H'·W' elements");
+    // Disjoint output blocks `[Co, T]`, one per (batch item, tile of rows).
+    let blocks: Vec<(usize, usize, ArrayViewMut2<f32>)> = split(y_view, Axis(0), 1)
+        .into_iter()
+        .enumerate()
+        .flat_map(|(b, item)| {
+            split(
+                item.index_axis_move(Axis(0), 0),
+                Axis(1),
+                rows_per_tile * ow,
+            )
+            .into_iter()
+            .enumerate()
+            .map(move |(i, block)| (b, i * rows_per_tile, block))
+        })
+        .collect();
+    blocks
+        .into_par_iter()
+        .for_each_init(Vec::new, |col, (b, r0, mut block)| {
+            let t = block.ncols();
+            let r1 = r0 + t / ow;
+            col.resize(cik * t, 0.0);
+            im2col(&s, x, b, r0, r1, col);
+            let rhs = ArrayView2::from_shape((cik, t), &col[..cik * t]).expect("im2col tile");
+            general_mat_mul(1.0, &w, &rhs, 0.0, &mut block);
+        });
+    y
+}
+
+/// `view` cut along `axis` into consecutive pieces of `size` (the last may be shorter), each
+/// keeping the whole view's lifetime so that they can go to other threads.
+fn split<D: ndarray::Dimension>(
+    mut view: ArrayViewMut<'_, f32, D>,
+    axis: Axis,
+    size: usize,
+) -> Vec<ArrayViewMut<'_, f32, D>> {
+    let mut pieces = Vec::new();
+    while view.len_of(axis) > size {
+        let (head, tail) = view.split_at(axis, size);
+        pieces.push(head);
+        view = tail;
+    }
+    pieces.push(view);
+    pieces
+}
+
 /// Fills `col[Ci·K, T]` with the input values under each kernel tap for the output rows
 /// `r0..r1` (row = `d'·H' + h'`) of batch item `b`; taps in the padding are 0.
 fn im2col(s: &ConvShape, x: &[f32], b: usize, r0: usize, r1: usize, col: &mut [f32]) {
@@ -194,6 +269,39 @@ mod tests {
         dw
     }
 
+    /// The forward convolution by definition.
+    fn naive_forward(s: &ConvShape, x: &[f32], wt: &[f32]) -> Vec<f32> {
+        let [d, h, w] = s.input;
+        let [kd, kh, kw] = s.kernel;
+        let [od, oh, ow] = s.output;
+        let mut y = vec![0f32; s.batch * s.out_channels * od * oh * ow];
+        let tap = |o: usize, k: usize, st: usize, p: usize, n: usize| {
+            (o * st + k).checked_sub(p).filter(|&v| v < n)
+        };
+        for b in 0..s.batch {
+            for co in 0..s.out_channels {
+                for (a, bb, c) in grid3(od, oh, ow) {
+                    let mut acc = 0f32;
+                    for ci in 0..s.in_channels {
+                        for (zd, zh, zw) in grid3(kd, kh, kw) {
+                            let (Some(i), Some(j), Some(k)) = (
+                                tap(a, zd, s.stride[0], s.padding[0], d),
+                                tap(bb, zh, s.stride[1], s.padding[1], h),
+                                tap(c, zw, s.stride[2], s.padding[2], w),
+                            ) else {
+                                continue;
+                            };
+                            acc += wt[(((co * s.in_channels + ci) * kd + zd) * kh + zh) * kw + zw]
+                                * x[(((b * s.in_channels + ci) * d + i) * h + j) * w + k];
+                        }
+                    }
+                    y[(((b * s.out_channels + co) * od + a) * oh + bb) * ow + c] = acc;
+                }
+            }
+        }
+        y
+    }
+
     fn grid3(a: usize, b: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
         (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).map(move |k| (i, j, k))))
     }
@@ -205,7 +313,7 @@ mod tests {
     }
 
     #[test]
-    fn matches_the_definition_for_2d_and_3d_strides_and_padding() {
+    fn forward_and_weight_grad_match_the_definition_for_2d_and_3d_strides_and_padding() {
         let cases = [
             // 2D 3×3 stride 1 pad 1, odd sizes.
             ([1, 3, 5], [1, 7, 9], [1, 3, 3], [1, 1, 1], [0, 1, 1]),
@@ -231,9 +339,21 @@ mod tests {
             };
             let x = values(n * ci * input.iter().product::<usize>(), 7);
             let dy = values(n * co * output.iter().product::<usize>(), 11);
+            let wt = values(co * ci * kernel.iter().product::<usize>(), 13);
             let (got, want) = (weight_grad(&s, &x, &dy), naive(&s, &x, &dy));
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{s:?}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{s:?}: dW {g} vs {w}"
+                );
+            }
+            let (got, want) = (forward(&s, &x, &wt), naive_forward(&s, &x, &wt));
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{s:?}: Y {g} vs {w}"
+                );
             }
         }
     }

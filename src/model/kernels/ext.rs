@@ -1,8 +1,8 @@
 //! medseg's kernels as burn backend-extension ops: the trait, its CPU (`Flex`) implementation and
 //! the autodiff implementation that owns the backward pass.
 //!
-//! Replaced on the CPU: the convolution's weight gradient, its stride-1 input gradient (as a
-//! forward convolution) and LeakyReLU; the forward convolution stays burn's own op. Backends other
+//! Replaced on the CPU: the forward convolution, its weight gradient, its stride-1 input gradient
+//! (as a forward convolution) and LeakyReLU. Backends other
 //! than `Flex` never reach this trait (the callers in [`super`] check the device), so a GPU build
 //! keeps burn's path.
 
@@ -22,11 +22,11 @@ use rayon::prelude::*;
 
 use super::conv::{self, ConvShape};
 
-/// Model ops with medseg's CPU kernels: the convolution's weight gradient ([`conv::weight_grad`])
-/// and a one-pass LeakyReLU.
+/// Model ops with medseg's CPU kernels: the convolution ([`conv::forward`]), its weight gradient
+/// ([`conv::weight_grad`]) and a one-pass LeakyReLU.
 #[backend_extension(Flex, Autodiff)]
 pub trait Kernels: Backend {
-    /// A bias-free 3D convolution (2D is depth 1): burn's forward, medseg's weight gradient.
+    /// A bias-free 3D convolution (2D is depth 1); burn's reference unless overridden.
     ///
     /// # Shapes
     /// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Co, Ci, kd, kh, kw]`
@@ -102,13 +102,33 @@ fn leaky_relu_backward_reference<B: Backend>(
 }
 
 impl Kernels for Flex {
+    fn medseg_conv3d(x: FlexTensor, weight: FlexTensor, options: ConvOptions<3>) -> FlexTensor {
+        let Some(shape) = forward_shape(&x, &weight, &options) else {
+            return Self::conv3d(x, weight, None, options);
+        };
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let (Some(xs), Some(ws)) = (x.as_slice::<f32>(), weight.as_slice::<f32>()) else {
+            return Self::conv3d(x, weight, None, options);
+        };
+        let y = conv::forward(&shape, xs, ws);
+        let [od, oh, ow] = shape.output;
+        FlexTensor::from_data(TensorData::new(
+            y,
+            [shape.batch, shape.out_channels, od, oh, ow],
+        ))
+    }
+
     fn medseg_conv3d_weight_grad(
         x: FlexTensor,
         weight: FlexTensor,
         grad: FlexTensor,
         options: ConvOptions<3>,
     ) -> FlexTensor {
-        let Some(shape) = conv_shape(&x, &weight, &grad, &options) else {
+        let output = <[usize; 5]>::try_from(grad.shape().as_slice()).map(|g| [g[2], g[3], g[4]]);
+        let Some(shape) = output
+            .ok()
+            .and_then(|output| conv_shape(&x, &weight, output, &options))
+        else {
             return Self::conv3d_weight_backward(x, weight, grad, options);
         };
         let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
@@ -120,8 +140,8 @@ impl Kernels for Flex {
     }
 
     /// At stride 1 the input gradient is a forward convolution of `grad` with the kernel flipped
-    /// and its channels swapped, padded by `k - 1 - p`: burn's forward convolution (im2col +
-    /// gemm) is several times faster than its transposed one on these shapes.
+    /// and its channels swapped, padded by `k - 1 - p`: a forward convolution (im2col + gemm) is
+    /// several times faster than burn's transposed one on these shapes.
     fn medseg_conv3d_x_grad(
         x: FlexTensor,
         weight: FlexTensor,
@@ -141,12 +161,7 @@ impl Kernels for Flex {
             return Self::conv3d_x_backward(x, weight, grad, options);
         };
         let flipped = Self::float_swap_dims(Self::float_flip(weight, &[2, 3, 4]), 0, 1);
-        let dx = Self::conv3d(
-            grad,
-            flipped,
-            None,
-            ConvOptions::new([1; 3], pads, [1; 3], 1),
-        );
+        let dx = Self::medseg_conv3d(grad, flipped, ConvOptions::new([1; 3], pads, [1; 3], 1));
         debug_assert_eq!(dx.shape(), x.shape());
         dx
     }
@@ -216,23 +231,44 @@ fn plain_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
 /// Elements per rayon task in elementwise kernels: large enough to amortise the task.
 const CHUNK: usize = 1 << 15;
 
-/// The sizes medseg's kernel handles: `f32`, one group, no dilation; `None` sends the rest to
-/// burn's reference.
+/// The sizes of the forward convolution of `x` by `weight`, its output included.
+fn forward_shape(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    options: &ConvOptions<3>,
+) -> Option<ConvShape> {
+    let (xs, ws) = (dims5(x)?, dims5(weight)?);
+    let axis = |a: usize| {
+        let (begin, end) = options.padding[a];
+        let padded = xs[2 + a] + begin + end;
+        let k = ws[2 + a];
+        (padded >= k && options.stride[a] > 0).then(|| (padded - k) / options.stride[a] + 1)
+    };
+    conv_shape(x, weight, [axis(0)?, axis(1)?, axis(2)?], options)
+}
+
+fn dims5(t: &FlexTensor) -> Option<[usize; 5]> {
+    <[usize; 5]>::try_from(t.shape().as_slice()).ok()
+}
+
+/// The sizes medseg's kernels handle: `f32`, one group, no dilation, a non-empty `output`
+/// `[D', H', W']`; `None` sends the rest to burn's reference.
 fn conv_shape(
     x: &FlexTensor,
     weight: &FlexTensor,
-    grad: &FlexTensor,
+    output: [usize; 3],
     options: &ConvOptions<3>,
 ) -> Option<ConvShape> {
     let plain = options.groups == 1 && options.dilation == [1, 1, 1];
-    let f32s = [x.dtype(), weight.dtype(), grad.dtype()] == [DType::F32; 3];
-    if !plain || !f32s {
+    let f32s = [x.dtype(), weight.dtype()] == [DType::F32; 2];
+    if !plain || !f32s || output.contains(&0) {
         return None;
     }
-    let (xs, ws, gs) = (x.shape(), weight.shape(), grad.shape());
-    let dims5 = |s: &burn::tensor::Shape| <[usize; 5]>::try_from(s.as_slice()).ok();
-    let ([n, ci, d, h, w], [co, _, kd, kh, kw], [_, _, od, oh, ow]) =
-        (dims5(&xs)?, dims5(&ws)?, dims5(&gs)?);
+    let ([n, ci, d, h, w], [co, wci, kd, kh, kw]) = (dims5(x)?, dims5(weight)?);
+    if wci != ci {
+        return None;
+    }
+    let [od, oh, ow] = output;
     Some(ConvShape {
         batch: n,
         in_channels: ci,
