@@ -278,8 +278,8 @@ pub fn nearest_voxel(p: [f64; 3], dims: [usize; 3]) -> Option<[usize; 3]> {
 /// Without SSE4.1 in the target `f64::round` is a libm call: it took 8 % of a CT segmentation,
 /// mapping every voxel of the scan back through the affine.
 fn round_index(x: f64) -> Option<usize> {
-    // round(x) >= 0 exactly when x > -0.5 (round(-0.5) = -1); NaN fails the comparison.
-    if !(x > -0.5) {
+    // round(x) >= 0 exactly when x > -0.5 (round(-0.5) = -1).
+    if x.is_nan() || x <= -0.5 {
         return None;
     }
     // fl(x + 0.5) never falls below an integer that x + 0.5 reaches, so `t` is round(x) or, when
