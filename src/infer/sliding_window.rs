@@ -14,6 +14,9 @@ use super::uncertainty::MemberStats;
 use crate::error::{Error, Result};
 use crate::model::HybridSegNet;
 
+/// Forward passes in flight at once on the CPU (see [`SlidingWindow::concurrency_for`]).
+const MAX_CONCURRENT_PASSES: usize = 2;
+
 /// σ of the importance map as a share of the window (nnU-Net's `sigma_scale = 1/8`).
 const SIGMA_SCALE: f64 = 1.0 / 8.0;
 
@@ -26,8 +29,8 @@ pub struct SlidingWindow {
     pub overlap: f64,
     /// Windows per forward pass.
     pub batch_size: usize,
-    /// Forward passes in flight at once ([`Self::concurrency_for`] the device; 1 runs them one
-    /// after another).
+    /// Forward passes in flight at once ([`Self::concurrency_for`] the device: at most 2; 1 runs
+    /// them one after another).
     pub concurrent: usize,
     /// Average over mirrored inputs along every spatial axis (4 passes in 2D, 8 in 3D).
     pub mirror: bool,
@@ -312,11 +315,13 @@ impl SlidingWindow {
         Ok(measured + mirrored)
     }
 
-    /// Forward passes worth running at once on `device`: one per worker thread on the CPU; one
-    /// on a GPU, whose queue runs them in order anyway.
+    /// Forward passes worth running at once on `device`: two on the CPU when it has two threads
+    /// or more, one on a GPU, whose queue runs them in order anyway. Two are enough for one pass's
+    /// serial stretches to overlap the other's parallel work (each pass's ops still use every
+    /// thread), and bound the extra memory to one more pass on a many-core host.
     pub fn concurrency_for(device: &Device) -> usize {
         if device.clone().inner() == Device::flex() {
-            rayon::current_num_threads().max(1)
+            rayon::current_num_threads().clamp(1, MAX_CONCURRENT_PASSES)
         } else {
             1
         }

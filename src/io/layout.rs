@@ -695,7 +695,8 @@ pub struct CaseMemory {
     pub predicted_peak_bytes: u64,
     /// Windows per forward pass chosen to stay within it (at most `segment.batch_size`).
     pub windows_per_pass: usize,
-    /// Forward passes run at once (one per CPU thread when they fit; absent in older runs: 1).
+    /// Forward passes run at once (two on a multi-threaded CPU when they fit; absent in older
+    /// runs: 1).
     #[serde(default = "one")]
     pub passes_in_flight: usize,
     /// What each pass costs besides its windows, bytes (measured on the model).
