@@ -217,7 +217,6 @@ impl SlidingWindow {
         let tiling = self.tile(image)?;
         let [nd, nh, nw] = tiling.dims;
         let (_, pd, ph, pw) = tiling.padded.dim();
-        let [wd, wh, ww] = self.window;
         let importance = importance_map(self.window);
         let mut acc: Option<Array4<f32>> = None;
         let mut weight = Array3::<f32>::zeros([pd, ph, pw]);
@@ -241,27 +240,7 @@ impl SlidingWindow {
             for (chunk, output) in group.iter().zip(outputs) {
                 let (k, values) = output?;
                 let acc = acc.get_or_insert_with(|| Array4::<f32>::zeros([k, pd, ph, pw]));
-                let per_window = k * wd * wh * ww;
-                for (n, &[d, h, w]) in chunk.iter().enumerate() {
-                    let window = ArrayView4::from_shape(
-                        [k, wd, wh, ww],
-                        &values[n * per_window..(n + 1) * per_window],
-                    )
-                    .map_err(|e| Error::Config {
-                        reason: e.to_string(),
-                    })?;
-                    let mut region = acc.slice_mut(s![.., d..d + wd, h..h + wh, w..w + ww]);
-                    ndarray::Zip::from(region.lanes_mut(ndarray::Axis(0)))
-                        .and(window.lanes(ndarray::Axis(0)))
-                        .and(&importance)
-                        .for_each(|mut out, p, g| {
-                            for (o, v) in out.iter_mut().zip(p) {
-                                *o += v * g;
-                            }
-                        });
-                    let mut wr = weight.slice_mut(s![d..d + wd, h..h + wh, w..w + ww]);
-                    wr += &importance;
-                }
+                self.blend(acc, &mut weight, &importance, chunk, &values)?;
             }
         }
         let mut acc = acc.ok_or_else(|| Error::Config {
@@ -271,6 +250,48 @@ impl SlidingWindow {
             class /= &weight;
         }
         Ok(acc.slice_move(s![.., ..nd, ..nh, ..nw]))
+    }
+
+    /// Adds the probabilities `values` (`[B, K, wd, wh, ww]`, flattened) of the windows at `chunk`
+    /// into `acc` `[K, D, H, W]`, weighted by `importance`, and the weights into `weight`.
+    fn blend(
+        &self,
+        acc: &mut Array4<f32>,
+        weight: &mut Array3<f32>,
+        importance: &Array3<f32>,
+        chunk: &[[usize; 3]],
+        values: &[f32],
+    ) -> Result<()> {
+        let [wd, wh, ww] = self.window;
+        let k = acc.dim().0;
+        let per_window = k * wd * wh * ww;
+        if values.len() != chunk.len() * per_window {
+            return Err(Error::Config {
+                reason: format!(
+                    "the device returned {} probabilities for {} windows of {per_window}",
+                    values.len(),
+                    chunk.len()
+                ),
+            });
+        }
+        for (&[d, h, w], window) in chunk.iter().zip(values.chunks_exact(per_window)) {
+            let window =
+                ArrayView4::from_shape([k, wd, wh, ww], window).map_err(|e| Error::Config {
+                    reason: e.to_string(),
+                })?;
+            let mut region = acc.slice_mut(s![.., d..d + wd, h..h + wh, w..w + ww]);
+            ndarray::Zip::from(region.lanes_mut(ndarray::Axis(0)))
+                .and(window.lanes(ndarray::Axis(0)))
+                .and(importance)
+                .for_each(|mut out, p, g| {
+                    for (o, v) in out.iter_mut().zip(p) {
+                        *o += v * g;
+                    }
+                });
+            let mut wr = weight.slice_mut(s![d..d + wd, h..h + wh, w..w + ww]);
+            wr += importance;
+        }
+        Ok(())
     }
 
     /// Peak host bytes allocated by a forward pass of `batch` windows of `input_channels`, as

@@ -236,69 +236,46 @@ fn im2col(s: &ConvShape, x: &[f32], b: usize, r0: usize, r1: usize, col: &mut [f
 mod tests {
     use super::*;
 
-    /// The definition, one multiply-add at a time.
-    fn naive(s: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    /// Every multiply-add of the convolution by definition: `f(y, w, x)` with the flat indices of
+    /// the output, the weight and the input it joins (taps in the padding are skipped).
+    fn for_each_product(s: &ConvShape, mut f: impl FnMut(usize, usize, usize)) {
         let [d, h, w] = s.input;
         let [kd, kh, kw] = s.kernel;
         let [od, oh, ow] = s.output;
-        let mut dw = vec![0f32; s.out_channels * s.in_channels * kd * kh * kw];
-        let tap = |o: usize, k: usize, st: usize, p: usize, n: usize| {
-            (o * st + k).checked_sub(p).filter(|&v| v < n)
+        let tap = |o: usize, k: usize, a: usize, n: usize| {
+            (o * s.stride[a] + k)
+                .checked_sub(s.padding[a])
+                .filter(|&v| v < n)
         };
-        for b in 0..s.batch {
-            for co in 0..s.out_channels {
-                for ci in 0..s.in_channels {
-                    for (zd, zh, zw) in grid3(kd, kh, kw) {
-                        let mut acc = 0f32;
-                        for (a, bb, c) in grid3(od, oh, ow) {
-                            let (Some(i), Some(j), Some(k)) = (
-                                tap(a, zd, s.stride[0], s.padding[0], d),
-                                tap(bb, zh, s.stride[1], s.padding[1], h),
-                                tap(c, zw, s.stride[2], s.padding[2], w),
-                            ) else {
-                                continue;
-                            };
-                            acc += dy[(((b * s.out_channels + co) * od + a) * oh + bb) * ow + c]
-                                * x[(((b * s.in_channels + ci) * d + i) * h + j) * w + k];
-                        }
-                        dw[(((co * s.in_channels + ci) * kd + zd) * kh + zh) * kw + zw] += acc;
-                    }
+        for (b, co, ci) in grid3(s.batch, s.out_channels, s.in_channels) {
+            for (a, bb, c) in grid3(od, oh, ow) {
+                for (zd, zh, zw) in grid3(kd, kh, kw) {
+                    let (Some(i), Some(j), Some(k)) =
+                        (tap(a, zd, 0, d), tap(bb, zh, 1, h), tap(c, zw, 2, w))
+                    else {
+                        continue;
+                    };
+                    f(
+                        (((b * s.out_channels + co) * od + a) * oh + bb) * ow + c,
+                        (((co * s.in_channels + ci) * kd + zd) * kh + zh) * kw + zw,
+                        (((b * s.in_channels + ci) * d + i) * h + j) * w + k,
+                    );
                 }
             }
         }
+    }
+
+    /// The weight gradient by definition.
+    fn naive(s: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let mut dw = vec![0f32; s.out_channels * s.in_channels * s.kernel_volume()];
+        for_each_product(s, |yi, wi, xi| dw[wi] += dy[yi] * x[xi]);
         dw
     }
 
     /// The forward convolution by definition.
     fn naive_forward(s: &ConvShape, x: &[f32], wt: &[f32]) -> Vec<f32> {
-        let [d, h, w] = s.input;
-        let [kd, kh, kw] = s.kernel;
-        let [od, oh, ow] = s.output;
-        let mut y = vec![0f32; s.batch * s.out_channels * od * oh * ow];
-        let tap = |o: usize, k: usize, st: usize, p: usize, n: usize| {
-            (o * st + k).checked_sub(p).filter(|&v| v < n)
-        };
-        for b in 0..s.batch {
-            for co in 0..s.out_channels {
-                for (a, bb, c) in grid3(od, oh, ow) {
-                    let mut acc = 0f32;
-                    for ci in 0..s.in_channels {
-                        for (zd, zh, zw) in grid3(kd, kh, kw) {
-                            let (Some(i), Some(j), Some(k)) = (
-                                tap(a, zd, s.stride[0], s.padding[0], d),
-                                tap(bb, zh, s.stride[1], s.padding[1], h),
-                                tap(c, zw, s.stride[2], s.padding[2], w),
-                            ) else {
-                                continue;
-                            };
-                            acc += wt[(((co * s.in_channels + ci) * kd + zd) * kh + zh) * kw + zw]
-                                * x[(((b * s.in_channels + ci) * d + i) * h + j) * w + k];
-                        }
-                    }
-                    y[(((b * s.out_channels + co) * od + a) * oh + bb) * ow + c] = acc;
-                }
-            }
-        }
+        let mut y = vec![0f32; s.batch * s.out_channels * s.output_volume()];
+        for_each_product(s, |yi, wi, xi| y[yi] += wt[wi] * x[xi]);
         y
     }
 
