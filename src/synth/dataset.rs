@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Axis};
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 use rand::{Rng, RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -638,7 +639,7 @@ fn make_case(
 pub fn build_dataset(
     config: &SynthConfig,
     out: &Path,
-    progress: &dyn Fn(&str),
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<SynthSummary> {
     for dir in [IMAGES_TRAIN, LABELS_TRAIN, IMAGES_TEST, LABELS_TEST] {
         std::fs::create_dir_all(out.join(dir)).map_err(|e| Error::io(out.join(dir), e))?;
@@ -665,82 +666,53 @@ pub fn build_dataset(
             .iter()
             .map(|x| x.cases.unwrap_or(config.cases_per_host))
             .sum::<usize>();
-        for c in 0..host_cfg.cases.unwrap_or(config.cases_per_host) {
-            // Seeds differ per host, per case and between splits.
-            let seed = crate::transforms::augment::derive_seed(
-                config.seed ^ if is_train { 0 } else { 0x5eed },
-                h,
-                c,
-            );
-            let case = format!(
-                "{}_{:03}",
-                if is_train { "synthTr" } else { "synthTs" },
-                first_case + c
-            );
-            let inputs = HostInputs {
-                host: &host,
-                organ: &organ,
-                roi: &roi,
-                name: &host_name,
-            };
-            let MadeCase {
-                scan,
-                fractions,
-                lesions,
-                roi,
-                acquisition,
-            } = make_case(config, &inputs, &deform_settings, seed, &case);
-            cases.push(SynthCase {
-                case: case.clone(),
-                host: host_name.clone(),
-                lesions: lesions.len(),
-                contrast_redrawn: acquisition.is_some_and(|a| a.contrast),
-                skull_stripped: acquisition.is_some_and(|a| a.skull_stripped),
-                slice_thickness_mm: acquisition.and_then(|a| a.slice_thickness_mm),
-                noise_sigma: acquisition.map_or(0.0, |a| a.noise_sigma),
-            });
-            records.extend(lesions);
-            if fractions.is_empty() {
-                summary.control_cases += 1;
+        let inputs = HostInputs {
+            host: &host,
+            organ: &organ,
+            roi: &roi,
+            name: &host_name,
+        };
+        let count = host_cfg.cases.unwrap_or(config.cases_per_host);
+        // Each case has its own seed, so cases are made concurrently and gathered in order: the
+        // dataset is the same whatever the thread count. A chunk bounds how many cases' volumes
+        // are alive at once on a many-core host.
+        let chunk = rayon::current_num_threads().clamp(1, MAX_CONCURRENT_CASES);
+        for start in (0..count).step_by(chunk) {
+            let made: Vec<WrittenCase> = (start..(start + chunk).min(count))
+                .into_par_iter()
+                .map(|c| {
+                    // Seeds differ per host, per case and between splits.
+                    let seed = crate::transforms::augment::derive_seed(
+                        config.seed ^ if is_train { 0 } else { 0x5eed },
+                        h,
+                        c,
+                    );
+                    let case = format!(
+                        "{}_{:03}",
+                        if is_train { "synthTr" } else { "synthTs" },
+                        first_case + c
+                    );
+                    let written =
+                        write_case(config, out, &inputs, &deform_settings, seed, case, is_train)?;
+                    progress(&written.record.case);
+                    Ok(written)
+                })
+                .collect::<Result<_>>()?;
+            for w in made {
+                if w.control {
+                    summary.control_cases += 1;
+                }
+                summary.lesions += w.lesions.len();
+                records.extend(w.lesions);
+                cases.push(w.record);
+                if is_train {
+                    summary.train_cases += 1;
+                    training.push(w.entry);
+                } else {
+                    summary.test_cases += 1;
+                    test.push(TestCase::Labelled(w.entry));
+                }
             }
-            summary.lesions += fractions.len();
-            let mut label = label_volume(scan.geometry.dims, &fractions);
-            if config.roi_label.is_some() {
-                label.zip_mut_with(&roi, |l, r| {
-                    if *l == 0 && *r {
-                        *l = ROI_LABEL_VALUE;
-                    }
-                });
-            }
-            let (images, labels) = if is_train {
-                (IMAGES_TRAIN, LABELS_TRAIN)
-            } else {
-                (IMAGES_TEST, LABELS_TEST)
-            };
-            write_nifti(
-                &scan,
-                &out.join(images).join(format!("{case}_0000.nii.gz")),
-                writable(scan.info.dtype),
-            )?;
-            write_label_map(
-                &label,
-                &scan.geometry,
-                &out.join(labels).join(format!("{case}.nii.gz")),
-            )?;
-            let entry = DatasetCase {
-                image: format!("./{images}/{case}_0000.nii.gz"),
-                label: format!("./{labels}/{case}.nii.gz"),
-                // Copies of one host are one group: folds stay disjoint by host.
-                group: Some(host_name.clone()),
-            };
-            if is_train {
-                summary.train_cases += 1;
-                training.push(entry);
-            } else {
-                summary.test_cases += 1;
-                test.push(TestCase::Labelled(entry));
-            }
-            progress(&case);
         }
     }
     let dataset = dataset_json(config, training, test);
@@ -754,6 +726,78 @@ pub fn build_dataset(
         },
     )?;
     Ok(summary)
+}
+
+/// Cases made at once (each holds a few copies of its host's volume).
+const MAX_CONCURRENT_CASES: usize = 4;
+
+/// A case written to disk, with what the dataset's records need.
+struct WrittenCase {
+    record: SynthCase,
+    lesions: Vec<SynthLesion>,
+    entry: DatasetCase,
+    control: bool,
+}
+
+/// Makes case `case` from `seed` and writes its scan and label map into `out`.
+fn write_case(
+    config: &SynthConfig,
+    out: &Path,
+    inputs: &HostInputs,
+    deform_settings: &DeformSettings,
+    seed: u64,
+    case: String,
+    is_train: bool,
+) -> Result<WrittenCase> {
+    let MadeCase {
+        scan,
+        fractions,
+        lesions,
+        roi,
+        acquisition,
+    } = make_case(config, inputs, deform_settings, seed, &case);
+    let mut label = label_volume(scan.geometry.dims, &fractions);
+    if config.roi_label.is_some() {
+        label.zip_mut_with(&roi, |l, r| {
+            if *l == 0 && *r {
+                *l = ROI_LABEL_VALUE;
+            }
+        });
+    }
+    let (images, labels) = if is_train {
+        (IMAGES_TRAIN, LABELS_TRAIN)
+    } else {
+        (IMAGES_TEST, LABELS_TEST)
+    };
+    write_nifti(
+        &scan,
+        &out.join(images).join(format!("{case}_0000.nii.gz")),
+        writable(scan.info.dtype),
+    )?;
+    write_label_map(
+        &label,
+        &scan.geometry,
+        &out.join(labels).join(format!("{case}.nii.gz")),
+    )?;
+    Ok(WrittenCase {
+        record: SynthCase {
+            case: case.clone(),
+            host: inputs.name.to_string(),
+            lesions: lesions.len(),
+            contrast_redrawn: acquisition.is_some_and(|a| a.contrast),
+            skull_stripped: acquisition.is_some_and(|a| a.skull_stripped),
+            slice_thickness_mm: acquisition.and_then(|a| a.slice_thickness_mm),
+            noise_sigma: acquisition.map_or(0.0, |a| a.noise_sigma),
+        },
+        control: fractions.is_empty(),
+        lesions,
+        entry: DatasetCase {
+            image: format!("./{images}/{case}_0000.nii.gz"),
+            label: format!("./{labels}/{case}.nii.gz"),
+            // Copies of one host are one group: folds stay disjoint by host.
+            group: Some(inputs.name.to_string()),
+        },
+    })
 }
 
 fn writable(dtype: crate::DataType) -> crate::DataType {

@@ -237,7 +237,8 @@ pub fn gaussian_blur(values: &Array3<f32>, sigma: [f64; 3]) -> Array3<f32> {
         let src = out.clone();
         let dims = src.dim();
         let n = [dims.0, dims.1, dims.2][axis] as isize;
-        for ((k, j, i), v) in out.indexed_iter_mut() {
+        // Each voxel's sum is the same whatever the thread that computes it.
+        ndarray::Zip::indexed(&mut out).par_for_each(|(k, j, i), v| {
             let at = [k as isize, j as isize, i as isize];
             let mut acc = 0.0f32;
             for (t, w) in kernel.iter().enumerate() {
@@ -250,7 +251,7 @@ pub fn gaussian_blur(values: &Array3<f32>, sigma: [f64; 3]) -> Array3<f32> {
                 acc += w * src[[idx[0] as usize, idx[1] as usize, idx[2] as usize]];
             }
             *v = acc;
-        }
+        });
     }
     out
 }

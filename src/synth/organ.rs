@@ -69,9 +69,9 @@ pub fn erode_mm(mask: &Array3<bool>, geometry: &Geometry, radius_mm: f64) -> Arr
         let src = out.clone();
         let dims = src.dim();
         let n = [dims.0, dims.1, dims.2][axis] as isize;
-        for ((k, j, i), v) in out.indexed_iter_mut() {
+        ndarray::Zip::indexed(&mut out).par_for_each(|(k, j, i), v| {
             if !*v {
-                continue;
+                return;
             }
             let at = [k as isize, j as isize, i as isize];
             *v = (-h..=h).all(|d| {
@@ -83,7 +83,7 @@ pub fn erode_mm(mask: &Array3<bool>, geometry: &Geometry, radius_mm: f64) -> Arr
                 idx[axis] = x;
                 src[[idx[0] as usize, idx[1] as usize, idx[2] as usize]]
             });
-        }
+        });
     }
     out
 }

@@ -45,38 +45,55 @@ pub fn simulate_thick_slices(
     let offsets: Vec<f64> = (0..samples)
         .map(|s| ((s as f64 + 0.5) / samples as f64 - 0.5) * tau)
         .collect();
-    let mut line = vec![0f32; n];
-    let mut acquired = vec![0f32; centres.len()];
-    for mut lane in image.lanes_mut(Axis(axis)) {
-        for (v, x) in line.iter_mut().zip(lane.iter()) {
-            *v = *x;
-        }
-        for (a, c) in acquired.iter_mut().zip(&centres) {
-            let sum: f64 = offsets
-                .iter()
-                .map(|o| interpolate_clamped(&line, c + o) as f64)
-                .sum();
-            *a = (sum / samples as f64) as f32;
-        }
-        for (x, v) in lane.iter_mut().enumerate() {
+    // Every lane samples the same positions: their taps are found once.
+    let taps: Vec<Vec<Tap>> = centres
+        .iter()
+        .map(|c| offsets.iter().map(|o| Tap::at(n, c + o)).collect())
+        .collect();
+    let back: Vec<(usize, f32)> = (0..n)
+        .map(|x| {
             let t = (x as f64 - first) / tau;
             let m = (t.floor().max(0.0) as usize).min(centres.len() - 2);
-            let w = (t - m as f64).clamp(0.0, 1.0) as f32;
+            (m, (t - m as f64).clamp(0.0, 1.0) as f32)
+        })
+        .collect();
+    ndarray::Zip::from(image.lanes_mut(Axis(axis))).par_for_each(|mut lane| {
+        let line: Vec<f32> = lane.iter().copied().collect();
+        let acquired: Vec<f32> = taps
+            .iter()
+            .map(|slice| {
+                let sum: f64 = slice.iter().map(|tap| tap.sample(&line) as f64).sum();
+                (sum / samples as f64) as f32
+            })
+            .collect();
+        for (v, &(m, w)) in lane.iter_mut().zip(&back) {
             *v = acquired[m] * (1.0 - w) + acquired[m + 1] * w;
         }
-    }
+    });
 }
 
-/// Linear interpolation of `line` at a fractional index, clamped to its ends.
-fn interpolate_clamped(line: &[f32], x: f64) -> f32 {
-    let last = line.len() - 1;
-    let x = x.clamp(0.0, last as f64);
-    let i = (x.floor() as usize).min(last);
-    let w = (x - i as f64) as f32;
-    if i == last {
-        line[last]
-    } else {
-        line[i] * (1.0 - w) + line[i + 1] * w
+/// Linear interpolation at a fractional index of a line of `n` values, clamped to its ends: the
+/// lower neighbour and the upper one's weight (`None` past the last value).
+#[derive(Debug, Clone, Copy)]
+struct Tap {
+    index: usize,
+    weight: Option<f32>,
+}
+
+impl Tap {
+    fn at(n: usize, x: f64) -> Tap {
+        let last = n - 1;
+        let x = x.clamp(0.0, last as f64);
+        let index = (x.floor() as usize).min(last);
+        let weight = (index != last).then(|| (x - index as f64) as f32);
+        Tap { index, weight }
+    }
+
+    fn sample(self, line: &[f32]) -> f32 {
+        match self.weight {
+            None => line[self.index],
+            Some(w) => line[self.index] * (1.0 - w) + line[self.index + 1] * w,
+        }
     }
 }
 

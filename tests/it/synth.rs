@@ -150,28 +150,31 @@ fn synth_dataset_is_reproducible_and_split_by_host() {
     std::fs::write(
         &config,
         format!(
-            "[synth]\nseed = 5\ncases_per_host = 1\ncontrol_fraction = 0.0\nlesions_per_case = [2, 2]\n\
+            "[synth]\nseed = 5\ncases_per_host = 2\ncontrol_fraction = 0.0\nlesions_per_case = [2, 2]\n\
              [[synth.hosts]]\nimage = {:?}\norgan = \"lung\"\nsplit = \"train\"\n\
-             [[synth.hosts]]\nimage = {:?}\norgan = \"mask:{}=10,11,12,13,14\"\nsplit = \"test\"\n",
+             [[synth.hosts]]\nimage = {:?}\norgan = \"mask:{}=10,11,12,13,14\"\nsplit = \"test\"\ncases = 1\n",
             cache("totalsegmentator/aorta_example_ct.nii.gz").display().to_string(),
             cache("totalsegmentator/example_ct.nii.gz").display().to_string(),
             cache("totalsegmentator/example_seg_fast_force_split.nii.gz").display(),
         ),
     )
     .unwrap();
-    let run = |out: &std::path::Path| run_synth(&config, out);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    run(&a);
-    run(&b);
+    run_synth(&config, &a);
+    // One thread makes the cases one after another; the default makes them concurrently.
+    run_synth_on(&config, &b, Some(1));
     // A rerun on the same config reuses the finished dataset.
-    let again = run(&a);
+    let again = run_synth(&config, &a);
     assert!(again.contains("already holds"), "{again}");
     for f in [
         "imagesTr/synthTr_000_0000.nii.gz",
         "labelsTr/synthTr_000.nii.gz",
-        "imagesTs/synthTs_001_0000.nii.gz",
-        "labelsTs/synthTs_001.nii.gz",
+        "imagesTr/synthTr_001_0000.nii.gz",
+        "labelsTr/synthTr_001.nii.gz",
+        "imagesTs/synthTs_002_0000.nii.gz",
+        "labelsTs/synthTs_002.nii.gz",
         "lesions.json",
+        "dataset.json",
     ] {
         assert_eq!(
             std::fs::read(a.join(f)).unwrap(),
@@ -433,7 +436,16 @@ fn hosts_and_organ_masks_are_deformed_identically() {
 
 /// Runs `medseg synth --config CONFIG --output OUT`, which must succeed; returns its stdout.
 fn run_synth(config: &std::path::Path, out: &std::path::Path) -> String {
-    let o = std::process::Command::new(crate::common::bin())
+    run_synth_on(config, out, None)
+}
+
+/// `medseg synth` on `threads` rayon threads (`None`: the default).
+fn run_synth_on(config: &std::path::Path, out: &std::path::Path, threads: Option<usize>) -> String {
+    let mut command = std::process::Command::new(crate::common::bin());
+    if let Some(n) = threads {
+        command.env("RAYON_NUM_THREADS", n.to_string());
+    }
+    let o = command
         .args([
             "synth",
             "--config",
