@@ -742,6 +742,29 @@ pub struct SegmentConfig {
     /// The map `--attention` writes: `lesion` (attention from the tokens inside each finding) or
     /// `rollout` (attention rollout through the Transformer blocks).
     pub attention: AttentionMap,
+    /// Findings (classes other than the region of interest and `keep_largest`) whose confidence,
+    /// their highest probability, is below this are removed: a number in `[0, 1]` (0 = keep
+    /// all) or `"fitted"` (the value that maximised lesion F1 on the validation cases at the end
+    /// of training, saved in the checkpoint's `operating_point.json`; 0 when it has none).
+    pub min_confidence: MinConfidence,
+}
+
+/// `segment.min_confidence`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "expected \"fitted\" or a number in [0, 1]")]
+pub enum MinConfidence {
+    /// A named choice.
+    Named(MinConfidenceChoice),
+    /// This confidence.
+    Value(f64),
+}
+
+/// The named `segment.min_confidence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MinConfidenceChoice {
+    /// The checkpoint's operating point, chosen on validation.
+    Fitted,
 }
 
 /// `segment.temperature`.
@@ -835,6 +858,7 @@ impl Default for SegmentConfig {
             rtstruct_rois: RoiGrouping::Class,
             temperature: Temperature::Named(TemperatureChoice::Fitted),
             attention: AttentionMap::Lesion,
+            min_confidence: MinConfidence::Value(0.0),
         }
     }
 }
@@ -1099,6 +1123,13 @@ impl RunConfig {
             if !(t.is_finite() && t > 0.0) {
                 return bad(format!(
                     "[segment] temperature must be \"fitted\" or a positive number, not {t}"
+                ));
+            }
+        }
+        if let MinConfidence::Value(c) = g.min_confidence {
+            if !(0.0..=1.0).contains(&c) {
+                return bad(format!(
+                    "[segment] min_confidence must be \"fitted\" or a number in [0, 1], not {c}"
                 ));
             }
         }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use std::path::Path;
 
+use medseg::config::MinConfidence;
 use medseg::eval::review::segmentation_cases;
 use medseg::export::dicom::DicomExport;
 use medseg::export::segment_case;
@@ -249,8 +250,34 @@ fn load_predictor(args: &Args, model: &Path, overrides: &[String]) -> anyhow::Re
             );
         }
         eprintln!("{}", temperature_line(&predictor.temperature));
+        if let Some(line) = confidence_line(&predictor) {
+            eprintln!("{line}");
+        }
     }
     Ok(predictor)
+}
+
+/// Which findings are dropped for their confidence, and why; `None` when none are.
+fn confidence_line(predictor: &Predictor) -> Option<String> {
+    match (predictor.config.segment.min_confidence, &predictor.operating_point) {
+        (MinConfidence::Value(c), _) if c > 0.0 => Some(format!(
+            "findings below confidence {c} dropped (segment.min_confidence)"
+        )),
+        (MinConfidence::Value(_), _) => None,
+        (MinConfidence::Named(_), Some(p)) => Some(match (p.without(), p.chosen()) {
+            (Some(without), Some(chosen)) => format!(
+                "findings below confidence {:.2} dropped (chosen on {} validation cases: lesion F1 {:.3} -> {:.3})",
+                p.min_confidence, p.cases, without.f1, chosen.f1
+            ),
+            _ => format!("findings below confidence {:.2} dropped", p.min_confidence),
+        }),
+        (MinConfidence::Named(_), None) if !predictor.member_names.is_empty() => Some(
+            "no findings dropped for their confidence (segment.min_confidence = \"fitted\": a fold ensemble has no operating point of its own)".into(),
+        ),
+        (MinConfidence::Named(_), None) => Some(
+            "no findings dropped for their confidence (the checkpoint has no operating point: its run had no validation lesions or predates it)".into(),
+        ),
+    }
 }
 
 /// Which temperature the probabilities are divided by, and why.

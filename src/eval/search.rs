@@ -328,6 +328,7 @@ impl Scorer<'_> {
             min_volume_mm3: setting.min_lesion_mm3,
             keep_largest,
             roi: self.filter.roi.clone(),
+            min_confidence: self.filter.min_confidence,
         };
         let per_case: Vec<CaseCounts> = self
             .cases
@@ -481,6 +482,7 @@ mod tests {
             min_volume_mm3: 0.0,
             keep_largest: Vec::new(),
             roi: None,
+            min_confidence: 0.0,
         }
     }
 

@@ -6,7 +6,7 @@ use ndarray::Array3;
 use rayon::prelude::*;
 
 use super::uncertainty::VoxelUncertainty;
-use crate::config::{class_values, SegmentConfig};
+use crate::config::{class_values, MinConfidence, MinConfidenceChoice, SegmentConfig};
 use crate::error::Result;
 use crate::geometry::Geometry;
 pub use crate::io::layout::{Lesion, RoiSummary};
@@ -21,6 +21,9 @@ pub struct LesionFilter {
     pub keep_largest: Vec<u32>,
     /// The region-of-interest stage, when on.
     pub roi: Option<RoiFilter>,
+    /// Findings (classes neither in the region of interest nor in `keep_largest`) whose highest
+    /// probability is below this become background (0 keeps all).
+    pub min_confidence: f64,
 }
 
 impl LesionFilter {
@@ -41,6 +44,11 @@ impl LesionFilter {
             min_volume_mm3: segment.min_lesion_mm3,
             keep_largest: resolve("segment.keep_largest", &segment.keep_largest)?,
             roi,
+            // "fitted" is the checkpoint's, which the predictor sets.
+            min_confidence: match segment.min_confidence {
+                MinConfidence::Value(c) => c,
+                MinConfidence::Named(MinConfidenceChoice::Fitted) => 0.0,
+            },
         })
     }
 }
@@ -74,6 +82,8 @@ pub struct Extracted {
     pub lesions: Vec<Lesion>,
     /// The region-of-interest stage's record, when it ran.
     pub roi: Option<RoiSummary>,
+    /// Findings removed for a confidence below the filter's `min_confidence`.
+    pub below_confidence: usize,
 }
 
 /// Per component: removes what `filter` asks for (in place) and measures the rest.
@@ -96,7 +106,7 @@ pub fn extract_lesions(
     let (first, rest): (Vec<u32>, Vec<u32>) = (1..=classes).partition(|c| roi_classes.contains(c));
     let mut out = Extracted::default();
     for &class in &first {
-        extract_class(
+        out.below_confidence += extract_class(
             labels,
             geometry,
             names,
@@ -105,7 +115,8 @@ pub fn extract_lesions(
             None,
             &probe,
             &mut out.lesions,
-        );
+        )
+        .below_confidence;
     }
     let region = filter.roi.as_ref().map(|roi| {
         let mask: Vec<bool> = labels
@@ -136,8 +147,9 @@ pub fn extract_lesions(
             &probe,
             &mut out.lesions,
         );
+        out.below_confidence += removed.below_confidence;
         if let Some(summary) = &mut out.roi {
-            summary.removed_outside += removed;
+            summary.removed_outside += removed.outside;
         }
     }
     // Most confident first (ties keep raster order), numbered in that order.
@@ -190,9 +202,16 @@ impl LesionSums {
     }
 }
 
+/// What [`extract_class`] removed, by reason.
+struct Removed {
+    /// Lesions outside the region of interest.
+    outside: usize,
+    /// Findings below the confidence asked for.
+    below_confidence: usize,
+}
+
 /// Filters and measures the components of one class, appending to `lesions`; `region` is the
-/// dilated region of interest over the whole grid and whether to drop lesions outside it. Returns
-/// how many were dropped for lying outside.
+/// dilated region of interest over the whole grid and whether to drop lesions outside it.
 #[allow(clippy::too_many_arguments)] // one class of extract_lesions: its inputs plus the region
 fn extract_class(
     labels: &mut Array3<u8>,
@@ -203,13 +222,16 @@ fn extract_class(
     region: Option<(&[bool], bool)>,
     probe: &Prober<impl Fn(u32, [usize; 3]) -> Probe>,
     lesions: &mut Vec<Lesion>,
-) -> usize {
+) -> Removed {
     let (_, nj, ni) = labels.dim();
     let voxel_mm3 = voxel_volume(geometry);
     // Components are found inside the class's bounding box only: lesions are small next to a
     // CT-sized grid, and the id map is 4 bytes per voxel of the box.
     let Some([bk, bj, bi]) = class_box(labels, class as u8) else {
-        return 0;
+        return Removed {
+            outside: 0,
+            below_confidence: 0,
+        };
     };
     let box_dims = [bk.len(), bj.len(), bi.len()];
     let [bnk, bnj, bni] = box_dims;
@@ -283,10 +305,31 @@ fn extract_class(
             }
         }
     }
+    // A finding's confidence is known after the pass; the unconfident ones are cleared after.
+    let finding = !filter.keep_largest.contains(&class)
+        && filter
+            .roi
+            .as_ref()
+            .is_none_or(|r| !r.classes.contains(&class));
+    let unconfident: Vec<bool> = (0..n)
+        .map(|c| finding && keep[c] && (read[c].max_probability as f64) < filter.min_confidence)
+        .collect();
+    if unconfident.contains(&true) {
+        for bz in 0..bnk {
+            for by in 0..bnj {
+                for bx in 0..bni {
+                    let id = cc.labels[(bz * bnj + by) * bni + bx] as usize;
+                    if id > 0 && unconfident[id - 1] {
+                        data[full_index(bz, by, bx)] = 0;
+                    }
+                }
+            }
+        }
+    }
     // Component boxes are box-local `[i, j, k]`; shift them onto the full grid.
     let origin = [bi.start, bj.start, bk.start];
     let boxes = cc.boxes(box_dims);
-    for c in (0..n).filter(|&c| keep[c]) {
+    for c in (0..n).filter(|&c| keep[c] && !unconfident[c]) {
         let size = cc.sizes[c];
         let [lo, hi] = boxes[c].map(|corner| [0, 1, 2].map(|a| corner[a] + origin[a]));
         let mean = [0, 1, 2].map(|a| sum[c][a] / size as f64);
@@ -312,7 +355,10 @@ fn extract_class(
             probability_std: LesionSums::per_voxel(read[c].std, size, probe.members),
         });
     }
-    removed
+    Removed {
+        outside: removed,
+        below_confidence: unconfident.iter().filter(|u| **u).count(),
+    }
 }
 
 /// Per component of `cc` (on a box of `dims`): whether any of its voxels is `in_region`.
@@ -460,6 +506,7 @@ mod tests {
             min_volume_mm3: 10.0,
             keep_largest: vec![2],
             roi: None,
+            min_confidence: 0.0,
         };
         let lesions = extract_lesions(&mut labels, &g, &names, &filter, 0, |c, _| Probe {
             probability: c as f32 / 4.0,
@@ -482,6 +529,56 @@ mod tests {
         assert_eq!(labels[[8, 8, 8]], 0);
         assert_eq!(labels[[0, 9, 0]], 0);
         assert_eq!(labels.iter().filter(|l| **l > 0).count(), 11);
+    }
+
+    #[test]
+    fn findings_below_the_confidence_asked_for_are_removed_and_counted() {
+        let g = Geometry::new([12, 12, 12], crate::geometry::IDENTITY);
+        let mut labels = Array3::<u8>::zeros([12, 12, 12]);
+        // Three class-1 findings along i, whose peak probabilities are 0.9, 0.6 and 0.4 (one
+        // voxel of each reaches the peak), and an organ (class 2) the model is unsure of.
+        for i in [1usize, 5, 9] {
+            for k in 1..3 {
+                labels[[k, 1, i]] = 1;
+            }
+        }
+        for k in 6..10 {
+            labels[[k, 8, 8]] = 2;
+        }
+        let peak = |i: usize| match i {
+            1 => 0.9,
+            5 => 0.6,
+            _ => 0.4,
+        };
+        let probe = |c: u32, [k, _, i]: [usize; 3]| Probe {
+            probability: if c == 2 {
+                0.3
+            } else if k == 1 {
+                peak(i)
+            } else {
+                0.2
+            },
+            uncertainty: None,
+        };
+        let names = vec!["background".into(), "lesion".into(), "organ".into()];
+        for (min_confidence, kept) in [(0.0, 3), (0.5, 2), (0.6, 2), (0.61, 1), (0.95, 0)] {
+            let mut map = labels.clone();
+            let filter = LesionFilter {
+                keep_largest: vec![2],
+                min_confidence,
+                ..LesionFilter::default()
+            };
+            let out = extract_lesions(&mut map, &g, &names, &filter, 0, probe);
+            let found: Vec<_> = out.lesions.iter().filter(|l| l.class == 1).collect();
+            assert_eq!(found.len(), kept, "min_confidence {min_confidence}");
+            assert_eq!(out.below_confidence, 3 - kept);
+            assert!(found.iter().all(|l| l.max_probability >= min_confidence));
+            // Removed findings are gone from the map; the organ stays whatever its probability.
+            let voxels = map.iter().filter(|l| **l == 1).count();
+            assert_eq!(voxels, 2 * kept);
+            assert_eq!(map.iter().filter(|l| **l == 2).count(), 4);
+            assert!(out.lesions.iter().any(|l| l.class == 2));
+        }
     }
 
     #[test]
@@ -525,6 +622,7 @@ mod tests {
             min_volume_mm3: 0.0,
             keep_largest: vec![2],
             roi: Some(roi(drop)),
+            min_confidence: 0.0,
         };
         let one = |_: u32, _: [usize; 3]| Probe {
             probability: 1.0,

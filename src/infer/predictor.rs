@@ -13,10 +13,14 @@ use super::memory::{
     release_freed_memory, reset_resident_peak, resident_bytes, resident_peak, CaseArrays,
     MemoryBudget, WindowCost,
 };
+use super::operating_point::OperatingPoint;
 use super::postprocess::{extract_lesions, Extracted, LesionFilter, Probe};
 use super::sliding_window::SlidingWindow;
 use super::uncertainty::{binary_entropy, MemberSpread, MemberStats};
-use crate::config::{class_values, NonFinite, RunConfig, Temperature, TemperatureChoice};
+use crate::config::{
+    class_values, MinConfidence, MinConfidenceChoice, NonFinite, RunConfig, Temperature,
+    TemperatureChoice,
+};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::io::layout::{CaseMemory, Checkpoint, CheckpointKind, CvRun, RunDir};
@@ -49,6 +53,9 @@ pub struct Predictor {
     pub memory: Option<MemoryBudget>,
     /// The temperature the logits are divided by, and where it came from.
     pub temperature: TemperatureSource,
+    /// With `segment.min_confidence = "fitted"`: the checkpoint's operating point, when it has
+    /// one (a fold ensemble has none of its own).
+    pub operating_point: Option<OperatingPoint>,
     /// `--uncertainty`: every mirrored pass is an ensemble member ([`MemberStats`]).
     pub uncertainty: bool,
     /// `--attention`: the attention map to compute for windows that hold findings.
@@ -168,6 +175,8 @@ impl Predictor {
             }
             predictor.member_names.push(format!("fold_{k}"));
         }
+        // Each fold chose its cut-off on its own validation cases, none on the ensemble's output.
+        predictor.operating_point = None;
         for (k, checkpoint) in &folds[1..] {
             let (model_config, model) = crate::model::load(&checkpoint.dir, &predictor.device)?;
             if model_config.patch_size.window() != predictor.window.window
@@ -206,6 +215,7 @@ impl Predictor {
                 reason: e.to_string(),
             })?;
         let temperature = temperature(&config, checkpoint)?;
+        let operating_point = operating_point(&config, checkpoint)?;
         let window = SlidingWindow {
             window: model_config.patch_size.window(),
             overlap: config.segment.overlap,
@@ -227,6 +237,7 @@ impl Predictor {
             input_channels: model_config.input_channels(),
             memory: None,
             temperature,
+            operating_point,
             uncertainty: false,
             attention: None,
             ensemble: Vec::new(),
@@ -449,6 +460,25 @@ impl Predictor {
     }
 }
 
+/// `checkpoint`'s operating point when `config.segment.min_confidence` is `"fitted"` and it has
+/// one.
+fn operating_point(config: &RunConfig, checkpoint: &Checkpoint) -> Result<Option<OperatingPoint>> {
+    let path = checkpoint.operating_point();
+    match config.segment.min_confidence {
+        MinConfidence::Named(MinConfidenceChoice::Fitted) if path.is_file() => {
+            let p: OperatingPoint = read_json(&path)?;
+            if !(0.0..=1.0).contains(&p.min_confidence) {
+                return Err(Error::Checkpoint {
+                    path,
+                    reason: format!("min_confidence {} is not in [0, 1]", p.min_confidence),
+                });
+            }
+            Ok(Some(p))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The temperature `config.segment.temperature` asks for, with `checkpoint`'s fit.
 fn temperature(config: &RunConfig, checkpoint: &Checkpoint) -> Result<TemperatureSource> {
     let source = match config.segment.temperature {
@@ -581,8 +611,13 @@ impl Predictor {
             .collect())
     }
 
-    /// The `[segment]` lesion filter, with `keep_largest` class names resolved.
+    /// The `[segment]` lesion filter, with `keep_largest` class names resolved and a fitted
+    /// `min_confidence` read from the checkpoint.
     pub fn lesion_filter(&self) -> Result<LesionFilter> {
-        LesionFilter::from_config(&self.config.segment, &self.labels)
+        let mut filter = LesionFilter::from_config(&self.config.segment, &self.labels)?;
+        if let Some(p) = &self.operating_point {
+            filter.min_confidence = p.min_confidence;
+        }
+        Ok(filter)
     }
 }

@@ -272,6 +272,12 @@ impl Checkpoint {
     pub fn calibration(&self) -> PathBuf {
         self.dir.join("calibration.json")
     }
+    /// `operating_point.json`: the findings' lowest confidence chosen on validation at the end
+    /// of training (`infer::operating_point::OperatingPoint`); `segment.min_confidence =
+    /// "fitted"` reads it.
+    pub fn operating_point(&self) -> PathBuf {
+        self.dir.join("operating_point.json")
+    }
     /// A checkpoint is written whole into `NAME.partial/`, then the old one is moved to
     /// `NAME.previous/` and the new one into place: `(partial, previous)`.
     pub fn swap_paths(&self) -> (PathBuf, PathBuf) {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Axis};
 use rand::rngs::StdRng;
-use rayon::prelude::*;
 use rand::{Rng, RngExt, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::deform::{deform_host, DeformSettings};

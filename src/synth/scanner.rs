@@ -85,7 +85,7 @@ impl Tap {
         let last = n - 1;
         let x = x.clamp(0.0, last as f64);
         let index = (x.floor() as usize).min(last);
-        let weight = (index != last).then(|| (x - index as f64) as f32);
+        let weight = (index != last).then_some((x - index as f64) as f32);
         Tap { index, weight }
     }
 

@@ -1,7 +1,8 @@
 //! Temperature scaling at the end of training: each finished checkpoint's logits on the
 //! validation cases (the same windows validation uses, without blending, since `segment` divides
 //! each window's logits before its softmax), sampled per voxel with foreground and background
-//! stratified, fit one temperature; it is saved as the checkpoint's `calibration.json`.
+//! stratified, fit one temperature; it is saved as the checkpoint's `calibration.json`. Then the
+//! findings' operating point is chosen on the same cases (`operating_point.json`).
 
 use std::sync::Arc;
 
@@ -10,10 +11,13 @@ use burn::prelude::*;
 use crate::data::dataset::PreparedCase;
 use crate::error::{Error, Result};
 use crate::infer::calibration::{calibrate, Calibration, LogitSamples, StratifiedSampler};
+use crate::infer::operating_point::{Findings, OperatingPoint};
+use crate::infer::postprocess::{extract_lesions, LesionFilter, Probe};
 use crate::infer::sliding_window::SlidingWindow;
 use crate::io::layout::{CheckpointKind, RunDir};
 use crate::io::write_json_atomically;
 use crate::model::HybridSegNet;
+use crate::transforms::post::decide_classes;
 
 /// Validation voxels sampled: background, foreground (a few hundred thousand in all).
 const SAMPLES: [usize; 2] = [200_000, 100_000];
@@ -114,4 +118,77 @@ pub fn calibrate_checkpoints(
         fitted = Some((weights, calibration));
     }
     Ok(best)
+}
+
+/// Chooses the findings' operating point of the run's `best` checkpoint on the validation cases
+/// and saves it as its `operating_point.json`, unless it has one. Each case is predicted as
+/// `segment` would (`[segment]` overlap, mirroring and the fitted temperature), then filtered
+/// by `filter` (its `min_confidence` is ignored) with classes decided as `segment` does
+/// (`threshold`: see `segment.threshold`); the findings are the classes outside the
+/// region of interest and `keep_largest`. `None` when there is nothing to choose from: no
+/// validation cases, no finding class, or no lesion in the validation cases.
+pub fn fit_operating_point(
+    run: &RunDir,
+    cases: &[Arc<PreparedCase>],
+    window: &SlidingWindow,
+    filter: &LesionFilter,
+    threshold: f64,
+    names: &[String],
+    device: &Device,
+) -> Result<Option<OperatingPoint>> {
+    let checkpoint = run.checkpoint(CheckpointKind::Best);
+    if cases.is_empty() || !checkpoint.is_complete() {
+        return Ok(None);
+    }
+    let path = checkpoint.operating_point();
+    if path.is_file() {
+        return Ok(Some(crate::io::read_json(&path)?));
+    }
+    let roi: Vec<u32> = filter.roi.iter().flat_map(|r| r.classes.clone()).collect();
+    let findings: Vec<u32> = (1..names.len() as u32)
+        .filter(|c| !roi.contains(c) && !filter.keep_largest.contains(c))
+        .collect();
+    if findings.is_empty() {
+        return Ok(None);
+    }
+    let (_, model) = crate::model::load(&checkpoint.dir, device)?;
+    let filter = LesionFilter {
+        min_confidence: 0.0,
+        ..filter.clone()
+    };
+    let mut found = Findings::default();
+    for case in cases {
+        let probs = window.predict(&model, case.image.view(), device)?;
+        let mut labels = decide_classes(probs.view(), Some(threshold as f32));
+        extract_lesions(
+            &mut labels,
+            &case.geometry,
+            names,
+            &filter,
+            0,
+            |c, [k, j, i]| Probe {
+                probability: probs[[c as usize, k, j, i]],
+                uncertainty: None,
+            },
+        );
+        let dims = {
+            let (d, h, w) = labels.dim();
+            [d, h, w]
+        };
+        for &class in &findings {
+            let is = |l: &u8| *l as u32 == class;
+            let truth: Vec<bool> = case.label.iter().map(is).collect();
+            let pred: Vec<bool> = labels.iter().map(is).collect();
+            let p = probs.index_axis(ndarray::Axis(0), class as usize);
+            let probability: Vec<f32> = p.iter().copied().collect();
+            found.add(&truth, &pred, &probability, dims);
+        }
+        found.cases += 1;
+    }
+    if found.truth.is_empty() {
+        return Ok(None);
+    }
+    let point = found.choose();
+    write_json_atomically(&path, &point)?;
+    Ok(Some(point))
 }

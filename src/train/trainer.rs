@@ -9,16 +9,17 @@ use std::time::Instant;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 
-use super::calibrate::calibrate_checkpoints;
+use super::calibrate::{calibrate_checkpoints, fit_operating_point};
 use super::checkpoint::{self, EpochRecord, TrainState};
 use super::curves::{plot_training_curve, write_metrics_csv};
 use super::loss::dice_ce_loss;
 use super::schedule::learning_rate;
-use crate::config::{RunConfig, SelectionMetric};
+use crate::config::{RunConfig, SelectionMetric, Temperature, TemperatureChoice};
 use crate::data::batcher::{Batch, EpochPlan, Loader};
 use crate::data::dataset::{self, Dataset, PreparedCase};
 use crate::data::sampler::PatchSampler;
 use crate::error::{Error, Result};
+use crate::infer::postprocess::LesionFilter;
 use crate::infer::sliding_window::SlidingWindow;
 use crate::io::layout::{Checkpoint, CheckpointKind, RunDir};
 use crate::io::{write_atomically, write_json_atomically};
@@ -835,8 +836,8 @@ fn transfer_table(report: &Transfer, source: &Checkpoint) -> Vec<String> {
     lines
 }
 
-/// Temperature scaling on the validation cases at the end of training (a resumed finished run
-/// fits what is missing), with its log line.
+/// Temperature scaling and the findings' operating point on the validation cases at the end of
+/// training (a resumed finished run fits what is missing), with their log lines.
 fn calibrate_run(
     run: &RunDir,
     trainer: &Trainer,
@@ -854,11 +855,54 @@ fn calibrate_run(
         &trainer.device,
         trainer.state.seed,
     )?;
-    if let Some(c) = fit {
+    if let Some(c) = &fit {
         log.line(
             &format!(
                 "calibration: temperature {:.3} fitted on {} validation voxels; ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4}",
                 c.temperature, c.samples, c.ece_before, c.ece_after, c.nll_before, c.nll_after
+            ),
+            on_event,
+        );
+    }
+    // The findings' cut-off, on the validation cases predicted as `segment` predicts them.
+    let segment = &trainer.config.segment;
+    let temperature = match segment.temperature {
+        Temperature::Value(t) => t,
+        Temperature::Named(TemperatureChoice::Fitted) => fit.map_or(1.0, |c| c.temperature),
+    };
+    let window = SlidingWindow {
+        overlap: segment.overlap,
+        mirror: segment.tta,
+        temperature: temperature as f32,
+        ..trainer.window.clone()
+    };
+    let filter = LesionFilter::from_config(segment, &trainer.config.data.labels)?;
+    let point = fit_operating_point(
+        run,
+        &trainer.validation,
+        &window,
+        &filter,
+        segment.threshold,
+        &trainer.config.data.labels,
+        &trainer.device,
+    )?;
+    if let Some(p) = point {
+        let (Some(without), Some(chosen)) = (p.without(), p.chosen()) else {
+            return Ok(());
+        };
+        log.line(
+            &format!(
+                "operating point: findings below confidence {:.2} dropped, chosen on {} validation cases ({} lesions{}): lesion F1 {:.3} -> {:.3}, {} -> {} false positives, {} -> {} found",
+                p.min_confidence,
+                p.cases,
+                p.truth_lesions,
+                if segment.tta { ", mirrored" } else { "" },
+                without.f1,
+                chosen.f1,
+                without.false_positives,
+                chosen.false_positives,
+                without.detected,
+                chosen.detected,
             ),
             on_event,
         );

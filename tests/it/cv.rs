@@ -68,7 +68,7 @@ fn segment(model: &Path, out: &Path) -> String {
     ]))
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     for e in walkdir::WalkDir::new(from) {
         let e = e.unwrap();
         let target = to.join(e.path().strip_prefix(from).unwrap());

@@ -1,7 +1,8 @@
 //! Issue 16 with the briefly trained liver model of `segment.rs`: uncertainty and attention maps
 //! on the scan's exact grid, per-lesion uncertainty in the table ordered by confidence, the
 //! temperature fitted at the end of training and applied (or overridden) by `segment`, and the
-//! calibration `medseg evaluate` reports, checked against an independent computation.
+//! calibration `medseg evaluate` reports, checked against an independent computation; the
+//! findings' operating point chosen on validation and applied by `segment`.
 
 use std::path::Path;
 use std::process::Command;
@@ -255,4 +256,94 @@ fn the_fitted_temperature_is_applied_and_evaluate_reports_calibration() {
     assert!(report.join("reliability.png").is_file());
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("## Calibration"));
+}
+
+/// The liver model's liver made a finding class (no `keep_largest`): finishing its run again fits
+/// the operating point on the validation cases, and `segment` with `"fitted"` drops exactly the
+/// findings below it; a number does the same, and a cut-off outside [0, 1] is refused.
+#[test]
+fn the_operating_point_is_chosen_on_validation_and_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    crate::cv::copy_dir(model(), &run);
+    let findings = ["--set", "segment.keep_largest=[]"];
+    let out = Command::new(bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--resume", run.to_str().unwrap(), "--quiet"])
+        .args(findings)
+        .output()
+        .unwrap();
+    ok(&out);
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(
+        log.contains("operating point: findings below confidence"),
+        "{log}"
+    );
+    let point = json(&run.join("checkpoints/best/operating_point.json"));
+    let cut = point["min_confidence"].as_f64().unwrap();
+    let tried = point["tried"].as_array().unwrap();
+    assert_eq!(
+        tried.len(),
+        medseg::infer::operating_point::CANDIDATES.len()
+    );
+    assert!(point["truth_lesions"].as_u64().unwrap() > 0);
+    // The chosen cut-off has the best F1 of those tried, and no cut-off is the first.
+    let f1 = |d: &serde_json::Value| d["f1"].as_f64().unwrap();
+    let chosen = tried.iter().find(|d| d["min_confidence"] == cut).unwrap();
+    assert!(tried.iter().all(|d| f1(d) <= f1(chosen)));
+    assert_eq!(tried[0]["min_confidence"].as_f64(), Some(0.0));
+
+    let nifti = cache("totalsegmentator/example_ct_sm.nii.gz");
+    let segment = |dir: &Path, min_confidence: &str| {
+        Command::new(bin())
+            .args(["segment", "--model", run.to_str().unwrap()])
+            .arg(&nifti)
+            .args(["--output", dir.to_str().unwrap()])
+            .args(findings)
+            .args(["--set", &format!("segment.min_confidence={min_confidence}")])
+            .output()
+            .unwrap()
+    };
+    let confidences = |dir: &Path| -> Vec<f64> {
+        json(&dir.join("example_ct_sm_lesions.json"))["lesions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["confidence"].as_f64().unwrap())
+            .collect()
+    };
+    let all = tmp.path().join("all");
+    ok(&segment(&all, "0"));
+    let every = confidences(&all);
+    assert!(!every.is_empty());
+    for (dir, setting, cut) in [
+        (tmp.path().join("fitted"), "\"fitted\"".to_string(), cut),
+        (tmp.path().join("half"), "0.5".to_string(), 0.5),
+        (tmp.path().join("high"), "0.999".to_string(), 0.999),
+    ] {
+        let out = segment(&dir, &setting);
+        ok(&out);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if cut > 0.0 {
+            assert!(stderr.contains("findings below confidence"), "{stderr}");
+        }
+        // Exactly the findings at or above the cut-off remain.
+        let kept = confidences(&dir);
+        let mut want: Vec<f64> = every.iter().copied().filter(|c| *c >= cut).collect();
+        let mut got = kept.clone();
+        want.sort_by(f64::total_cmp);
+        got.sort_by(f64::total_cmp);
+        assert_eq!(got, want, "{setting}");
+        let mask = medseg::io::read_nifti(&dir.join("example_ct_sm.nii.gz")).unwrap();
+        let voxels: usize = json(&dir.join("example_ct_sm_lesions.json"))["lesions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["voxels"].as_u64().unwrap() as usize)
+            .sum();
+        assert_eq!(mask.voxels.iter().filter(|v| **v > 0.0).count(), voxels);
+    }
+    let bad = segment(&tmp.path().join("bad"), "1.5");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("min_confidence"));
 }
