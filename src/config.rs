@@ -485,6 +485,21 @@ pub struct SamplingConfig {
     /// patch anyway) from taking half the foreground patches; a case without them falls back to
     /// any present class.
     pub foreground_classes: Vec<String>,
+    /// How a foreground patch's centre is drawn within its class: `voxel` (any of its voxels, so
+    /// large lesions take most patches; nnU-Net) or `component` (a connected component first,
+    /// each equally likely, then one of its voxels, so small lesions are seen as often).
+    pub foreground_by: ForegroundBy,
+}
+
+/// `sampling.foreground_by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForegroundBy {
+    /// A voxel of the class, uniformly.
+    #[default]
+    Voxel,
+    /// A component of the class uniformly, then a voxel of it.
+    Component,
 }
 
 impl Default for SamplingConfig {
@@ -494,6 +509,7 @@ impl Default for SamplingConfig {
             foreground_fraction: 0.33,
             patches_per_volume: 8,
             foreground_classes: Vec::new(),
+            foreground_by: ForegroundBy::Voxel,
         }
     }
 }

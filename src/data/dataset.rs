@@ -25,6 +25,8 @@ use crate::transforms::spatial::{resample_labels_onto, Orientation};
 pub const GRID_TOLERANCE_MM: f64 = 1e-3;
 /// Foreground voxels kept per class for oversampling (nnU-Net keeps 10,000).
 const FOREGROUND_SAMPLES: usize = 10_000;
+/// Voxels kept per connected component for per-component sampling.
+const COMPONENT_SAMPLES: usize = 256;
 
 /// A case ready for patch sampling: normalised image, class labels, and foreground positions.
 #[derive(Debug, Clone)]
@@ -39,6 +41,9 @@ pub struct PreparedCase {
     pub geometry: Geometry,
     /// For each foreground class `1..K` (index 0 is class 1): up to 10,000 voxel positions `[k, j, i]`.
     pub foreground: Vec<Vec<[u32; 3]>>,
+    /// For each foreground class, per connected component (26-connected): up to 256 of its
+    /// voxel positions, so that a small lesion can be drawn as often as a large one.
+    pub components: Vec<Vec<Vec<[u32; 3]>>>,
 }
 
 impl PreparedCase {
@@ -819,6 +824,10 @@ pub fn prepare(
             foreground[*l as usize - 1].push([k as u32, j as u32, i as u32]);
         }
     }
+    let components = foreground
+        .iter()
+        .map(|list| strided(group_by_component(list, [nk, nj, ni]), COMPONENT_SAMPLES))
+        .collect();
     for list in &mut foreground {
         let stride = list.len().div_ceil(FOREGROUND_SAMPLES).max(1);
         if stride > 1 {
@@ -831,7 +840,51 @@ pub fn prepare(
         label,
         geometry: s.geometry,
         foreground,
+        components,
     }
+}
+
+/// The voxels of `list` (raster order, all of one class on a `[nk, nj, ni]` grid) grouped by
+/// 26-connected component, found inside their bounding box only.
+fn group_by_component(list: &[[u32; 3]], dims: [usize; 3]) -> Vec<Vec<[u32; 3]>> {
+    if list.is_empty() {
+        return Vec::new();
+    }
+    let mut lo = [u32::MAX; 3];
+    let mut hi = [0u32; 3];
+    for v in list {
+        for a in 0..3 {
+            lo[a] = lo[a].min(v[a]);
+            hi[a] = hi[a].max(v[a]);
+        }
+    }
+    debug_assert!((0..3).all(|a| (hi[a] as usize) < dims[a]));
+    let b = [0, 1, 2].map(|a| (hi[a] - lo[a]) as usize + 1);
+    let at = |v: &[u32; 3]| {
+        (((v[0] - lo[0]) as usize * b[1]) + (v[1] - lo[1]) as usize) * b[2]
+            + (v[2] - lo[2]) as usize
+    };
+    let mut mask = vec![false; b[0] * b[1] * b[2]];
+    for v in list {
+        mask[at(v)] = true;
+    }
+    let cc = crate::transforms::post::connected_components(&mask, b);
+    let mut groups = vec![Vec::new(); cc.count()];
+    for v in list {
+        groups[cc.labels[at(v)] as usize - 1].push(*v);
+    }
+    groups
+}
+
+/// Each group thinned to at most `most` evenly strided members.
+fn strided(groups: Vec<Vec<[u32; 3]>>, most: usize) -> Vec<Vec<[u32; 3]>> {
+    groups
+        .into_iter()
+        .map(|g| {
+            let stride = g.len().div_ceil(most).max(1);
+            g.into_iter().step_by(stride).collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use rand::{Rng, RngExt};
 
 use super::dataset::PreparedCase;
-use crate::config::{AugmentConfig, SamplingConfig};
+use crate::config::{AugmentConfig, ForegroundBy, SamplingConfig};
 use crate::transforms::augment::{augment_patch, cut_patch, rand_affine, Patch, PatchGeometry};
 
 /// Cuts and augments patches from prepared cases.
@@ -20,6 +20,8 @@ pub struct PatchSampler {
     pub foreground_fraction: f64,
     /// Classes (label values) foreground patches prefer; empty: any present class.
     pub foreground_classes: Vec<usize>,
+    /// How the centre is drawn within the class.
+    pub foreground_by: ForegroundBy,
     /// Augmentation applied to every patch.
     pub augment: AugmentConfig,
 }
@@ -34,6 +36,7 @@ impl PatchSampler {
             context,
             foreground_fraction: sampling.foreground_fraction,
             foreground_classes: Vec::new(),
+            foreground_by: sampling.foreground_by,
             augment: augment.clone(),
         }
     }
@@ -44,18 +47,19 @@ impl PatchSampler {
         self
     }
 
-    /// The patch centre `[k, j, i]`: on a random foreground voxel of a random present class with
-    /// probability `foreground_fraction` (jittered so the voxel is anywhere in the patch's middle
-    /// half), else uniform over the volume.
+    /// The patch centre `[k, j, i]`: on a foreground voxel of a random present class with
+    /// probability `foreground_fraction` (any of its voxels, or one of a random component's: see
+    /// `foreground_by`; jittered so the voxel is anywhere in the patch's middle half), else
+    /// uniform over the volume.
     pub fn centre(&self, case: &PreparedCase, rng: &mut impl Rng) -> [f64; 3] {
         let (_, nk, nj, ni) = case.image.dim();
         let n = [nk, nj, ni];
-        let present_of = |wanted: &dyn Fn(usize) -> bool| -> Vec<&Vec<[u32; 3]>> {
+        let present_of = |wanted: &dyn Fn(usize) -> bool| -> Vec<usize> {
             case.foreground
                 .iter()
                 .enumerate()
                 .filter(|(c, f)| !f.is_empty() && wanted(c + 1))
-                .map(|(_, f)| f)
+                .map(|(c, _)| c)
                 .collect()
         };
         let mut present = present_of(&|c| self.foreground_classes.contains(&c));
@@ -64,7 +68,14 @@ impl PatchSampler {
         }
         if !present.is_empty() && rng.random::<f64>() < self.foreground_fraction {
             let class = present[rng.random_range(0..present.len())];
-            let v = class[rng.random_range(0..class.len())];
+            let voxels = match self.foreground_by {
+                ForegroundBy::Voxel => &case.foreground[class],
+                ForegroundBy::Component => {
+                    let components = &case.components[class];
+                    &components[rng.random_range(0..components.len())]
+                }
+            };
+            let v = voxels[rng.random_range(0..voxels.len())];
             let mut c = [v[0] as f64, v[1] as f64, v[2] as f64];
             // 2D patches keep their slice; other axes jitter by up to a quarter patch.
             let first = if self.three_d { 0 } else { 1 };
@@ -143,7 +154,40 @@ mod tests {
             foreground_fraction,
             patches_per_volume: 1,
             foreground_classes: Vec::new(),
+            foreground_by: ForegroundBy::Voxel,
         }
+    }
+
+    #[test]
+    fn components_are_drawn_alike_whatever_their_size() {
+        // One 10³ lesion and one single-voxel lesion of class 1, and an organ (class 2) voxel.
+        let mut label = Array3::<u8>::zeros([40, 64, 64]);
+        label.slice_mut(ndarray::s![5..15, 10..20, 10..20]).fill(1);
+        label[[30, 50, 50]] = 1;
+        label[[30, 5, 5]] = 2;
+        let case = case_of(label, 3);
+        assert_eq!(case.components[0].len(), 2);
+        // 1,000 voxels strided by 4 to stay within 256.
+        assert_eq!(case.components[0][0].len(), 250);
+        assert_eq!(case.components[0][1], vec![[30, 50, 50]]);
+        assert_eq!(case.components[1], vec![vec![[30, 5, 5]]]);
+        // Patches of 3³ do not jitter: the centre is the drawn voxel.
+        let mut sampling = sampling(1.0);
+        sampling.patch_size = crate::geometry::PatchSize::new(&[3, 3, 3]).unwrap();
+        let mut small_share = |by: ForegroundBy| {
+            sampling.foreground_by = by;
+            let s = PatchSampler::new(&sampling, &AugmentConfig::default(), 0)
+                .with_foreground_classes(vec![1]);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            (0..2000)
+                .filter(|_| s.centre(&case, &mut rng) == [30.0, 50.0, 50.0])
+                .count() as f64
+                / 2000.0
+        };
+        // By voxel the small lesion is 1 of 1,001 voxels; by component 1 of 2 lesions.
+        assert!(small_share(ForegroundBy::Voxel) < 0.01);
+        let by_component = small_share(ForegroundBy::Component);
+        assert!((0.45..0.55).contains(&by_component), "{by_component}");
     }
 
     #[test]
