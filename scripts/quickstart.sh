@@ -74,8 +74,11 @@ if [ -z "$fp_on" ] || [ -z "$fp_off" ] || [ "$fp_on" -gt "$fp_off" ]; then
 fi
 
 # Uncertainty on the real model: lesions that every mirrored pass finds are more confident than
-# those some passes miss (a trend over the test split, not a per-lesion rule).
-python3 - "$out/masks" <<'PY' | tee -a "$out/summary.txt"
+# those some passes miss (a trend over the test split, not a per-lesion rule). The operating point
+# drops most of the latter, so this pass keeps every finding (no confidence cut-off).
+"$medseg" segment --model "$run" "$data/imagesTs" --output "$out/masks-all" --skip-existing \
+  --uncertainty --set segment.min_confidence=0 --quiet >/dev/null
+python3 - "$out/masks-all" <<'PY' | tee -a "$out/summary.txt"
 import glob, json, sys
 rows = [l for f in glob.glob(sys.argv[1] + "/*_lesions.json")
         for l in json.load(open(f))["lesions"]
