@@ -31,13 +31,18 @@ pub struct Args {
 /// The config a finished dataset was built from, written last: its presence marks it complete.
 const STAMP: &str = "synth.toml";
 
+/// The stamp's first line: a dataset built by an earlier recipe is rebuilt, not reused. Recipe 2
+/// keeps magnitude MR non-negative, so strong hypo-intense lesions stay dark under Rician noise.
+const RECIPE: &str = "# medseg synth recipe 2\n";
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let file: SynthFile = load_layered(args.config.as_deref(), &args.set)?;
-    let wanted = medseg::config::to_toml(&file)?;
+    let config_toml = medseg::config::to_toml(&file)?;
     if args.dump_config {
-        print!("{wanted}");
+        print!("{config_toml}");
         return Ok(());
     }
+    let wanted = format!("{RECIPE}{config_toml}");
     let Some(output) = args.output else {
         super::usage!("give --output DIR");
     };

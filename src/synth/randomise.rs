@@ -203,6 +203,12 @@ pub fn randomised_case(
         Volume::new(image.clone().insert_axis(Axis(0)), g.clone(), info).expect("same grid");
     let (fractions, mut lesions) =
         insert_lesions(&mut scan, organ, &mut geometry_rng, &mut look, noise_sigma);
+    if settings.noise_kind == NoiseKind::Rician {
+        // A magnitude image has no negative signal: a hypo-intense lesion stronger than its
+        // tissue is black, not folded back to bright by the noise's magnitude (and its recorded
+        // contrast is the one that remains).
+        scan.voxels.mapv_inplace(|v| v.max(0.0));
+    }
 
     // Re-acquire: the lesion contribution goes through the same (linear) resolution loss, so its
     // final contrast can be measured.

@@ -577,3 +577,80 @@ fn correlation(a: &[f32], b: &[f32]) -> f64 {
     }
     sab / (saa * sbb).sqrt().max(1e-12)
 }
+
+/// Hypo-intense lesions stronger than their tissue's own signal stay dark: magnitude MR cannot go
+/// below zero, so such a lesion is black (plus the Rician floor), never folded back to bright by
+/// the noise's magnitude, and its recorded contrast-to-noise ratio is what the image shows.
+#[test]
+fn strong_hypo_intense_lesions_stay_dark_under_rician_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("synth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[synth]\nseed = 4\nlesion = \"brain_tumour\"\nlabel = \"tumour\"\nroi_label = \"brain\"\n\
+             cases_per_host = 2\ncontrol_fraction = 0.0\nlesions_per_case = [3, 3]\n\
+             diameter_median_mm = 14.0\nbias_field = 0.0\n\
+             [synth.randomise]\ncontrast_prob = 0.0\nskull_strip_prob = 0.0\nthick_slice_prob = 0.0\n\
+             in_plane_mm = [0.0, 0.0]\nnoise = [0.04, 0.05]\nnoise_kind = \"rician\"\n\
+             [synth.appearance]\ncnr = [25.0, 30.0]\n\
+             [synth.appearance.polarity]\nhyper = 0.0\nhypo = 1.0\nring = 0.0\niso_oedema = 0.0\n\
+             [[synth.hosts]]\nimage = {:?}\norgan = \"mask:{}\"\nsplit = \"train\"\n",
+            cache("itk/KmeansTest_T1UCharRaw.nii.gz").display().to_string(),
+            cache("itk/KmeansTest_T1RawSkullStrip.nii.gz").display(),
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    run_synth(&config, &out);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("lesions.json")).unwrap()).unwrap();
+    let noise = |case: &str| {
+        record["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["case"] == case)
+            .unwrap()["noise_sigma"]
+            .as_f64()
+            .unwrap()
+    };
+    let lesions = record["lesions"].as_array().unwrap();
+    assert!(lesions.len() >= 4, "{} lesions", lesions.len());
+    for l in lesions {
+        let case = l["case"].as_str().unwrap();
+        let image = read_nifti(&out.join(format!("imagesTr/{case}_0000.nii.gz"))).unwrap();
+        let label = read_nifti(&out.join(format!("labelsTr/{case}.nii.gz"))).unwrap();
+        let b = &l["bbox_voxel"];
+        let corner = |c: usize, a: usize| b[c][a].as_u64().unwrap() as usize;
+        let [ni, nj, nk] = image.geometry.dims;
+        let (mut inside, mut ring) = (Vec::new(), Vec::new());
+        for k in corner(0, 2).saturating_sub(3)..=(corner(1, 2) + 3).min(nk - 1) {
+            for j in corner(0, 1).saturating_sub(3)..=(corner(1, 1) + 3).min(nj - 1) {
+                for i in corner(0, 0).saturating_sub(3)..=(corner(1, 0) + 3).min(ni - 1) {
+                    let v = image.voxels[[0, k, j, i]] as f64;
+                    match label.voxels[[0, k, j, i]] as u8 {
+                        1 => inside.push(v),
+                        2 => ring.push(v),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if inside.is_empty() || ring.is_empty() {
+            continue;
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (inside, ring) = (mean(&inside), mean(&ring));
+        let cnr = l["contrast_to_noise"].as_f64().unwrap();
+        let sigma = noise(case);
+        // No voxel of magnitude MR is negative.
+        assert!(image.voxels.iter().all(|v| *v >= 0.0), "{case}: a negative voxel");
+        // The lesion is darker than the brain around it by at least half of what its record says.
+        assert!(
+            ring - inside >= 0.5 * cnr * sigma,
+            "{case} lesion {}: inside {inside:.1}, around {ring:.1}, recorded CNR {cnr:.1} at noise {sigma:.2}",
+            l["id"]
+        );
+    }
+}
