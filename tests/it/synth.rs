@@ -645,7 +645,10 @@ fn strong_hypo_intense_lesions_stay_dark_under_rician_noise() {
         let cnr = l["contrast_to_noise"].as_f64().unwrap();
         let sigma = noise(case);
         // No voxel of magnitude MR is negative.
-        assert!(image.voxels.iter().all(|v| *v >= 0.0), "{case}: a negative voxel");
+        assert!(
+            image.voxels.iter().all(|v| *v >= 0.0),
+            "{case}: a negative voxel"
+        );
         // The lesion is darker than the brain around it by at least half of what its record says.
         assert!(
             ring - inside >= 0.5 * cnr * sigma,
