@@ -760,8 +760,9 @@ pub struct SegmentConfig {
     pub attention: AttentionMap,
     /// Findings (classes other than the region of interest and `keep_largest`) whose confidence,
     /// their highest probability, is below this are removed: a number in `[0, 1]` (0 = keep
-    /// all) or `"fitted"` (the value that maximised lesion F1 on the validation cases at the end
-    /// of training, saved in the checkpoint's `operating_point.json`; 0 when it has none).
+    /// all) or `"fitted"` (the lowest value within one bootstrap standard error of the best lesion
+    /// F1 on the validation cases at the end of training, saved in the checkpoint's
+    /// `operating_point.json`; 0 when it has none).
     pub min_confidence: MinConfidence,
 }
 

@@ -1,6 +1,6 @@
 //! The findings' operating point: the lowest confidence (a finding's highest probability) that a
 //! reported finding must reach, chosen at the end of training where lesion F1 on the validation
-//! cases is highest. The sliding window's softmax of small models is often confident on a few
+//! cases is highest beyond their noise (the one-standard-error rule). The sliding window's softmax of small models is often confident on a few
 //! true lesions and lukewarm on many false positives; a cut-off on the confidence trades the two,
 //! and validation, not the test set, says where.
 
@@ -21,7 +21,13 @@ pub struct Findings {
     pub truth: Vec<Option<f64>>,
     /// Cases they came from.
     pub cases: usize,
+    /// Where each case's findings and lesions start in `predicted` and `truth`, for resampling
+    /// cases.
+    pub starts: Vec<(usize, usize)>,
 }
+
+/// Case resamples behind the noise of an F1 difference.
+const BOOTSTRAP: usize = 500;
 
 /// Lesion detection at one cut-off.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -95,46 +101,137 @@ impl Findings {
         }));
     }
 
+    /// Marks the start of the next case (call before its [`Findings::add`]s).
+    pub fn next_case(&mut self) {
+        self.starts.push((self.predicted.len(), self.truth.len()));
+        self.cases += 1;
+    }
+
     /// Detection at cut-off `min_confidence`.
     pub fn at(&self, min_confidence: f64) -> Detection {
-        let kept = |c: f64| c >= min_confidence;
-        let detected = self.truth.iter().filter(|b| b.is_some_and(kept)).count();
-        let findings = self.predicted.iter().filter(|(c, _)| kept(*c)).count();
-        let true_findings = self
-            .predicted
-            .iter()
-            .filter(|(c, hit)| kept(*c) && *hit)
-            .count();
-        let sensitivity = detected as f64 / self.truth.len().max(1) as f64;
-        let precision = true_findings as f64 / findings.max(1) as f64;
-        let f1 = if sensitivity + precision > 0.0 {
-            2.0 * sensitivity * precision / (sensitivity + precision)
-        } else {
-            0.0
-        };
+        let counts = Counts::of(&self.predicted, &self.truth, min_confidence);
         Detection {
             min_confidence,
-            detected,
-            findings,
-            false_positives: findings - true_findings,
-            f1,
+            detected: counts.detected,
+            findings: counts.findings,
+            false_positives: counts.findings - counts.true_findings,
+            f1: counts.f1(),
         }
     }
 
-    /// The cut-off of [`CANDIDATES`] with the highest lesion F1; the lowest among equals, so
-    /// that no evidence for a cut-off leaves none.
+    /// The cut-off of [`CANDIDATES`]: the lowest whose lesion F1 is within one bootstrap standard
+    /// error (cases resampled) of the best's, so that a few validation cases do not push the
+    /// cut-off up for a gain they cannot tell from noise. Without case boundaries, or with fewer
+    /// than two cases, the best (the lowest among equals).
     pub fn choose(&self) -> OperatingPoint {
         let tried: Vec<Detection> = CANDIDATES.iter().map(|&c| self.at(c)).collect();
         let best = tried
             .iter()
             .fold(tried[0], |best, d| if d.f1 > best.f1 { *d } else { best });
+        let chosen = match self.resampled_counts() {
+            Some(resamples) => tried
+                .iter()
+                .find(|d| {
+                    let diffs: Vec<f64> = resamples
+                        .iter()
+                        .map(|r| r(best.min_confidence).f1() - r(d.min_confidence).f1())
+                        .collect();
+                    d.f1 >= best.f1 - standard_deviation(&diffs)
+                })
+                .copied()
+                .unwrap_or(best),
+            None => best,
+        };
         OperatingPoint {
-            min_confidence: best.min_confidence,
+            min_confidence: chosen.min_confidence,
             cases: self.cases,
             truth_lesions: self.truth.len(),
             tried,
         }
     }
+
+    /// Per bootstrap resample of the cases: the pooled counts at a cut-off.
+    #[allow(clippy::type_complexity)]
+    fn resampled_counts(&self) -> Option<Vec<Box<dyn Fn(f64) -> Counts + '_>>> {
+        use rand::{RngExt, SeedableRng};
+        let n = self.starts.len();
+        if n < 2 {
+            return None;
+        }
+        let case = |c: usize| {
+            let (p0, t0) = self.starts[c];
+            let (p1, t1) = self
+                .starts
+                .get(c + 1)
+                .copied()
+                .unwrap_or((self.predicted.len(), self.truth.len()));
+            (&self.predicted[p0..p1], &self.truth[t0..t1])
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        Some(
+            (0..BOOTSTRAP)
+                .map(|_| {
+                    let picks: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+                    Box::new(move |cut: f64| {
+                        picks.iter().fold(Counts::default(), |sum, &c| {
+                            let (p, t) = case(c);
+                            sum.plus(Counts::of(p, t, cut))
+                        })
+                    }) as Box<dyn Fn(f64) -> Counts>
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Pooled detection counts at one cut-off.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    truth: usize,
+    detected: usize,
+    findings: usize,
+    true_findings: usize,
+}
+
+impl Counts {
+    fn of(predicted: &[(f64, bool)], truth: &[Option<f64>], cut: f64) -> Counts {
+        let kept = |c: f64| c >= cut;
+        Counts {
+            truth: truth.len(),
+            detected: truth.iter().filter(|b| b.is_some_and(kept)).count(),
+            findings: predicted.iter().filter(|(c, _)| kept(*c)).count(),
+            true_findings: predicted.iter().filter(|(c, hit)| kept(*c) && *hit).count(),
+        }
+    }
+
+    fn plus(self, o: Counts) -> Counts {
+        Counts {
+            truth: self.truth + o.truth,
+            detected: self.detected + o.detected,
+            findings: self.findings + o.findings,
+            true_findings: self.true_findings + o.true_findings,
+        }
+    }
+
+    /// Lesion F1 (0 when sensitivity and precision are).
+    fn f1(self) -> f64 {
+        let sensitivity = self.detected as f64 / self.truth.max(1) as f64;
+        let precision = self.true_findings as f64 / self.findings.max(1) as f64;
+        if sensitivity + precision > 0.0 {
+            2.0 * sensitivity * precision / (sensitivity + precision)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The sample standard deviation (0 for fewer than two values).
+fn standard_deviation(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
 }
 
 #[cfg(test)]
@@ -198,5 +295,47 @@ mod tests {
             ..Findings::default()
         };
         assert_eq!(empty.choose().min_confidence, 0.0);
+    }
+
+    /// One case as a line of voxels: `lesions` (found at these confidences, or missed at 0) and
+    /// false positives at these confidences.
+    fn case(f: &mut Findings, lesions: &[f32], false_positives: &[f32]) {
+        let n = 3 * (lesions.len() + false_positives.len());
+        let (mut truth, mut pred, mut prob) = (vec![false; n], vec![false; n], vec![0f32; n]);
+        for (k, c) in lesions.iter().chain(false_positives).enumerate() {
+            truth[3 * k] = k < lesions.len();
+            pred[3 * k] = *c > 0.0;
+            prob[3 * k] = *c;
+        }
+        f.next_case();
+        f.add(&truth, &pred, &prob, [1, 1, n]);
+    }
+
+    #[test]
+    fn a_lead_within_the_noise_of_the_cases_keeps_the_lower_cut_off() {
+        // Every case gains alike from dropping its false positive at 0.59: no noise, so the
+        // lowest cut-off that drops them all is taken.
+        let mut alike = Findings::default();
+        for _ in 0..6 {
+            case(&mut alike, &[0.9375], &[0.59375]);
+        }
+        assert_eq!(alike.cases, 6);
+        assert_eq!(alike.choose().min_confidence, 0.6);
+        // One case's false positives and another's lesion make 0.7 the best (F1 0.8 against
+        // 0.667 with no cut-off), but resampling the three cases swings that lead far more
+        // than its size: no cut-off is kept.
+        let mut noisy = Findings::default();
+        case(&mut noisy, &[0.9375], &[0.6875, 0.6875, 0.6875]);
+        case(&mut noisy, &[0.65625], &[]);
+        case(&mut noisy, &[0.9375], &[]);
+        let best = CANDIDATES
+            .iter()
+            .map(|c| noisy.at(*c))
+            .fold(noisy.at(0.0), |b, d| if d.f1 > b.f1 { d } else { b });
+        assert_eq!(best.min_confidence, 0.7);
+        assert!((best.f1 - 0.8).abs() < 1e-12 && (noisy.at(0.0).f1 - 2.0 / 3.0).abs() < 1e-12);
+        let chosen = noisy.choose();
+        assert_eq!(chosen.min_confidence, 0.0);
+        assert_eq!(chosen.tried.len(), CANDIDATES.len());
     }
 }

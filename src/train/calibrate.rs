@@ -158,6 +158,7 @@ pub fn fit_operating_point(
     };
     let mut found = Findings::default();
     for case in cases {
+        found.next_case();
         let probs = window.predict(&model, case.image.view(), device)?;
         let mut labels = decide_classes(probs.view(), Some(threshold as f32));
         extract_lesions(
@@ -183,7 +184,6 @@ pub fn fit_operating_point(
             let probability: Vec<f32> = p.iter().copied().collect();
             found.add(&truth, &pred, &probability, dims);
         }
-        found.cases += 1;
     }
     if found.truth.is_empty() {
         return Ok(None);
