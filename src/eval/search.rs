@@ -14,6 +14,7 @@ use super::lesions::{detection_scores, match_lesions, LesionGrid};
 use crate::data::dataset::{label_onto_image, LabelMap};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
+use crate::infer::operating_point::{case_resamples, standard_deviation};
 use crate::infer::postprocess::{extract_lesions, LesionFilter, Probe};
 use crate::io::layout::CaseOutputs;
 use crate::io::read_nifti;
@@ -113,9 +114,6 @@ pub struct Postprocessing {
     pub tried: Vec<(Setting, f64)>,
 }
 
-/// Case resamples behind the noise of a score difference.
-const BOOTSTRAP: usize = 500;
-
 /// Reads the out-of-fold predictions in `oof` (`NAME.nii.gz` and `NAME_probabilities.nii.gz`, as
 /// `medseg segment` writes them) of each `(case, truth file)`, mapping truth values to classes
 /// through `labels`. A prediction off its truth's grid, or missing, is an error naming the file.
@@ -187,7 +185,7 @@ pub fn search_postprocessing(
         names,
         objectives,
         filter,
-        resamples: resamples(cases.len()),
+        resamples: case_resamples(cases.len()),
     };
     let thresholds = if names.len() == 2 && cases.iter().all(|c| c.foreground.is_some()) {
         space.thresholds.clone()
@@ -283,19 +281,6 @@ struct Scorer<'a> {
     resamples: Vec<Vec<usize>>,
 }
 
-/// [`BOOTSTRAP`] resamples of `n` cases with replacement, seeded so a rerun chooses the same;
-/// none for fewer than two cases, which have no noise to estimate.
-fn resamples(n: usize) -> Vec<Vec<usize>> {
-    use rand::{RngExt, SeedableRng};
-    if n < 2 {
-        return Vec::new();
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    (0..BOOTSTRAP)
-        .map(|_| (0..n).map(|_| rng.random_range(0..n)).collect())
-        .collect()
-}
-
 /// One case's counts per class: lesion (TP, FP, FN) and Dice.
 type CaseCounts = Vec<((usize, usize, usize), f64)>;
 
@@ -388,8 +373,7 @@ impl Scorer<'_> {
                     - mean(&self.aggregate(&b.per_case, pick.iter().copied()))
             })
             .collect();
-        let m = mean(&diffs);
-        (diffs.iter().map(|d| (d - m).powi(2)).sum::<f64>() / (diffs.len() - 1) as f64).sqrt()
+        standard_deviation(&diffs)
     }
 
     fn case_counts(&self, case: &OofCase, threshold: f64, filter: &LesionFilter) -> CaseCounts {

@@ -19,15 +19,36 @@ pub struct Findings {
     pub predicted: Vec<(f64, bool)>,
     /// Per truth lesion: the highest confidence of the findings touching it (`None`: missed).
     pub truth: Vec<Option<f64>>,
-    /// Cases they came from.
-    pub cases: usize,
     /// Where each case's findings and lesions start in `predicted` and `truth`, for resampling
     /// cases.
     pub starts: Vec<(usize, usize)>,
 }
 
-/// Case resamples behind the noise of an F1 difference.
+/// Case resamples behind the noise of a score difference.
 const BOOTSTRAP: usize = 500;
+
+/// [`BOOTSTRAP`] resamples of `n` cases with replacement, seeded so a rerun chooses the same;
+/// none for fewer than two cases, which have no noise to estimate. The postprocessing search of
+/// a cross-validation (`eval::search`) draws the same.
+pub fn case_resamples(n: usize) -> Vec<Vec<usize>> {
+    use rand::{RngExt, SeedableRng};
+    if n < 2 {
+        return Vec::new();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    (0..BOOTSTRAP)
+        .map(|_| (0..n).map(|_| rng.random_range(0..n)).collect())
+        .collect()
+}
+
+/// The sample standard deviation (0 for fewer than two values).
+pub fn standard_deviation(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
 
 /// Lesion detection at one cut-off.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -104,7 +125,11 @@ impl Findings {
     /// Marks the start of the next case (call before its [`Findings::add`]s).
     pub fn next_case(&mut self) {
         self.starts.push((self.predicted.len(), self.truth.len()));
-        self.cases += 1;
+    }
+
+    /// Cases marked with [`Findings::next_case`].
+    pub fn cases(&self) -> usize {
+        self.starts.len()
     }
 
     /// Detection at cut-off `min_confidence`.
@@ -128,59 +153,48 @@ impl Findings {
         let best = tried
             .iter()
             .fold(tried[0], |best, d| if d.f1 > best.f1 { *d } else { best });
-        let chosen = match self.resampled_counts() {
-            Some(resamples) => tried
+        let resamples = case_resamples(self.cases());
+        let chosen = if resamples.is_empty() {
+            best
+        } else {
+            tried
                 .iter()
                 .find(|d| {
                     let diffs: Vec<f64> = resamples
                         .iter()
-                        .map(|r| r(best.min_confidence).f1() - r(d.min_confidence).f1())
+                        .map(|picks| {
+                            self.pooled(picks, best.min_confidence).f1()
+                                - self.pooled(picks, d.min_confidence).f1()
+                        })
                         .collect();
                     d.f1 >= best.f1 - standard_deviation(&diffs)
                 })
                 .copied()
-                .unwrap_or(best),
-            None => best,
+                .unwrap_or(best)
         };
         OperatingPoint {
             min_confidence: chosen.min_confidence,
-            cases: self.cases,
+            cases: self.cases(),
             truth_lesions: self.truth.len(),
             tried,
         }
     }
 
-    /// Per bootstrap resample of the cases: the pooled counts at a cut-off.
-    #[allow(clippy::type_complexity)]
-    fn resampled_counts(&self) -> Option<Vec<Box<dyn Fn(f64) -> Counts + '_>>> {
-        use rand::{RngExt, SeedableRng};
-        let n = self.starts.len();
-        if n < 2 {
-            return None;
-        }
-        let case = |c: usize| {
+    /// The counts at cut-off `cut` pooled over the cases `picks` (repeats counted each time).
+    fn pooled(&self, picks: &[usize], cut: f64) -> Counts {
+        picks.iter().fold(Counts::default(), |sum, &c| {
             let (p0, t0) = self.starts[c];
             let (p1, t1) = self
                 .starts
                 .get(c + 1)
                 .copied()
                 .unwrap_or((self.predicted.len(), self.truth.len()));
-            (&self.predicted[p0..p1], &self.truth[t0..t1])
-        };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        Some(
-            (0..BOOTSTRAP)
-                .map(|_| {
-                    let picks: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
-                    Box::new(move |cut: f64| {
-                        picks.iter().fold(Counts::default(), |sum, &c| {
-                            let (p, t) = case(c);
-                            sum.plus(Counts::of(p, t, cut))
-                        })
-                    }) as Box<dyn Fn(f64) -> Counts>
-                })
-                .collect(),
-        )
+            sum.plus(Counts::of(
+                &self.predicted[p0..p1],
+                &self.truth[t0..t1],
+                cut,
+            ))
+        })
     }
 }
 
@@ -223,15 +237,6 @@ impl Counts {
             0.0
         }
     }
-}
-
-/// The sample standard deviation (0 for fewer than two values).
-fn standard_deviation(v: &[f64]) -> f64 {
-    if v.len() < 2 {
-        return 0.0;
-    }
-    let mean = v.iter().sum::<f64>() / v.len() as f64;
-    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
 }
 
 #[cfg(test)]
@@ -319,7 +324,7 @@ mod tests {
         for _ in 0..6 {
             case(&mut alike, &[0.9375], &[0.59375]);
         }
-        assert_eq!(alike.cases, 6);
+        assert_eq!(alike.cases(), 6);
         assert_eq!(alike.choose().min_confidence, 0.6);
         // One case's false positives and another's lesion make 0.7 the best (F1 0.8 against
         // 0.667 with no cut-off), but resampling the three cases swings that lead far more
