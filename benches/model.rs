@@ -54,5 +54,35 @@ fn model(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, model);
+/// Instance norm + LeakyReLU, forward and backward, on medseg's kernel and on burn's ops: the
+/// shapes of the tiny model's first two levels in 2D 224².
+fn norm(c: &mut Criterion) {
+    use burn::nn::GroupNormConfig;
+    use medseg::model::kernels::{group_norm_with, KernelPath};
+    let mut g = c.benchmark_group("norm");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (channels, side) in [(8usize, 224usize), (16, 112)] {
+        let ad = Device::flex().autodiff();
+        let norm = GroupNormConfig::new(channels, channels).init(&ad);
+        let x = Tensor::<5>::random(
+            [1, channels, 1, side, side],
+            burn::tensor::Distribution::Normal(0.5, 2.0),
+            &ad,
+        )
+        .require_grad();
+        for path in [KernelPath::Medseg, KernelPath::Burn] {
+            g.bench_function(format!("{channels}x{side}/{path:?}"), |b| {
+                b.iter(|| {
+                    let y = group_norm_with(path, &norm, x.clone(), Some(0.01));
+                    (y.clone() * y).sum().backward()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, model, norm);
 criterion_main!(benches);

@@ -238,12 +238,12 @@ impl ConvNormAct {
     /// # Shapes
     /// - `x`: `[B, C_in, D, H, W]` → `[B, C_out, D', H', W']`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        kernels::leaky_relu(self.norm.forward(self.conv.forward(x)), LEAKY_SLOPE)
+        kernels::group_norm(&self.norm, self.conv.forward(x), Some(LEAKY_SLOPE))
     }
 
     /// Without the activation (the second half of a residual block).
     fn forward_linear(&self, x: Tensor<5>) -> Tensor<5> {
-        self.norm.forward(self.conv.forward(x))
+        kernels::group_norm(&self.norm, self.conv.forward(x), None)
     }
 }
 

@@ -1,5 +1,6 @@
 //! medseg's convolution kernels against burn's reference ops: forward and every gradient, on
-//! random shapes (2D and 3D, odd sizes, stride 1 and 2, padding, 1 to 64 channels, batch 1 and 3).
+//! random shapes (2D and 3D, odd sizes, stride 1 and 2, padding, 1 to 64 channels, batch 1 and 3);
+//! the fused group norm + LeakyReLU likewise (instance and group, with and without the activation).
 
 use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
@@ -190,4 +191,135 @@ fn medseg_leaky_relu_equals_burn_including_at_zero() {
             );
         }
     }
+}
+
+/// One random group norm: `[batch, channels, groups]`, the spatial size, the activation.
+#[derive(Debug)]
+struct NormCase {
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    size: Vec<usize>,
+    slope: Option<f64>,
+    transpose: bool,
+}
+
+fn random_norm_case(rng: &mut StdRng, i: usize) -> NormCase {
+    let channels = *[1, 2, 3, 5, 8, 16, 32, 64]
+        .get(rng.random_range(0..8))
+        .unwrap();
+    let divisors: Vec<usize> = (1..=channels).filter(|g| channels % g == 0).collect();
+    // Instance norm (a group per channel) half the time, as the model's default.
+    let groups = if i % 2 == 0 {
+        channels
+    } else {
+        divisors[rng.random_range(0..divisors.len())]
+    };
+    let size = if i % 3 == 0 {
+        vec![
+            rng.random_range(1..=9),
+            rng.random_range(1..=9),
+            rng.random_range(1..=9),
+        ]
+    } else {
+        vec![1, rng.random_range(1..=40), rng.random_range(1..=40)]
+    };
+    NormCase {
+        batch: *[1, 3].get(rng.random_range(0..2)).unwrap(),
+        channels,
+        groups,
+        size,
+        slope: (i % 4 != 1).then_some(0.01),
+        transpose: i % 5 == 2,
+    }
+}
+
+/// Output and the gradients of input, scale and shift of `sum(norm(x) · probe)`, with an input
+/// far from zero mean and unit spread, and a random affine map.
+fn run_norm(path: Option<KernelPath>, case: &NormCase, seed: u64) -> [TensorData; 4] {
+    use burn::module::Param;
+    use burn::nn::GroupNormConfig;
+    let device = Device::flex().autodiff();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut uniform = |shape: Vec<usize>, centre: f32, spread: f32| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| centre + spread * rng.random_range(-1.0..1.0))
+            .collect();
+        TensorData::new(v, shape)
+    };
+    let (b, c) = (case.batch, case.channels);
+    let mut norm = GroupNormConfig::new(case.groups, c).init(&device);
+    norm.gamma = Some(Param::from_tensor(
+        Tensor::<1>::from_data(uniform(vec![c], 1.0, 0.8), &device).require_grad(),
+    ));
+    norm.beta = Some(Param::from_tensor(
+        Tensor::<1>::from_data(uniform(vec![c], 0.0, 0.5), &device).require_grad(),
+    ));
+    let [d, h, w] = [case.size[0], case.size[1], case.size[2]];
+    // A transposed tensor arrives as a strided view (the kernels' copying branch).
+    let x = if case.transpose {
+        Tensor::<5>::from_data(uniform(vec![b, c, d, w, h], 5.0, 3.0), &device)
+    } else {
+        Tensor::<5>::from_data(uniform(vec![b, c, d, h, w], 5.0, 3.0), &device)
+    }
+    .require_grad();
+    let input = if case.transpose {
+        x.clone().swap_dims(3, 4)
+    } else {
+        x.clone()
+    };
+    let y = match path {
+        Some(path) => kernels::group_norm_with(path, &norm, input, case.slope),
+        None => {
+            let y = norm.forward(input);
+            match case.slope {
+                Some(s) => burn::tensor::activation::leaky_relu(y, s),
+                None => y,
+            }
+        }
+    };
+    let probe = Tensor::<5>::from_data(uniform(y.dims().to_vec(), 0.0, 1.0), &device);
+    let grads = (y.clone() * probe).sum().backward();
+    let grad = |t: Tensor<1>| t.grad(&grads).expect("affine gradient").into_data();
+    [
+        y.into_data(),
+        x.grad(&grads).expect("input gradient").into_data(),
+        grad(norm.gamma.as_ref().unwrap().val()),
+        grad(norm.beta.as_ref().unwrap().val()),
+    ]
+}
+
+#[test]
+fn medseg_group_norm_equals_burn_forward_and_all_gradients() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for i in 0..32 {
+        let case = random_norm_case(&mut rng, i);
+        let ours = run_norm(Some(KernelPath::Medseg), &case, i as u64);
+        let reference = run_norm(None, &case, i as u64);
+        for (name, (a, b)) in ["output", "dx", "dgamma", "dbeta"]
+            .iter()
+            .zip(ours.into_iter().zip(reference))
+        {
+            let diff = max_rel_diff(a, b);
+            assert!(diff <= 1e-4, "{case:?}: {name} differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn medseg_group_norm_in_place_at_inference_equals_burn() {
+    use burn::nn::GroupNormConfig;
+    // Without autodiff the input is owned and normalised in place.
+    let device = Device::flex();
+    let mut rng = StdRng::seed_from_u64(3);
+    let v: Vec<f32> = (0..2 * 8 * 7 * 11)
+        .map(|_| 100.0 + rng.random_range(-2.0..2.0))
+        .collect();
+    let x = || Tensor::<4>::from_data(TensorData::new(v.clone(), [2, 8, 7, 11]), &device);
+    let norm = GroupNormConfig::new(4, 8).init(&device);
+    let ours = kernels::group_norm_with(KernelPath::Medseg, &norm, x(), Some(0.01));
+    let reference = burn::tensor::activation::leaky_relu(norm.forward(x()), 0.01);
+    let diff = max_rel_diff(ours.into_data(), reference.into_data());
+    assert!(diff <= 1e-4, "in-place group norm differs by {diff}");
 }

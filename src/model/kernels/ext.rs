@@ -2,7 +2,7 @@
 //! the autodiff implementation that owns the backward pass.
 //!
 //! Replaced on the CPU: the forward convolution, its weight gradient, its stride-1 input gradient
-//! (as a forward convolution) and LeakyReLU. Backends other
+//! (as a forward convolution), LeakyReLU and group norm (with the LeakyReLU fused). Backends other
 //! than `Flex` never reach this trait (the callers in [`super`] check the device), so a GPU build
 //! keeps burn's path.
 
@@ -21,9 +21,11 @@ use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
 use super::conv::{self, ConvShape};
+use super::norm::{self, NormShape};
 
 /// Model ops with medseg's CPU kernels: the convolution ([`conv::forward`]), its weight gradient
-/// ([`conv::weight_grad`]) and a one-pass LeakyReLU.
+/// ([`conv::weight_grad`]), a one-pass LeakyReLU and group norm ([`norm`]). The group norm has no
+/// default body: only `Flex` and `Autodiff` implement it, and its callers check the device.
 #[backend_extension(Flex, Autodiff)]
 pub trait Kernels: Backend {
     /// A bias-free 3D convolution (2D is depth 1); burn's reference unless overridden.
@@ -88,6 +90,37 @@ pub trait Kernels: Backend {
     ) -> FloatTensor<Self> {
         leaky_relu_backward_reference::<Self>(x, grad, slope)
     }
+
+    /// Group normalisation with affine `gamma`, `beta` and, with a `slope`, LeakyReLU after it;
+    /// also returns the per-`(sample, group)` statistics `[mean, 1 / sqrt(var + eps)]`.
+    /// Callers pass `f32` tensors whose channels `groups` divides and match `gamma`'s length.
+    ///
+    /// # Shapes
+    /// - `x`: `[N, C, …]`, `gamma`, `beta`: `[C]`
+    /// - output: `([N, C, …], [N·G, 2])`
+    fn medseg_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        slope: Option<f64>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradients `(dx, dgamma, dbeta)` of [`Kernels::medseg_group_norm`] from its input, its
+    /// statistics and the output gradient.
+    ///
+    /// # Shapes
+    /// - `x`, `grad`: `[N, C, …]`, `stats`: `[N·G, 2]`, `gamma`, `beta`: `[C]`
+    /// - output: the shapes of `x`, `gamma` and `beta`
+    fn medseg_group_norm_backward(
+        x: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        slope: Option<f64>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// burn's ops composed, with burn's convention at 0 (`grad` passes):
@@ -215,6 +248,87 @@ impl Kernels for Flex {
             });
         FlexTensor::from_data(TensorData::new(dx, x.shape()))
     }
+
+    fn medseg_group_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        groups: usize,
+        epsilon: f64,
+        slope: Option<f64>,
+    ) -> (FlexTensor, FlexTensor) {
+        let shape = norm_shape(&x, groups);
+        let slope = slope.map(|s| s as f32);
+        let (gamma, beta) = (gamma.to_contiguous(), beta.to_contiguous());
+        let (gs, bs) = (f32s(&gamma), f32s(&beta));
+        let mut x = x;
+        // Owned (inference): normalise in place.
+        if let Some(xs) = plain_mut(&mut x) {
+            let stats = norm::statistics(&shape, xs, epsilon);
+            norm::apply_in_place(&shape, &stats, gs, bs, slope, xs);
+            return (x, stats_tensor(stats));
+        }
+        let x = x.to_contiguous();
+        let xs = f32s(&x);
+        let stats = norm::statistics(&shape, xs, epsilon);
+        let mut y = vec![0f32; xs.len()];
+        norm::apply(&shape, &stats, gs, bs, slope, xs, &mut y);
+        (
+            FlexTensor::from_data(TensorData::new(y, x.shape())),
+            stats_tensor(stats),
+        )
+    }
+
+    fn medseg_group_norm_backward(
+        x: FlexTensor,
+        stats: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        grad: FlexTensor,
+        slope: Option<f64>,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let groups = stats.shape()[0] / x.shape()[0].max(1);
+        let shape = norm_shape(&x, groups);
+        let [x, stats, gamma, beta, grad] =
+            [x, stats, gamma, beta, grad].map(|t| t.to_contiguous());
+        let pairs: Vec<[f32; 2]> = f32s(&stats).chunks_exact(2).map(|p| [p[0], p[1]]).collect();
+        let (dx, dgamma, dbeta) = norm::backward(
+            &shape,
+            &pairs,
+            f32s(&gamma),
+            f32s(&beta),
+            slope.map(|s| s as f32),
+            f32s(&x),
+            f32s(&grad),
+        );
+        (
+            FlexTensor::from_data(TensorData::new(dx, x.shape())),
+            FlexTensor::from_data(TensorData::new(dgamma, gamma.shape())),
+            FlexTensor::from_data(TensorData::new(dbeta, beta.shape())),
+        )
+    }
+}
+
+/// The sizes of a group norm's input; the caller ([`super::group_norm`]) has checked them.
+fn norm_shape(x: &FlexTensor, groups: usize) -> NormShape {
+    let dims = x.shape();
+    NormShape {
+        batch: dims[0],
+        channels: dims[1],
+        groups,
+        spatial: dims[2..].iter().product(),
+    }
+}
+
+/// A contiguous `f32` tensor's values; the callers checked the dtype.
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("group norm tensors are contiguous f32 (checked by kernels::group_norm)")
+}
+
+fn stats_tensor(stats: Vec<[f32; 2]>) -> FlexTensor {
+    let n = stats.len();
+    FlexTensor::from_data(TensorData::new(stats.concat(), [n, 2]))
 }
 
 /// `t`'s `f32` elements for writing in place, when it owns its buffer and is laid out plainly
@@ -378,5 +492,96 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
                 prep.finish(B::medseg_leaky_relu(x.into_primitive(), slope))
             }
         }
+    }
+
+    fn medseg_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        slope: Option<f64>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct GroupNormBackward;
+
+        impl<B: Backend + Kernels> Backward<B, 3> for GroupNormBackward {
+            type State = (NodeId, NodeId, NodeId, FloatTensor<B>, Option<f64>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, gamma_state, beta_state, stats, slope) = ops.state;
+                let [x, gamma, beta] = [x_state, gamma_state, beta_state]
+                    .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+                let (dx, dgamma, dbeta) =
+                    B::medseg_group_norm_backward(x, stats, gamma, beta, grad, slope);
+                for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match GroupNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&x, &gamma, &beta].map(|t| prep.checkpoint(t));
+                let (y, stats) = B::medseg_group_norm(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    groups,
+                    epsilon,
+                    slope,
+                );
+                let state = (ids[0], ids[1], ids[2], stats.clone(), slope);
+                (prep.finish(state, y), FloatTensor::<Self>::new(stats))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, stats) = B::medseg_group_norm(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    groups,
+                    epsilon,
+                    slope,
+                );
+                (prep.finish(y), FloatTensor::<Self>::new(stats))
+            }
+        }
+    }
+
+    /// Not differentiable again: the gradients come back as constants.
+    fn medseg_group_norm_backward(
+        x: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        slope: Option<f64>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dgamma, dbeta) = B::medseg_group_norm_backward(
+            x.into_primitive(),
+            stats.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+            grad.into_primitive(),
+            slope,
+        );
+        (
+            FloatTensor::<Self>::new(dx),
+            FloatTensor::<Self>::new(dgamma),
+            FloatTensor::<Self>::new(dbeta),
+        )
     }
 }

@@ -6,12 +6,15 @@
 
 pub mod conv;
 mod ext;
+pub mod norm;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::Dispatch;
+use burn::nn::GroupNorm;
 use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
+use burn::tensor::DType;
 
 pub use crate::config::KernelPath;
 use ext::Kernels;
@@ -148,4 +151,55 @@ pub fn leaky_relu_with<const D: usize>(path: KernelPath, x: Tensor<D>, slope: f6
         x.into_dispatch(),
         slope,
     ))
+}
+
+/// Group (or instance) normalisation by `norm`, then LeakyReLU with `slope` when given, on the
+/// [`selected`] path.
+///
+/// # Shapes
+/// - `x`: `[N, C, …]` with `C = norm.num_channels`; output: the same
+pub fn group_norm<const D: usize>(norm: &GroupNorm, x: Tensor<D>, slope: Option<f64>) -> Tensor<D> {
+    group_norm_with(selected(), norm, x, slope)
+}
+
+/// [`group_norm`] on `path`: medseg's fused kernel on the CPU device for `f32` tensors with an
+/// affine map, burn's `GroupNorm` and [`leaky_relu_with`] otherwise.
+///
+/// # Shapes
+/// - `x`: `[N, C, …]` with `C = norm.num_channels`; output: the same
+pub fn group_norm_with<const D: usize>(
+    path: KernelPath,
+    norm: &GroupNorm,
+    x: Tensor<D>,
+    slope: Option<f64>,
+) -> Tensor<D> {
+    let fits = D >= 3
+        && use_medseg(path, &x.device())
+        && x.dtype() == DType::F32
+        && x.dims()[1] == norm.num_channels
+        && norm.num_groups > 0
+        && norm.num_channels % norm.num_groups == 0;
+    let affine = norm.gamma.as_ref().zip(norm.beta.as_ref());
+    match affine.map(|(g, b)| (g.val(), b.val())) {
+        Some((gamma, beta))
+            if fits && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 =>
+        {
+            let (y, _stats) = <Dispatch as Kernels>::medseg_group_norm(
+                x.into_dispatch(),
+                gamma.into_dispatch(),
+                beta.into_dispatch(),
+                norm.num_groups,
+                norm.epsilon,
+                slope,
+            );
+            Tensor::from_dispatch(y)
+        }
+        _ => {
+            let y = norm.forward(x);
+            match slope {
+                Some(slope) => leaky_relu_with(path, y, slope),
+                None => y,
+            }
+        }
+    }
 }
