@@ -108,7 +108,7 @@ pub trait Kernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// The gradients `(dx, dgamma, dbeta)` of [`Kernels::medseg_group_norm`] from its input, its
-    /// statistics and the output gradient.
+    /// statistics and the output gradient (`groups` as in the forward pass).
     ///
     /// # Shapes
     /// - `x`, `grad`: `[N, C, …]`, `stats`: `[N·G, 2]`, `gamma`, `beta`: `[C]`
@@ -119,6 +119,7 @@ pub trait Kernels: Backend {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        groups: usize,
         slope: Option<f64>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
@@ -285,9 +286,9 @@ impl Kernels for Flex {
         gamma: FlexTensor,
         beta: FlexTensor,
         grad: FlexTensor,
+        groups: usize,
         slope: Option<f64>,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let groups = stats.shape()[0] / x.shape()[0].max(1);
         let shape = norm_shape(&x, groups);
         let [x, stats, gamma, beta, grad] =
             [x, stats, gamma, beta, grad].map(|t| t.to_contiguous());
@@ -506,7 +507,7 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         struct GroupNormBackward;
 
         impl<B: Backend + Kernels> Backward<B, 3> for GroupNormBackward {
-            type State = (NodeId, NodeId, NodeId, FloatTensor<B>, Option<f64>);
+            type State = (NodeId, NodeId, NodeId, FloatTensor<B>, usize, Option<f64>);
 
             fn backward(
                 self,
@@ -516,11 +517,11 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             ) {
                 let [node_x, node_gamma, node_beta] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (x_state, gamma_state, beta_state, stats, slope) = ops.state;
+                let (x_state, gamma_state, beta_state, stats, groups, slope) = ops.state;
                 let [x, gamma, beta] = [x_state, gamma_state, beta_state]
                     .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
                 let (dx, dgamma, dbeta) =
-                    B::medseg_group_norm_backward(x, stats, gamma, beta, grad, slope);
+                    B::medseg_group_norm_backward(x, stats, gamma, beta, grad, groups, slope);
                 for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, g);
@@ -529,33 +530,27 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             }
         }
 
-        match GroupNormBackward
+        let kind = GroupNormBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
             .compute_bound()
-            .stateful()
-        {
+            .stateful();
+        let forward = |x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>| {
+            let (x, gamma, beta) = (
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+            );
+            B::medseg_group_norm(x, gamma, beta, groups, epsilon, slope)
+        };
+        match kind {
             OpsKind::Tracked(mut prep) => {
                 let ids = [&x, &gamma, &beta].map(|t| prep.checkpoint(t));
-                let (y, stats) = B::medseg_group_norm(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    groups,
-                    epsilon,
-                    slope,
-                );
-                let state = (ids[0], ids[1], ids[2], stats.clone(), slope);
+                let (y, stats) = forward(x, gamma, beta);
+                let state = (ids[0], ids[1], ids[2], stats.clone(), groups, slope);
                 (prep.finish(state, y), FloatTensor::<Self>::new(stats))
             }
             OpsKind::UnTracked(prep) => {
-                let (y, stats) = B::medseg_group_norm(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    groups,
-                    epsilon,
-                    slope,
-                );
+                let (y, stats) = forward(x, gamma, beta);
                 (prep.finish(y), FloatTensor::<Self>::new(stats))
             }
         }
@@ -568,6 +563,7 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        groups: usize,
         slope: Option<f64>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (dx, dgamma, dbeta) = B::medseg_group_norm_backward(
@@ -576,6 +572,7 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             gamma.into_primitive(),
             beta.into_primitive(),
             grad.into_primitive(),
+            groups,
             slope,
         );
         (

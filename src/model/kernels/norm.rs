@@ -103,7 +103,7 @@ pub fn statistics(shape: &NormShape, x: &[f32], epsilon: f64) -> Vec<[f32; 2]> {
     assert_eq!(x.len(), shape.len());
     assert!(shape.groups > 0 && shape.channels % shape.groups == 0);
     let s = shape.spatial;
-    // Per channel: count, shift, Σ(v - shift), Σ(v - shift)².
+    // Per channel: shift, Σ(v - shift), Σ(v - shift)².
     let channel: Vec<(f64, f64, f64)> = x
         .par_chunks(s.max(1))
         .map(|values| {
@@ -132,25 +132,6 @@ pub fn statistics(shape: &NormShape, x: &[f32], epsilon: f64) -> Vec<[f32; 2]> {
             ]
         })
         .collect()
-}
-
-/// The scale and shift of channel `i` of the flattened `[N·C]` channels: `y = v·scale + shift`.
-fn affine(
-    shape: &NormShape,
-    stats: &[[f32; 2]],
-    gamma: &[f32],
-    beta: &[f32],
-    i: usize,
-) -> (f32, f32) {
-    let c = i % shape.channels;
-    let [mean, rstd] = stats[i / shape.per_group()];
-    let scale = rstd * gamma[c];
-    (scale, beta[c] - mean * scale)
-}
-
-/// The factor of negative values: the slope, or 1 without an activation (branch-free loops).
-fn negative_factor(slope: Slope) -> f32 {
-    slope.unwrap_or(1.0)
 }
 
 /// `negative` for `v < 0`, else 1, as arithmetic on the comparison: a select here is compiled to
@@ -183,15 +164,8 @@ pub fn apply(
         .zip(x.par_chunks(shape.spatial.max(1)))
         .enumerate()
         .for_each(|(i, (out, x))| {
-            let (a, b) = affine(shape, stats, gamma, beta, i);
-            let negative = negative_factor(slope);
-            simd(Affine {
-                out,
-                x,
-                a,
-                b,
-                negative,
-            });
+            let unit = Unit::of(shape, stats, gamma, beta, slope, i);
+            simd(Affine { out, x, unit });
         });
 }
 
@@ -211,9 +185,8 @@ pub fn apply_in_place(
     x.par_chunks_mut(shape.spatial.max(1))
         .enumerate()
         .for_each(|(i, x)| {
-            let (a, b) = affine(shape, stats, gamma, beta, i);
-            let negative = negative_factor(slope);
-            simd(AffineInPlace { x, a, b, negative });
+            let unit = Unit::of(shape, stats, gamma, beta, slope, i);
+            simd(AffineInPlace { x, unit });
         });
 }
 
@@ -233,24 +206,13 @@ pub fn backward(
     assert_eq!((x.len(), dy.len()), (shape.len(), shape.len()));
     let s = shape.spatial.max(1);
     let c_count = shape.channels;
-    // The gradient reaching the affine map: dy, scaled by the slope where its output was negative
-    // (the output's sign is the input's for a positive slope; at 0 the gradient passes).
-    let negative = negative_factor(slope);
     // Per channel and sample: Σ dy' and Σ dy'·x̂.
     let sums: Vec<(f64, f64)> = x
         .par_chunks(s)
         .zip(dy.par_chunks(s))
         .enumerate()
         .map(|(i, (x, dy))| {
-            let (a, b) = affine(shape, stats, gamma, beta, i);
-            let [mean, rstd] = stats[i / shape.per_group()];
-            let unit = Unit {
-                a,
-                b,
-                negative,
-                mean,
-                rstd,
-            };
+            let unit = Unit::of(shape, stats, gamma, beta, slope, i);
             simd(GradientSums { x, dy, unit })
         })
         .collect();
@@ -275,18 +237,9 @@ pub fn backward(
         .zip(x.par_chunks(s).zip(dy.par_chunks(s)))
         .enumerate()
         .for_each(|(i, (dx, (x, dy)))| {
-            let (a, b) = affine(shape, stats, gamma, beta, i);
-            let group = i / shape.per_group();
-            let [mean, rstd] = stats[group];
-            let [m1, m2] = group_means[group];
+            let unit = Unit::of(shape, stats, gamma, beta, slope, i);
+            let [m1, m2] = group_means[i / shape.per_group()];
             let gm = gamma[i % c_count];
-            let unit = Unit {
-                a,
-                b,
-                negative,
-                mean,
-                rstd,
-            };
             simd(InputGradient {
                 dx,
                 x,
@@ -317,6 +270,29 @@ struct Unit {
 }
 
 impl Unit {
+    /// The constants of channel `i` of the flattened `[N·C]` channels: `y = act(v·a + b)` with
+    /// `a = rstd·γ`, `b = β - mean·a`; without an activation the negative factor is 1 (the loops
+    /// stay branch-free).
+    fn of(
+        shape: &NormShape,
+        stats: &[[f32; 2]],
+        gamma: &[f32],
+        beta: &[f32],
+        slope: Slope,
+        i: usize,
+    ) -> Unit {
+        let c = i % shape.channels;
+        let [mean, rstd] = stats[i / shape.per_group()];
+        let a = rstd * gamma[c];
+        Unit {
+            a,
+            b: beta[c] - mean * a,
+            negative: slope.unwrap_or(1.0),
+            mean,
+            rstd,
+        }
+    }
+
     /// The output gradient passed back through the activation: `g` scaled where the affine
     /// output was negative (its sign is the activation's for a positive slope; at 0 it passes).
     #[inline(always)]
@@ -351,9 +327,7 @@ impl WithSimd for ShiftedSums<'_> {
 struct Affine<'a> {
     out: &'a mut [f32],
     x: &'a [f32],
-    a: f32,
-    b: f32,
-    negative: f32,
+    unit: Unit,
 }
 
 impl WithSimd for Affine<'_> {
@@ -361,7 +335,7 @@ impl WithSimd for Affine<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        let (a, b, negative) = (self.a, self.b, self.negative);
+        let Unit { a, b, negative, .. } = self.unit;
         for (o, &v) in self.out.iter_mut().zip(self.x) {
             *o = activate(v * a + b, negative);
         }
@@ -371,9 +345,7 @@ impl WithSimd for Affine<'_> {
 /// `x = act(x·a + b)` over one channel.
 struct AffineInPlace<'a> {
     x: &'a mut [f32],
-    a: f32,
-    b: f32,
-    negative: f32,
+    unit: Unit,
 }
 
 impl WithSimd for AffineInPlace<'_> {
@@ -381,7 +353,7 @@ impl WithSimd for AffineInPlace<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        let (a, b, negative) = (self.a, self.b, self.negative);
+        let Unit { a, b, negative, .. } = self.unit;
         for v in self.x.iter_mut() {
             *v = activate(*v * a + b, negative);
         }
