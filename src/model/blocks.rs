@@ -10,7 +10,7 @@ use burn::nn::conv::{
 };
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d, PaddingConfig3d};
 use burn::prelude::*;
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 
 use super::kernels;
 
@@ -188,9 +188,32 @@ impl UpsampleNd {
         match self {
             UpsampleNd::Two(up) => {
                 let (x, b, d) = fold(x);
-                unfold(up.forward(x), b, d)
+                let y = kernels::conv_transpose2d(
+                    x,
+                    up.weight.val(),
+                    up.bias.as_ref().map(|b| b.val()),
+                    ConvTransposeOptions::new(
+                        up.stride,
+                        up.padding,
+                        up.padding_out,
+                        up.dilation,
+                        up.groups,
+                    ),
+                );
+                unfold(y, b, d)
             }
-            UpsampleNd::Three(up) => up.forward(x),
+            UpsampleNd::Three(up) => kernels::conv_transpose3d(
+                x,
+                up.weight.val(),
+                up.bias.as_ref().map(|b| b.val()),
+                ConvTransposeOptions::new(
+                    up.stride,
+                    up.padding,
+                    up.padding_out,
+                    up.dilation,
+                    up.groups,
+                ),
+            ),
         }
     }
 }

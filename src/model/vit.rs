@@ -7,11 +7,11 @@ use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use super::blocks::{ConvNd, ConvNdConfig};
+use super::kernels;
 
 pub use crate::config::PositionEmbedding;
 
@@ -100,16 +100,41 @@ impl VitBlock {
     /// # Shapes
     /// - `x`: `[B, N, E]` → (`[B, N, E]`, weights `[B, heads, N, N]`, rows sum to 1)
     pub fn forward_with_attention(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let attended = self
-            .attention
-            .forward(MhaInput::self_attn(self.norm_attention.forward(x.clone())));
-        let (h, weights) = (attended.context, attended.weights);
+        let (h, weights) = self.attend(self.norm_attention.forward(x.clone()));
         let x = x + self.dropout.forward(h);
         let h = self.mlp_in.forward(self.norm_mlp.forward(x.clone()));
-        let h = self
-            .mlp_out
-            .forward(self.dropout.forward(activation::gelu(h)));
+        let h = self.mlp_out.forward(self.dropout.forward(kernels::gelu(h)));
         (x + self.dropout.forward(h), weights)
+    }
+}
+
+impl VitBlock {
+    /// Self-attention with burn's `MultiHeadAttention` weights (the same record), its scaled
+    /// softmax on [`kernels::softmax`]: burn's is six recorded tensor ops and a libm `exp` per
+    /// score. A quiet softmax goes to burn's own forward.
+    ///
+    /// # Shapes
+    /// - `x`: `[B, N, E]` → (`[B, N, E]`, weights `[B, heads, N, N]`)
+    fn attend(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let mha = &self.attention;
+        if mha.quiet_softmax {
+            let out = mha.forward(MhaInput::self_attn(x));
+            return (out.context, out.weights);
+        }
+        let [b, n, e] = x.dims();
+        let heads = |linear: &Linear| {
+            linear
+                .forward(x.clone())
+                .reshape([b, n, mha.n_heads, mha.d_k])
+                .swap_dims(1, 2)
+        };
+        let (q, k, v) = (heads(&mha.query), heads(&mha.key), heads(&mha.value));
+        let scores = q.matmul(k.transpose());
+        let weights = mha
+            .dropout
+            .forward(kernels::softmax(scores, (mha.d_k as f64).sqrt()));
+        let context = weights.clone().matmul(v).swap_dims(1, 2).reshape([b, n, e]);
+        (mha.output.forward(context), weights)
     }
 }
 
@@ -291,4 +316,60 @@ fn sinusoidal(grid: [usize; 3], e: usize, device: &Device) -> Tensor<3> {
         }
     }
     Tensor::from_data(TensorData::new(data, [1, n, e]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{activation, Distribution};
+
+    fn max_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
+        let top = |t: Tensor<3>| t.abs().max().into_scalar::<f32>();
+        top(a - b.clone()) / (1.0 + top(b))
+    }
+
+    /// The block's own attention (the default, medseg's softmax and GELU) equals burn's
+    /// `MultiHeadAttention` and `gelu` with the same weights: output, attention weights and the
+    /// input's gradient.
+    #[test]
+    fn the_block_equals_burn_attention_and_mlp_with_the_same_weights() {
+        let device = Device::flex().autodiff();
+        let block = VitBlockConfig::new(24, 3).init(&device);
+        let input =
+            || Tensor::<3>::random([2, 37, 24], Distribution::Normal(0.0, 2.0), &Device::flex());
+        let x0 = input();
+        let probe = Tensor::<3>::from_data(input().into_data(), &device);
+        let run = |own: bool| {
+            let x = Tensor::<3>::from_data(x0.clone().into_data(), &device).require_grad();
+            let (y, weights) = if own {
+                block.forward_with_attention(x.clone())
+            } else {
+                let mha = block
+                    .attention
+                    .forward(MhaInput::self_attn(block.norm_attention.forward(x.clone())));
+                let h = x.clone() + mha.context;
+                let mlp = block.mlp_out.forward(activation::gelu(
+                    block.mlp_in.forward(block.norm_mlp.forward(h.clone())),
+                ));
+                (h + mlp, mha.weights)
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let dx = x.grad(&grads).expect("input gradient");
+            let [b, h, n, _] = weights.dims();
+            (
+                y,
+                weights.reshape([b * h, n, n]),
+                Tensor::<3>::from_data(dx.into_data(), &device),
+            )
+        };
+        let (ours, reference) = (run(true), run(false));
+        for (name, a, b) in [
+            ("output", ours.0, reference.0),
+            ("weights", ours.1, reference.1),
+            ("dx", ours.2, reference.2),
+        ] {
+            let diff = max_diff(a, b);
+            assert!(diff <= 1e-4, "{name} differs by {diff}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! medseg's convolution kernels against burn's reference ops: forward and every gradient, on
 //! random shapes (2D and 3D, odd sizes, stride 1 and 2, padding, 1 to 64 channels, batch 1 and 3);
-//! the fused group norm + LeakyReLU likewise (instance and group, with and without the activation).
+//! the fused group norm + LeakyReLU likewise (instance and group, with and without the activation),
+//! the decoder's kernel = stride transposed convolution, the attention's softmax and GELU.
 
 use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
@@ -322,4 +323,203 @@ fn medseg_group_norm_in_place_at_inference_equals_burn() {
     let reference = burn::tensor::activation::leaky_relu(norm.forward(x()), 0.01);
     let diff = max_rel_diff(ours.into_data(), reference.into_data());
     assert!(diff <= 1e-4, "in-place group norm differs by {diff}");
+}
+
+/// One random kernel = stride transposed convolution (the decoder's upsampling).
+#[derive(Debug)]
+struct UpCase {
+    dims: usize,
+    batch: usize,
+    channels: [usize; 2],
+    factor: [usize; 3],
+    size: [usize; 3],
+}
+
+fn random_up_case(rng: &mut StdRng, dims: usize) -> UpCase {
+    let channel = |rng: &mut StdRng| {
+        *[1, 2, 3, 5, 8, 16, 32, 64]
+            .get(rng.random_range(0..8))
+            .unwrap()
+    };
+    let factor = |rng: &mut StdRng| rng.random_range(1..=4);
+    let (factor, size) = if dims == 2 {
+        (
+            [1, factor(rng), factor(rng)],
+            [1, rng.random_range(1..=19), rng.random_range(1..=19)],
+        )
+    } else {
+        let f = factor(rng);
+        (
+            [f, f, rng.random_range(1..=2)],
+            [
+                rng.random_range(1..=6),
+                rng.random_range(1..=6),
+                rng.random_range(1..=6),
+            ],
+        )
+    };
+    UpCase {
+        dims,
+        batch: *[1, 3].get(rng.random_range(0..2)).unwrap(),
+        channels: [channel(rng), channel(rng)],
+        factor,
+        size,
+    }
+}
+
+/// Output and the gradients of input, weight and bias of `sum(up(x) · probe)`.
+fn run_up(path: Option<KernelPath>, case: &UpCase, seed: u64) -> [TensorData; 4] {
+    use burn::tensor::ops::ConvTransposeOptions;
+    let device = Device::flex().autodiff();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut normal = |shape: Vec<usize>| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        TensorData::new(v, shape)
+    };
+    let [ci, co] = case.channels;
+    let [fd, fh, fw] = case.factor;
+    let [d, h, w] = case.size;
+    let n = case.batch;
+    let x = Tensor::<5>::from_data(normal(vec![n, ci, d, h, w]), &device).require_grad();
+    let weight = Tensor::<5>::from_data(normal(vec![ci, co, fd, fh, fw]), &device).require_grad();
+    let bias = Tensor::<1>::from_data(normal(vec![co]), &device).require_grad();
+    let y = if case.dims == 2 {
+        let x2 = x.clone().reshape([n, ci, h, w]);
+        let w2 = weight.clone().reshape([ci, co, fh, fw]);
+        let opts = ConvTransposeOptions::new([fh, fw], [0, 0], [0, 0], [1, 1], 1);
+        let y = match path {
+            Some(path) => kernels::conv_transpose2d_with(path, x2, w2, Some(bias.clone()), opts),
+            None => burn::tensor::module::conv_transpose2d(x2, w2, Some(bias.clone()), opts),
+        };
+        y.unsqueeze_dim::<5>(2)
+    } else {
+        let opts = ConvTransposeOptions::new([fd, fh, fw], [0; 3], [0; 3], [1; 3], 1);
+        let (xc, wc, bc) = (x.clone(), weight.clone(), Some(bias.clone()));
+        match path {
+            Some(path) => kernels::conv_transpose3d_with(path, xc, wc, bc, opts),
+            None => burn::tensor::module::conv_transpose3d(xc, wc, bc, opts),
+        }
+    };
+    let probe = Tensor::<5>::from_data(normal(y.dims().to_vec()), &device);
+    let grads = (y.clone() * probe).sum().backward();
+    let grad = |t: &Tensor<5>| t.grad(&grads).expect("gradient").into_data();
+    [
+        y.into_data(),
+        grad(&x),
+        grad(&weight),
+        bias.grad(&grads).expect("bias gradient").into_data(),
+    ]
+}
+
+#[test]
+fn medseg_upsampling_equals_burn_transposed_convolution_forward_and_all_gradients() {
+    let mut rng = StdRng::seed_from_u64(33);
+    for i in 0..24 {
+        let case = random_up_case(&mut rng, if i % 2 == 0 { 2 } else { 3 });
+        let ours = run_up(Some(KernelPath::Medseg), &case, i);
+        let reference = run_up(None, &case, i);
+        for (name, (a, b)) in ["output", "dx", "dW", "db"]
+            .iter()
+            .zip(ours.into_iter().zip(reference))
+        {
+            let diff = max_rel_diff(a, b);
+            assert!(diff <= 1e-4, "{case:?}: {name} differs by {diff}");
+        }
+    }
+}
+
+/// `op(x)` and its input gradient under a random probe, for `x` `shape` with values in
+/// `±spread`; a transposed view when `transpose` (the kernels' copying branch).
+fn unary(
+    op: &dyn Fn(Tensor<4>) -> Tensor<4>,
+    shape: [usize; 4],
+    spread: f32,
+    transpose: bool,
+    seed: u64,
+) -> [TensorData; 2] {
+    let device = Device::flex().autodiff();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let mut values =
+        |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-s..s)).collect() };
+    let x =
+        Tensor::<4>::from_data(TensorData::new(values(n, spread), shape), &device).require_grad();
+    let input = if transpose {
+        x.clone().swap_dims(2, 3)
+    } else {
+        x.clone()
+    };
+    let y = op(input);
+    let probe = Tensor::<4>::from_data(TensorData::new(values(n, 1.0), y.dims()), &device);
+    let grads = (y.clone() * probe).sum().backward();
+    [y.into_data(), x.grad(&grads).expect("gradient").into_data()]
+}
+
+#[test]
+fn medseg_softmax_equals_burn_forward_and_gradient() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for i in 0..16u64 {
+        // Rows with and without a SIMD tail, of one value, and as long as 2D attention's.
+        let len = *[1, 3, 8, 17, 33, 64, 100, 784].get(i as usize % 8).unwrap();
+        let shape = [
+            rng.random_range(1..=3),
+            rng.random_range(1..=4),
+            rng.random_range(1..=9),
+            len,
+        ];
+        let temperature = *[1.0, 4.0, 5.656_854, 0.5]
+            .get(rng.random_range(0..4))
+            .unwrap();
+        let spread = if i % 3 == 0 { 60.0 } else { 4.0 };
+        let transpose = i % 4 == 3;
+        let ours = unary(
+            &|x| kernels::softmax_with(KernelPath::Medseg, x, temperature),
+            shape,
+            spread,
+            transpose,
+            i,
+        );
+        let reference = unary(
+            &|x| burn::tensor::activation::softmax(x.div_scalar(temperature), 3),
+            shape,
+            spread,
+            transpose,
+            i,
+        );
+        for (name, (a, b)) in ["output", "dx"].iter().zip(ours.into_iter().zip(reference)) {
+            let diff = max_rel_diff(a, b);
+            assert!(
+                diff <= 1e-4,
+                "{shape:?} / {temperature}: softmax {name} differs by {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn medseg_gelu_equals_burn_forward_and_gradient() {
+    for (i, spread) in [1.0f32, 4.0, 12.0].into_iter().enumerate() {
+        for transpose in [false, true] {
+            let shape = [2, 3, 37, 41];
+            let ours = unary(
+                &|x| kernels::gelu_with(KernelPath::Medseg, x),
+                shape,
+                spread,
+                transpose,
+                i as u64,
+            );
+            let reference = unary(
+                &|x| burn::tensor::activation::gelu(x),
+                shape,
+                spread,
+                transpose,
+                i as u64,
+            );
+            for (name, (a, b)) in ["output", "dx"].iter().zip(ours.into_iter().zip(reference)) {
+                let diff = max_rel_diff(a, b);
+                assert!(diff <= 1e-4, "±{spread}: gelu {name} differs by {diff}");
+            }
+        }
+    }
 }

@@ -12,6 +12,8 @@
 //! on rayon in a fixed number of groups, each sums into its own `dW`, and the partial sums are
 //! added in order at the end.
 
+use std::cell::RefCell;
+
 use ndarray::{ArrayView2, ArrayViewMut, ArrayViewMut2, ArrayViewMut3, Axis, ShapeBuilder};
 use rayon::prelude::*;
 
@@ -19,10 +21,10 @@ use rayon::prelude::*;
 const TILE_POSITIONS: usize = 2048;
 
 /// Partial sums of `dW`, whatever the thread count: enough to keep 16 cores busy.
-const GROUPS: usize = 16;
+pub(super) const GROUPS: usize = 16;
 
 /// im2col floats per forward tile (1 MiB): the columns stay in L2 while the product reads them.
-const FORWARD_TILE_FLOATS: usize = 1 << 18;
+pub(super) const FORWARD_TILE_FLOATS: usize = 1 << 18;
 
 /// A convolution's sizes, in 3D. A 2D convolution has depth 1, kernel depth 1, depth stride 1 and
 /// no depth padding. Dilation is 1 and there is one group.
@@ -153,17 +155,37 @@ pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
             .map(move |(i, block)| (b, i * rows_per_tile, block))
         })
         .collect();
-    blocks
-        .into_par_iter()
-        .for_each_init(Vec::new, |col, (b, r0, mut block)| {
-            let t = block.ncols();
-            let r1 = r0 + t / ow;
-            col.resize(cik * t, 0.0);
+    blocks.into_par_iter().for_each(|(b, r0, mut block)| {
+        let t = block.ncols();
+        let r1 = r0 + t / ow;
+        with_columns(cik * t, |col| {
             im2col(&s, x, b, r0, r1, col);
-            let rhs = ArrayView2::from_shape((cik, t), &col[..cik * t]).expect("im2col tile");
+            let rhs = ArrayView2::from_shape((cik, t), &*col).expect("im2col tile");
             product(w, rhs, &mut block, false);
         });
+    });
     y
+}
+
+thread_local! {
+    /// Each worker's im2col tile, kept between tiles and calls: a fresh one per task was zeroed
+    /// and page-faulted in every time (a twentieth of a tiny 2D step).
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's tile buffer of `len` floats, whose contents are stale: `im2col`
+/// writes every value.
+fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    COLUMNS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut col) => {
+            if col.len() < len {
+                col.resize(len, 0.0);
+            }
+            f(&mut col[..len])
+        }
+        // Re-entered on this thread (never by the callers here): a buffer of its own.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// `dst = lhs · rhs`, or `dst += lhs · rhs` when `accumulate`, by burn's `gemm`, at whatever
@@ -171,7 +193,7 @@ pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
 /// transposed product, in which `col` is a column-major left operand that its micro-kernel reads
 /// in place (matrixmultiply packed every tile first, a copy: 17 % of a small 3D step); for `dW` it
 /// reads the output gradient in place.
-fn product(
+pub(super) fn product(
     lhs: ArrayView2<f32>,
     rhs: ArrayView2<f32>,
     dst: &mut ArrayViewMut2<f32>,
@@ -211,7 +233,7 @@ fn product(
 
 /// `view` cut along `axis` into consecutive pieces of `size` (the last may be shorter), each
 /// keeping the whole view's lifetime so that they can go to other threads.
-fn split<D: ndarray::Dimension>(
+pub(super) fn split<D: ndarray::Dimension>(
     mut view: ArrayViewMut<'_, f32, D>,
     axis: Axis,
     size: usize,

@@ -2,7 +2,9 @@
 //! the autodiff implementation that owns the backward pass.
 //!
 //! Replaced on the CPU: the forward convolution, its weight gradient, its stride-1 input gradient
-//! (as a forward convolution), LeakyReLU and group norm (with the LeakyReLU fused). Backends other
+//! (as a forward convolution), LeakyReLU, group norm (with the LeakyReLU fused), the
+//! decoder's kernel = stride transposed convolution, the attention's scaled softmax and the
+//! MLP's GELU. Backends other
 //! than `Flex` never reach this trait (the callers in [`super`] check the device), so a GPU build
 //! keeps burn's path.
 
@@ -15,13 +17,16 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Flex, TensorMetadata};
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::{DType, TensorData};
 
 use rayon::prelude::*;
 
 use super::conv::{self, ConvShape};
+use super::gelu;
 use super::norm::{self, NormShape};
+use super::softmax;
+use super::upsample::{self, UpsampleShape};
 
 /// Model ops with medseg's CPU kernels: the convolution ([`conv::forward`]), its weight gradient
 /// ([`conv::weight_grad`]), a one-pass LeakyReLU and group norm ([`norm`]). The group norm has no
@@ -122,6 +127,54 @@ pub trait Kernels: Backend {
         groups: usize,
         slope: Option<f64>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// A transposed convolution whose kernel equals its stride (no padding, one group), bias
+    /// free: the decoder's learned upsampling. The factor is the kernel's size.
+    ///
+    /// # Shapes
+    /// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Ci, Co, fd, fh, fw]`
+    /// - output: `[N, Co, D·fd, H·fh, W·fw]`
+    fn medseg_upsample3d(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradients `(dx, dweight)` of [`Kernels::medseg_upsample3d`].
+    ///
+    /// # Shapes
+    /// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Ci, Co, fd, fh, fw]`, `grad`: the output's
+    /// - output: the shapes of `x` and `weight`
+    fn medseg_upsample3d_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `softmax(scale · x)` over the last axis (`scale > 0`, finite): the attention's weights.
+    ///
+    /// # Shapes
+    /// - `x`: any, the softmax along its last axis; output: the same
+    fn medseg_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+
+    /// The input gradient of [`Kernels::medseg_softmax`] from its output `y` and the output
+    /// gradient.
+    ///
+    /// # Shapes
+    /// - `y`, `grad`: the same shape; output: that shape
+    fn medseg_softmax_backward(
+        y: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+
+    /// GELU with the exact normal CDF, `x·Φ(x)` (burn's `gelu`).
+    ///
+    /// # Shapes
+    /// - `x`: any; output: the same
+    fn medseg_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The input gradient of [`Kernels::medseg_gelu`]: `grad · (Φ(x) + x·φ(x))`.
+    ///
+    /// # Shapes
+    /// - `x`, `grad`: the same shape; output: that shape
+    fn medseg_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// burn's ops composed, with burn's convention at 0 (`grad` passes):
@@ -308,6 +361,87 @@ impl Kernels for Flex {
             FlexTensor::from_data(TensorData::new(dbeta, beta.shape())),
         )
     }
+
+    fn medseg_upsample3d(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        let Some(shape) = upsample_shape(&x, &weight) else {
+            let options = upsample_options(&weight);
+            return Self::conv_transpose3d(x, weight, None, options);
+        };
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let y = upsample::forward(&shape, f32s(&x), f32s(&weight));
+        let [od, oh, ow] = shape.output();
+        FlexTensor::from_data(TensorData::new(
+            y,
+            [shape.batch, shape.out_channels, od, oh, ow],
+        ))
+    }
+
+    fn medseg_upsample3d_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let fits = upsample_shape(&x, &weight)
+            .filter(|s| grad.dtype() == DType::F32 && dims5(&grad) == Some(output_dims(s)));
+        let Some(shape) = fits else {
+            let options = upsample_options(&weight);
+            let dx =
+                Self::conv_transpose3d_x_backward(weight.clone(), grad.clone(), options.clone());
+            let dw = Self::conv_transpose3d_weight_backward(x, weight, grad, options);
+            return (dx, dw);
+        };
+        let [x, weight, grad] = [x, weight, grad].map(|t| t.to_contiguous());
+        let (dx, dw) = upsample::backward(&shape, f32s(&x), f32s(&weight), f32s(&grad));
+        (
+            FlexTensor::from_data(TensorData::new(dx, x.shape())),
+            FlexTensor::from_data(TensorData::new(dw, weight.shape())),
+        )
+    }
+
+    fn medseg_softmax(x: FlexTensor, scale: f64) -> FlexTensor {
+        let len = x.shape().last().copied().unwrap_or(1);
+        let mut x = x;
+        // Owned (the scores of a product): softmax in place.
+        if let Some(xs) = plain_mut(&mut x) {
+            softmax::forward_in_place(len, scale as f32, xs);
+            return x;
+        }
+        let x = x.to_contiguous();
+        let mut y = vec![0f32; x.shape().num_elements()];
+        softmax::forward(len, scale as f32, f32s(&x), &mut y);
+        FlexTensor::from_data(TensorData::new(y, x.shape()))
+    }
+
+    fn medseg_softmax_backward(y: FlexTensor, grad: FlexTensor, scale: f64) -> FlexTensor {
+        let len = y.shape().last().copied().unwrap_or(1);
+        let [y, grad] = [y, grad].map(|t| t.to_contiguous());
+        let dx = softmax::backward(len, scale as f32, f32s(&y), f32s(&grad));
+        FlexTensor::from_data(TensorData::new(dx, y.shape()))
+    }
+
+    fn medseg_gelu(x: FlexTensor) -> FlexTensor {
+        let mut x = x;
+        if let Some(xs) = plain_mut(&mut x) {
+            gelu::forward_in_place(xs);
+            return x;
+        }
+        // Shared (kept for the backward pass while training): write a new buffer.
+        let x = x.to_contiguous();
+        FlexTensor::from_data(TensorData::new(gelu::forward(f32s(&x)), x.shape()))
+    }
+
+    fn medseg_gelu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let x = x.to_contiguous();
+        let mut grad = grad;
+        if let Some(gs) = plain_mut(&mut grad).filter(|gs| gs.len() == f32s(&x).len()) {
+            gelu::backward_in_place(f32s(&x), gs);
+            return grad;
+        }
+        let grad = grad.to_contiguous();
+        let mut dx = f32s(&grad).to_vec();
+        gelu::backward_in_place(f32s(&x), &mut dx);
+        FlexTensor::from_data(TensorData::new(dx, x.shape()))
+    }
 }
 
 /// The sizes of a group norm's input; the caller ([`super::group_norm`]) has checked them.
@@ -324,7 +458,7 @@ fn norm_shape(x: &FlexTensor, groups: usize) -> NormShape {
 /// A contiguous `f32` tensor's values; the callers checked the dtype.
 fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
-        .expect("group norm tensors are contiguous f32 (checked by kernels::group_norm)")
+        .expect("kernel tensors are contiguous f32 (dtype checked by the callers)")
 }
 
 fn stats_tensor(stats: Vec<[f32; 2]>) -> FlexTensor {
@@ -394,6 +528,32 @@ fn conv_shape(
         padding: options.padding.map(|(begin, _)| begin),
         output: [od, oh, ow],
     })
+}
+
+/// The sizes medseg's upsampling handles: `f32` input and weight of matching channels; the
+/// factor is the kernel's size. `None` sends the rest to burn's transposed convolution.
+fn upsample_shape(x: &FlexTensor, weight: &FlexTensor) -> Option<UpsampleShape> {
+    let f32s = [x.dtype(), weight.dtype()] == [DType::F32; 2];
+    let ([n, ci, d, h, w], [wci, co, fd, fh, fw]) = (dims5(x)?, dims5(weight)?);
+    (f32s && wci == ci && !([fd, fh, fw].contains(&0))).then_some(UpsampleShape {
+        batch: n,
+        in_channels: ci,
+        out_channels: co,
+        input: [d, h, w],
+        factor: [fd, fh, fw],
+    })
+}
+
+fn output_dims(s: &UpsampleShape) -> [usize; 5] {
+    let [od, oh, ow] = s.output();
+    [s.batch, s.out_channels, od, oh, ow]
+}
+
+/// burn's options for the same layer: stride = kernel, no padding, one group.
+fn upsample_options(weight: &FlexTensor) -> ConvTransposeOptions<3> {
+    let k = weight.shape();
+    let factor = [k[2], k[3], k[4]];
+    ConvTransposeOptions::new(factor, [0; 3], [0; 3], [1; 3], 1)
 }
 
 impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
@@ -580,5 +740,154 @@ impl<B: Backend + Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             FloatTensor::<Self>::new(dgamma),
             FloatTensor::<Self>::new(dbeta),
         )
+    }
+
+    fn medseg_upsample3d(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct UpsampleBackward;
+
+        impl<B: Backend + Kernels> Backward<B, 2> for UpsampleBackward {
+            type State = (NodeId, NodeId);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let [x, weight] = [ops.state.0, ops.state.1]
+                    .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+                let (dx, dw) = B::medseg_upsample3d_backward(x, weight, grad);
+                for (node, g) in [(node_x, dx), (node_weight, dw)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match UpsampleBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
+                let out = B::medseg_upsample3d(x.into_primitive(), weight.into_primitive());
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::medseg_upsample3d(
+                x.into_primitive(),
+                weight.into_primitive(),
+            )),
+        }
+    }
+
+    /// Not differentiable again: the gradients come back as constants.
+    fn medseg_upsample3d_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) = B::medseg_upsample3d_backward(
+            x.into_primitive(),
+            weight.into_primitive(),
+            grad.into_primitive(),
+        );
+        (FloatTensor::<Self>::new(dx), FloatTensor::<Self>::new(dw))
+    }
+
+    fn medseg_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SoftmaxBackward;
+
+        impl<B: Backend + Kernels> Backward<B, 1> for SoftmaxBackward {
+            type State = (FloatTensor<B>, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (y, scale) = ops.state;
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::medseg_softmax_backward(y, grad, scale));
+                }
+            }
+        }
+
+        // The backward pass needs only the output, kept by the state.
+        match SoftmaxBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::medseg_softmax(x.into_primitive(), scale);
+                prep.finish((y.clone(), scale), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::medseg_softmax(x.into_primitive(), scale)),
+        }
+    }
+
+    /// Not differentiable again: the gradient comes back as a constant.
+    fn medseg_softmax_backward(
+        y: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        FloatTensor::<Self>::new(B::medseg_softmax_backward(
+            y.into_primitive(),
+            grad.into_primitive(),
+            scale,
+        ))
+    }
+
+    fn medseg_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluBackward;
+
+        impl<B: Backend + Kernels> Backward<B, 1> for GeluBackward {
+            type State = NodeId;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::medseg_gelu_backward(x, grad));
+                }
+            }
+        }
+
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                prep.finish(state, B::medseg_gelu(x.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::medseg_gelu(x.into_primitive())),
+        }
+    }
+
+    /// Not differentiable again: the gradient comes back as a constant.
+    fn medseg_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        FloatTensor::<Self>::new(B::medseg_gelu_backward(
+            x.into_primitive(),
+            grad.into_primitive(),
+        ))
     }
 }

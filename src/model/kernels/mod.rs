@@ -6,18 +6,30 @@
 
 pub mod conv;
 mod ext;
+pub mod gelu;
 pub mod norm;
+pub mod softmax;
+pub mod upsample;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::Dispatch;
 use burn::nn::GroupNorm;
 use burn::prelude::*;
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::DType;
 
 pub use crate::config::KernelPath;
 use ext::Kernels;
+
+/// Runs `kernel` compiled for the best instruction set this CPU has (AVX2 + FMA where present):
+/// the crate itself targets baseline x86-64, for whose SSE2 these loops are not vectorised. Each
+/// kernel is a struct whose `with_simd` is inlined whole into pulp's `#[target_feature]` function
+/// (a closure would be called, not inlined, and compiled for the baseline).
+#[inline(always)]
+fn simd<K: pulp::WithSimd>(kernel: K) -> K::Output {
+    pulp::Arch::new().dispatch(kernel)
+}
 
 static MEDSEG_KERNELS: AtomicBool = AtomicBool::new(true);
 
@@ -131,6 +143,108 @@ pub fn conv2d_with(
     y.reshape([n, co, oh, ow])
 }
 
+/// A transposed convolution on the [`selected`] path ([`conv_transpose3d_with`]).
+///
+/// # Shapes
+/// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Ci, Co, kd, kh, kw]`, `bias`: `[Co]`
+/// - output: `[N, Co, D', H', W']`
+pub fn conv_transpose3d(
+    x: Tensor<5>,
+    weight: Tensor<5>,
+    bias: Option<Tensor<1>>,
+    options: ConvTransposeOptions<3>,
+) -> Tensor<5> {
+    conv_transpose3d_with(selected(), x, weight, bias, options)
+}
+
+/// A 2D transposed convolution on the [`selected`] path ([`conv_transpose2d_with`]).
+///
+/// # Shapes
+/// - `x`: `[N, Ci, H, W]`, `weight`: `[Ci, Co, kh, kw]`, `bias`: `[Co]`
+/// - output: `[N, Co, H', W']`
+pub fn conv_transpose2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvTransposeOptions<2>,
+) -> Tensor<4> {
+    conv_transpose2d_with(selected(), x, weight, bias, options)
+}
+
+/// A transposed convolution whose kernel equals its stride (the decoder's learned upsampling) on
+/// `path`: medseg's kernel on the CPU device for `f32` tensors when `options` are stride =
+/// kernel, no padding, dilation 1 and one group; burn's `conv_transpose3d` otherwise.
+///
+/// # Shapes
+/// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Ci, Co, fd, fh, fw]`, `bias`: `[Co]`
+/// - output: `[N, Co, D·fd, H·fh, W·fw]` (the general transposed convolution's size otherwise)
+pub fn conv_transpose3d_with(
+    path: KernelPath,
+    x: Tensor<5>,
+    weight: Tensor<5>,
+    bias: Option<Tensor<1>>,
+    options: ConvTransposeOptions<3>,
+) -> Tensor<5> {
+    let [_, _, kd, kh, kw] = weight.dims();
+    let upsample = options.stride == [kd, kh, kw]
+        && options.padding == [0; 3]
+        && options.padding_out == [0; 3]
+        && options.dilation == [1; 3]
+        && options.groups == 1;
+    let fits = upsample
+        && use_medseg(path, &x.device())
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && x.dims()[1] == weight.dims()[0];
+    if !fits {
+        return burn::tensor::module::conv_transpose3d(x, weight, bias, options);
+    }
+    let out = Tensor::<5>::from_dispatch(<Dispatch as Kernels>::medseg_upsample3d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+    ));
+    match bias {
+        Some(bias) => {
+            let co = bias.dims()[0];
+            out + bias.reshape([1, co, 1, 1, 1])
+        }
+        None => out,
+    }
+}
+
+/// [`conv_transpose3d_with`] in 2D: the 3D op with depth 1.
+///
+/// # Shapes
+/// - `x`: `[N, Ci, H, W]`, `weight`: `[Ci, Co, fh, fw]`, `bias`: `[Co]`
+/// - output: `[N, Co, H·fh, W·fw]` (the general transposed convolution's size otherwise)
+pub fn conv_transpose2d_with(
+    path: KernelPath,
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvTransposeOptions<2>,
+) -> Tensor<4> {
+    let [n, ci, h, w] = x.dims();
+    let [wi, co, kh, kw] = weight.dims();
+    let lift = |a: [usize; 2], depth: usize| [depth, a[0], a[1]];
+    let options3 = ConvTransposeOptions::new(
+        lift(options.stride, 1),
+        lift(options.padding, 0),
+        lift(options.padding_out, 0),
+        lift(options.dilation, 1),
+        options.groups,
+    );
+    let y = conv_transpose3d_with(
+        path,
+        x.reshape([n, ci, 1, h, w]),
+        weight.reshape([wi, co, 1, kh, kw]),
+        bias,
+        options3,
+    );
+    let [_, c, _, oh, ow] = y.dims();
+    y.reshape([n, c, oh, ow])
+}
+
 /// LeakyReLU with negative `slope` on the [`selected`] path.
 ///
 /// # Shapes
@@ -151,6 +265,54 @@ pub fn leaky_relu_with<const D: usize>(path: KernelPath, x: Tensor<D>, slope: f6
         x.into_dispatch(),
         slope,
     ))
+}
+
+/// `softmax(x / temperature)` over the last axis on the [`selected`] path: medseg's one-pass
+/// kernel on the CPU device for `f32` tensors, burn's `softmax` of `x.div_scalar(temperature)`
+/// (as burn's attention computes it) otherwise.
+///
+/// # Shapes
+/// - `x`: any; output: the same
+pub fn softmax<const D: usize>(x: Tensor<D>, temperature: f64) -> Tensor<D> {
+    softmax_with(selected(), x, temperature)
+}
+
+/// [`softmax`] on `path`.
+///
+/// # Shapes
+/// - `x`: any; output: the same
+pub fn softmax_with<const D: usize>(path: KernelPath, x: Tensor<D>, temperature: f64) -> Tensor<D> {
+    let fits = use_medseg(path, &x.device())
+        && x.dtype() == DType::F32
+        && temperature.is_finite()
+        && temperature > 0.0;
+    if !fits {
+        return burn::tensor::activation::softmax(x.div_scalar(temperature), D - 1);
+    }
+    Tensor::from_dispatch(<Dispatch as Kernels>::medseg_softmax(
+        x.into_dispatch(),
+        1.0 / temperature,
+    ))
+}
+
+/// GELU (`x·Φ(x)`, the exact normal CDF) on the [`selected`] path: medseg's one-pass kernel on
+/// the CPU device for `f32` tensors, burn's `gelu` otherwise.
+///
+/// # Shapes
+/// - `x`: any; output: the same
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    gelu_with(selected(), x)
+}
+
+/// [`gelu`] on `path`.
+///
+/// # Shapes
+/// - `x`: any; output: the same
+pub fn gelu_with<const D: usize>(path: KernelPath, x: Tensor<D>) -> Tensor<D> {
+    if !(use_medseg(path, &x.device()) && x.dtype() == DType::F32) {
+        return burn::tensor::activation::gelu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as Kernels>::medseg_gelu(x.into_dispatch()))
 }
 
 /// Group (or instance) normalisation by `norm`, then LeakyReLU with `slope` when given, on the

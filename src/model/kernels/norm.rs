@@ -14,14 +14,7 @@
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-/// Runs `kernel` compiled for the best instruction set this CPU has (AVX2 + FMA where present):
-/// the crate itself targets baseline x86-64, for whose SSE2 these loops are not vectorised. Each
-/// kernel is a struct whose `with_simd` is inlined whole into pulp's `#[target_feature]` function
-/// (a closure would be called, not inlined, and compiled for the baseline).
-#[inline(always)]
-fn simd<K: WithSimd>(kernel: K) -> K::Output {
-    pulp::Arch::new().dispatch(kernel)
-}
+use super::simd;
 
 /// Values summed in `f32` before the sums move to `f64`.
 const BLOCK: usize = 512;
