@@ -89,22 +89,24 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
         .par_chunks(per_group)
         .map(|group| {
             let mut dw = vec![0f32; s.out_channels * cik];
-            let mut col = Vec::new();
-            for &(b, r0, r1) in group {
-                let t = (r1 - r0) * ow;
-                col.resize(cik * t, 0.0);
-                im2col(&s, x, b, r0, r1, &mut col);
-                let out = s.output_volume();
-                let lhs = ArrayView2::from_shape(
-                    (s.out_channels, t).strides((out, 1)),
-                    &dy[(b * s.out_channels) * out + r0 * ow..],
-                )
-                .expect("dY tile lies inside the output gradient");
-                let rhs = ArrayView2::from_shape((cik, t), &col[..cik * t]).expect("im2col tile");
-                let mut acc = ArrayViewMut2::from_shape((s.out_channels, cik), &mut dw)
-                    .expect("dW has Co·Ci·K elements");
-                product(lhs, rhs.t(), &mut acc, true);
-            }
+            let widest = group.iter().map(|&(_, r0, r1)| (r1 - r0) * ow).max();
+            with_columns(cik * widest.unwrap_or(0), |col| {
+                for &(b, r0, r1) in group {
+                    let t = (r1 - r0) * ow;
+                    let col = &mut col[..cik * t];
+                    im2col(&s, x, b, r0, r1, col);
+                    let out = s.output_volume();
+                    let lhs = ArrayView2::from_shape(
+                        (s.out_channels, t).strides((out, 1)),
+                        &dy[(b * s.out_channels) * out + r0 * ow..],
+                    )
+                    .expect("dY tile lies inside the output gradient");
+                    let rhs = ArrayView2::from_shape((cik, t), &*col).expect("im2col tile");
+                    let mut acc = ArrayViewMut2::from_shape((s.out_channels, cik), &mut dw)
+                        .expect("dW has Co·Ci·K elements");
+                    product(lhs, rhs.t(), &mut acc, true);
+                }
+            });
             dw
         })
         .collect();
@@ -168,14 +170,21 @@ pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
 }
 
 thread_local! {
-    /// Each worker's im2col tile, kept between tiles and calls: a fresh one per task was zeroed
-    /// and page-faulted in every time (a twentieth of a tiny 2D step).
+    /// Each worker's im2col tile, kept between tiles and calls: a fresh one per task or group
+    /// was zeroed and page-faulted in every time (a twentieth of a tiny 2D step).
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's tile buffer of `len` floats, whose contents are stale: `im2col`
-/// writes every value.
+/// The largest tile a worker keeps (4 MiB); larger ones (wide layers of big presets) are
+/// allocated per use rather than held for the thread's life.
+const KEPT_COLUMNS: usize = 1 << 20;
+
+/// Runs `f` on a tile buffer of `len` floats whose contents are stale (`im2col` writes every
+/// value it reads): this thread's kept buffer when `len` fits [`KEPT_COLUMNS`].
 fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if len > KEPT_COLUMNS {
+        return f(&mut vec![0.0; len]);
+    }
     COLUMNS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut col) => {
             if col.len() < len {
