@@ -186,17 +186,7 @@ pub fn conv_transpose3d_with(
     options: ConvTransposeOptions<3>,
 ) -> Tensor<5> {
     let [_, _, kd, kh, kw] = weight.dims();
-    let upsample = options.stride == [kd, kh, kw]
-        && options.padding == [0; 3]
-        && options.padding_out == [0; 3]
-        && options.dilation == [1; 3]
-        && options.groups == 1;
-    let fits = upsample
-        && use_medseg(path, &x.device())
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && x.dims()[1] == weight.dims()[0];
-    if !fits {
+    if !upsample_fits(path, &x, &weight, [kd, kh, kw], &options) {
         return burn::tensor::module::conv_transpose3d(x, weight, bias, options);
     }
     let out = Tensor::<5>::from_dispatch(<Dispatch as Kernels>::medseg_upsample3d(
@@ -212,7 +202,28 @@ pub fn conv_transpose3d_with(
     }
 }
 
-/// [`conv_transpose3d_with`] in 2D: the 3D op with depth 1.
+/// Whether medseg's upsampling kernel runs this transposed convolution: on the CPU device,
+/// `f32`, stride = `kernel`, no padding, dilation 1, one group.
+fn upsample_fits<const D: usize, const N: usize>(
+    path: KernelPath,
+    x: &Tensor<D>,
+    weight: &Tensor<D>,
+    kernel: [usize; N],
+    options: &ConvTransposeOptions<N>,
+) -> bool {
+    options.stride == kernel
+        && options.padding == [0; N]
+        && options.padding_out == [0; N]
+        && options.dilation == [1; N]
+        && options.groups == 1
+        && use_medseg(path, &x.device())
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && x.dims()[1] == weight.dims()[0]
+}
+
+/// [`conv_transpose3d_with`] in 2D: the 3D op with depth 1 on medseg's kernel, burn's
+/// `conv_transpose2d` otherwise.
 ///
 /// # Shapes
 /// - `x`: `[N, Ci, H, W]`, `weight`: `[Ci, Co, fh, fw]`, `bias`: `[Co]`
@@ -226,6 +237,9 @@ pub fn conv_transpose2d_with(
 ) -> Tensor<4> {
     let [n, ci, h, w] = x.dims();
     let [wi, co, kh, kw] = weight.dims();
+    if !upsample_fits(path, &x, &weight, [kh, kw], &options) {
+        return burn::tensor::module::conv_transpose2d(x, weight, bias, options);
+    }
     let lift = |a: [usize; 2], depth: usize| [depth, a[0], a[1]];
     let options3 = ConvTransposeOptions::new(
         lift(options.stride, 1),
