@@ -140,6 +140,25 @@ impl ConvNd {
     }
 }
 
+/// A burn `ConvTranspose2d` or `ConvTranspose3d` module's weight, bias and options, for
+/// [`kernels::conv_transpose2d`] / [`kernels::conv_transpose3d`] (the two types share field names,
+/// not a trait).
+macro_rules! transpose_parts {
+    ($up:expr) => {
+        (
+            $up.weight.val(),
+            $up.bias.as_ref().map(|b| b.val()),
+            ConvTransposeOptions::new(
+                $up.stride,
+                $up.padding,
+                $up.padding_out,
+                $up.dilation,
+                $up.groups,
+            ),
+        )
+    };
+}
+
 /// An [`UpsampleNd`]: a transposed convolution that multiplies the spatial size by `factor`.
 #[derive(Config, Debug)]
 pub struct UpsampleNdConfig {
@@ -188,32 +207,13 @@ impl UpsampleNd {
         match self {
             UpsampleNd::Two(up) => {
                 let (x, b, d) = fold(x);
-                let y = kernels::conv_transpose2d(
-                    x,
-                    up.weight.val(),
-                    up.bias.as_ref().map(|b| b.val()),
-                    ConvTransposeOptions::new(
-                        up.stride,
-                        up.padding,
-                        up.padding_out,
-                        up.dilation,
-                        up.groups,
-                    ),
-                );
-                unfold(y, b, d)
+                let (weight, bias, options) = transpose_parts!(up);
+                unfold(kernels::conv_transpose2d(x, weight, bias, options), b, d)
             }
-            UpsampleNd::Three(up) => kernels::conv_transpose3d(
-                x,
-                up.weight.val(),
-                up.bias.as_ref().map(|b| b.val()),
-                ConvTransposeOptions::new(
-                    up.stride,
-                    up.padding,
-                    up.padding_out,
-                    up.dilation,
-                    up.groups,
-                ),
-            ),
+            UpsampleNd::Three(up) => {
+                let (weight, bias, options) = transpose_parts!(up);
+                kernels::conv_transpose3d(x, weight, bias, options)
+            }
         }
     }
 }

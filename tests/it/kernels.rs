@@ -23,7 +23,22 @@ fn max_rel_diff(a: TensorData, b: TensorData) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A channel count from 1 to 64.
+fn random_channels(rng: &mut StdRng) -> usize {
+    *[1, 2, 3, 5, 8, 16, 32, 64]
+        .get(rng.random_range(0..8))
+        .unwrap()
+}
+
+/// Values uniform in ±1, of `shape`.
+fn uniform(rng: &mut StdRng, shape: Vec<usize>) -> TensorData {
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    TensorData::new(v, shape)
+}
+
 /// One random convolution: `[batch, ci, co, kernel, stride, pad]` and the input size.
+#[derive(Debug)]
 struct Case {
     dims: usize,
     batch: usize,
@@ -35,11 +50,6 @@ struct Case {
 }
 
 fn random_case(rng: &mut StdRng, dims: usize) -> Case {
-    let channel = |rng: &mut StdRng| {
-        *[1, 2, 3, 5, 8, 16, 32, 64]
-            .get(rng.random_range(0..8))
-            .unwrap()
-    };
     let kernel = *[1, 2, 3].get(rng.random_range(0..3)).unwrap();
     let edge = |rng: &mut StdRng, max: usize| rng.random_range(kernel.max(3)..=max);
     let size = if dims == 2 {
@@ -50,7 +60,7 @@ fn random_case(rng: &mut StdRng, dims: usize) -> Case {
     Case {
         dims,
         batch: *[1, 3].get(rng.random_range(0..2)).unwrap(),
-        channels: [channel(rng), channel(rng)],
+        channels: [random_channels(rng), random_channels(rng)],
         kernel,
         stride: rng.random_range(1..=2),
         pad: rng.random_range(0..=kernel / 2),
@@ -62,11 +72,7 @@ fn random_case(rng: &mut StdRng, dims: usize) -> Case {
 fn run(path: Option<KernelPath>, case: &Case, seed: u64) -> [TensorData; 4] {
     let device = Device::flex().autodiff();
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut normal = |shape: Vec<usize>| {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        TensorData::new(v, shape)
-    };
+    let mut normal = |shape: Vec<usize>| uniform(&mut rng, shape);
     let [ci, co] = case.channels;
     let (k, s, p) = (case.kernel, case.stride, case.pad);
     let [d, h, w] = case.size;
@@ -94,15 +100,40 @@ fn run(path: Option<KernelPath>, case: &Case, seed: u64) -> [TensorData; 4] {
             }
         }
     };
-    let probe = Tensor::<5>::from_data(normal(y.dims().to_vec()), &device);
+    let probe = normal(y.dims().to_vec());
+    output_and_gradients(y, probe, &x, &weight, &bias)
+}
+
+/// `y` and the gradients of `x`, `weight` and `bias` of `sum(y · probe)`.
+fn output_and_gradients(
+    y: Tensor<5>,
+    probe: TensorData,
+    x: &Tensor<5>,
+    weight: &Tensor<5>,
+    bias: &Tensor<1>,
+) -> [TensorData; 4] {
+    let probe = Tensor::<5>::from_data(probe, &y.device());
     let grads = (y.clone() * probe).sum().backward();
     let grad = |t: &Tensor<5>| t.grad(&grads).expect("gradient").into_data();
     [
         y.into_data(),
-        grad(&x),
-        grad(&weight),
+        grad(x),
+        grad(weight),
         bias.grad(&grads).expect("bias gradient").into_data(),
     ]
+}
+
+/// Asserts that each of medseg's results is within 1e-4 of burn's.
+fn assert_close<const N: usize>(
+    what: &dyn std::fmt::Debug,
+    names: [&str; N],
+    ours: [TensorData; N],
+    reference: [TensorData; N],
+) {
+    for (name, (a, b)) in names.iter().zip(ours.into_iter().zip(reference)) {
+        let diff = max_rel_diff(a, b);
+        assert!(diff <= 1e-4, "{what:?}: {name} differs by {diff}");
+    }
 }
 
 #[test]
@@ -112,17 +143,7 @@ fn medseg_convolution_equals_burn_forward_and_all_gradients() {
         let case = random_case(&mut rng, if i % 2 == 0 { 2 } else { 3 });
         let ours = run(Some(KernelPath::Medseg), &case, i);
         let reference = run(None, &case, i);
-        for (name, (a, b)) in ["output", "dx", "dW", "db"]
-            .iter()
-            .zip(ours.into_iter().zip(reference))
-        {
-            let diff = max_rel_diff(a, b);
-            assert!(
-                diff <= 1e-4,
-                "{}D batch {} channels {:?} kernel {} stride {} pad {} size {:?}: {name} differs by {diff}",
-                case.dims, case.batch, case.channels, case.kernel, case.stride, case.pad, case.size
-            );
-        }
+        assert_close(&case, ["output", "dx", "dW", "db"], ours, reference);
     }
 }
 
@@ -206,9 +227,7 @@ struct NormCase {
 }
 
 fn random_norm_case(rng: &mut StdRng, i: usize) -> NormCase {
-    let channels = *[1, 2, 3, 5, 8, 16, 32, 64]
-        .get(rng.random_range(0..8))
-        .unwrap();
+    let channels = random_channels(rng);
     let divisors: Vec<usize> = (1..=channels).filter(|g| channels % g == 0).collect();
     // Instance norm (a group per channel) half the time, as the model's default.
     let groups = if i % 2 == 0 {
@@ -298,13 +317,7 @@ fn medseg_group_norm_equals_burn_forward_and_all_gradients() {
         let case = random_norm_case(&mut rng, i);
         let ours = run_norm(Some(KernelPath::Medseg), &case, i as u64);
         let reference = run_norm(None, &case, i as u64);
-        for (name, (a, b)) in ["output", "dx", "dgamma", "dbeta"]
-            .iter()
-            .zip(ours.into_iter().zip(reference))
-        {
-            let diff = max_rel_diff(a, b);
-            assert!(diff <= 1e-4, "{case:?}: {name} differs by {diff}");
-        }
+        assert_close(&case, ["output", "dx", "dgamma", "dbeta"], ours, reference);
     }
 }
 
@@ -336,11 +349,6 @@ struct UpCase {
 }
 
 fn random_up_case(rng: &mut StdRng, dims: usize) -> UpCase {
-    let channel = |rng: &mut StdRng| {
-        *[1, 2, 3, 5, 8, 16, 32, 64]
-            .get(rng.random_range(0..8))
-            .unwrap()
-    };
     let factor = |rng: &mut StdRng| rng.random_range(1..=4);
     let (factor, size) = if dims == 2 {
         (
@@ -361,7 +369,7 @@ fn random_up_case(rng: &mut StdRng, dims: usize) -> UpCase {
     UpCase {
         dims,
         batch: *[1, 3].get(rng.random_range(0..2)).unwrap(),
-        channels: [channel(rng), channel(rng)],
+        channels: [random_channels(rng), random_channels(rng)],
         factor,
         size,
     }
@@ -372,11 +380,7 @@ fn run_up(path: Option<KernelPath>, case: &UpCase, seed: u64) -> [TensorData; 4]
     use burn::tensor::ops::ConvTransposeOptions;
     let device = Device::flex().autodiff();
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut normal = |shape: Vec<usize>| {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        TensorData::new(v, shape)
-    };
+    let mut normal = |shape: Vec<usize>| uniform(&mut rng, shape);
     let [ci, co] = case.channels;
     let [fd, fh, fw] = case.factor;
     let [d, h, w] = case.size;
@@ -401,15 +405,8 @@ fn run_up(path: Option<KernelPath>, case: &UpCase, seed: u64) -> [TensorData; 4]
             None => burn::tensor::module::conv_transpose3d(xc, wc, bc, opts),
         }
     };
-    let probe = Tensor::<5>::from_data(normal(y.dims().to_vec()), &device);
-    let grads = (y.clone() * probe).sum().backward();
-    let grad = |t: &Tensor<5>| t.grad(&grads).expect("gradient").into_data();
-    [
-        y.into_data(),
-        grad(&x),
-        grad(&weight),
-        bias.grad(&grads).expect("bias gradient").into_data(),
-    ]
+    let probe = normal(y.dims().to_vec());
+    output_and_gradients(y, probe, &x, &weight, &bias)
 }
 
 #[test]
@@ -419,13 +416,7 @@ fn medseg_upsampling_equals_burn_transposed_convolution_forward_and_all_gradient
         let case = random_up_case(&mut rng, if i % 2 == 0 { 2 } else { 3 });
         let ours = run_up(Some(KernelPath::Medseg), &case, i);
         let reference = run_up(None, &case, i);
-        for (name, (a, b)) in ["output", "dx", "dW", "db"]
-            .iter()
-            .zip(ours.into_iter().zip(reference))
-        {
-            let diff = max_rel_diff(a, b);
-            assert!(diff <= 1e-4, "{case:?}: {name} differs by {diff}");
-        }
+        assert_close(&case, ["output", "dx", "dW", "db"], ours, reference);
     }
 }
 
@@ -456,6 +447,21 @@ fn unary(
     [y.into_data(), x.grad(&grads).expect("gradient").into_data()]
 }
 
+/// A unary op's input: shape, value spread, transposed view, seed.
+type UnaryInput = ([usize; 4], f32, bool, u64);
+
+/// Asserts that medseg's `ours` equals burn's `reference` within 1e-4 (output and gradient).
+fn compare_unary(
+    what: &str,
+    ours: &dyn Fn(Tensor<4>) -> Tensor<4>,
+    reference: &dyn Fn(Tensor<4>) -> Tensor<4>,
+    (shape, spread, transpose, seed): UnaryInput,
+) {
+    let ours = unary(ours, shape, spread, transpose, seed);
+    let reference = unary(reference, shape, spread, transpose, seed);
+    assert_close(&what, ["output", "dx"], ours, reference);
+}
+
 #[test]
 fn medseg_softmax_equals_burn_forward_and_gradient() {
     let mut rng = StdRng::seed_from_u64(8);
@@ -473,27 +479,12 @@ fn medseg_softmax_equals_burn_forward_and_gradient() {
             .unwrap();
         let spread = if i % 3 == 0 { 60.0 } else { 4.0 };
         let transpose = i % 4 == 3;
-        let ours = unary(
+        compare_unary(
+            &format!("softmax {shape:?} / {temperature}"),
             &|x| kernels::softmax_with(KernelPath::Medseg, x, temperature),
-            shape,
-            spread,
-            transpose,
-            i,
-        );
-        let reference = unary(
             &|x| burn::tensor::activation::softmax(x.div_scalar(temperature), 3),
-            shape,
-            spread,
-            transpose,
-            i,
+            (shape, spread, transpose, i),
         );
-        for (name, (a, b)) in ["output", "dx"].iter().zip(ours.into_iter().zip(reference)) {
-            let diff = max_rel_diff(a, b);
-            assert!(
-                diff <= 1e-4,
-                "{shape:?} / {temperature}: softmax {name} differs by {diff}"
-            );
-        }
     }
 }
 
@@ -501,25 +492,12 @@ fn medseg_softmax_equals_burn_forward_and_gradient() {
 fn medseg_gelu_equals_burn_forward_and_gradient() {
     for (i, spread) in [1.0f32, 4.0, 12.0].into_iter().enumerate() {
         for transpose in [false, true] {
-            let shape = [2, 3, 37, 41];
-            let ours = unary(
+            compare_unary(
+                &format!("gelu ±{spread}"),
                 &|x| kernels::gelu_with(KernelPath::Medseg, x),
-                shape,
-                spread,
-                transpose,
-                i as u64,
-            );
-            let reference = unary(
                 &|x| burn::tensor::activation::gelu(x),
-                shape,
-                spread,
-                transpose,
-                i as u64,
+                ([2, 3, 37, 41], spread, transpose, i as u64),
             );
-            for (name, (a, b)) in ["output", "dx"].iter().zip(ours.into_iter().zip(reference)) {
-                let diff = max_rel_diff(a, b);
-                assert!(diff <= 1e-4, "±{spread}: gelu {name} differs by {diff}");
-            }
         }
     }
 }
