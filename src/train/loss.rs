@@ -9,34 +9,8 @@ const DICE_SMOOTH: f64 = 1e-5;
 /// Mean over classes of `1 - soft Dice`, computed over the whole batch (nnU-Net's batch Dice).
 ///
 /// # Shapes
-/// - `logits`: `[B, K, D, H, W]`
-/// - `target`: `[B, D, H, W]` class indices in `0..K`
-/// - output: `[1]`
-pub fn soft_dice_loss(logits: Tensor<5>, target: Tensor<4, Int>) -> Tensor<1> {
-    let k = logits.dims()[1];
-    soft_dice_of(logits, one_hot(target, k))
-}
-
-/// Mean voxel-wise cross-entropy.
-///
-/// # Shapes
-/// - `logits`: `[B, K, D, H, W]`, `target`: `[B, D, H, W]` → `[1]`
-pub fn cross_entropy_loss(logits: Tensor<5>, target: Tensor<4, Int>) -> Tensor<1> {
-    let k = logits.dims()[1];
-    cross_entropy_of(logits, one_hot(target, k))
-}
-
-/// `target` one-hot on axis 1.
-///
-/// # Shapes
-/// - `target`: `[B, D, H, W]` → `[B, K, D, H, W]`
-fn one_hot(target: Tensor<4, Int>, k: usize) -> Tensor<5> {
-    target.one_hot_fill(k, 1.0, 0.0, 1).float()
-}
-
-/// # Shapes
-/// - `logits`, `onehot`: `[B, K, D, H, W]` → `[1]`
-fn soft_dice_of(logits: Tensor<5>, onehot: Tensor<5>) -> Tensor<1> {
+/// - `logits`, `onehot` (the target one-hot on axis 1): `[B, K, D, H, W]` → `[1]`
+fn soft_dice(logits: Tensor<5>, onehot: Tensor<5>) -> Tensor<1> {
     let probs = activation::softmax(logits, 1);
     let dims = [0usize, 2, 3, 4];
     let inter = (probs.clone() * onehot.clone()).sum_dims(&dims);
@@ -45,9 +19,11 @@ fn soft_dice_of(logits: Tensor<5>, onehot: Tensor<5>) -> Tensor<1> {
     (dice.neg() + 1.0).mean()
 }
 
+/// Mean voxel-wise cross-entropy.
+///
 /// # Shapes
-/// - `logits`, `onehot`: `[B, K, D, H, W]` → `[1]`
-fn cross_entropy_of(logits: Tensor<5>, onehot: Tensor<5>) -> Tensor<1> {
+/// - `logits`, `onehot` (the target one-hot on axis 1): `[B, K, D, H, W]` → `[1]`
+fn cross_entropy(logits: Tensor<5>, onehot: Tensor<5>) -> Tensor<1> {
     let log_probs = activation::log_softmax(logits, 1);
     (log_probs * onehot).sum_dim(1).mean().neg()
 }
@@ -63,7 +39,8 @@ pub fn dice_ce_loss(
     ce_weight: f64,
 ) -> Tensor<1> {
     // One one-hot for both terms (it is a scatter over the whole volume).
-    let onehot = one_hot(target, logits.dims()[1]);
-    soft_dice_of(logits.clone(), onehot.clone()) * dice_weight
-        + cross_entropy_of(logits, onehot) * ce_weight
+    let k = logits.dims()[1];
+    let onehot = target.one_hot_fill(k, 1.0, 0.0, 1).float();
+    soft_dice(logits.clone(), onehot.clone()) * dice_weight
+        + cross_entropy(logits, onehot) * ce_weight
 }

@@ -99,13 +99,7 @@ pub fn conv3d_with(
         weight.into_dispatch(),
         options,
     ));
-    match bias {
-        Some(bias) => {
-            let co = bias.dims()[0];
-            out + bias.reshape([1, co, 1, 1, 1])
-        }
-        None => out,
-    }
+    with_bias(out, bias)
 }
 
 /// A 2D convolution on `path`: medseg's is the 3D op with depth 1.
@@ -189,10 +183,27 @@ pub fn conv_transpose3d_with(
     if !upsample_fits(path, &x, &weight, [kd, kh, kw], &options) {
         return burn::tensor::module::conv_transpose3d(x, weight, bias, options);
     }
+    upsample3d(x, weight, bias)
+}
+
+/// medseg's upsampling kernel, then the bias; the caller checked [`upsample_fits`].
+///
+/// # Shapes
+/// - `x`: `[N, Ci, D, H, W]`, `weight`: `[Ci, Co, fd, fh, fw]`, `bias`: `[Co]`
+/// - output: `[N, Co, D·fd, H·fh, W·fw]`
+fn upsample3d(x: Tensor<5>, weight: Tensor<5>, bias: Option<Tensor<1>>) -> Tensor<5> {
     let out = Tensor::<5>::from_dispatch(<Dispatch as Kernels>::medseg_upsample3d(
         x.into_dispatch(),
         weight.into_dispatch(),
     ));
+    with_bias(out, bias)
+}
+
+/// `out` plus the per-channel `bias`, when there is one.
+///
+/// # Shapes
+/// - `out`: `[N, C, D, H, W]`, `bias`: `[C]`; output: as `out`
+fn with_bias(out: Tensor<5>, bias: Option<Tensor<1>>) -> Tensor<5> {
     match bias {
         Some(bias) => {
             let co = bias.dims()[0];
@@ -222,8 +233,8 @@ fn upsample_fits<const D: usize, const N: usize>(
         && x.dims()[1] == weight.dims()[0]
 }
 
-/// [`conv_transpose3d_with`] in 2D: the 3D op with depth 1 on medseg's kernel, burn's
-/// `conv_transpose2d` otherwise.
+/// [`conv_transpose3d_with`] in 2D: medseg's kernel at depth 1, burn's `conv_transpose2d`
+/// otherwise.
 ///
 /// # Shapes
 /// - `x`: `[N, Ci, H, W]`, `weight`: `[Ci, Co, fh, fw]`, `bias`: `[Co]`
@@ -240,20 +251,10 @@ pub fn conv_transpose2d_with(
     if !upsample_fits(path, &x, &weight, [kh, kw], &options) {
         return burn::tensor::module::conv_transpose2d(x, weight, bias, options);
     }
-    let lift = |a: [usize; 2], depth: usize| [depth, a[0], a[1]];
-    let options3 = ConvTransposeOptions::new(
-        lift(options.stride, 1),
-        lift(options.padding, 0),
-        lift(options.padding_out, 0),
-        lift(options.dilation, 1),
-        options.groups,
-    );
-    let y = conv_transpose3d_with(
-        path,
+    let y = upsample3d(
         x.reshape([n, ci, 1, h, w]),
         weight.reshape([wi, co, 1, kh, kw]),
         bias,
-        options3,
     );
     let [_, c, _, oh, ow] = y.dims();
     y.reshape([n, c, oh, ow])
