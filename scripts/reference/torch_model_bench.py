@@ -7,7 +7,10 @@ be checked against `medseg model`. Times forward and forward+backward (soft Dice
 
     python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy
     /tmp/torchvenv/bin/python scripts/reference/torch_model_bench.py   # 2 threads, as on CI
+
+TORCH_BENCH_DEVICE=cuda times it on the GPU instead (scripts/gpu-check.sh, beside medseg on wgpu).
 """
+import os
 import time
 
 import torch
@@ -15,6 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 torch.set_num_threads(2)
+DEVICE = torch.device(os.environ.get("TORCH_BENCH_DEVICE", "cpu"))
+
+
+def sync():
+    # GPU work is asynchronous: a step's time ends when its kernels have run.
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 PRESETS = {
     "tiny": dict(widths=[8, 16, 32], embed=64, depth=2, heads=2, mlp=2),
@@ -126,10 +136,12 @@ def dice_ce(logits, target):
 
 def best_of(fn, n):
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(n):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
@@ -146,10 +158,10 @@ if __name__ == "__main__":
         for dims, size in [(2, [224, 224]), (3, [96, 96, 96])]:
             if only and (name != only[0] or (len(only) > 1 and str(dims) != only[1])):
                 continue
-            net = Net(dims, size, p["widths"], p["embed"], p["depth"], p["heads"], p["mlp"])
+            net = Net(dims, size, p["widths"], p["embed"], p["depth"], p["heads"], p["mlp"]).to(DEVICE)
             params = sum(q.numel() for q in net.parameters())
-            x = torch.randn(1, 1, *size)
-            y = torch.zeros(1, *size, dtype=torch.long)
+            x = torch.randn(1, 1, *size, device=DEVICE)
+            y = torch.zeros(1, *size, dtype=torch.long, device=DEVICE)
             reps = steps or (5 if dims == 2 else 3)
             with torch.no_grad():
                 fwd = best_of(lambda: net(x), reps)
