@@ -6,7 +6,8 @@
 #  2. `medseg segment` of a 512×512×300 CT with and without mirror TTA against
 #     scripts/reference/monai_segment_bench.py, seconds and peak RSS.
 # Prints one table of times and ratios (medseg / PyTorch: below 1 is faster), and GFLOP/s as a share
-# of this machine's fp32 peak (PEAK_GFLOPS, default 350: 2 cores, AVX-512, 2 FMA ports).
+# of this machine's fp32 peak (PEAK_GFLOPS, default 350: 2 cores, AVX-512, 2 FMA ports; a Zen 4
+# runs AVX-512 as two 256-bit halves, so there it is 2 x 8 x 2 FLOP per cycle per core: 166 at 2.6 GHz).
 #
 # Usage: scripts/bench-vs-pytorch.sh [ROUNDS]      after scripts/fetch-data.sh
 # PyTorch, MONAI and nibabel go into target/bench-venv (BENCH_PYTHON to use another interpreter).
