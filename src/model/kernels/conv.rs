@@ -102,8 +102,13 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
                     )
                     .expect("dY tile lies inside the output gradient");
                     let rhs = ArrayView2::from_shape((cik, t), &*col).expect("im2col tile");
-                    let mut acc = ArrayViewMut2::from_shape((s.out_channels, cik), &mut dw)
-                        .expect("dW has Co·Ci·K elements");
+                    // Accumulated column-major (as `dWᵀ`): `gemm` then reads the im2col tile in
+                    // place and packs only the smaller `dY` tile; row-major, it packed the tile.
+                    let mut acc = ArrayViewMut2::from_shape(
+                        (s.out_channels, cik).strides((1, s.out_channels)),
+                        &mut dw,
+                    )
+                    .expect("dW has Co·Ci·K elements");
                     product(lhs, rhs.t(), &mut acc, true);
                 }
             });
@@ -117,7 +122,9 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
     for p in partials {
         dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
     }
-    dw
+    let dw_t =
+        ArrayView2::from_shape((cik, s.out_channels), &dw).expect("dWᵀ has Co·Ci·K elements");
+    dw_t.t().iter().copied().collect()
 }
 
 /// The output `[N, Co, D', H', W']` (flattened) of a bias-free convolution of `x`
