@@ -50,11 +50,13 @@ if [ -z "$bin" ]; then
   echo "== build with --features $backend"
   cargo build --release --locked --features "$backend" --example device_check --bin medseg
   bin=$CARGO_TARGET_DIR/release
-  ln -sf examples/device_check "$bin/device_check"
+  check=$bin/examples/device_check
+else
+  check=$bin/device_check
 fi
 
 echo "== correctness: two training steps and a sliding-window prediction, $backend against cpu"
-"$bin/device_check" "$backend" datasets/cache
+"$check" "$backend" datasets/cache
 
 echo "== timing: training step (forward + backward, batch 1) on $backend"
 for preset in tiny small; do
