@@ -156,7 +156,8 @@ impl Default for SynthConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
-    /// The host scan: a NIfTI file, DICOM file or DICOM series directory.
+    /// The host scan: a NIfTI file, DICOM file or DICOM series directory. Of a 4D scan (e.g. an
+    /// fMRI or diffusion series) the first volume is the host.
     pub image: PathBuf,
     /// `lung` (chest CTs: HU < −500, the lung-sized inner air regions), or a mask on the host's
     /// grid: `mask:PATH` (non-zero voxels, e.g. a brain mask), `mask:PATH>T` (a probability map
@@ -658,6 +659,13 @@ pub fn build_dataset(
     };
     for (h, host_cfg) in config.hosts.iter().enumerate() {
         let host = crate::io::read_volume(&host_cfg.image, None)?;
+        if host.channels() > 1 {
+            eprintln!(
+                "synth: {} holds {} volumes; its first is the host",
+                host_cfg.image.display(),
+                host.channels()
+            );
+        }
         let (organ, roi) = host_masks(host_cfg, &host)?;
         let host_name = case_name(&host_cfg.image);
         let is_train = host_cfg.split == HostSplit::Train;

@@ -45,6 +45,13 @@ pub struct RandomiseConfig {
     /// are taken out of the label and `lesions.json` (a thin lesion lost in thick slices is not
     /// visible, and a label on nothing teaches nothing); their faint trace stays in the image.
     pub min_visible_cnr: f64,
+    /// Share of cases whose field of view is widened in-plane: air around a body that a training
+    /// host's scan is cropped to (a test scan of another scanner shows it, and a model that never
+    /// saw it may take it for lung).
+    pub field_of_view_prob: f64,
+    /// Margin added on each in-plane side of those cases, mm, drawn uniformly per side; filled
+    /// with the scan's air (its 0.5th percentile) before noise is added.
+    pub field_of_view_mm: [f64; 2],
 }
 
 impl Default for RandomiseConfig {
@@ -59,6 +66,8 @@ impl Default for RandomiseConfig {
             noise: [0.0, 0.05],
             noise_kind: NoiseKind::Rician,
             min_visible_cnr: 1.0,
+            field_of_view_prob: 0.0,
+            field_of_view_mm: [0.0, 0.0],
         }
     }
 }
@@ -70,10 +79,12 @@ impl RandomiseConfig {
         let range = |r: [f64; 2]| r[0] >= 0.0 && r[0] <= r[1] && r[1].is_finite();
         if !(share(self.contrast_prob)
             && share(self.skull_strip_prob)
-            && share(self.thick_slice_prob))
+            && share(self.thick_slice_prob)
+            && share(self.field_of_view_prob))
         {
             return Some(
-                "contrast_prob, skull_strip_prob and thick_slice_prob must be in [0, 1]".into(),
+                "contrast_prob, skull_strip_prob, thick_slice_prob and field_of_view_prob must be in [0, 1]"
+                    .into(),
             );
         }
         if self.tissue_classes[0] == 0 || self.tissue_classes[0] > 8 || self.tissue_classes[1] > 8 {
@@ -85,11 +96,21 @@ impl RandomiseConfig {
         if !(self.min_visible_cnr >= 0.0 && self.min_visible_cnr.is_finite()) {
             return Some("min_visible_cnr must be >= 0".into());
         }
-        if !(range(self.slice_thickness_mm) && range(self.in_plane_mm) && range(self.noise)) {
+        if !(range(self.slice_thickness_mm)
+            && range(self.in_plane_mm)
+            && range(self.noise)
+            && range(self.field_of_view_mm))
+        {
             return Some(
-                "slice_thickness_mm, in_plane_mm and noise must be [low, high] with 0 <= low <= high"
+                "slice_thickness_mm, in_plane_mm, noise and field_of_view_mm must be [low, high] with 0 <= low <= high"
                     .into(),
             );
+        }
+        if self.field_of_view_mm[1] > MAX_FIELD_OF_VIEW_MM {
+            return Some(format!(
+                "field_of_view_mm: at most {MAX_FIELD_OF_VIEW_MM} mm a side, not {}",
+                self.field_of_view_mm[1]
+            ));
         }
         None
     }
@@ -97,6 +118,13 @@ impl RandomiseConfig {
 
 /// The appearance stream's seed from the case seed (any fixed odd constant: a separate stream).
 const APPEARANCE_STREAM: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The field-of-view stream's: its own, so widening the field of view moves no lesion and
+/// changes no other draw.
+const FIELD_OF_VIEW_STREAM: u64 = 0xc2b2_ae3d_27d4_eb4f;
+
+/// An absurd margin (a metre a side) is a typo, not a field of view.
+const MAX_FIELD_OF_VIEW_MM: f64 = 500.0;
 
 /// What the scanner did to one case.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -165,9 +193,26 @@ pub fn randomised_case(
         &no_bias,
         &mut geometry_rng,
     );
-    let (organ, roi) = (&masks[0], &masks[1]);
-    let g = deformed.geometry.clone();
     let mut image = deformed.voxels.index_axis(Axis(0), 0).to_owned();
+    let mut g = deformed.geometry.clone();
+    let mut masks = masks;
+    let mut fov = StdRng::seed_from_u64(seed ^ FIELD_OF_VIEW_STREAM);
+    if settings.field_of_view_prob > 0.0 && fov.random::<f64>() < settings.field_of_view_prob {
+        let axial = axial_array_axis(&g);
+        let spacing = g.array_spacing();
+        let pads: [[usize; 2]; 3] = std::array::from_fn(|axis| {
+            if axis == axial {
+                return [0, 0];
+            }
+            std::array::from_fn(|_| {
+                (draw(settings.field_of_view_mm, &mut fov) / spacing[axis]).round() as usize
+            })
+        });
+        let air = percentile(&image, 0.005);
+        let widened = widen_field_of_view(&image, &masks, &g, pads, air);
+        (image, masks, g) = widened;
+    }
+    let (organ, roi) = (&masks[0], &masks[1]);
 
     let contrast = look.random::<f64>() < settings.contrast_prob;
     if contrast {
@@ -289,6 +334,54 @@ fn redraw_contrast(
         .flatten();
     let contrast = Contrast::random(inside, outside, rng);
     apply_contrast(image, roi, &contrast);
+}
+
+/// `image` and `masks` with `pads[axis] = [before, after]` voxels added along each array axis
+/// (`air` in the image, `false` in the masks), and the grid that keeps every original voxel at
+/// its world position.
+pub fn widen_field_of_view(
+    image: &Array3<f32>,
+    masks: &[Array3<bool>],
+    g: &crate::geometry::Geometry,
+    pads: [[usize; 2]; 3],
+    air: f32,
+) -> (Array3<f32>, Vec<Array3<bool>>, crate::geometry::Geometry) {
+    let shape = g.shape();
+    let new_shape: [usize; 3] = std::array::from_fn(|a| shape[a] + pads[a][0] + pads[a][1]);
+    let inner = ndarray::s![
+        pads[0][0]..pads[0][0] + shape[0],
+        pads[1][0]..pads[1][0] + shape[1],
+        pads[2][0]..pads[2][0] + shape[2]
+    ];
+    let mut out = Array3::from_elem(new_shape, air);
+    out.slice_mut(inner).assign(image);
+    let masks = masks
+        .iter()
+        .map(|m| {
+            let mut o = Array3::from_elem(new_shape, false);
+            o.slice_mut(inner).assign(m);
+            o
+        })
+        .collect();
+    // The new voxel (0, 0, 0) is the old voxel (-before) along every axis.
+    let before = crate::geometry::to_voxel_order([pads[0][0], pads[1][0], pads[2][0]]);
+    let origin = g.voxel_to_world(before.map(|p| -(p as f64)));
+    let mut affine = g.affine;
+    for (r, o) in origin.iter().enumerate() {
+        affine[r][3] = *o;
+    }
+    let grid = crate::geometry::Geometry::new(crate::geometry::to_voxel_order(new_shape), affine);
+    (out, masks, grid)
+}
+
+/// The `q` quantile (nearest rank) of the finite voxels; 0 when there are none.
+fn percentile(image: &Array3<f32>, q: f64) -> f32 {
+    let mut v: Vec<f32> = image.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((v.len() - 1) as f64 * q).round() as usize;
+    *v.select_nth_unstable_by(rank, f32::total_cmp).1
 }
 
 /// The 1st-99th percentile span (nearest rank) of `image` inside `mask`; 0 when it is empty.

@@ -295,6 +295,14 @@ fn bad_synth_settings_are_refused() {
         ("diameter_median_mm = -2.0", "diameter_median_mm"),
         ("lesions_per_case = [3, 1]", "lesions_per_case"),
         ("control_fraction = 1.5", "control_fraction"),
+        (
+            "[synth.randomise]\nfield_of_view_prob = 2.0\n[synth.appearance]",
+            "field_of_view_prob",
+        ),
+        (
+            "[synth.randomise]\nfield_of_view_mm = [0.0, 900.0]\n[synth.appearance]",
+            "field_of_view_mm",
+        ),
     ] {
         std::fs::write(
             &path,
@@ -559,6 +567,84 @@ fn domain_randomisation_changes_the_look_but_never_the_labels() {
     )
     .unwrap();
     assert_eq!(json["labels"]["brain"], 2, "{json}");
+}
+
+#[test]
+fn widening_the_field_of_view_keeps_every_label_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain_dir, wide_dir) = (tmp.path().join("plain"), tmp.path().join("wide"));
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    std::fs::create_dir_all(&wide_dir).unwrap();
+    let fixed = "contrast_prob = 0.0\nskull_strip_prob = 0.0\nthick_slice_prob = 0.0\nin_plane_mm = [0.0, 0.0]\nnoise = [0.0, 0.0]\nmin_visible_cnr = 0.0";
+    let (plain, plain_labels, plain_lesions) = randomised(&plain_dir, fixed);
+    let (wide, wide_labels, wide_lesions) = randomised(
+        &wide_dir,
+        &format!("{fixed}\nfield_of_view_prob = 1.0\nfield_of_view_mm = [20.0, 40.0]"),
+    );
+    // The same lesions at the same world positions: the margin draws from its own stream.
+    let centres = |json: &str| -> Vec<[f64; 3]> {
+        let parsed: medseg::io::layout::SynthLesions = serde_json::from_str(json).unwrap();
+        parsed.lesions.iter().map(|l| l.lesion.centre_mm).collect()
+    };
+    assert_eq!(centres(&plain_lesions), centres(&wide_lesions));
+    for c in 0..2 {
+        let (p, w) = (&plain_labels[c], &wide_labels[c]);
+        assert_eq!(
+            w.geometry, wide[c].geometry,
+            "case {c}: scan and label share a grid"
+        );
+        assert_eq!(p.geometry.spacing(), w.geometry.spacing());
+        // Only the in-plane axes grow, by 20-40 mm a side; the axis nearest superior-inferior
+        // (ITK's T1 has an axis-permuted affine) keeps its size.
+        let through = 2 - medseg::synth::randomise::axial_array_axis(&p.geometry);
+        let spacing = p.geometry.spacing();
+        for (axis, step) in spacing.iter().enumerate() {
+            let grown = w.geometry.dims[axis] - p.geometry.dims[axis];
+            if axis == through {
+                assert_eq!(grown, 0, "case {c}: no margin through-plane");
+            } else {
+                let mm = grown as f64 * step;
+                let slack = *step;
+                assert!(
+                    (40.0 - slack..=80.0 + slack).contains(&mm),
+                    "case {c} axis {axis}: {mm} mm"
+                );
+            }
+        }
+        let [pi, pj, pk] = p.geometry.dims;
+        // Every voxel of the plain grid is at the same world position in the wide one, with the
+        // same label; the rest is background.
+        let mut inside = 0usize;
+        for k in 0..pk {
+            for j in 0..pj {
+                for i in 0..pi {
+                    let world = p.geometry.voxel_to_world([i as f64, j as f64, k as f64]);
+                    let v = w.geometry.world_to_voxel(world).unwrap();
+                    let at = v.map(|x| {
+                        assert!((x - x.round()).abs() < 1e-6, "off-grid {x}");
+                        x.round() as usize
+                    });
+                    assert_eq!(
+                        w.voxels[[0, at[2], at[1], at[0]]],
+                        p.voxels[[0, k, j, i]],
+                        "case {c} voxel {i},{j},{k}"
+                    );
+                    inside += 1;
+                }
+            }
+        }
+        let labelled = |v: &Volume| v.voxels.iter().filter(|x| **x != 0.0).count();
+        assert_eq!(
+            labelled(w),
+            labelled(p),
+            "case {c}: nothing labelled in the margin"
+        );
+        assert_eq!(inside, pi * pj * pk);
+        // The margin is air: the corner voxel is the scan's darkest.
+        let darkest = wide[c].voxels.iter().copied().fold(f32::INFINITY, f32::min);
+        assert!(wide[c].voxels[[0, 0, 0, 0]] <= darkest + 1e-3);
+    }
+    assert_ne!(plain[0].geometry, wide[0].geometry);
 }
 
 fn mean(values: impl Iterator<Item = f32>) -> f64 {
