@@ -214,13 +214,15 @@ fn shared_config(
 /// The chosen postprocessing, class by class, with the cross-validated scores.
 fn say_postprocessing(p: &Postprocessing, cv: &CvRun) {
     println!(
-        "postprocessing chosen on {} out-of-fold cases ({} settings tried): threshold {} -> {}, min_lesion_mm3 {} -> {}, keep_largest {:?} -> {:?}",
+        "postprocessing chosen on {} out-of-fold cases ({} settings tried): threshold {} -> {}, min_lesion_mm3 {} -> {}, min_confidence {} -> {}, keep_largest {:?} -> {:?}",
         p.cases,
         p.candidates,
         p.before.threshold,
         p.chosen.threshold,
         p.before.min_lesion_mm3,
         p.chosen.min_lesion_mm3,
+        p.before.min_confidence,
+        p.chosen.min_confidence,
         p.before.keep_largest,
         p.chosen.keep_largest
     );

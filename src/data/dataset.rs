@@ -71,6 +71,11 @@ impl LabelMap {
         }
     }
 
+    /// Number of classes, background included.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
     /// The class of a source value; `Err` names a value that is not a declared class.
     pub(crate) fn class_of(&self, v: f32) -> std::result::Result<u8, String> {
         if v.fract() != 0.0 || v < 0.0 || !v.is_finite() {

@@ -1,6 +1,8 @@
 //! Postprocessing chosen on the out-of-fold predictions of a cross-validation (nnU-Net v2's
 //! `determine_postprocessing` idea, widened): the foreground threshold of a two-class model, the
-//! smallest component kept, and keep-largest per organ class. Each candidate runs the same
+//! smallest component kept, the lowest confidence a finding must reach (the operating point a
+//! single run fits on its validation cases, here for the fold ensemble), and keep-largest per
+//! organ class. Each candidate runs the same
 //! component filter `medseg segment` runs ([`extract_lesions`]); lesion classes are judged by
 //! lesion F1 over all cases, organ classes by mean Dice.
 
@@ -16,8 +18,10 @@ use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::infer::operating_point::{case_resamples, standard_deviation};
 use crate::infer::postprocess::{extract_lesions, LesionFilter, Probe};
-use crate::io::layout::CaseOutputs;
-use crate::io::read_nifti;
+use crate::io::layout::{CaseOutputs, LesionTable};
+use crate::io::{read_json, read_nifti};
+use crate::transforms::post::connected_components;
+use crate::transforms::spatial::{cropped_geometry, nonzero_box};
 
 /// How a class is scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +43,9 @@ pub struct OofCase {
     pub pred: Array3<u8>,
     /// Foreground probability on the same grid, when it was saved.
     pub foreground: Option<Array3<f32>>,
+    /// Each predicted finding's confidence from the case's lesion table, on its component's
+    /// voxels (0 elsewhere), when the table was written.
+    pub confidence: Option<Array3<f32>>,
     /// The case's grid.
     pub geometry: Geometry,
 }
@@ -50,6 +57,8 @@ pub struct SearchSpace {
     pub thresholds: Vec<f64>,
     /// Smallest component kept, mm³.
     pub min_lesion_mm3: Vec<f64>,
+    /// Lowest confidence a finding must reach.
+    pub min_confidence: Vec<f64>,
 }
 
 impl Default for SearchSpace {
@@ -58,6 +67,10 @@ impl Default for SearchSpace {
             thresholds: vec![0.3, 0.4, 0.5, 0.6, 0.7],
             // Spheres of about 0, 2.1, 2.7, 3.4, 4.6, 5.8, 7.3 and 9.8 mm diameter.
             min_lesion_mm3: vec![0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0],
+            // The single run's operating-point grid: none, then 0.50 to 0.95 in steps of 0.05.
+            min_confidence: std::iter::once(0.0)
+                .chain((10..20).map(|i| i as f64 / 20.0))
+                .collect(),
         }
     }
 }
@@ -71,6 +84,9 @@ pub struct Setting {
     pub min_lesion_mm3: f64,
     /// `segment.keep_largest`, by class name.
     pub keep_largest: Vec<String>,
+    /// `segment.min_confidence` (0 in a `postprocessing.json` written before it was searched).
+    #[serde(default)]
+    pub min_confidence: f64,
 }
 
 /// A class's cross-validated score under the chosen and the starting setting.
@@ -114,13 +130,18 @@ pub struct Postprocessing {
     pub tried: Vec<(Setting, f64)>,
 }
 
-/// Reads the out-of-fold predictions in `oof` (`NAME.nii.gz` and `NAME_probabilities.nii.gz`, as
-/// `medseg segment` writes them) of each `(case, truth file)`, mapping truth values to classes
+/// Reads the out-of-fold predictions in `oof` (`NAME.nii.gz` with, for a two-class model,
+/// `NAME_probabilities.nii.gz`, else `NAME_lesions.json`'s confidences, as `medseg segment` writes
+/// them) of each `(case, truth file)`, mapping truth values to classes
 /// through `labels`. A prediction off its truth's grid, or missing, is an error naming the file.
+/// Each case is cropped to the box of its truth, its prediction and (two-class) its foreground
+/// probability from `threshold_floor` up, the lowest threshold searched: no setting's score
+/// depends on the voxels outside it, and the search scores every setting on every voxel kept.
 pub fn read_oof_cases(
     oof: &Path,
     truth: &[(String, PathBuf)],
     labels: &LabelMap,
+    threshold_floor: f64,
 ) -> Result<Vec<OofCase>> {
     truth
         .par_iter()
@@ -144,8 +165,11 @@ pub fn read_oof_cases(
                 }
             })?;
             let pred = p.voxels.index_axis(ndarray::Axis(0), 0).mapv(|v| v as u8);
+            // One float map per case: a two-class model's foreground probability (thresholds
+            // and confidences come from it), else each finding's confidence.
+            let two_class = labels.classes() == 2;
             let foreground = match &outputs.probabilities {
-                Some(path) if path.is_file() => Some(
+                Some(path) if two_class && path.is_file() => Some(
                     read_nifti(path)?
                         .voxels
                         .index_axis(ndarray::Axis(0), 0)
@@ -153,19 +177,112 @@ pub fn read_oof_cases(
                 ),
                 _ => None,
             };
+            let confidence = if !two_class && outputs.lesions_json.is_file() {
+                let table: LesionTable = read_json(&outputs.lesions_json)?;
+                Some(finding_confidence(&pred, &table))
+            } else {
+                None
+            };
+            let relevant = ndarray::Zip::from(&truth)
+                .and(&pred)
+                .map_collect(|&t, &p| f32::from(u8::from(t > 0 || p > 0)));
+            let relevant = match &foreground {
+                Some(f) => ndarray::Zip::from(&relevant)
+                    .and(f)
+                    .map_collect(|&r, &f| r.max(f32::from(u8::from(f as f64 >= threshold_floor)))),
+                None => relevant,
+            };
+            // An empty case keeps one voxel: both masks empty still scores (Dice 1, no lesion).
+            let bbox = nonzero_box(relevant.view().insert_axis(ndarray::Axis(0))).unwrap_or([
+                0..1,
+                0..1,
+                0..1,
+            ]);
+            let cut = |a: &Array3<u8>| {
+                a.slice(ndarray::s![
+                    bbox[0].clone(),
+                    bbox[1].clone(),
+                    bbox[2].clone()
+                ])
+                .to_owned()
+            };
+            let cut_f = |a: Option<Array3<f32>>| {
+                a.map(|a| {
+                    a.slice(ndarray::s![
+                        bbox[0].clone(),
+                        bbox[1].clone(),
+                        bbox[2].clone()
+                    ])
+                    .to_owned()
+                })
+            };
             Ok(OofCase {
                 case: case.clone(),
-                truth,
-                pred,
-                foreground,
-                geometry: p.geometry,
+                truth: cut(&truth),
+                pred: cut(&pred),
+                foreground: cut_f(foreground),
+                confidence: cut_f(confidence),
+                geometry: cropped_geometry(&p.geometry, &bbox),
             })
         })
         .collect()
 }
 
+/// Each component of a class the lesion table lists, filled with its row's confidence (matched by
+/// class and voxel box, as `medseg evaluate` matches them; the maximum probability stands in for
+/// a missing confidence). Components without a row get 1: the search never drops them.
+fn finding_confidence(pred: &Array3<u8>, table: &LesionTable) -> Array3<f32> {
+    let dims = {
+        let (k, j, i) = pred.dim();
+        [k, j, i]
+    };
+    let mut out = Array3::<f32>::zeros(pred.dim());
+    let flat = pred.as_standard_layout();
+    let flat = flat.as_slice().unwrap_or_default();
+    let classes: std::collections::BTreeSet<u32> = table.lesions.iter().map(|l| l.class).collect();
+    for class in classes {
+        let mask: Vec<bool> = flat.iter().map(|&v| v as u32 == class).collect();
+        let cc = connected_components(&mask, dims);
+        let mut boxes = vec![[[usize::MAX; 3], [0; 3]]; cc.count()];
+        for (idx, &id) in cc.labels.iter().enumerate() {
+            if id == 0 {
+                continue;
+            }
+            let ijk = [
+                idx % dims[2],
+                (idx / dims[2]) % dims[1],
+                idx / (dims[1] * dims[2]),
+            ];
+            let b = &mut boxes[id as usize - 1];
+            for a in 0..3 {
+                b[0][a] = b[0][a].min(ijk[a]);
+                b[1][a] = b[1][a].max(ijk[a]);
+            }
+        }
+        let confidence: Vec<f32> = boxes
+            .iter()
+            .map(|b| {
+                table
+                    .lesions
+                    .iter()
+                    .find(|l| l.class == class && l.bbox_voxel == *b)
+                    .map(|l| l.confidence.unwrap_or(l.max_probability) as f32)
+                    .unwrap_or(1.0)
+            })
+            .collect();
+        for (o, &id) in out.iter_mut().zip(&cc.labels) {
+            if id > 0 {
+                *o = confidence[id as usize - 1];
+            }
+        }
+    }
+    out
+}
+
 /// Searches `space` from `start`: first the threshold (two-class models with probability maps)
-/// and the smallest component together, then keep-largest for each organ class in turn. A few
+/// and the smallest component together, then the lowest confidence a finding must reach (when
+/// there are findings and every case has their confidences), then keep-largest for each organ
+/// class in turn. A few
 /// dozen out-of-fold cases cannot tell close settings apart, so a setting farther from `start`
 /// is taken only when it beats the nearer one by more than one bootstrap standard error of the
 /// difference (the one-standard-error rule): among the grid's settings within that noise of the
@@ -199,6 +316,7 @@ pub fn search_postprocessing(
                 threshold,
                 min_lesion_mm3,
                 keep_largest: start.keep_largest.clone(),
+                min_confidence: start.min_confidence,
             })?);
         }
     }
@@ -224,6 +342,41 @@ pub fn search_postprocessing(
         .unwrap_or(&best)
         .clone();
     let noise = scorer.noise(&best, &chosen);
+    let confidences_known = cases
+        .iter()
+        .all(|c| c.confidence.is_some() || (names.len() == 2 && c.foreground.is_some()));
+    if objectives.contains(&Objective::LesionF1) && confidences_known {
+        // The same rule: among the cut-offs within noise of this stage's best, the one nearest
+        // the start (with no cut-off to start from, the lowest, as a single run's operating
+        // point is chosen).
+        let mut stage = vec![chosen.clone()];
+        for &min_confidence in &space.min_confidence {
+            if (min_confidence - chosen.setting.min_confidence).abs() < 1e-12 {
+                continue;
+            }
+            stage.push(scorer.score(&Setting {
+                min_confidence,
+                ..chosen.setting.clone()
+            })?);
+        }
+        let top = stage
+            .iter()
+            .fold(&stage[0], |b, t| if t.mean > b.mean + 1e-9 { t } else { b })
+            .clone();
+        let nearest = stage
+            .iter()
+            .filter(|t| top.mean - t.mean <= scorer.noise(&top, t) + 1e-9)
+            .min_by(|a, b| {
+                let d = |s: &Scored| (s.setting.min_confidence - start.min_confidence).abs();
+                (d(a), -a.mean)
+                    .partial_cmp(&(d(b), -b.mean))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .unwrap_or(&top)
+            .clone();
+        chosen = nearest;
+        tried.extend(stage.into_iter().skip(1));
+    }
     for (c, objective) in objectives.iter().enumerate() {
         let name = &names[c + 1];
         if *objective != Objective::Dice {
@@ -313,7 +466,8 @@ impl Scorer<'_> {
             min_volume_mm3: setting.min_lesion_mm3,
             keep_largest,
             roi: self.filter.roi.clone(),
-            min_confidence: self.filter.min_confidence,
+            min_confidence: setting.min_confidence,
+            skip_diameters: true,
         };
         let per_case: Vec<CaseCounts> = self
             .cases
@@ -377,9 +531,18 @@ impl Scorer<'_> {
     }
 
     fn case_counts(&self, case: &OofCase, threshold: f64, filter: &LesionFilter) -> CaseCounts {
-        let mut labels = match (&case.foreground, self.names.len()) {
-            (Some(p), 2) => p.mapv(|v| u8::from(v as f64 >= threshold)),
+        let two_class = self.names.len() == 2 && case.foreground.is_some();
+        let mut labels = match (&case.foreground, two_class) {
+            (Some(p), true) => p.mapv(|v| u8::from(v as f64 >= threshold)),
             _ => case.pred.clone(),
+        };
+        // A finding's confidence is its maximum probe: the foreground probability of a
+        // two-class model (its components change with the threshold), else the confidence its
+        // out-of-fold lesion table gave it; without either, 1 (never dropped).
+        let source = match (&case.foreground, &case.confidence) {
+            (Some(p), _) if two_class => Some(p),
+            (_, Some(c)) => Some(c),
+            _ => None,
         };
         extract_lesions(
             &mut labels,
@@ -387,7 +550,10 @@ impl Scorer<'_> {
             self.names,
             filter,
             0,
-            |_, _| Probe::default(),
+            |_, [k, j, i]| Probe {
+                probability: source.map_or(1.0, |m| m[[k, j, i]]),
+                uncertainty: None,
+            },
         );
         let dims = case.geometry.shape();
         let grid = LesionGrid {
@@ -453,6 +619,7 @@ mod tests {
             truth,
             pred,
             foreground,
+            confidence: None,
         }
     }
 
@@ -467,7 +634,21 @@ mod tests {
             keep_largest: Vec::new(),
             roi: None,
             min_confidence: 0.0,
+            skip_diameters: false,
         }
+    }
+
+    /// The search of a lesion-only model from `start()`, with no filter.
+    fn lesion_search(cases: &[OofCase], space: &SearchSpace) -> Postprocessing {
+        search_postprocessing(
+            cases,
+            &lesion_names(),
+            &[Objective::LesionF1],
+            &no_filter(),
+            &start(),
+            space,
+        )
+        .unwrap()
     }
 
     fn start() -> Setting {
@@ -475,6 +656,7 @@ mod tests {
             threshold: 0.5,
             min_lesion_mm3: 0.0,
             keep_largest: Vec::new(),
+            min_confidence: 0.0,
         }
     }
 
@@ -493,20 +675,12 @@ mod tests {
             ],
         );
         let cases = [case(truth, pred, None)];
-        let (names, filter) = (lesion_names(), no_filter());
         let space = SearchSpace {
             thresholds: vec![0.5],
             min_lesion_mm3: vec![0.0, 5.0, 10.0, 100.0],
+            min_confidence: Vec::new(),
         };
-        let p = search_postprocessing(
-            &cases,
-            &names,
-            &[Objective::LesionF1],
-            &filter,
-            &start(),
-            &space,
-        )
-        .unwrap();
+        let p = lesion_search(&cases, &space);
         // 8 mm³ components go at 10 mm³, the 64 mm³ lesions stay; 100 mm³ would drop them too.
         assert_eq!(p.chosen.min_lesion_mm3, 10.0);
         assert!((p.score_before - 2.0 * 2.0 / (2.0 * 2.0 + 2.0)).abs() < 1e-9);
@@ -531,6 +705,7 @@ mod tests {
         let space = SearchSpace {
             thresholds: vec![0.3, 0.4, 0.5, 0.7],
             min_lesion_mm3: vec![0.0],
+            min_confidence: Vec::new(),
         };
         let found =
             search_postprocessing(&cases, &names, &[Objective::LesionF1], &filter, &s, &space)
@@ -552,6 +727,7 @@ mod tests {
             &SearchSpace {
                 thresholds: vec![0.5],
                 min_lesion_mm3: vec![0.0],
+                min_confidence: Vec::new(),
             },
         )
         .unwrap();
@@ -586,6 +762,7 @@ mod tests {
         let space = SearchSpace {
             thresholds: vec![0.5],
             min_lesion_mm3: vec![0.0, 10.0],
+            min_confidence: Vec::new(),
         };
         let search = |cases: &[OofCase]| {
             search_postprocessing(
@@ -611,5 +788,57 @@ mod tests {
         let p = search(&cases);
         assert_eq!(p.chosen.min_lesion_mm3, 10.0, "{p:?}");
         assert!(p.noise < 1e-9);
+    }
+
+    #[test]
+    fn finds_the_lowest_confidence_that_drops_only_false_positives() {
+        // Twelve cases, each with a true lesion the model is sure of (0.9) and a false positive
+        // it is not (0.4), both 64 mm³, so no size tells them apart. Every cut-off from 0.5 to
+        // 0.9 gives F1 1; the lowest of them is chosen, as a single run's operating point is.
+        let dims = [20, 20, 20];
+        let (found, stray) = (([2, 2, 2], 4, 1), ([12, 12, 12], 4, 1));
+        let cases: Vec<OofCase> = (0..12)
+            .map(|_| {
+                let pred = draw(dims, &[found, stray]);
+                let mut confidence = Array3::<f32>::zeros(dims);
+                confidence
+                    .slice_mut(ndarray::s![2..6, 2..6, 2..6])
+                    .fill(0.9);
+                confidence
+                    .slice_mut(ndarray::s![12..16, 12..16, 12..16])
+                    .fill(0.4);
+                OofCase {
+                    confidence: Some(confidence),
+                    ..case(draw(dims, &[found]), pred, None)
+                }
+            })
+            .collect();
+        let space = SearchSpace {
+            thresholds: vec![0.5],
+            min_lesion_mm3: vec![0.0, 100.0],
+            ..SearchSpace::default()
+        };
+        let p = lesion_search(&cases, &space);
+        assert_eq!(p.chosen.min_confidence, 0.5, "{p:?}");
+        assert_eq!(p.chosen.min_lesion_mm3, 0.0);
+        assert!((p.score_before - 2.0 / 3.0).abs() < 1e-9, "{p:?}");
+        assert!((p.score - 1.0).abs() < 1e-9);
+        // 0.95 drops the true lesions too.
+        let at = |c: f64| {
+            p.tried
+                .iter()
+                .find(|(s, _)| s.min_confidence == c)
+                .map(|(_, score)| *score)
+                .unwrap()
+        };
+        assert_eq!(at(0.95), 0.0);
+
+        // Without confidences (no lesion tables) the cut-off is not searched.
+        let blind: Vec<OofCase> = (0..12)
+            .map(|_| case(draw(dims, &[found]), draw(dims, &[found, stray]), None))
+            .collect();
+        let p = lesion_search(&blind, &space);
+        assert_eq!(p.chosen.min_confidence, 0.0);
+        assert!(p.tried.iter().all(|(s, _)| s.min_confidence == 0.0));
     }
 }

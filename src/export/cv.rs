@@ -2,7 +2,7 @@
 //! training case segmented by the one fold that did not train on it, on its own grid) and the
 //! postprocessing chosen on them, stored in the parent's `[segment]` settings.
 
-use crate::config::{LabelCode, RunConfig};
+use crate::config::{LabelCode, MinConfidence, RunConfig};
 use crate::data::dataset::{LabelMap, Split};
 use crate::data::manifest::Manifest;
 use crate::error::{Error, Result};
@@ -51,6 +51,8 @@ pub fn segment_out_of_fold(
     let unfiltered = [
         "segment.min_lesion_mm3=0".into(),
         "segment.keep_largest=[]".into(),
+        // Every finding with its confidence: the search chooses the ensemble's cut-off.
+        "segment.min_confidence=0".into(),
     ];
     let predictor = Predictor::load(&run.root, None, &unfiltered)?;
     let filter = predictor.lesion_filter()?;
@@ -124,8 +126,14 @@ pub fn choose_postprocessing(cv: &CvRun) -> Result<Postprocessing> {
         });
     }
     let labels = LabelMap::new(config.data.labels.len(), &config.data.label_values);
-    let cases = read_oof_cases(&cv.oof(), &truth, &labels)?;
     let segment = &config.segment;
+    let space = SearchSpace::default();
+    let floor = space
+        .thresholds
+        .iter()
+        .copied()
+        .fold(segment.threshold, f64::min);
+    let cases = read_oof_cases(&cv.oof(), &truth, &labels, floor)?;
     // A rerun starts where the first search did, not from what it chose: the search prefers
     // settings near its start.
     #[derive(serde::Deserialize)]
@@ -138,6 +146,11 @@ pub fn choose_postprocessing(cv: &CvRun) -> Result<Postprocessing> {
             threshold: segment.threshold,
             min_lesion_mm3: segment.min_lesion_mm3,
             keep_largest: segment.keep_largest.clone(),
+            // A fold ensemble has no fitted operating point of its own: no cut-off to start from.
+            min_confidence: match segment.min_confidence {
+                MinConfidence::Value(c) => c,
+                MinConfidence::Named(_) => 0.0,
+            },
         },
     };
     let filter = LesionFilter::from_config(segment, &config.data.labels)?;
@@ -147,12 +160,13 @@ pub fn choose_postprocessing(cv: &CvRun) -> Result<Postprocessing> {
         &objectives(&config),
         &filter,
         &start,
-        &SearchSpace::default(),
+        &space,
     )?;
     write_json_atomically(&cv.postprocessing(), &found)?;
     config.segment.threshold = found.chosen.threshold;
     config.segment.min_lesion_mm3 = found.chosen.min_lesion_mm3;
     config.segment.keep_largest = found.chosen.keep_largest.clone();
+    config.segment.min_confidence = MinConfidence::Value(found.chosen.min_confidence);
     write_atomically(&cv.config(), config.to_toml()?.as_bytes())?;
     Ok(found)
 }

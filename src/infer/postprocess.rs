@@ -24,6 +24,9 @@ pub struct LesionFilter {
     /// Findings (classes neither in the region of interest nor in `keep_largest`) whose highest
     /// probability is below this become background (0 keeps all).
     pub min_confidence: f64,
+    /// Leave each lesion's Feret diameter at 0: the searches that only count lesions skip it (on
+    /// an organ's surface it costs more than the rest of the filter).
+    pub skip_diameters: bool,
 }
 
 impl LesionFilter {
@@ -49,6 +52,7 @@ impl LesionFilter {
                 MinConfidence::Value(c) => c,
                 MinConfidence::Named(MinConfidenceChoice::Fitted) => 0.0,
             },
+            skip_diameters: false,
         })
     }
 }
@@ -345,7 +349,11 @@ fn extract_class(
             centroid_mm: geometry.voxel_to_world(mean),
             bbox_voxel: [lo, hi],
             bbox_mm: corner_extent(geometry, lo, hi),
-            diameter_mm: feret_diameter(geometry, &surface[c]),
+            diameter_mm: if filter.skip_diameters {
+                0.0
+            } else {
+                feret_diameter(geometry, &surface[c])
+            },
             mean_probability: read[c].probability / size as f64,
             max_probability: read[c].max_probability as f64,
             confidence: Some(read[c].max_probability as f64),
@@ -507,12 +515,34 @@ mod tests {
             keep_largest: vec![2],
             roi: None,
             min_confidence: 0.0,
+            skip_diameters: false,
         };
+        let original = labels.clone();
         let lesions = extract_lesions(&mut labels, &g, &names, &filter, 0, |c, _| Probe {
             probability: c as f32 / 4.0,
             uncertainty: None,
         })
         .lesions;
+        // Without diameters (the searches' filter): the same map and lesions, diameters 0.
+        let mut counted = original;
+        let quick = LesionFilter {
+            skip_diameters: true,
+            ..filter.clone()
+        };
+        let without = extract_lesions(&mut counted, &g, &names, &quick, 0, |c, _| Probe {
+            probability: c as f32 / 4.0,
+            uncertainty: None,
+        })
+        .lesions;
+        assert_eq!(counted, labels);
+        assert_eq!(without.len(), lesions.len());
+        for (a, b) in without.iter().zip(&lesions) {
+            assert_eq!(
+                (a.class, a.voxels, a.bbox_voxel),
+                (b.class, b.voxels, b.bbox_voxel)
+            );
+            assert_eq!((a.confidence, a.diameter_mm), (b.confidence, 0.0));
+        }
         assert_eq!(lesions.len(), 2);
         // Numbered by confidence: the organ (0.5) before the cube (0.25).
         assert_eq!((lesions[0].id, lesions[0].class), (1, 2));
@@ -623,6 +653,7 @@ mod tests {
             keep_largest: vec![2],
             roi: Some(roi(drop)),
             min_confidence: 0.0,
+            skip_diameters: false,
         };
         let one = |_: u32, _: [usize; 3]| Probe {
             probability: 1.0,

@@ -154,6 +154,7 @@ pub fn fit_operating_point(
     let (_, model) = crate::model::load(&checkpoint.dir, device)?;
     let filter = LesionFilter {
         min_confidence: 0.0,
+        skip_diameters: true,
         ..filter.clone()
     };
     let mut found = Findings::default();

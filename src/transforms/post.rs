@@ -196,8 +196,11 @@ pub fn dilate_mm(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], margin_mm: 
         let n = dims[axis];
         let stride = strides[axis];
         let src = out.clone();
-        // Every line along `axis`: its first voxel runs over the other two axes.
-        let starts = (0..nk * nj * ni).filter(|idx| (idx / stride) % n == 0);
+        // Every line along `axis`: its first voxel runs over the other two axes (in raster
+        // order: the blocks of `n * stride` voxels, and `stride` lines in each).
+        let block = n * stride;
+        let starts =
+            (0..nk * nj * ni / block).flat_map(|b| (0..stride).map(move |r| b * block + r));
         for start in starts {
             let at = |t: usize| start + t * stride;
             let mut since = usize::MAX;
