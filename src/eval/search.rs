@@ -198,34 +198,26 @@ pub fn read_oof_cases(
                 0..1,
                 0..1,
             ]);
-            let cut = |a: &Array3<u8>| {
-                a.slice(ndarray::s![
-                    bbox[0].clone(),
-                    bbox[1].clone(),
-                    bbox[2].clone()
-                ])
-                .to_owned()
-            };
-            let cut_f = |a: Option<Array3<f32>>| {
-                a.map(|a| {
-                    a.slice(ndarray::s![
-                        bbox[0].clone(),
-                        bbox[1].clone(),
-                        bbox[2].clone()
-                    ])
-                    .to_owned()
-                })
-            };
             Ok(OofCase {
                 case: case.clone(),
-                truth: cut(&truth),
-                pred: cut(&pred),
-                foreground: cut_f(foreground),
-                confidence: cut_f(confidence),
+                truth: crop3(&truth, &bbox),
+                pred: crop3(&pred, &bbox),
+                foreground: foreground.map(|f| crop3(&f, &bbox)),
+                confidence: confidence.map(|c| crop3(&c, &bbox)),
                 geometry: cropped_geometry(&p.geometry, &bbox),
             })
         })
         .collect()
+}
+
+/// The `[k, j, i]` sub-box `bbox` of `a`.
+fn crop3<T: Clone>(a: &Array3<T>, bbox: &[std::ops::Range<usize>; 3]) -> Array3<T> {
+    a.slice(ndarray::s![
+        bbox[0].clone(),
+        bbox[1].clone(),
+        bbox[2].clone()
+    ])
+    .to_owned()
 }
 
 /// Each component of a class the lesion table lists, filled with its row's confidence (matched by
@@ -243,23 +235,8 @@ fn finding_confidence(pred: &Array3<u8>, table: &LesionTable) -> Array3<f32> {
     for class in classes {
         let mask: Vec<bool> = flat.iter().map(|&v| v as u32 == class).collect();
         let cc = connected_components(&mask, dims);
-        let mut boxes = vec![[[usize::MAX; 3], [0; 3]]; cc.count()];
-        for (idx, &id) in cc.labels.iter().enumerate() {
-            if id == 0 {
-                continue;
-            }
-            let ijk = [
-                idx % dims[2],
-                (idx / dims[2]) % dims[1],
-                idx / (dims[1] * dims[2]),
-            ];
-            let b = &mut boxes[id as usize - 1];
-            for a in 0..3 {
-                b[0][a] = b[0][a].min(ijk[a]);
-                b[1][a] = b[1][a].max(ijk[a]);
-            }
-        }
-        let confidence: Vec<f32> = boxes
+        let confidence: Vec<f32> = cc
+            .boxes(dims)
             .iter()
             .map(|b| {
                 table
@@ -320,35 +297,19 @@ pub fn search_postprocessing(
             })?);
         }
     }
-    // The first of the highest (the start on a tie).
-    let best = tried
-        .iter()
-        .fold(&tried[0], |b, t| if t.mean > b.mean + 1e-9 { t } else { b })
-        .clone();
-    let distance = |s: &Setting| {
+    let (best, mut chosen) = scorer.nearest_within_noise(&tried, |s| {
         (s.threshold - start.threshold).abs() / 0.1
             + ((s.min_lesion_mm3 + 1.0) / (start.min_lesion_mm3 + 1.0))
                 .log2()
                 .abs()
-    };
-    let mut chosen = tried
-        .iter()
-        .filter(|t| best.mean - t.mean <= scorer.noise(&best, t) + 1e-9)
-        .min_by(|a, b| {
-            (distance(&a.setting), -a.mean)
-                .partial_cmp(&(distance(&b.setting), -b.mean))
-                .unwrap_or(std::cmp::Ordering::Equal)
-        })
-        .unwrap_or(&best)
-        .clone();
+    });
     let noise = scorer.noise(&best, &chosen);
     let confidences_known = cases
         .iter()
         .all(|c| c.confidence.is_some() || (names.len() == 2 && c.foreground.is_some()));
     if objectives.contains(&Objective::LesionF1) && confidences_known {
-        // The same rule: among the cut-offs within noise of this stage's best, the one nearest
-        // the start (with no cut-off to start from, the lowest, as a single run's operating
-        // point is chosen).
+        // The same rule (with no cut-off to start from, the nearest is the lowest, as a single
+        // run's operating point is chosen).
         let mut stage = vec![chosen.clone()];
         for &min_confidence in &space.min_confidence {
             if (min_confidence - chosen.setting.min_confidence).abs() < 1e-12 {
@@ -359,22 +320,9 @@ pub fn search_postprocessing(
                 ..chosen.setting.clone()
             })?);
         }
-        let top = stage
-            .iter()
-            .fold(&stage[0], |b, t| if t.mean > b.mean + 1e-9 { t } else { b })
-            .clone();
-        let nearest = stage
-            .iter()
-            .filter(|t| top.mean - t.mean <= scorer.noise(&top, t) + 1e-9)
-            .min_by(|a, b| {
-                let d = |s: &Scored| (s.setting.min_confidence - start.min_confidence).abs();
-                (d(a), -a.mean)
-                    .partial_cmp(&(d(b), -b.mean))
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            })
-            .unwrap_or(&top)
-            .clone();
-        chosen = nearest;
+        chosen = scorer
+            .nearest_within_noise(&stage, |s| (s.min_confidence - start.min_confidence).abs())
+            .1;
         tried.extend(stage.into_iter().skip(1));
     }
     for (c, objective) in objectives.iter().enumerate() {
@@ -514,6 +462,30 @@ impl Scorer<'_> {
             .collect()
     }
 
+    /// The first of the highest-scoring `candidates` (the first on a tie), and of those within one
+    /// standard error of it the one nearest the start by `distance` (the higher score on a tie).
+    fn nearest_within_noise(
+        &self,
+        candidates: &[Scored],
+        distance: impl Fn(&Setting) -> f64,
+    ) -> (Scored, Scored) {
+        let best =
+            candidates.iter().fold(
+                &candidates[0],
+                |b, t| if t.mean > b.mean + 1e-9 { t } else { b },
+            );
+        let nearest = candidates
+            .iter()
+            .filter(|t| best.mean - t.mean <= self.noise(best, t) + 1e-9)
+            .min_by(|a, b| {
+                (distance(&a.setting), -a.mean)
+                    .partial_cmp(&(distance(&b.setting), -b.mean))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .unwrap_or(best);
+        (best.clone(), nearest.clone())
+    }
+
     /// Standard error of `a`'s mean score minus `b`'s over the case resamples.
     fn noise(&self, a: &Scored, b: &Scored) -> f64 {
         if self.resamples.len() < 2 {
@@ -531,18 +503,12 @@ impl Scorer<'_> {
     }
 
     fn case_counts(&self, case: &OofCase, threshold: f64, filter: &LesionFilter) -> CaseCounts {
-        let two_class = self.names.len() == 2 && case.foreground.is_some();
-        let mut labels = match (&case.foreground, two_class) {
-            (Some(p), true) => p.mapv(|v| u8::from(v as f64 >= threshold)),
-            _ => case.pred.clone(),
-        };
         // A finding's confidence is its maximum probe: the foreground probability of a
         // two-class model (its components change with the threshold), else the confidence its
         // out-of-fold lesion table gave it; without either, 1 (never dropped).
-        let source = match (&case.foreground, &case.confidence) {
-            (Some(p), _) if two_class => Some(p),
-            (_, Some(c)) => Some(c),
-            _ => None,
+        let (mut labels, source) = match (&case.foreground, self.names.len()) {
+            (Some(p), 2) => (p.mapv(|v| u8::from(v as f64 >= threshold)), Some(p)),
+            _ => (case.pred.clone(), case.confidence.as_ref()),
         };
         extract_lesions(
             &mut labels,

@@ -377,11 +377,7 @@ pub fn widen_field_of_view(
 /// The `q` quantile (nearest rank) of the finite voxels; 0 when there are none.
 fn percentile(image: &Array3<f32>, q: f64) -> f32 {
     let mut v: Vec<f32> = image.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return 0.0;
-    }
-    let rank = ((v.len() - 1) as f64 * q).round() as usize;
-    *v.select_nth_unstable_by(rank, f32::total_cmp).1
+    nearest_rank(&mut v, q)
 }
 
 /// The 1st-99th percentile span (nearest rank) of `image` inside `mask`; 0 when it is empty.
@@ -392,14 +388,16 @@ fn span_inside(image: &Array3<f32>, mask: &Array3<bool>) -> f64 {
         .filter(|(x, m)| **m && x.is_finite())
         .map(|(x, _)| *x)
         .collect();
+    nearest_rank(&mut v, 0.99) as f64 - nearest_rank(&mut v, 0.01) as f64
+}
+
+/// The `q` quantile (nearest rank) of `v`, partly reordered; 0 when it is empty.
+fn nearest_rank(v: &mut [f32], q: f64) -> f32 {
     if v.is_empty() {
         return 0.0;
     }
-    let mut at = |q: f64| {
-        let rank = ((v.len() - 1) as f64 * q).round() as usize;
-        *v.select_nth_unstable_by(rank, f32::total_cmp).1 as f64
-    };
-    at(0.99) - at(0.01)
+    let rank = ((v.len() - 1) as f64 * q).round() as usize;
+    *v.select_nth_unstable_by(rank, f32::total_cmp).1
 }
 
 /// The array axis (0 = k, 1 = j, 2 = i) whose voxel direction is closest to superior-inferior:
