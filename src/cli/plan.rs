@@ -19,14 +19,15 @@ pub struct Args {
     /// (`case,image[,image2...],label`, optionally a `group` column).
     #[arg(long)]
     data: PathBuf,
-    /// Training time for the whole plan (every fold), e.g. `2h`, `45m`, `1h30m`, `900s`.
+    /// Time of one training, e.g. `2h`, `45m`, `1h30m`, `900s`: a single run, or each fold
+    /// (nnU-Net plans one training; `--folds K` repeats it K times).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     budget: f64,
     /// The device the plan is measured on and trains on: cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Cross-validation folds the budget is shared by (nnU-Net: 5): of whole groups when each fold
-    /// still trains on two or more, else of single cases.
+    /// Cross-validation folds planned for (nnU-Net: 5), each trained within the budget: of whole
+    /// groups when each fold still trains on two or more, else of single cases.
     #[arg(long, default_value_t = 5)]
     folds: usize,
     /// Memory a training step may hold, e.g. `8GiB`; default: half of this machine's memory.
@@ -145,7 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         explain(&fp, &plan);
     }
     println!(
-        "plan written to {}: {} {} model, patch {}, {} epochs of {} steps; train it with `medseg train --config {} --folds {}`",
+        "plan written to {}: {} {} model, patch {}, {} epochs of {} steps; train it with `medseg train --config {} --folds {}` (about {:.0} s per fold; then the postprocessing search)",
         args.output.display(),
         if plan.config.is_3d() { "3D" } else { "2.5D" },
         plan.config.model.preset.name(),
@@ -153,7 +154,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         plan.config.train.epochs,
         plan.config.train.steps_per_epoch,
         args.output.display(),
-        request.folds.count
+        request.folds.count,
+        request.budget_seconds
     );
     Ok(())
 }
@@ -177,7 +179,7 @@ fn fold_count(base: &RunConfig, asked: usize) -> anyhow::Result<medseg::data::pl
     Ok(scheme)
 }
 
-/// The step of candidate `c` on the plan's device, timed on two steps after a warm-up.
+/// The step of candidate `c` on the plan's device, the median of five steps after a warm-up.
 fn measure(base: &RunConfig, fp: &Fingerprint, c: &Candidate) -> medseg::Result<StepCost> {
     let mut config = base.clone();
     config.data.channels = fp.channels.iter().map(|c| c.name.clone()).collect();
@@ -192,7 +194,7 @@ fn measure(base: &RunConfig, fp: &Fingerprint, c: &Candidate) -> medseg::Result<
         medseg::geometry::PatchSize::new(&c.patch).ok_or_else(|| medseg::Error::Config {
             reason: format!("plan: {:?} is not a patch size", c.patch),
         })?;
-    measure_step(&config, 2, crate::ALLOCATOR)
+    measure_step(&config, 5, crate::ALLOCATOR)
 }
 
 fn half_of_memory() -> u64 {
@@ -227,7 +229,7 @@ fn header(
 ) -> Vec<String> {
     let mut h = vec![
         format!(
-            "medseg plan for {} ({} labelled cases), budget {:.0} s on {} over {} fold(s)",
+            "medseg plan for {} ({} labelled cases), budget {:.0} s per training on {}, {} fold(s)",
             args.data.display(),
             fp.cases.len(),
             request.budget_seconds,

@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use super::fingerprint::{Fingerprint, Modality};
+use super::fingerprint::{ClassFingerprint, Fingerprint, Modality};
 use crate::config::{
     FoldBy, IntensityConfig, IntensityScheme, LabelCode, ModelPreset, RoiConfig, RunConfig,
 };
@@ -19,11 +19,16 @@ pub const ANISO_THRESHOLD: f64 = 3.0;
 pub const NNUNET_FOREGROUND_SHARE: f64 = 0.33;
 /// Fewest optimisation steps per fold a plan aims for. nnU-Net runs 250,000 patch steps on a GPU;
 /// on a CPU budget the shipped synthetic benchmarks reach their selected epoch at 3,000-5,000
-/// steps of batch 8, and 1,500 is where their validation Dice had mostly risen.
+/// steps of batch 8, and 1,500 is where their validation Dice had mostly risen (on the brain
+/// data, a plan of 3,354 steps of 96² found 10 of 34 test lesions, one of 2,186 steps 9).
 pub const MIN_STEPS: f64 = 1500.0;
 /// Most of a fold's time its whole-volume passes (validation, calibration, out-of-fold) may take;
 /// a grid too fine for that is coarsened.
 pub const INFERENCE_SHARE: f64 = 0.4;
+/// The coarsest grid keeps the median lesion this many voxels across: coarser, small lesions
+/// shrink to a voxel or two (measured: a plan on the brain data coarsened to 3 mm, where the
+/// median 8.7 mm lesion spans under 3 voxels, and one of its folds learnt no lesion at all).
+pub const LESION_VOXELS: f64 = 4.0;
 /// Time for validations during training, beyond the final one, as a share of a fold's.
 pub const VALIDATION_SHARE: f64 = 0.15;
 /// Window overlap of validation in a plan: a quarter (nnU-Net segments at a half; validation only
@@ -69,7 +74,9 @@ pub struct StepCost {
 /// What the plan must fit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanRequest {
-    /// Training time for the whole plan (every fold), seconds.
+    /// Time of one training, seconds: a single run, or each fold of a cross-validation (nnU-Net
+    /// plans one training and its folds repeat it; a shared budget would make every member of an
+    /// ensemble a K-times shorter run than the single model it is weighed against).
     pub budget_seconds: f64,
     /// Cross-validation folds, what they are made of and why ([`fold_scheme`]).
     pub folds: FoldScheme,
@@ -339,7 +346,7 @@ impl Planner<'_> {
     /// pass is about a third of a training step; windows overlap by VALIDATE_OVERLAP per axis.
     fn grid(&mut self, config: &mut RunConfig, why: String) -> Result<Grid> {
         let request = self.request;
-        let per_fold_total = request.budget_seconds / request.folds.count as f64;
+        let per_fold_total = request.budget_seconds;
         let reference = candidate(
             Dimensionality::TwoAndHalfD,
             ModelPreset::Tiny,
@@ -361,14 +368,31 @@ impl Planner<'_> {
         let fixed_passes = 2.0 + f64::from(request.folds.count > 1);
         let median_voxels: f64 = self.median_shape(&self.median_spacing).iter().product();
         let pass_at = |f: f64| validation_cases * median_voxels / f.powi(3) * per_voxel;
-        let factor = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0]
+        // The coarsest factor the lesions allow (never below 1: the plan does not refine).
+        let finest_lesion = classes_of(self.fp, config, false)
+            .iter()
+            .filter(|c| c.component_diameter_mm.count > 0)
+            .map(|c| c.component_diameter_mm.p50)
+            .reduce(f64::min);
+        let coarsest_spacing = self.median_spacing.iter().copied().fold(0.0, f64::max);
+        let max_factor = finest_lesion
+            .map(|d| (d / LESION_VOXELS / coarsest_spacing).max(1.0))
+            .unwrap_or(f64::INFINITY);
+        let factors: Vec<f64> = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0]
             .into_iter()
+            .filter(|f| *f <= max_factor)
+            .collect();
+        let factor = factors
+            .iter()
+            .copied()
             .find(|f| (fixed_passes + 1.0) * pass_at(*f) <= INFERENCE_SHARE * per_fold_total)
-            .unwrap_or(4.0);
+            .unwrap_or(factors.last().copied().unwrap_or(1.0));
+        let capped = factor < 4.0
+            && (fixed_passes + 1.0) * pass_at(factor) > INFERENCE_SHARE * per_fold_total;
         let spacing = self
             .median_spacing
             .map(|s| (s * factor * 1e4).round() / 1e4);
-        let why = if factor > 1.0 {
+        let mut why = if factor > 1.0 {
             format!(
                 "{why}; then coarsened {factor}x: at the median one pass over a fold's {validation_cases:.0} validation cases would take {:.0} s, and the {} passes a fold needs must fit in {:.0}% of its {per_fold_total:.0} s",
                 pass_at(1.0),
@@ -378,6 +402,13 @@ impl Planner<'_> {
         } else {
             why
         };
+        if capped {
+            why = format!(
+                "{why}; no coarser, so that the median lesion ({:.1} mm) keeps {LESION_VOXELS} voxels across: the passes then take {:.0} s of the fold's {per_fold_total:.0} s, and the steps the rest",
+                finest_lesion.unwrap_or(0.0),
+                (fixed_passes + 1.0) * pass_at(factor)
+            );
+        }
         self.decisions
             .say("preprocess.spacing", format!("{spacing:?}"), why);
         config.preprocess.spacing = spacing.to_vec();
@@ -388,8 +419,8 @@ impl Planner<'_> {
             spacing,
             median_shape: self.median_shape(&spacing),
             per_fold_total,
-            per_fold: (per_fold_total - passes * pass)
-                .max((1.0 - INFERENCE_SHARE) * per_fold_total),
+            // A grid the lesions keep fine may leave less than the usual share for steps.
+            per_fold: (per_fold_total - passes * pass).max(0.25 * per_fold_total),
             pass,
             passes,
             validations,
@@ -473,8 +504,8 @@ impl Planner<'_> {
             self.request.max_memory / 1048576),
         );
         d.say("train.epochs", epochs.to_string(), format!(
-            "{per_fold:.0} s of steps per fold ({:.0} s over {} fold(s), less {:.0} whole-volume passes of about {:.0} s each) at {step:.3} s per step: {steps:.0} steps, {STEPS_PER_EPOCH} per epoch",
-            grid.per_fold_total, self.request.folds.count, grid.passes, grid.pass));
+            "{per_fold:.0} s of steps per fold (the budget's {:.0} s of one training, less {:.0} whole-volume passes of about {:.0} s each) at {step:.3} s per step: {steps:.0} steps, {STEPS_PER_EPOCH} per epoch",
+            grid.per_fold_total, grid.passes, grid.pass));
         config.sampling.patch_size =
             PatchSize::new(&chosen.patch).ok_or_else(|| Error::Config {
                 reason: format!("plan: patch {:?} is not a patch size", chosen.patch),
@@ -567,6 +598,28 @@ fn plan_intensity(fp: &Fingerprint, config: &mut RunConfig, d: &mut Decisions) {
         .collect();
 }
 
+/// The fingerprint's anatomy classes (`organs`) or its finding classes, by their label codes.
+fn classes_of<'a>(
+    fp: &'a Fingerprint,
+    config: &RunConfig,
+    organs: bool,
+) -> Vec<&'a ClassFingerprint> {
+    fp.classes
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| {
+            let code = config
+                .data
+                .label_codes
+                .get(&c.name)
+                .cloned()
+                .unwrap_or_else(|| LabelCode::default_for(&c.name, i + 1));
+            code.is_anatomy() == organs
+        })
+        .map(|p| p.1)
+        .collect()
+}
+
 /// Lesion classes: foreground sampling share, smallest component kept; organ classes:
 /// keep-largest, and the organ as the lesions' region of interest.
 fn plan_classes(
@@ -576,29 +629,8 @@ fn plan_classes(
     chosen: &Candidate,
     d: &mut Decisions,
 ) {
-    let is_organ = |i: usize, name: &str| {
-        config
-            .data
-            .label_codes
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| LabelCode::default_for(name, i + 1))
-            .is_anatomy()
-    };
-    let organs: Vec<&super::fingerprint::ClassFingerprint> = fp
-        .classes
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| is_organ(*i, &c.name))
-        .map(|p| p.1)
-        .collect();
-    let lesions: Vec<&super::fingerprint::ClassFingerprint> = fp
-        .classes
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| !is_organ(*i, &c.name))
-        .map(|p| p.1)
-        .collect();
+    let organs = classes_of(fp, config, true);
+    let lesions = classes_of(fp, config, false);
     let patch_mm = chosen.patch.last().copied().unwrap_or(64) as f64 * spacing[0];
     let diameters: Vec<f64> = lesions
         .iter()
@@ -823,6 +855,46 @@ mod tests {
         assert!(
             text.contains("# small") || text.contains("# tiny"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_grid_coarsens_no_further_than_the_lesions_allow() {
+        // 20 cases of 256³ at 1 mm, two folds: at 100 s per fold the whole-volume passes alone
+        // would coarsen the grid 2.5x.
+        let fp = fingerprint(&[[1.0; 3]; 20], [256; 3], "T1");
+        let two_folds = |budget_seconds| PlanRequest {
+            folds: fold_scheme(2, 20, 20),
+            ..request(budget_seconds)
+        };
+        let big_lesions = {
+            let mut f = fp.clone();
+            f.classes[0].component_diameter_mm.p50 = 40.0;
+            f
+        };
+        let p = plan(
+            &big_lesions,
+            RunConfig::default(),
+            &two_folds(100.0),
+            &mut measure,
+        )
+        .unwrap();
+        assert_eq!(p.config.preprocess.spacing, vec![2.5; 3]);
+        // The median lesion of 8 mm keeps 4 voxels across: 2 mm, and the plan says why.
+        let p = plan(&fp, RunConfig::default(), &two_folds(100.0), &mut measure).unwrap();
+        assert_eq!(p.config.preprocess.spacing, vec![2.0; 3]);
+        let why = &p.decisions[0].why;
+        assert!(why.contains("median lesion (8.0 mm)"), "{why}");
+        // The budget is each fold's, not shared by the two.
+        let epochs = p
+            .decisions
+            .iter()
+            .find(|d| d.setting == "train.epochs")
+            .unwrap();
+        assert!(
+            epochs.why.contains("the budget's 100 s of one training"),
+            "{}",
+            epochs.why
         );
     }
 

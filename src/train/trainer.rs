@@ -636,7 +636,8 @@ pub fn train(
 }
 
 /// Times a training step (forward, Dice + CE, backward, AdamW) of the model and batch `config`
-/// describes, on random data on its device: one warm-up step, then the mean of `steps`; with the
+/// describes, on random data on its device: one warm-up step, then the median of `steps` (a
+/// mean of two swung by 30 % between plans of the same data on this 2-core host); with the
 /// peak bytes allocated above what was allocated before, by `meter` (the process's global
 /// allocator). `medseg plan` calibrates its choices with it.
 pub fn measure_step(
@@ -673,18 +674,19 @@ pub fn measure_step(
             label_shape: [b, d, h, w],
         }
     };
-    let mut timed = 0.0;
+    let mut timed = Vec::new();
     for step in 0..=steps.max(1) {
         let started = Instant::now();
         let loss = step_loss(&model, batch(), &autodiff, &weights, 1.0, 1.0);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(1e-4, model, grads);
         if step > 0 {
-            timed += started.elapsed().as_secs_f64();
+            timed.push(started.elapsed().as_secs_f64());
         }
     }
+    timed.sort_by(f64::total_cmp);
     Ok(crate::data::plan::StepCost {
-        seconds: timed / steps.max(1) as f64,
+        seconds: timed[timed.len() / 2],
         peak_bytes: meter.get_peak_memory() as u64,
     })
 }
