@@ -370,11 +370,7 @@ impl Planner<'_> {
         let median_voxels: f64 = self.median_shape(&self.median_spacing).iter().product();
         let pass_at = |f: f64| validation_cases * median_voxels / f.powi(3) * per_voxel;
         // The coarsest factor the lesions allow (never below 1: the plan does not refine).
-        let finest_lesion = classes_of(self.fp, config, false)
-            .iter()
-            .filter(|c| c.component_diameter_mm.count > 0)
-            .map(|c| c.component_diameter_mm.p50)
-            .reduce(f64::min);
+        let finest_lesion = median_lesion_diameter(&classes_of(self.fp, config, false));
         let coarsest_spacing = self.median_spacing.iter().copied().fold(0.0, f64::max);
         let max_factor = finest_lesion
             .map(|d| (d / LESION_VOXELS / coarsest_spacing).max(1.0))
@@ -383,13 +379,13 @@ impl Planner<'_> {
             .into_iter()
             .filter(|f| *f <= max_factor)
             .collect();
-        let factor = factors
+        let fitting = factors
             .iter()
             .copied()
-            .find(|f| (fixed_passes + 1.0) * pass_at(*f) <= INFERENCE_SHARE * per_fold_total)
-            .unwrap_or(factors.last().copied().unwrap_or(1.0));
-        let capped = factor < 4.0
-            && (fixed_passes + 1.0) * pass_at(factor) > INFERENCE_SHARE * per_fold_total;
+            .find(|f| (fixed_passes + 1.0) * pass_at(*f) <= INFERENCE_SHARE * per_fold_total);
+        let factor = fitting.unwrap_or(factors.last().copied().unwrap_or(1.0));
+        // None fits, and the lesions stopped the coarsening before the coarsest factor.
+        let capped = fitting.is_none() && factor < 4.0;
         let spacing = self
             .median_spacing
             .map(|s| (s * factor * 1e4).round() / 1e4);
@@ -621,6 +617,15 @@ fn classes_of<'a>(
         .collect()
 }
 
+/// The smallest of the finding classes' median component diameters, mm (None without findings).
+fn median_lesion_diameter(lesions: &[&ClassFingerprint]) -> Option<f64> {
+    lesions
+        .iter()
+        .filter(|c| c.component_diameter_mm.count > 0)
+        .map(|c| c.component_diameter_mm.p50)
+        .reduce(f64::min)
+}
+
 /// Lesion classes: foreground sampling share, smallest component kept; organ classes:
 /// keep-largest, and the organ as the lesions' region of interest.
 fn plan_classes(
@@ -633,12 +638,7 @@ fn plan_classes(
     let organs = classes_of(fp, config, true);
     let lesions = classes_of(fp, config, false);
     let patch_mm = chosen.patch.last().copied().unwrap_or(64) as f64 * spacing[0];
-    let diameters: Vec<f64> = lesions
-        .iter()
-        .filter(|c| c.component_diameter_mm.count > 0)
-        .map(|c| c.component_diameter_mm.p50)
-        .collect();
-    let share = match diameters.iter().copied().reduce(f64::min) {
+    let share = match median_lesion_diameter(&lesions) {
         Some(diameter) => {
             // Linear between 0.67 (lesions under 5% of the patch) and nnU-Net's 0.33 (25%).
             let r = diameter / patch_mm;
