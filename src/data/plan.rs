@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::fingerprint::{ClassFingerprint, Fingerprint, Modality};
 use crate::config::{
-    FoldBy, IntensityConfig, IntensityScheme, LabelCode, ModelPreset, RoiConfig, RunConfig,
+    FoldBy, IntensityConfig, IntensityScheme, LabelCode, MinConfidence, MinConfidenceChoice,
+    ModelPreset, RoiConfig, RunConfig,
 };
 use crate::error::{Error, Result};
 use crate::geometry::PatchSize;
@@ -18,11 +19,11 @@ pub const ANISO_THRESHOLD: f64 = 3.0;
 /// nnU-Net's foreground oversampling (`oversample_foreground_percent = 0.33`).
 pub const NNUNET_FOREGROUND_SHARE: f64 = 0.33;
 /// Fewest optimisation steps per fold a plan aims for. nnU-Net runs 250,000 patch steps on a GPU;
-/// on a CPU budget the shipped synthetic benchmarks reach their selected epoch at 3,000-5,000
-/// steps of batch 8, and 1,500 is where their validation Dice had mostly risen (on the brain
-/// data, plans of 2,186 and 3,354 steps of 96² and of 3,112 steps of 80² found 9, 10 and 9 of
-/// 34 test lesions: more steps of smaller patches did not help).
-pub const MIN_STEPS: f64 = 1500.0;
+/// on a CPU budget the model is step-limited: in five folds of the brain quickstart recipe (8 x
+/// 64² at 2 mm) validation Dice still rose from 3,000 to 4,000 steps in four, and a plan of
+/// 1,686 steps of 128² at 1.5 mm ended lower on the same folds in four of five (mean 0.577
+/// against 0.608).
+pub const MIN_STEPS: f64 = 3000.0;
 /// Most of a fold's time its whole-volume passes (validation, calibration, out-of-fold) may take;
 /// a grid too fine for that is coarsened.
 pub const INFERENCE_SHARE: f64 = 0.4;
@@ -30,6 +31,13 @@ pub const INFERENCE_SHARE: f64 = 0.4;
 /// shrink to a voxel or two (measured: a plan on the brain data coarsened to 3 mm, where the
 /// median 8.7 mm lesion spans under 3 voxels, and one of its folds learnt no lesion at all).
 pub const LESION_VOXELS: f64 = 4.0;
+/// A whole-volume forward pass's share of a training step's time per voxel. The textbook
+/// backward is twice the forward (1/3), but inference needs no graph: measured here, a validation
+/// pass over 13 brain cases at 2 mm took 6-7 s against 0.046 s steps of 8 x 64² (about 1/5.5).
+pub const FORWARD_SHARE: f64 = 5.0;
+/// Mirrored copies of each pass with test-time mirroring: the in-plane axes of a 2.5D model (a
+/// 3D model's third axis doubles it; the estimate, like the pass cost, is taken from 2.5D).
+pub const MIRRORS: f64 = 4.0;
 /// Time for validations during training, beyond the final one, as a share of a fold's.
 pub const VALIDATION_SHARE: f64 = 0.15;
 /// Window overlap of validation in a plan: a quarter (nnU-Net segments at a half; validation only
@@ -242,6 +250,11 @@ pub fn plan(
     }
     plan_intensity(fp, &mut config, &mut decisions);
     plan_classes(fp, &mut config, &grid.spacing, &chosen, &mut decisions);
+    if !classes_of(fp, &config, false).is_empty() {
+        config.segment.min_confidence = MinConfidence::Named(MinConfidenceChoice::Fitted);
+        decisions.say("segment.min_confidence", "fitted".into(),
+            "findings below the confidence chosen on the run's validation cases (its operating point) are dropped; a fold ensemble uses the cut-off searched on the out-of-fold predictions instead".into());
+    }
     Ok(Plan {
         config,
         decisions: decisions.0,
@@ -342,9 +355,10 @@ impl Planner<'_> {
     }
 
     /// The target spacing, coarsened when the whole-volume passes over the validation cases
-    /// (validation, the temperature fit on `best` and `last`, the out-of-fold segmentation) would
-    /// take more than INFERENCE_SHARE of a fold; and the validations the rest allows. A forward
-    /// pass is about a third of a training step; windows overlap by VALIDATE_OVERLAP per axis.
+    /// (validation, the temperature fit on `best` and `last`, the operating point and the
+    /// out-of-fold segmentation) would take more than INFERENCE_SHARE of a fold; whether the
+    /// last two are mirrored as `segment --tta` predicts; and the validations the rest allows.
+    /// Windows overlap by VALIDATE_OVERLAP per axis.
     fn grid(&mut self, config: &mut RunConfig, why: String) -> Result<Grid> {
         let request = self.request;
         let per_fold_total = request.budget_seconds;
@@ -358,7 +372,7 @@ impl Planner<'_> {
             .cost(Dimensionality::TwoAndHalfD, ModelPreset::Tiny)?
             .seconds(voxels(&reference))
             / voxels(&reference)
-            / 3.0
+            / FORWARD_SHARE
             / (1.0 - VALIDATE_OVERLAP).powi(2);
         let cases = self.fp.cases.len() as f64;
         let validation_cases = if request.folds.count > 1 {
@@ -366,7 +380,10 @@ impl Planner<'_> {
         } else {
             (cases * config.data.validation_fraction).round().max(1.0)
         };
-        let fixed_passes = 2.0 + f64::from(request.folds.count > 1);
+        // The temperature fit on `best` and `last`; the operating point and, in a
+        // cross-validation, the out-of-fold segmentation, each mirrored with `tta`.
+        let segmented = 1.0 + f64::from(request.folds.count > 1);
+        let fixed_at = |mirrors: f64| 2.0 + segmented * mirrors;
         let median_voxels: f64 = self.median_shape(&self.median_spacing).iter().product();
         let pass_at = |f: f64| validation_cases * median_voxels / f.powi(3) * per_voxel;
         // The coarsest factor the lesions allow (never below 1: the plan does not refine).
@@ -379,10 +396,20 @@ impl Planner<'_> {
             .into_iter()
             .filter(|f| *f <= max_factor)
             .collect();
-        let fitting = factors
-            .iter()
-            .copied()
-            .find(|f| (fixed_passes + 1.0) * pass_at(*f) <= INFERENCE_SHARE * per_fold_total);
+        // One validation at least, with the fixed passes.
+        let fits = |mirrors: f64| {
+            factors.iter().copied().find(|f| {
+                (fixed_at(mirrors) + 1.0) * pass_at(*f) <= INFERENCE_SHARE * per_fold_total
+            })
+        };
+        // Mirrored when a grid the lesions allow fits them: the search then sees the findings
+        // as `segment --tta` gives them.
+        let (mirrored, fitting) = match fits(MIRRORS) {
+            Some(f) => (true, Some(f)),
+            None => (false, fits(1.0)),
+        };
+        let mirrors = if mirrored { MIRRORS } else { 1.0 };
+        let fixed_passes = fixed_at(mirrors);
         let factor = fitting.unwrap_or(factors.last().copied().unwrap_or(1.0));
         // None fits, and the lesions stopped the coarsening before the coarsest factor.
         let capped = fitting.is_none() && factor < 4.0;
@@ -410,6 +437,21 @@ impl Planner<'_> {
             .say("preprocess.spacing", format!("{spacing:?}"), why);
         config.preprocess.spacing = spacing.to_vec();
         let pass = pass_at(factor);
+        config.segment.tta = mirrored;
+        let what = if request.folds.count > 1 {
+            "the operating point and the out-of-fold predictions the postprocessing is searched on"
+        } else {
+            "the operating point"
+        };
+        self.decisions.say(
+            "segment.tta",
+            mirrored.to_string(),
+            if mirrored {
+                format!("{MIRRORS} mirrored passes averaged (they remove most false positives), and {what} predicted the same way: each such pass takes {MIRRORS}x, and they fit in {:.0}% of a fold", INFERENCE_SHARE * 100.0)
+            } else {
+                format!("mirrored passes ({MIRRORS}x each) for {what} do not fit in {:.0}% of a fold at a grid the lesions allow; `segment --tta` still mirrors, but the cut-offs were chosen unmirrored", INFERENCE_SHARE * 100.0)
+            },
+        );
         let validations = ((VALIDATION_SHARE * per_fold_total / pass).floor() as usize).clamp(1, 5);
         let passes = validations as f64 + fixed_passes;
         Ok(Grid {
@@ -473,16 +515,32 @@ impl Planner<'_> {
                 side = s;
             }
         }
+        // The line extrapolates from sides 32 and 64, and larger patches cost more per voxel
+        // (measured: a 96² step took 0.09 s against 0.072 s extrapolated): the chosen side is
+        // timed itself, and a smaller one taken while it leaves fewer than MIN_STEPS.
+        let fits =
+            |m: &StepCost| per_fold / m.seconds >= MIN_STEPS && m.peak_bytes as f64 <= memory;
+        let mut measured = (self.measure)(&candidate(dims, ModelPreset::Tiny, side, &spacing))?;
+        while !fits(&measured) {
+            let Some(&smaller) = SIDES.iter().rev().find(|s| **s < side) else {
+                break;
+            };
+            side = smaller;
+            measured = (self.measure)(&candidate(dims, ModelPreset::Tiny, side, &spacing))?;
+        }
         let small = self.cost(dims, ModelPreset::Small)?;
         let v_small = voxels(&candidate(dims, ModelPreset::Small, side, &spacing));
         let small_steps = per_fold / small.seconds(v_small);
-        let (preset, line) = if small_steps >= 2.0 * MIN_STEPS && small.bytes(v_small) <= memory {
-            (ModelPreset::Small, small)
+        let preset = if small_steps >= 2.0 * MIN_STEPS && small.bytes(v_small) <= memory {
+            ModelPreset::Small
         } else {
-            (ModelPreset::Tiny, tiny)
+            ModelPreset::Tiny
         };
         let chosen = candidate(dims, preset, side, &spacing);
-        let step = line.seconds(voxels(&chosen));
+        if preset == ModelPreset::Small {
+            measured = (self.measure)(&chosen)?;
+        }
+        let step = measured.seconds;
         let steps = (per_fold / step).floor().max(STEPS_PER_EPOCH as f64);
         let epochs = ((steps / STEPS_PER_EPOCH as f64).floor() as usize).max(1);
         let d = &mut self.decisions;
@@ -497,7 +555,7 @@ impl Planner<'_> {
             chosen.batch.to_string(),
             format!(
             "measured {step:.3} s per step and about {} MiB at its peak, within the {} MiB allowed",
-            (line.bytes(voxels(&chosen)) / 1048576.0) as u64,
+            measured.peak_bytes / 1048576,
             self.request.max_memory / 1048576),
         );
         d.say("train.epochs", epochs.to_string(), format!(
@@ -860,9 +918,33 @@ mod tests {
     }
 
     #[test]
+    fn the_chosen_patch_is_timed_and_smaller_when_slower_than_the_line() {
+        // Thick slices (2.5D); patches over 64² cost three times what the line through 32² and
+        // 64² says.
+        let fp = fingerprint(&[[0.7, 0.7, 5.0]; 10], [512, 512, 40], "T1");
+        let budget = request(2000.0);
+        let linear = plan(&fp, RunConfig::default(), &budget, &mut measure).unwrap();
+        let side = |p: &Plan| p.config.sampling.patch_size.window()[2];
+        assert!(side(&linear) > 64, "{:?}", linear.config.sampling);
+        let mut slow = |c: &Candidate| {
+            let mut m = measure(c)?;
+            if c.patch.iter().any(|s| *s > 64) {
+                m.seconds *= 3.0;
+            }
+            Ok(m)
+        };
+        let p = plan(&fp, RunConfig::default(), &budget, &mut slow).unwrap();
+        assert!(side(&p) < side(&linear), "{:?}", p.config.sampling);
+        // Its epochs come from the timed step, and still give MIN_STEPS.
+        let steps = p.config.train.epochs * p.config.train.steps_per_epoch;
+        assert!(steps as f64 >= MIN_STEPS, "{steps}");
+    }
+
+    #[test]
     fn the_grid_coarsens_no_further_than_the_lesions_allow() {
         // 20 cases of 256³ at 1 mm, two folds: at 100 s per fold the whole-volume passes alone
-        // would coarsen the grid 2.5x.
+        // would coarsen the grid 2.5x, and 3x with the operating point and the out-of-fold
+        // segmentation mirrored.
         let fp = fingerprint(&[[1.0; 3]; 20], [256; 3], "T1");
         let two_folds = |budget_seconds| PlanRequest {
             folds: fold_scheme(2, 20, 20),
@@ -880,10 +962,13 @@ mod tests {
             &mut measure,
         )
         .unwrap();
-        assert_eq!(p.config.preprocess.spacing, vec![2.5; 3]);
-        // The median lesion of 8 mm keeps 4 voxels across: 2 mm, and the plan says why.
+        assert_eq!(p.config.preprocess.spacing, vec![3.0; 3]);
+        assert!(p.config.segment.tta);
+        // The median lesion of 8 mm keeps 4 voxels across: 2 mm, and the plan says why; there
+        // even the unmirrored passes overrun their share, so none is mirrored.
         let p = plan(&fp, RunConfig::default(), &two_folds(100.0), &mut measure).unwrap();
         assert_eq!(p.config.preprocess.spacing, vec![2.0; 3]);
+        assert!(!p.config.segment.tta);
         let why = &p.decisions[0].why;
         assert!(why.contains("median lesion (8.0 mm)"), "{why}");
         // The budget is each fold's, not shared by the two.
