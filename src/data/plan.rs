@@ -250,11 +250,6 @@ pub fn plan(
     }
     plan_intensity(fp, &mut config, &mut decisions);
     plan_classes(fp, &mut config, &grid.spacing, &chosen, &mut decisions);
-    if !classes_of(fp, &config, false).is_empty() {
-        config.segment.min_confidence = MinConfidence::Named(MinConfidenceChoice::Fitted);
-        decisions.say("segment.min_confidence", "fitted".into(),
-            "findings below the confidence chosen on the run's validation cases (its operating point) are dropped; a fold ensemble uses the cut-off searched on the out-of-fold predictions instead".into());
-    }
     Ok(Plan {
         config,
         decisions: decisions.0,
@@ -408,8 +403,7 @@ impl Planner<'_> {
             Some(f) => (true, Some(f)),
             None => (false, fits(1.0)),
         };
-        let mirrors = if mirrored { MIRRORS } else { 1.0 };
-        let fixed_passes = fixed_at(mirrors);
+        let fixed_passes = fixed_at(if mirrored { MIRRORS } else { 1.0 });
         let factor = fitting.unwrap_or(factors.last().copied().unwrap_or(1.0));
         // None fits, and the lesions stopped the coarsening before the coarsest factor.
         let capped = fitting.is_none() && factor < 4.0;
@@ -684,8 +678,8 @@ fn median_lesion_diameter(lesions: &[&ClassFingerprint]) -> Option<f64> {
         .reduce(f64::min)
 }
 
-/// Lesion classes: foreground sampling share, smallest component kept; organ classes:
-/// keep-largest, and the organ as the lesions' region of interest.
+/// Lesion classes: foreground sampling share, smallest component kept, the fitted confidence
+/// cut-off; organ classes: keep-largest, and the organ as the lesions' region of interest.
 fn plan_classes(
     fp: &Fingerprint,
     config: &mut RunConfig,
@@ -744,6 +738,11 @@ fn plan_classes(
             "these organs are one piece in most training cases: stray islands are removed".into(),
         );
         config.segment.keep_largest = whole;
+    }
+    if !lesions.is_empty() {
+        config.segment.min_confidence = MinConfidence::Named(MinConfidenceChoice::Fitted);
+        d.say("segment.min_confidence", "fitted".into(),
+            "findings below the confidence chosen on the run's validation cases (its operating point) are dropped; a fold ensemble uses the cut-off searched on the out-of-fold predictions instead".into());
     }
 }
 
@@ -871,6 +870,11 @@ mod tests {
         // The liver is one piece; the lesions' smallest kept size is half their 5th percentile.
         assert_eq!(p.config.segment.keep_largest, vec!["liver".to_string()]);
         assert_eq!(p.config.segment.min_lesion_mm3, 20.0);
+        // With a lesion class, each run drops findings below its own operating point.
+        assert_eq!(
+            p.config.segment.min_confidence,
+            MinConfidence::Named(MinConfidenceChoice::Fitted)
+        );
         assert!(p.decisions.iter().all(|d| !d.why.is_empty()));
     }
 

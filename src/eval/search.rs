@@ -303,13 +303,13 @@ pub fn search_postprocessing(
     let confidence_stage = |from: &Scored, tried: &mut Vec<Scored>| -> Result<Scored> {
         let mut stage = vec![from.clone()];
         for &min_confidence in &space.min_confidence {
-            if (min_confidence - from.setting.min_confidence).abs() < 1e-12 {
-                continue;
-            }
-            stage.push(scorer.score(&Setting {
+            let setting = Setting {
                 min_confidence,
                 ..from.setting.clone()
-            })?);
+            };
+            if setting != from.setting {
+                stage.push(scorer.score(&setting)?);
+            }
         }
         tried.extend(stage.iter().skip(1).cloned());
         Ok(scorer.nearest_within_noise(&stage, confidence_distance))
@@ -364,10 +364,7 @@ pub fn search_postprocessing(
         tried.push(other);
     }
     // The highest score of all tried, for the record of what the noise rule gave up.
-    let best = tried
-        .iter()
-        .fold(&tried[0], |b, t| if t.mean > b.mean + 1e-9 { t } else { b })
-        .clone();
+    let best = highest(&tried).clone();
     let noise = scorer.noise(&best, &chosen);
     let before = &tried[0];
     let classes = objectives
@@ -393,6 +390,14 @@ pub fn search_postprocessing(
         noise,
         tried: tried.into_iter().map(|t| (t.setting, t.mean)).collect(),
     })
+}
+
+/// The first of the highest-scoring `candidates` (the first on a tie); `candidates` is not empty.
+fn highest(candidates: &[Scored]) -> &Scored {
+    candidates.iter().fold(
+        &candidates[0],
+        |b, t| if t.mean > b.mean + 1e-9 { t } else { b },
+    )
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -496,11 +501,7 @@ impl Scorer<'_> {
         candidates: &[Scored],
         distance: impl Fn(&Setting) -> f64,
     ) -> Scored {
-        let best =
-            candidates.iter().fold(
-                &candidates[0],
-                |b, t| if t.mean > b.mean + 1e-9 { t } else { b },
-            );
+        let best = highest(candidates);
         let nearest = candidates
             .iter()
             .filter(|t| best.mean - t.mean <= self.noise(best, t) + 1e-9)
