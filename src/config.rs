@@ -266,6 +266,26 @@ pub struct DataConfig {
     pub prefetch: usize,
 }
 
+impl DataConfig {
+    /// Class `c`'s code: `[data.label_codes]`, else the default for its name.
+    pub fn label_code(&self, c: usize) -> LabelCode {
+        let name = self.labels.get(c).map_or("", String::as_str);
+        self.label_codes
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| LabelCode::default_for(name, c))
+    }
+
+    /// The foreground classes that are findings, not anatomy (by their code's category): the
+    /// ones scored by lesion F1 and lowered by a threshold below 0.5.
+    pub fn finding_classes(&self) -> Vec<u32> {
+        (1..self.labels.len())
+            .filter(|&c| !self.label_code(c).is_anatomy())
+            .map(|c| c as u32)
+            .collect()
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
@@ -733,7 +753,9 @@ pub struct SegmentConfig {
     pub batch_size: usize,
     /// Mirror test-time augmentation over the spatial axes (also `--tta`).
     pub tta: bool,
-    /// Two-class models: foreground where its probability reaches this; more classes: argmax.
+    /// Two-class models: foreground where its probability reaches this. More classes: the most
+    /// probable class, but a finding class (not an organ) whose probability reaches this takes the
+    /// voxel; below 0.5 this adds voxels, from 0.5 up it is the plain argmax.
     pub threshold: f64,
     /// Connected components (26-connected) smaller than this many mm³ are removed.
     pub min_lesion_mm3: f64,

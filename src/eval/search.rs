@@ -1,6 +1,6 @@
 //! Postprocessing chosen on the out-of-fold predictions of a cross-validation (nnU-Net v2's
-//! `determine_postprocessing` idea, widened): the foreground threshold of a two-class model, the
-//! smallest component kept, the lowest confidence a finding must reach (the operating point a
+//! `determine_postprocessing` idea, widened): the foreground threshold of a two-class model (of
+//! a model of more classes, the finding classes' threshold below 0.5), the smallest component kept, the lowest confidence a finding must reach (the operating point a
 //! single run fits on its validation cases, here for the fold ensemble), and keep-largest per
 //! organ class. Each candidate runs the same
 //! component filter `medseg segment` runs ([`extract_lesions`]); lesion classes are judged by
@@ -41,8 +41,10 @@ pub struct OofCase {
     pub truth: Array3<u8>,
     /// Predicted classes before any component filtering, on the truth's grid.
     pub pred: Array3<u8>,
-    /// Foreground probability on the same grid, when it was saved.
+    /// Foreground probability on the same grid, when it was saved (two-class models).
     pub foreground: Option<Array3<f32>>,
+    /// A model of more classes: its finding classes' probabilities, when they were saved.
+    pub findings: Option<FindingMap>,
     /// Each predicted finding's confidence from the case's lesion table, on its component's
     /// voxels (0 elsewhere), when the table was written.
     pub confidence: Option<Array3<f32>>,
@@ -50,10 +52,48 @@ pub struct OofCase {
     pub geometry: Geometry,
 }
 
+/// The most probable finding class at each voxel and its probability (of a model of more than
+/// two classes), on an [`OofCase`]'s grid.
+pub struct FindingMap {
+    /// The class.
+    pub class: Array3<u8>,
+    /// Its probability.
+    pub probability: Array3<f32>,
+}
+
+impl FindingMap {
+    /// From `[F, k, j, i]` probabilities of the finding classes `classes` (in that order).
+    pub fn from_channels(channels: ndarray::ArrayView4<f32>, classes: &[u32]) -> Self {
+        let (_, nk, nj, ni) = channels.dim();
+        let mut class = Array3::<u8>::zeros([nk, nj, ni]);
+        let mut probability = Array3::<f32>::zeros(class.raw_dim());
+        for (f, channel) in channels.outer_iter().enumerate() {
+            let c = classes.get(f).copied().unwrap_or(0) as u8;
+            ndarray::Zip::from(&mut class)
+                .and(&mut probability)
+                .and(&channel)
+                .for_each(|k, p, &v| {
+                    if v > *p {
+                        (*k, *p) = (c, v);
+                    }
+                });
+        }
+        FindingMap { class, probability }
+    }
+
+    /// The sub-box `bbox`.
+    fn crop(&self, bbox: &[std::ops::Range<usize>; 3]) -> Self {
+        FindingMap {
+            class: crop3(&self.class, bbox),
+            probability: crop3(&self.probability, bbox),
+        }
+    }
+}
+
 /// The candidates tried.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchSpace {
-    /// Foreground thresholds (two-class models only).
+    /// Foreground thresholds (two-class models; for more classes, those below 0.5).
     pub thresholds: Vec<f64>,
     /// Smallest component kept, mm³.
     pub min_lesion_mm3: Vec<f64>,
@@ -78,7 +118,7 @@ impl Default for SearchSpace {
 /// One setting of the searched knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Setting {
-    /// `segment.threshold` (used by two-class models).
+    /// `segment.threshold`.
     pub threshold: f64,
     /// `segment.min_lesion_mm3`.
     pub min_lesion_mm3: f64,
@@ -132,15 +172,17 @@ pub struct Postprocessing {
 
 /// Reads the out-of-fold predictions in `oof` (`NAME.nii.gz` with, for a two-class model,
 /// `NAME_probabilities.nii.gz`, else `NAME_lesions.json`'s confidences, as `medseg segment` writes
-/// them) of each `(case, truth file)`, mapping truth values to classes
+/// them, and `NAME_finding_probabilities.nii.gz` of the classes `findings` when a model of more
+/// classes wrote it) of each `(case, truth file)`, mapping truth values to classes
 /// through `labels`. A prediction off its truth's grid, or missing, is an error naming the file.
-/// Each case is cropped to the box of its truth, its prediction and (two-class) its foreground
+/// Each case is cropped to the box of its truth, its prediction and its foreground (or finding)
 /// probability from `threshold_floor` up, the lowest threshold searched: no setting's score
 /// depends on the voxels outside it, and the search scores every setting on every voxel kept.
 pub fn read_oof_cases(
     oof: &Path,
     truth: &[(String, PathBuf)],
     labels: &LabelMap,
+    findings: &[u32],
     threshold_floor: f64,
 ) -> Result<Vec<OofCase>> {
     truth
@@ -177,6 +219,25 @@ pub fn read_oof_cases(
                 ),
                 _ => None,
             };
+            let finding_map = match &outputs.finding_probabilities {
+                Some(path) if !two_class && !findings.is_empty() && path.is_file() => {
+                    let v = read_nifti(path)?;
+                    if v.geometry.shape() != p.geometry.shape() || v.channels() != findings.len() {
+                        return Err(Error::Unsupported {
+                            path: path.clone(),
+                            reason: format!(
+                                "{} volume(s) of shape {:?}, not one per finding class ({}) on the prediction's grid {:?}",
+                                v.channels(),
+                                v.geometry.shape(),
+                                findings.len(),
+                                p.geometry.shape()
+                            ),
+                        });
+                    }
+                    Some(FindingMap::from_channels(v.voxels.view(), findings))
+                }
+                _ => None,
+            };
             let confidence = if !two_class && outputs.lesions_json.is_file() {
                 let table: LesionTable = read_json(&outputs.lesions_json)?;
                 Some(finding_confidence(&pred, &table))
@@ -186,7 +247,10 @@ pub fn read_oof_cases(
             let relevant = ndarray::Zip::from(&truth)
                 .and(&pred)
                 .map_collect(|&t, &p| f32::from(u8::from(t > 0 || p > 0)));
-            let relevant = match &foreground {
+            let probability = foreground
+                .as_ref()
+                .or(finding_map.as_ref().map(|f| &f.probability));
+            let relevant = match probability {
                 Some(f) => ndarray::Zip::from(&relevant)
                     .and(f)
                     .map_collect(|&r, &f| r.max(f32::from(u8::from(f as f64 >= threshold_floor)))),
@@ -203,6 +267,7 @@ pub fn read_oof_cases(
                 truth: crop3(&truth, &bbox),
                 pred: crop3(&pred, &bbox),
                 foreground: foreground.map(|f| crop3(&f, &bbox)),
+                findings: finding_map.map(|f| f.crop(&bbox)),
                 confidence: confidence.map(|c| crop3(&c, &bbox)),
                 geometry: cropped_geometry(&p.geometry, &bbox),
             })
@@ -258,7 +323,8 @@ fn finding_confidence(pred: &Array3<u8>, table: &LesionTable) -> Array3<f32> {
 
 /// Searches `space` from `start`, one stage at a time: the lowest confidence a finding must reach
 /// (when there are findings and every case has their confidences), then the threshold
-/// (two-class models with probability maps) and the smallest component together, then the
+/// (with probability maps: a two-class model's foreground, or a model of more classes' finding
+/// classes below 0.5) and the smallest component together, then the
 /// confidence again if they moved, then keep-largest for each organ class in turn. A few
 /// dozen out-of-fold cases cannot tell close settings apart, so a setting farther from `start`
 /// is taken only when it beats the nearer one by more than one bootstrap standard error of the
@@ -281,8 +347,19 @@ pub fn search_postprocessing(
         filter,
         resamples: case_resamples(cases.len()),
     };
+    // A model of more classes: thresholds below 0.5 add finding voxels; from 0.5 up the
+    // decision is the argmax, so the start stands for all of them.
     let thresholds = if names.len() == 2 && cases.iter().all(|c| c.foreground.is_some()) {
         space.thresholds.clone()
+    } else if names.len() > 2 && cases.iter().all(|c| c.findings.is_some()) {
+        let mut t: Vec<f64> = space
+            .thresholds
+            .iter()
+            .copied()
+            .filter(|&t| t < 0.5)
+            .collect();
+        t.push(start.threshold.max(0.5));
+        t
     } else {
         vec![start.threshold]
     };
@@ -533,10 +610,27 @@ impl Scorer<'_> {
     fn case_counts(&self, case: &OofCase, threshold: f64, filter: &LesionFilter) -> CaseCounts {
         // A finding's confidence is its maximum probe: the foreground probability of a
         // two-class model (its components change with the threshold), else the confidence its
-        // out-of-fold lesion table gave it; without either, 1 (never dropped).
-        let (mut labels, source) = match (&case.foreground, self.names.len()) {
-            (Some(p), 2) => (p.mapv(|v| u8::from(v as f64 >= threshold)), Some(p)),
-            _ => (case.pred.clone(), case.confidence.as_ref()),
+        // out-of-fold lesion table gave it; without either, 1 (never dropped). A threshold below
+        // 0.5 of a model of more classes gives the finding class to the voxels where it reaches
+        // it; those voxels' probabilities join the confidence of the component they fall in.
+        let two_class = self.names.len() == 2;
+        let (mut labels, source, added) = match (&case.foreground, &case.findings) {
+            (Some(p), _) if two_class => {
+                (p.mapv(|v| u8::from(v as f64 >= threshold)), Some(p), None)
+            }
+            (_, Some(f)) if !two_class && threshold < 0.5 => {
+                let mut labels = case.pred.clone();
+                ndarray::Zip::from(&mut labels)
+                    .and(&f.class)
+                    .and(&f.probability)
+                    .for_each(|l, &c, &p| {
+                        if p as f64 >= threshold {
+                            *l = c;
+                        }
+                    });
+                (labels, case.confidence.as_ref(), Some(&f.probability))
+            }
+            _ => (case.pred.clone(), case.confidence.as_ref(), None),
         };
         extract_lesions(
             &mut labels,
@@ -544,9 +638,16 @@ impl Scorer<'_> {
             self.names,
             filter,
             0,
-            |_, [k, j, i]| Probe {
-                probability: source.map_or(1.0, |m| m[[k, j, i]]),
-                uncertainty: None,
+            |_, [k, j, i]| {
+                let table = source.map_or(1.0, |m| m[[k, j, i]]);
+                Probe {
+                    // A voxel of no table finding (0) is one the threshold added.
+                    probability: match added {
+                        Some(p) if table == 0.0 => p[[k, j, i]],
+                        _ => table,
+                    },
+                    uncertainty: None,
+                }
             },
         );
         let dims = case.geometry.shape();
@@ -613,6 +714,7 @@ mod tests {
             truth,
             pred,
             foreground,
+            findings: None,
             confidence: None,
         }
     }
@@ -888,5 +990,107 @@ mod tests {
         assert_eq!(p.chosen.min_confidence, 0.5, "{p:?}");
         assert_eq!(p.chosen.min_lesion_mm3, 0.0, "{p:?}");
         assert!((p.score - 1.0).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn a_multi_class_model_takes_a_threshold_below_one_half_that_finds_more() {
+        // Background, lesion, brain. Twelve cases: a brain cube holding two true lesions; the
+        // model is sure of one (0.9, the argmax) and gives the other 0.4 (the brain is the
+        // argmax there), and a stray blob 0.2. Thresholds above 0.5 are the argmax, not tried;
+        // 0.4 finds both lesions (F1 2/3 -> 1), and the nearer of 0.4 and 0.3 is chosen.
+        let dims = [20, 20, 20];
+        let (sure, unsure, brain) = (([2, 2, 2], 4, 1), ([12, 12, 12], 4, 1), ([0, 0, 0], 18, 2));
+        // Each blob's finding probability: the sure lesion, the unsure one, the stray.
+        let blobs = [
+            ([2, 2, 2], 4, 0.9),
+            ([12, 12, 12], 4, 0.4),
+            ([2, 12, 2], 3, 0.2),
+        ];
+        let cases: Vec<OofCase> = (0..12)
+            .map(|_| {
+                let truth = draw(dims, &[brain, sure, unsure]);
+                let pred = draw(dims, &[brain, sure]);
+                let mut probability = Array3::<f32>::zeros(dims);
+                for ([k, j, i], side, p) in blobs {
+                    probability
+                        .slice_mut(ndarray::s![k..k + side, j..j + side, i..i + side])
+                        .fill(p);
+                }
+                let mut confidence = Array3::<f32>::zeros(dims);
+                confidence
+                    .slice_mut(ndarray::s![2..6, 2..6, 2..6])
+                    .fill(0.9);
+                OofCase {
+                    findings: Some(FindingMap {
+                        class: Array3::from_elem(dims, 1),
+                        probability,
+                    }),
+                    confidence: Some(confidence),
+                    ..case(truth, pred, None)
+                }
+            })
+            .collect();
+        let names: Vec<String> = ["background", "lesion", "brain"].map(String::from).to_vec();
+        let space = SearchSpace {
+            thresholds: vec![0.3, 0.4, 0.5, 0.6],
+            min_lesion_mm3: vec![0.0],
+            min_confidence: vec![0.5],
+        };
+        let p = search_postprocessing(
+            &cases,
+            &names,
+            &[Objective::LesionF1, Objective::Dice],
+            &no_filter(),
+            &start(),
+            &space,
+        )
+        .unwrap();
+        assert!((p.classes[0].before - 2.0 / 3.0).abs() < 1e-9, "{p:?}");
+        assert_eq!(p.chosen.threshold, 0.4, "{p:?}");
+        assert_eq!(p.chosen.min_confidence, 0.0, "{p:?}");
+        assert!((p.classes[0].chosen - 1.0).abs() < 1e-9, "{p:?}");
+        // The added lesion's confidence is its own probability: the cut-off 0.5 drops it again.
+        let at = |t: f64, c: f64| {
+            p.tried
+                .iter()
+                .find(|(s, _)| s.threshold == t && s.min_confidence == c)
+                .map(|(_, score)| *score)
+        };
+        assert!(at(0.4, 0.5).unwrap() < at(0.4, 0.0).unwrap() - 0.1, "{p:?}");
+        assert!(at(0.6, 0.0).is_none(), "{p:?}");
+        // Without the finding probabilities the threshold stays where it started.
+        let blind: Vec<OofCase> = cases
+            .into_iter()
+            .map(|c| OofCase {
+                findings: None,
+                ..c
+            })
+            .collect();
+        let p = search_postprocessing(
+            &blind,
+            &names,
+            &[Objective::LesionF1, Objective::Dice],
+            &no_filter(),
+            &start(),
+            &space,
+        )
+        .unwrap();
+        assert!(p.tried.iter().all(|(s, _)| s.threshold == 0.5), "{p:?}");
+    }
+
+    #[test]
+    fn the_finding_map_holds_the_most_probable_finding_class() {
+        // Finding classes 1 and 3 over four voxels.
+        let channels = ndarray::Array4::from_shape_vec(
+            [2, 1, 1, 4],
+            vec![0.1, 0.6, 0.0, 0.3, 0.2, 0.1, 0.0, 0.3],
+        )
+        .unwrap();
+        let m = FindingMap::from_channels(channels.view(), &[1, 3]);
+        assert_eq!(m.class.into_raw_vec_and_offset().0, vec![3, 1, 0, 1]);
+        assert_eq!(
+            m.probability.into_raw_vec_and_offset().0,
+            vec![0.2, 0.6, 0.0, 0.3]
+        );
     }
 }

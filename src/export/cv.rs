@@ -2,7 +2,7 @@
 //! training case segmented by the one fold that did not train on it, on its own grid) and the
 //! postprocessing chosen on them, stored in the parent's `[segment]` settings.
 
-use crate::config::{LabelCode, MinConfidence, RunConfig};
+use crate::config::{MinConfidence, RunConfig};
 use crate::data::dataset::{LabelMap, Split};
 use crate::data::manifest::Manifest;
 use crate::error::{Error, Result};
@@ -24,7 +24,7 @@ fn read_manifest(config: &RunConfig) -> Result<Manifest> {
 }
 
 /// Segments fold `fold`'s validation cases with its own model into `cv.oof()`: masks before any
-/// component filtering (the search applies it) and foreground probabilities. Cases already
+/// component filtering (the search applies it) and foreground (and finding class) probabilities. Cases already
 /// written are skipped, so an interrupted run resumes.
 pub fn segment_out_of_fold(
     cv: &CvRun,
@@ -86,19 +86,13 @@ pub fn segment_out_of_fold(
 /// How each foreground class of `config` is scored: organs (by their DICOM category) by Dice,
 /// findings by lesion F1.
 pub fn objectives(config: &RunConfig) -> Vec<Objective> {
-    let labels = &config.data.labels;
-    (1..labels.len())
+    let findings = config.data.finding_classes();
+    (1..config.data.labels.len() as u32)
         .map(|c| {
-            let code = config
-                .data
-                .label_codes
-                .get(&labels[c])
-                .cloned()
-                .unwrap_or_else(|| LabelCode::default_for(&labels[c], c));
-            if code.is_anatomy() {
-                Objective::Dice
-            } else {
+            if findings.contains(&c) {
                 Objective::LesionF1
+            } else {
+                Objective::Dice
             }
         })
         .collect()
@@ -133,7 +127,8 @@ pub fn choose_postprocessing(cv: &CvRun) -> Result<Postprocessing> {
         .iter()
         .copied()
         .fold(segment.threshold, f64::min);
-    let cases = read_oof_cases(&cv.oof(), &truth, &labels, floor)?;
+    let findings = config.data.finding_classes();
+    let cases = read_oof_cases(&cv.oof(), &truth, &labels, &findings, floor)?;
     // A rerun starts where the first search did, not from what it chose: the search prefers
     // settings near its start.
     #[derive(serde::Deserialize)]

@@ -46,6 +46,9 @@ pub fn segment_case(
         .probabilities
         .is_some()
         .then(|| prediction.foreground_probability());
+    let findings = predictor.finding_classes_for_threshold();
+    let findings = (outputs.finding_probabilities.is_some() && !findings.is_empty())
+        .then(|| prediction.class_probabilities(&findings));
     let table = LesionTable {
         case: case.name.clone(),
         lesions: extracted.lesions,
@@ -54,6 +57,7 @@ pub fn segment_case(
     };
     let maps = CaseMaps {
         probabilities,
+        findings,
         uncertainty: outputs
             .uncertainty
             .is_some()
@@ -116,6 +120,8 @@ pub fn segment_case(
 pub struct CaseMaps {
     /// The foreground probability `[k, j, i]`.
     pub probabilities: Option<Array3<f32>>,
+    /// Each finding class's probability `[F, k, j, i]`.
+    pub findings: Option<Array4<f32>>,
     /// Entropy and variance `[2, k, j, i]`.
     pub uncertainty: Option<Array4<f32>>,
     /// The attention map `[k, j, i]`.
@@ -154,6 +160,7 @@ pub fn write_case(
     };
     let single = |m: Option<Array3<f32>>| m.map(|m| m.insert_axis(Axis(0)));
     write_map(&outputs.probabilities, single(maps.probabilities))?;
+    write_map(&outputs.finding_probabilities, maps.findings)?;
     write_map(&outputs.uncertainty, maps.uncertainty)?;
     write_map(&outputs.attention, single(maps.attention))
 }

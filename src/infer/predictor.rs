@@ -26,7 +26,7 @@ use crate::geometry::Geometry;
 use crate::io::layout::{CaseMemory, Checkpoint, CheckpointKind, CvRun, RunDir};
 use crate::io::read_json;
 use crate::model::HybridSegNet;
-use crate::transforms::post::decide_classes;
+use crate::transforms::post::{decide_classes, ClassRule};
 use crate::transforms::preprocessing::Preprocessing;
 use crate::transforms::spatial::{
     apply_affine, nearest_voxel, resample_labels_onto, resample_linear_onto, voxel_map,
@@ -422,10 +422,10 @@ impl Predictor {
             ));
         }
         let spatial = self.preprocessing.apply(volume)?;
-        let threshold = Some(self.config.segment.threshold as f32);
+        let rule = ClassRule::from_config(&self.config.segment, &self.config.data);
         let (probabilities, members) =
-            self.ensemble_probabilities(&window, spatial.image.view(), threshold)?;
-        let classes = decide_classes(probabilities.view(), threshold);
+            self.ensemble_probabilities(&window, spatial.image.view(), &rule)?;
+        let classes = decide_classes(probabilities.view(), Some(&rule));
         let attention = match self.attention {
             Some(kind) => {
                 let findings = self.finding_classes()?;
@@ -549,6 +549,22 @@ impl Prediction {
         Some(out)
     }
 
+    /// The probabilities of `classes`, `[F, k, j, i]`, each resampled linearly onto the scan's
+    /// grid.
+    pub fn class_probabilities(&self, classes: &[u32]) -> Array4<f32> {
+        let [ni, nj, nk] = self.geometry.dims;
+        let mut out = Array4::<f32>::zeros([classes.len(), nk, nj, ni]);
+        for (f, &c) in classes.iter().enumerate() {
+            let p = self.probabilities.index_axis(Axis(0), c as usize);
+            out.index_axis_mut(Axis(0), f).assign(&resample_linear_onto(
+                p,
+                &self.grid,
+                &self.geometry,
+            ));
+        }
+        out
+    }
+
     /// Foreground probability (1 − background) resampled linearly onto the scan's grid.
     pub fn foreground_probability(&self) -> Array3<f32> {
         let background = self.probabilities.index_axis(Axis(0), 0);
@@ -568,7 +584,7 @@ impl Predictor {
         &self,
         window: &SlidingWindow,
         image: ArrayView4<f32>,
-        threshold: Option<f32>,
+        rule: &ClassRule,
     ) -> Result<(Array4<f32>, Option<MemberSpread>)> {
         let others = self
             .ensemble
@@ -576,7 +592,7 @@ impl Predictor {
             .map(|m| (&m.model, window.with_temperature(m.temperature)));
         let members = std::iter::once((&self.model, window.clone())).chain(others);
         if self.uncertainty {
-            let mut stats = MemberStats::new(threshold);
+            let mut stats = MemberStats::new(Some(rule.clone()));
             for (model, window) in members {
                 window.predict_members(model, image, &self.device, &mut stats)?;
             }
@@ -599,6 +615,19 @@ impl Predictor {
         Ok((mean.unwrap_or_default(), None))
     }
 
+    /// The finding classes `segment.threshold` lowers (see [`ClassRule`]): none for a model of
+    /// two classes, whose threshold is on its one foreground.
+    pub fn finding_classes_for_threshold(&self) -> Vec<u32> {
+        if self.labels.len() <= 2 {
+            return Vec::new();
+        }
+        ClassRule::from_config(&self.config.segment, &self.config.data)
+            .findings
+            .into_iter()
+            .map(u32::from)
+            .collect()
+    }
+
     /// The classes whose voxels are findings for the attention map: every foreground class but
     /// the region of interest's.
     fn finding_classes(&self) -> Result<Vec<u32>> {
@@ -619,5 +648,52 @@ impl Predictor {
             filter.min_confidence = p.min_confidence;
         }
         Ok(filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::Geometry;
+
+    /// A grid of `dims` `[i, j, k]` with isotropic `spacing` mm at the origin.
+    fn grid(dims: [usize; 3], spacing: f64) -> Geometry {
+        Geometry::new(
+            dims,
+            [
+                [spacing, 0.0, 0.0, 0.0],
+                [0.0, spacing, 0.0, 0.0],
+                [0.0, 0.0, spacing, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        )
+    }
+
+    #[test]
+    fn class_probabilities_are_the_asked_classes_in_order_on_the_scans_grid() {
+        // Background, lesion (0.25 everywhere), brain (0.7) on a 2 mm grid; the scan is 1 mm.
+        let mut probabilities = Array4::<f32>::zeros([3, 3, 4, 5]);
+        for (c, p) in [(0, 0.05), (1, 0.25), (2, 0.7)] {
+            probabilities.index_axis_mut(Axis(0), c).fill(p);
+        }
+        let scan = grid([10, 8, 6], 1.0);
+        let prediction = Prediction {
+            labels: Array3::zeros([6, 8, 10]),
+            geometry: scan,
+            probabilities,
+            grid: grid([5, 4, 3], 2.0),
+            warnings: Vec::new(),
+            memory: None,
+            members: None,
+            attention: None,
+        };
+        let out = prediction.class_probabilities(&[2, 1]);
+        assert_eq!(out.dim(), (2, 6, 8, 10));
+        for (f, want) in [(0, 0.7f32), (1, 0.25)] {
+            let channel = out.index_axis(Axis(0), f);
+            // Voxels inside the coarse grid's extent interpolate a constant to itself.
+            let inner = channel.slice(ndarray::s![..5, ..7, ..9]);
+            assert!(inner.iter().all(|&v| (v - want).abs() < 1e-6), "{f}: {inner:?}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 use ndarray::{Array3, Array4, ArrayView4, Axis, Zip};
 
 use crate::error::{Error, Result};
-use crate::transforms::post::decide_classes;
+use crate::transforms::post::{decide_classes, ClassRule};
 
 /// Members one lesion's agreement can count (a bit each).
 pub const MAX_MEMBERS: usize = 64;
@@ -23,7 +23,7 @@ pub struct MemberStats {
     m2: Array3<f32>,
     /// Each member's class map `[D, H, W]` (the same threshold rule as the final map).
     pub decisions: Vec<Array3<u8>>,
-    threshold: Option<f32>,
+    rule: Option<ClassRule>,
 }
 
 /// A voxel's uncertainty, as the lesion table aggregates it.
@@ -45,14 +45,14 @@ pub fn binary_entropy(p: f32) -> f32 {
 }
 
 impl MemberStats {
-    /// Empty statistics; members' class maps use `threshold` as [`decide_classes`] does.
-    pub fn new(threshold: Option<f32>) -> Self {
+    /// Empty statistics; members' class maps use `rule` as [`decide_classes`] does.
+    pub fn new(rule: Option<ClassRule>) -> Self {
         MemberStats {
             members: 0,
             mean: Array4::zeros([0, 0, 0, 0]),
             m2: Array3::zeros([0, 0, 0]),
             decisions: Vec::new(),
-            threshold,
+            rule,
         }
     }
 
@@ -90,7 +90,8 @@ impl MemberStats {
         Zip::from(&mut self.mean)
             .and(probs)
             .for_each(|m, &p| *m += (p - *m) / n);
-        self.decisions.push(decide_classes(probs, self.threshold));
+        self.decisions
+            .push(decide_classes(probs, self.rule.as_ref()));
         Ok(())
     }
 
@@ -163,7 +164,7 @@ mod tests {
 
     #[test]
     fn entropy_is_zero_where_members_agree_and_one_at_a_coin_toss() {
-        let mut s = MemberStats::new(Some(0.5));
+        let mut s = MemberStats::new(Some(ClassRule::binary(0.5)));
         // Voxel 0: all members say 0; voxel 1: all say 1; voxel 2: half 0, half 1; voxel 3:
         // all 0.5.
         for m in 0..4 {

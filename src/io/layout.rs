@@ -373,6 +373,10 @@ pub struct CaseOutputs {
     pub lesions_json: PathBuf,
     /// `NAME_probabilities.nii.gz`: the foreground probability (float32), when asked for.
     pub probabilities: Option<PathBuf>,
+    /// `NAME_finding_probabilities.nii.gz`: with the probabilities, for a model of more than two
+    /// classes with finding classes, one float32 volume per finding class (in class order), the
+    /// class's probability (what `segment.threshold` compares).
+    pub finding_probabilities: Option<PathBuf>,
     /// `NAME_overlay.png`, when asked for.
     pub overlay: Option<PathBuf>,
     /// `NAME_uncertainty.nii.gz` (`--uncertainty`): two float32 volumes on the scan's grid, the
@@ -398,6 +402,8 @@ impl CaseOutputs {
             lesions_csv: dir.join(format!("{name}_lesions.csv")),
             lesions_json: dir.join(format!("{name}_lesions.json")),
             probabilities: probabilities.then(|| dir.join(format!("{name}_probabilities.nii.gz"))),
+            finding_probabilities: probabilities
+                .then(|| dir.join(format!("{name}_finding_probabilities.nii.gz"))),
             overlay: overlay.then(|| dir.join(format!("{name}_overlay.png"))),
             uncertainty: None,
             attention: None,
@@ -437,7 +443,8 @@ impl CaseOutputs {
     }
 
     /// Every file exists for a case whose source is DICOM (`dicom`) or not: the DICOM objects
-    /// are only written for DICOM sources, and the label map stands in for them otherwise.
+    /// are only written for DICOM sources, and the label map stands in for them otherwise (the
+    /// finding probabilities only for some models, so never required).
     pub fn complete(&self, dicom: bool) -> bool {
         let wants_dicom = dicom && (self.seg.is_some() || self.rtstruct.is_some());
         let mask = (self.nifti || !wants_dicom).then_some(&self.mask);

@@ -17,7 +17,7 @@ use crate::infer::sliding_window::SlidingWindow;
 use crate::io::layout::{CheckpointKind, RunDir};
 use crate::io::write_json_atomically;
 use crate::model::HybridSegNet;
-use crate::transforms::post::decide_classes;
+use crate::transforms::post::{decide_classes, ClassRule};
 
 /// Validation voxels sampled: background, foreground (a few hundred thousand in all).
 const SAMPLES: [usize; 2] = [200_000, 100_000];
@@ -124,7 +124,7 @@ pub fn calibrate_checkpoints(
 /// and saves it as its `operating_point.json`, unless it has one. Each case is predicted as
 /// `segment` would (`[segment]` overlap, mirroring and the fitted temperature), then filtered
 /// by `filter` (its `min_confidence` is ignored) with classes decided as `segment` does
-/// (`threshold`: see `segment.threshold`); the findings are the classes outside the
+/// (`rule`: see `segment.threshold`); the findings are the classes outside the
 /// region of interest and `keep_largest`. `None` when there is nothing to choose from: no
 /// validation cases, no finding class, or no lesion in the validation cases.
 pub fn fit_operating_point(
@@ -132,7 +132,7 @@ pub fn fit_operating_point(
     cases: &[Arc<PreparedCase>],
     window: &SlidingWindow,
     filter: &LesionFilter,
-    threshold: f64,
+    rule: &ClassRule,
     names: &[String],
     device: &Device,
 ) -> Result<Option<OperatingPoint>> {
@@ -161,7 +161,7 @@ pub fn fit_operating_point(
     for case in cases {
         found.next_case();
         let probs = window.predict(&model, case.image.view(), device)?;
-        let mut labels = decide_classes(probs.view(), Some(threshold as f32));
+        let mut labels = decide_classes(probs.view(), Some(rule));
         extract_lesions(
             &mut labels,
             &case.geometry,

@@ -26,7 +26,7 @@ use crate::io::{write_atomically, write_json_atomically};
 use crate::model::transfer::{transfer_parameters, Transfer};
 use crate::model::{HybridSegNet, HybridSegNetConfig};
 use crate::transforms::augment::derive_seed;
-use crate::transforms::post::decide_classes;
+use crate::transforms::post::{decide_classes, ClassRule};
 
 /// How to run, beside the config.
 #[derive(Debug, Clone, Default)]
@@ -884,7 +884,7 @@ fn calibrate_run(
         &trainer.validation,
         &window,
         &filter,
-        segment.threshold,
+        &ClassRule::from_config(segment, &trainer.config.data),
         &trainer.config.data.labels,
         &trainer.device,
     )?;

@@ -6,6 +6,8 @@
 
 use ndarray::{Array3, ArrayView4, Axis};
 
+use crate::config::{DataConfig, SegmentConfig};
+
 /// An inclusive voxel bounding box `[[i, j, k] min, [i, j, k] max]`.
 pub type VoxelBox = [[usize; 3]; 2];
 
@@ -156,13 +158,61 @@ impl Components {
     }
 }
 
-/// The class of every voxel from `[K, D, H, W]` probabilities: with two classes and a `threshold`,
-/// foreground where its probability reaches it; otherwise the most probable class (the first on
-/// ties).
-pub fn decide_classes(probabilities: ArrayView4<f32>, threshold: Option<f32>) -> Array3<u8> {
+/// How each voxel's class is decided from its probabilities (`[segment] threshold`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassRule {
+    /// Two classes: foreground where its probability reaches this. More: see `findings`.
+    pub threshold: f32,
+    /// With more than two classes, the finding classes (not organs): one whose probability reaches
+    /// `threshold` takes the voxel, the most probable of them; every other voxel takes the most
+    /// probable class. Below 0.5 this adds the voxels where a finding is likely but not the most
+    /// probable class (a fold ensemble's mean is lowered where its members disagree); from 0.5 up
+    /// it is the plain argmax (removing findings is `min_confidence`'s job).
+    pub findings: Vec<u8>,
+}
+
+impl ClassRule {
+    /// The threshold alone: two-class models, or more classes with no finding lowered.
+    pub fn binary(threshold: f32) -> Self {
+        ClassRule {
+            threshold,
+            findings: Vec::new(),
+        }
+    }
+
+    /// `segment.threshold` over `data`'s finding classes.
+    pub fn from_config(segment: &SegmentConfig, data: &DataConfig) -> Self {
+        ClassRule {
+            threshold: segment.threshold as f32,
+            findings: data
+                .finding_classes()
+                .into_iter()
+                .map(|c| c as u8)
+                .collect(),
+        }
+    }
+}
+
+/// The class of every voxel from `[K, D, H, W]` probabilities: with a `rule`, as it says;
+/// otherwise the most probable class (the first on ties).
+pub fn decide_classes(probabilities: ArrayView4<f32>, rule: Option<&ClassRule>) -> Array3<u8> {
     probabilities.map_axis(Axis(0), |p| {
-        if let (2, Some(t)) = (p.len(), threshold) {
-            return (p[1] >= t) as u8;
+        if let Some(rule) = rule {
+            if p.len() == 2 {
+                return (p[1] >= rule.threshold) as u8;
+            }
+            let finding = rule
+                .findings
+                .iter()
+                .filter_map(|&c| p.get(c as usize).map(|&v| (c, v)))
+                .filter(|&(_, v)| v >= rule.threshold)
+                .fold(None, |best: Option<(u8, f32)>, (c, v)| match best {
+                    Some((_, b)) if b >= v => best,
+                    _ => Some((c, v)),
+                });
+            if let Some((c, _)) = finding {
+                return c;
+            }
         }
         p.iter()
             .enumerate()
@@ -303,7 +353,7 @@ mod tests {
         let p = ndarray::Array4::from_shape_vec([2, 1, 1, 2], vec![0.6, 0.5, 0.4, 0.5]).unwrap();
         // Threshold 0.5 takes the tie as foreground; plain argmax keeps the first class.
         assert_eq!(
-            decide_classes(p.view(), Some(0.5))
+            decide_classes(p.view(), Some(&ClassRule::binary(0.5)))
                 .into_raw_vec_and_offset()
                 .0,
             vec![0, 1]
@@ -313,6 +363,44 @@ mod tests {
             vec![0, 0]
         );
         let p3 = ndarray::Array4::from_shape_vec([3, 1, 1, 1], vec![0.2, 0.3, 0.5]).unwrap();
-        assert_eq!(decide_classes(p3.view(), Some(0.9))[[0, 0, 0]], 2);
+        assert_eq!(
+            decide_classes(p3.view(), Some(&ClassRule::binary(0.9)))[[0, 0, 0]],
+            2
+        );
+    }
+
+    #[test]
+    fn a_finding_class_reaching_the_threshold_takes_the_voxel_from_the_argmax() {
+        // Classes background, lesion, brain, second lesion kind; five voxels.
+        #[rustfmt::skip]
+        let p = ndarray::Array4::from_shape_vec([4, 1, 1, 5], vec![
+            0.1, 0.2, 0.5, 0.3, 0.36, // background
+            0.35, 0.1, 0.5, 0.55, 0.32, // lesion
+            0.45, 0.6, 0.0, 0.15, 0.0, // brain
+            0.1, 0.1, 0.0, 0.0, 0.32, // second lesion kind
+        ])
+        .unwrap();
+        let rule = |t| ClassRule {
+            threshold: t,
+            findings: vec![1, 3],
+        };
+        let classes = |r: &ClassRule| {
+            decide_classes(p.view(), Some(r))
+                .into_raw_vec_and_offset()
+                .0
+        };
+        // At 0.5 it is the argmax but for the tie (the lesion reaches 0.5).
+        assert_eq!(classes(&rule(0.5)), vec![2, 2, 1, 1, 0]);
+        assert_eq!(
+            decide_classes(p.view(), None).into_raw_vec_and_offset().0,
+            vec![2, 2, 0, 1, 0]
+        );
+        // At 0.3 the lesion takes the first voxel from the brain; on the last both findings reach
+        // 0.3 and the first of the most probable wins over the background.
+        assert_eq!(classes(&rule(0.3)), vec![1, 2, 1, 1, 1]);
+        // Above 0.5 nothing is taken from the argmax: a finding is never removed by the rule.
+        assert_eq!(classes(&rule(0.7)), vec![2, 2, 0, 1, 0]);
+        // An organ is never a finding: with none listed, the argmax.
+        assert_eq!(classes(&ClassRule::binary(0.1)), vec![2, 2, 0, 1, 0]);
     }
 }
