@@ -1,10 +1,10 @@
 //! Postprocessing chosen on the out-of-fold predictions of a cross-validation (nnU-Net v2's
 //! `determine_postprocessing` idea, widened): the foreground threshold of a two-class model (of
-//! a model of more classes, the finding classes' threshold below 0.5), the smallest component kept, the lowest confidence a finding must reach (the operating point a
-//! single run fits on its validation cases, here for the fold ensemble), and keep-largest per
-//! organ class. Each candidate runs the same
-//! component filter `medseg segment` runs ([`extract_lesions`]); lesion classes are judged by
-//! lesion F1 over all cases, organ classes by mean Dice.
+//! a model of more classes, the finding classes' threshold below 0.5), the smallest component
+//! kept, the lowest confidence a finding must reach (the operating point a single run fits on its
+//! validation cases, here for the fold ensemble), and keep-largest per organ class. Each
+//! candidate runs the same component filter `medseg segment` runs ([`extract_lesions`]); lesion
+//! classes are judged by lesion F1 over all cases, organ classes by mean Dice.
 
 use std::path::{Path, PathBuf};
 

@@ -693,7 +693,10 @@ mod tests {
             let channel = out.index_axis(Axis(0), f);
             // Voxels inside the coarse grid's extent interpolate a constant to itself.
             let inner = channel.slice(ndarray::s![..5, ..7, ..9]);
-            assert!(inner.iter().all(|&v| (v - want).abs() < 1e-6), "{f}: {inner:?}");
+            assert!(
+                inner.iter().all(|&v| (v - want).abs() < 1e-6),
+                "{f}: {inner:?}"
+            );
         }
     }
 }
