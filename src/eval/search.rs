@@ -377,36 +377,47 @@ pub fn search_postprocessing(
                 .abs()
     };
     let confidence_distance = |s: &Setting| (s.min_confidence - start.min_confidence).abs();
-    let confidence_stage = |from: &Scored, tried: &mut Vec<Scored>| -> Result<Scored> {
+    // One stage: `from` and each other setting of `settings`; the nearest within the noise.
+    let stage = |from: &Scored,
+                 settings: Vec<Setting>,
+                 distance: &dyn Fn(&Setting) -> f64,
+                 tried: &mut Vec<Scored>|
+     -> Result<Scored> {
         let mut stage = vec![from.clone()];
-        for &min_confidence in &space.min_confidence {
-            let setting = Setting {
-                min_confidence,
-                ..from.setting.clone()
-            };
+        for setting in settings {
             if setting != from.setting {
                 stage.push(scorer.score(&setting)?);
             }
         }
         tried.extend(stage.iter().skip(1).cloned());
-        Ok(scorer.nearest_within_noise(&stage, confidence_distance))
+        Ok(scorer.nearest_within_noise(&stage, distance))
+    };
+    let confidence_stage = |from: &Scored, tried: &mut Vec<Scored>| -> Result<Scored> {
+        let settings = space
+            .min_confidence
+            .iter()
+            .map(|&min_confidence| Setting {
+                min_confidence,
+                ..from.setting.clone()
+            })
+            .collect();
+        stage(from, settings, &confidence_distance, tried)
     };
     let size_stage = |from: &Scored, tried: &mut Vec<Scored>| -> Result<Scored> {
-        let mut stage = vec![from.clone()];
-        for &threshold in &thresholds {
-            for &min_lesion_mm3 in &space.min_lesion_mm3 {
-                let setting = Setting {
-                    threshold,
-                    min_lesion_mm3,
-                    ..from.setting.clone()
-                };
-                if setting != from.setting {
-                    stage.push(scorer.score(&setting)?);
-                }
-            }
-        }
-        tried.extend(stage.iter().skip(1).cloned());
-        Ok(scorer.nearest_within_noise(&stage, size_distance))
+        let settings = thresholds
+            .iter()
+            .flat_map(|&threshold| {
+                space
+                    .min_lesion_mm3
+                    .iter()
+                    .map(move |&min_lesion_mm3| Setting {
+                        threshold,
+                        min_lesion_mm3,
+                        ..from.setting.clone()
+                    })
+            })
+            .collect();
+        stage(from, settings, &size_distance, tried)
     };
     // The cut-off first, as a single run's operating point is chosen at its own size: searched
     // before it, the size takes the credit for false positives the cut-off also removes (on the

@@ -24,8 +24,8 @@ fn read_manifest(config: &RunConfig) -> Result<Manifest> {
 }
 
 /// Segments fold `fold`'s validation cases with its own model into `cv.oof()`: masks before any
-/// component filtering (the search applies it) and foreground (and finding class) probabilities. Cases already
-/// written are skipped, so an interrupted run resumes.
+/// component filtering (the search applies it) and foreground (and finding class)
+/// probabilities. Cases already written are skipped, so an interrupted run resumes.
 pub fn segment_out_of_fold(
     cv: &CvRun,
     fold: usize,

@@ -621,11 +621,7 @@ impl Predictor {
         if self.labels.len() <= 2 {
             return Vec::new();
         }
-        ClassRule::from_config(&self.config.segment, &self.config.data)
-            .findings
-            .into_iter()
-            .map(u32::from)
-            .collect()
+        self.config.data.finding_classes()
     }
 
     /// The classes whose voxels are findings for the attention map: every foreground class but
