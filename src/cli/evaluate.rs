@@ -1,17 +1,23 @@
 //! `medseg evaluate --pred DIR --truth DIR [--config FILE] [--set evaluate.key=value] [--images DIR]
-//! [--compare-calibration DIR] [--review] --output DIR`
+//! [--compare DIR] [--compare-calibration DIR] [--review] --output DIR`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
 use medseg::config::load_layered;
 use medseg::eval::calibration::voxel_calibration;
+use medseg::eval::compare::compare;
 use medseg::eval::report::{write_report, EvalSummary, ReportInputs};
 use medseg::eval::review::evaluation_cases;
-use medseg::eval::{evaluate_cases, pair_cases, synth_lesions, worst_case_tiles, EvalFile};
+use medseg::eval::{
+    evaluate_cases, pair_cases, synth_lesions, worst_case_tiles, CasePair, CaseResult, EvalConfig,
+    EvalFile,
+};
 use medseg::io::layout::DatasetJson;
+use medseg::io::layout::SynthLesions;
 use medseg::io::read_json;
+use medseg::io::{write_atomically, write_json_atomically};
 
 use super::progress;
 
@@ -40,6 +46,13 @@ pub struct Args {
     /// Where per_case.csv, per_lesion.csv, summary.json, report.md and the plots go.
     #[arg(long, required_unless_present = "dump_config")]
     output: Option<PathBuf>,
+    /// Another directory of predictions of the same cases (another model's, or this model's with
+    /// other settings), scored the same way and compared case by case: OUTPUT/comparison.md and
+    /// comparison.json give each class's Dice and each lesion class's F1, sensitivity, precision
+    /// and false positives per scan for both, the difference and its 95 % paired-bootstrap
+    /// interval over cases.
+    #[arg(long, value_name = "DIR")]
+    compare: Option<PathBuf>,
     /// Another directory of predictions of the same cases (e.g. segmented with
     /// `--set segment.temperature=1`), whose probability maps' calibration the report shows beside
     /// these (before and after temperature scaling).
@@ -78,6 +91,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let viewer = super::find_viewer(args.review)?;
     let (pairs, unmatched) = pair_cases(&pred, &truth)?;
+    // The other predictions are paired first, so a wrong directory stops before any work.
+    let other_pairs = match &args.compare {
+        Some(other) => {
+            let (pairs, _) = pair_cases(other, &truth)
+                .with_context(|| format!("--compare {}", other.display()))?;
+            if pairs.iter().all(|p| p.pred.is_none()) {
+                anyhow::bail!(
+                    "--compare {}: no prediction of the cases in {}",
+                    other.display(),
+                    truth.display()
+                );
+            }
+            Some((other, pairs))
+        }
+        None => None,
+    };
     // A synthetic dataset's lesions.json adds results by contrast-to-noise ratio.
     let synth = synth_lesions(&truth);
     let bar = progress::bar(
@@ -130,6 +159,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             false,
         )?;
     }
+    if let Some((other, pairs)) = &other_pairs {
+        compare_with(
+            other,
+            pairs,
+            &pred,
+            &results,
+            &config,
+            synth.as_ref(),
+            &output,
+        )?;
+    }
     let missing = results.iter().filter(|r| r.missing_prediction).count();
     if missing > 0 {
         eprintln!("warning: {missing} cases had no prediction (counted as empty)");
@@ -140,6 +180,56 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("{} of {} cases failed", failed.len(), pairs.len());
         Err(super::Reported.into())
     }
+}
+
+/// Scores the predictions in `other` (paired with the truth as `pairs`) as `pred`'s were and
+/// writes the paired comparison.
+fn compare_with(
+    other: &Path,
+    pairs: &[CasePair],
+    pred: &Path,
+    results: &[CaseResult],
+    config: &EvalConfig,
+    synth: Option<&SynthLesions>,
+    output: &Path,
+) -> anyhow::Result<()> {
+    let (theirs, failed) = evaluate_cases(pairs, config, synth, &mut |_, e| {
+        if let Some(e) = e {
+            eprintln!("error (--compare): {e}");
+        }
+    });
+    if !failed.is_empty() {
+        eprintln!(
+            "warning: {} case(s) of --compare {} could not be scored and are left out of the comparison",
+            failed.len(),
+            other.display()
+        );
+    }
+    let comparison = compare(results, &theirs, |c| config.label_name(c));
+    write_json_atomically(&output.join("comparison.json"), &comparison)?;
+    let md = comparison.markdown(&pred.display().to_string(), &other.display().to_string());
+    write_atomically(&output.join("comparison.md"), md.as_bytes())?;
+    println!(
+        "  compared with {} on {} cases (A - B, 95% paired-bootstrap interval):",
+        other.display(),
+        comparison.cases
+    );
+    for m in &comparison.metrics {
+        let interval = m
+            .interval
+            .map_or(String::new(), |[lo, hi]| format!(" [{lo:+.3}, {hi:+.3}]"));
+        println!(
+            "    class {} {} {}: {:.3} vs {:.3}, {:+.3}{interval}, {}",
+            m.class,
+            m.label,
+            m.metric.name(),
+            m.pred,
+            m.other,
+            m.difference,
+            m.verdict.describe()
+        );
+    }
+    Ok(())
 }
 
 fn print_summary(summary: &EvalSummary) {

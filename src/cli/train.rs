@@ -228,7 +228,7 @@ fn say_postprocessing(p: &Postprocessing, cv: &CvRun) {
     );
     if p.best != p.chosen {
         println!(
-            "  the best on these cases, min_lesion_mm3 {} at threshold {} (score {:.4} against {:.4}), leads by less than its noise ({:.4}): the nearer setting is kept",
+            "  the best on these cases, min_lesion_mm3 {} at threshold {} (score {:.4} against {:.4}), leads by less than its noise ({:.4}): the setting nearer the start is kept, or one of clearly higher lesion Dice",
             p.best.min_lesion_mm3, p.best.threshold, p.best_score, p.score, p.noise
         );
     }
@@ -237,8 +237,12 @@ fn say_postprocessing(p: &Postprocessing, cv: &CvRun) {
             Objective::LesionF1 => "lesion F1",
             Objective::Dice => "Dice",
         };
+        let dice = match (c.objective, c.dice_before, c.dice_chosen) {
+            (Objective::LesionF1, Some(b), Some(a)) => format!(", Dice {b:.4} -> {a:.4}"),
+            _ => String::new(),
+        };
         println!(
-            "  {}: cross-validated {what} {:.4} -> {:.4}",
+            "  {}: cross-validated {what} {:.4} -> {:.4}{dice}",
             c.class, c.before, c.chosen
         );
     }

@@ -257,6 +257,33 @@ pub fn froc(
     (curve, at, mean)
 }
 
+/// A lesion record of class 1 with only what the detection counts read set (tests of the
+/// modules that pool them).
+#[cfg(test)]
+pub(crate) fn test_record(
+    case: &str,
+    source: &'static str,
+    id: u32,
+    matched: Option<u32>,
+) -> LesionRecord {
+    LesionRecord {
+        case: case.into(),
+        class: 1,
+        source,
+        id,
+        voxels: 10,
+        volume_mm3: 10.0,
+        bbox_voxel: [[0; 3]; 2],
+        centroid_mm: [0.0; 3],
+        contrast_to_noise: None,
+        polarity: None,
+        matched,
+        iou: 0.0,
+        dice: 0.0,
+        confidence: 1.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! Metrics accumulate per case, then aggregate (MONAI's cumulative-metric pattern).
 
 pub mod calibration;
+pub mod compare;
 pub mod lesions;
 pub mod metrics;
 pub mod report;

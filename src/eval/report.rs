@@ -1063,24 +1063,7 @@ mod tests {
     use super::*;
     use crate::eval::lesions::LesionMatch;
 
-    fn lesion(case: &str, source: &'static str, id: u32, matched: Option<u32>) -> LesionRecord {
-        LesionRecord {
-            case: case.into(),
-            class: 1,
-            source,
-            id,
-            voxels: 10,
-            volume_mm3: 10.0,
-            bbox_voxel: [[0; 3]; 2],
-            centroid_mm: [0.0; 3],
-            contrast_to_noise: None,
-            polarity: None,
-            matched,
-            iou: 0.0,
-            dice: 0.0,
-            confidence: 1.0,
-        }
-    }
+    use crate::eval::lesions::test_record as lesion;
 
     #[test]
     fn breakdowns_count_subsets_scans_and_polarities() {

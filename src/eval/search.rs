@@ -4,7 +4,11 @@
 //! kept, the lowest confidence a finding must reach (the operating point a single run fits on its
 //! validation cases, here for the fold ensemble), and keep-largest per organ class. Each
 //! candidate runs the same component filter `medseg segment` runs ([`extract_lesions`]); lesion
-//! classes are judged by lesion F1 over all cases, organ classes by mean Dice.
+//! classes are judged by lesion F1 over all cases, organ classes by mean Dice. Among the settings
+//! whose score the noise cannot tell apart, the lesion classes' mean Dice decides when its lead is
+//! clear of its own noise: lesion F1 barely moves with the threshold, which is what sets the
+//! lesions' extent (a fold ensemble's averaged probabilities fall below one half at the borders
+//! its members disagree on, and its argmax masks come out small).
 
 use std::path::{Path, PathBuf};
 
@@ -140,6 +144,13 @@ pub struct ClassScore {
     pub chosen: f64,
     /// Under the run config's own setting.
     pub before: f64,
+    /// The class's mean Dice under the chosen setting (for an organ class, `chosen`); absent in
+    /// a `postprocessing.json` written before it was recorded.
+    #[serde(default)]
+    pub dice_chosen: Option<f64>,
+    /// See `dice_chosen`, under the run config's own setting.
+    #[serde(default)]
+    pub dice_before: Option<f64>,
 }
 
 /// What the search chose (`postprocessing.json` of a cross-validation run).
@@ -463,6 +474,8 @@ pub fn search_postprocessing(
             objective: *o,
             chosen: chosen.scores[c],
             before: before.scores[c],
+            dice_chosen: Some(scorer.class_dice(&chosen.per_case, c, 0..cases.len())),
+            dice_before: Some(scorer.class_dice(&before.per_case, c, 0..cases.len())),
         })
         .collect();
     Ok(Postprocessing {
@@ -491,6 +504,12 @@ fn highest(candidates: &[Scored]) -> &Scored {
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
+
+/// Standard errors by which a lesion Dice lead must exceed its noise to overrule the setting
+/// nearest the start: about a 95 % interval clear of 0. One (the score's own rule) would let a
+/// single case decide: a lead from one case of n is always above one standard error of the
+/// resampled mean (by a factor of √(n / (n − 1))).
+const DICE_LEAD_ERRORS: f64 = 2.0;
 
 /// Scores settings on the out-of-fold cases.
 struct Scorer<'a> {
@@ -575,45 +594,105 @@ impl Scorer<'_> {
                         f1
                     }
                 }
-                Objective::Dice => {
-                    mean(&pick.clone().map(|i| per_case[i][c].1).collect::<Vec<_>>())
-                }
+                Objective::Dice => self.class_dice(per_case, c, pick.clone()),
             })
             .collect()
     }
 
     /// Of the `candidates` within one standard error of the highest-scoring (the first on a tie),
-    /// the one nearest the start by `distance` (the higher score on a tie).
+    /// the one nearest the start by `distance` (the higher score on a tie); but the one of them
+    /// with the highest lesion Dice (the first on a tie) where it leads the nearest's by more
+    /// than [`DICE_LEAD_ERRORS`] standard errors of that lead.
     fn nearest_within_noise(
         &self,
         candidates: &[Scored],
         distance: impl Fn(&Setting) -> f64,
     ) -> Scored {
         let best = highest(candidates);
-        let nearest = candidates
+        let close: Vec<&Scored> = candidates
             .iter()
             .filter(|t| best.mean - t.mean <= self.noise(best, t) + 1e-9)
+            .collect();
+        let nearest = close
+            .iter()
+            .copied()
             .min_by(|a, b| {
                 (distance(&a.setting), -a.mean)
                     .partial_cmp(&(distance(&b.setting), -b.mean))
                     .unwrap_or(std::cmp::Ordering::Equal)
             })
             .unwrap_or(best);
-        nearest.clone()
+        let all = || 0..self.cases.len();
+        let Some(nearest_dice) = self.lesion_dice(&nearest.per_case, all()) else {
+            return nearest.clone();
+        };
+        let (sharpest, dice) = close.iter().fold((nearest, nearest_dice), |(b, bd), t| {
+            let d = self.lesion_dice(&t.per_case, all()).unwrap_or(f64::MIN);
+            if d > bd + 1e-9 {
+                (*t, d)
+            } else {
+                (b, bd)
+            }
+        });
+        if dice - nearest_dice > DICE_LEAD_ERRORS * self.dice_noise(sharpest, nearest) + 1e-9 {
+            sharpest.clone()
+        } else {
+            nearest.clone()
+        }
+    }
+
+    /// Class `c`'s (0 = the first foreground class) mean Dice over the cases `pick`.
+    fn class_dice(
+        &self,
+        per_case: &[CaseCounts],
+        c: usize,
+        pick: impl Iterator<Item = usize>,
+    ) -> f64 {
+        mean(&pick.map(|i| per_case[i][c].1).collect::<Vec<_>>())
+    }
+
+    /// The mean Dice of the lesion classes over the cases `pick`; `None` without lesion classes.
+    fn lesion_dice(
+        &self,
+        per_case: &[CaseCounts],
+        pick: impl Iterator<Item = usize> + Clone,
+    ) -> Option<f64> {
+        let dice: Vec<f64> = self
+            .objectives
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o == Objective::LesionF1)
+            .map(|(c, _)| self.class_dice(per_case, c, pick.clone()))
+            .collect();
+        (!dice.is_empty()).then(|| mean(&dice))
+    }
+
+    /// Standard error of `a`'s lesion Dice minus `b`'s over the case resamples.
+    fn dice_noise(&self, a: &Scored, b: &Scored) -> f64 {
+        self.resampled_error(a, b, |per_case, pick| {
+            self.lesion_dice(per_case, pick.iter().copied())
+                .unwrap_or(0.0)
+        })
     }
 
     /// Standard error of `a`'s mean score minus `b`'s over the case resamples.
     fn noise(&self, a: &Scored, b: &Scored) -> f64 {
-        if self.resamples.len() < 2 {
-            return 0.0;
-        }
+        self.resampled_error(a, b, |per_case, pick| {
+            mean(&self.aggregate(per_case, pick.iter().copied()))
+        })
+    }
+
+    /// The standard deviation of `figure(a) - figure(b)` over the case resamples (0 with none).
+    fn resampled_error(
+        &self,
+        a: &Scored,
+        b: &Scored,
+        figure: impl Fn(&[CaseCounts], &[usize]) -> f64,
+    ) -> f64 {
         let diffs: Vec<f64> = self
             .resamples
             .iter()
-            .map(|pick| {
-                mean(&self.aggregate(&a.per_case, pick.iter().copied()))
-                    - mean(&self.aggregate(&b.per_case, pick.iter().copied()))
-            })
+            .map(|pick| figure(&a.per_case, pick) - figure(&b.per_case, pick))
             .collect();
         standard_deviation(&diffs)
     }
@@ -1087,6 +1166,71 @@ mod tests {
         )
         .unwrap();
         assert!(p.tried.iter().all(|(s, _)| s.threshold == 0.5), "{p:?}");
+    }
+
+    #[test]
+    fn among_settings_of_equal_f1_a_lead_in_lesion_dice_beyond_the_noise_decides() {
+        // Background, lesion, brain; twelve cases of one 4³ lesion beside a brain cube (whose
+        // Dice no setting changes). The argmax
+        // (the start) marks only the lesion's 2³ core (finding probability 0.9), the rest of
+        // the lesion has 0.35: every threshold finds the lesion (F1 1), but 0.3 gives it its
+        // whole extent (Dice 1 instead of 16/72). In `sharp` cases the extent is found by 0.3;
+        // the others are all core.
+        let dims = [16, 16, 16];
+        let names: Vec<String> = ["background", "lesion", "brain"].map(String::from).to_vec();
+        let make = |sharp: bool| {
+            let truth = draw(dims, &[([10, 10, 10], 5, 2), ([2, 2, 2], 4, 1)]);
+            let pred = draw(dims, &[([10, 10, 10], 5, 2), ([3, 3, 3], 2, 1)]);
+            let mut probability = Array3::<f32>::zeros(dims);
+            if sharp {
+                probability
+                    .slice_mut(ndarray::s![2..6, 2..6, 2..6])
+                    .fill(0.35);
+            }
+            probability
+                .slice_mut(ndarray::s![3..5, 3..5, 3..5])
+                .fill(0.9);
+            OofCase {
+                findings: Some(FindingMap {
+                    class: Array3::from_elem(dims, 1),
+                    probability,
+                }),
+                ..case(truth, pred, None)
+            }
+        };
+        let space = SearchSpace {
+            thresholds: vec![0.3, 0.4, 0.5],
+            min_lesion_mm3: vec![0.0],
+            min_confidence: Vec::new(),
+        };
+        let search = |cases: &[OofCase]| {
+            search_postprocessing(
+                cases,
+                &names,
+                &[Objective::LesionF1, Objective::Dice],
+                &no_filter(),
+                &start(),
+                &space,
+            )
+            .unwrap()
+        };
+        let all: Vec<OofCase> = (0..12).map(|_| make(true)).collect();
+        let p = search(&all);
+        assert_eq!(p.chosen.threshold, 0.3, "{p:?}");
+        assert!((p.classes[0].chosen - 1.0).abs() < 1e-9, "{p:?}");
+        assert!((p.classes[0].before - 1.0).abs() < 1e-9, "{p:?}");
+        assert!(
+            (p.classes[0].dice_before.unwrap() - 16.0 / 72.0).abs() < 1e-9,
+            "{p:?}"
+        );
+        assert!(
+            (p.classes[0].dice_chosen.unwrap() - 1.0).abs() < 1e-9,
+            "{p:?}"
+        );
+        // One case of twelve gains: not a lead the cases agree on, the start stays.
+        let one: Vec<OofCase> = (0..12).map(|n| make(n == 0)).collect();
+        let p = search(&one);
+        assert_eq!(p.chosen.threshold, 0.5, "{p:?}");
     }
 
     #[test]

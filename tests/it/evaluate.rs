@@ -176,6 +176,21 @@ fn agrees_with_monai_on_real_masks() {
     }
 }
 
+/// ITK's k-means label map and its skull-stripped scan's own classes, each with only classes 5
+/// (grey matter) and 6 (white matter) kept: a truth and a prediction that differ as real label
+/// maps do.
+fn grey_white() -> (medseg::Volume, medseg::Volume) {
+    let keep = |rel: &str| {
+        let mut v = read_nifti(&cache(rel)).unwrap();
+        v.voxels.mapv_inplace(|x| if x >= 5.0 { x } else { 0.0 });
+        v
+    };
+    (
+        keep("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz"),
+        keep("itk/KmeansTest_T1RawSkullStrip.nii.gz"),
+    )
+}
+
 #[test]
 fn evaluate_writes_the_report_and_lists_missing_predictions() {
     let dir = tempfile::tempdir().unwrap();
@@ -186,13 +201,8 @@ fn evaluate_writes_the_report_and_lists_missing_predictions() {
     );
     std::fs::create_dir_all(&truth).unwrap();
     std::fs::create_dir_all(&pred).unwrap();
-    let prelim = read_nifti(&cache("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz")).unwrap();
-    let strip = read_nifti(&cache("itk/KmeansTest_T1RawSkullStrip.nii.gz")).unwrap();
     // Classes 5 and 6 in both label maps; a second case whose prediction is missing.
-    let mut t = prelim.clone();
-    t.voxels.mapv_inplace(|x| if x >= 5.0 { x } else { 0.0 });
-    let mut p = strip.clone();
-    p.voxels.mapv_inplace(|x| if x >= 5.0 { x } else { 0.0 });
+    let (t, p) = grey_white();
     write_nifti(&t, &truth.join("brain_a.nii.gz"), DataType::Uint8).unwrap();
     write_nifti(&p, &pred.join("brain_a.nii.gz"), DataType::Uint8).unwrap();
     write_nifti(&t, &truth.join("brain_b.nii.gz"), DataType::Uint8).unwrap();
@@ -340,4 +350,102 @@ fn froc_uses_the_lesion_table_confidences() {
         .find(|b| b["truth_lesions"].as_u64() == Some(3))
         .unwrap();
     assert_eq!(bin["bin"], "65-524 mm3");
+}
+
+#[test]
+fn compare_gives_a_paired_interval_and_refuses_a_directory_without_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let [truth, a, b, empty, out] =
+        ["truth", "a", "b", "empty", "report"].map(|d| dir.path().join(d));
+    for d in [&truth, &a, &b, &empty] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // Truth: ITK's k-means grey and white matter; A predicts it exactly, B is the skull-stripped
+    // scan's own classes, off by what the two label maps disagree on. Four copies of the case.
+    let (t, p) = grey_white();
+    for n in 0..4 {
+        let name = format!("brain_{n}.nii.gz");
+        write_nifti(&t, &truth.join(&name), DataType::Uint8).unwrap();
+        write_nifti(&t, &a.join(&name), DataType::Uint8).unwrap();
+        write_nifti(&p, &b.join(&name), DataType::Uint8).unwrap();
+    }
+    let config = dir.path().join("eval.toml");
+    std::fs::write(
+        &config,
+        "[evaluate]\nlabels = [\"background\", \"a\", \"b\", \"c\", \"d\", \"grey\", \"white\"]\nclasses = [6]\nlesion_classes = [6]\n",
+    )
+    .unwrap();
+    let res = run_evaluate(
+        &a,
+        &truth,
+        &out,
+        &[
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("--compare"),
+            b.as_os_str(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(stdout.contains("compared with"), "{stdout}");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("comparison.json")).unwrap())
+            .unwrap();
+    assert_eq!(c["cases"], 4);
+    let metric = |name: &str| {
+        c["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["class"] == 6 && m["metric"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {c}"))
+            .clone()
+    };
+    let dice = metric("dice");
+    let (other, dims, spacing) = mask("itk/KmeansTest_T1RawSkullStrip.nii.gz", |x| x == 6.0);
+    let direct = class_metrics(
+        &mask("itk/KmeansTest_T1KmeansPrelimSegmentation.nii.gz", |x| {
+            x == 6.0
+        })
+        .0,
+        &other,
+        dims,
+        spacing,
+        1.0,
+    );
+    assert!(close(dice["pred"].as_f64().unwrap(), 1.0, 1e-12), "{dice}");
+    assert!(
+        close(dice["other"].as_f64().unwrap(), direct.dice, 1e-9),
+        "{dice}"
+    );
+    // The same difference on every case: the interval is that difference, and A is better.
+    let lo = dice["interval"][0].as_f64().unwrap();
+    assert!(close(lo, 1.0 - direct.dice, 1e-9), "{dice}");
+    assert_eq!(dice["verdict"], "better");
+    assert_eq!(metric("lesion_f1")["pred"], 1.0);
+    assert_eq!(metric("fp_per_scan")["pred"], 0.0);
+    assert!(std::fs::read_to_string(out.join("comparison.md"))
+        .unwrap()
+        .contains("| 6 white | Dice |"));
+
+    // Against a directory holding none of the cases: an error naming it, before any work.
+    let fresh = dir.path().join("fresh");
+    let res = run_evaluate(
+        &a,
+        &truth,
+        &fresh,
+        &[OsStr::new("--compare"), empty.as_os_str()],
+    );
+    assert_eq!(res.status.code(), Some(3), "{res:?}");
+    assert!(!fresh.exists());
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("--compare") && stderr.contains("empty"),
+        "{stderr}"
+    );
 }
