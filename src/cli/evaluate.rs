@@ -14,8 +14,7 @@ use medseg::eval::{
     evaluate_cases, pair_cases, synth_lesions, worst_case_tiles, CasePair, CaseResult, EvalConfig,
     EvalFile,
 };
-use medseg::io::layout::DatasetJson;
-use medseg::io::layout::SynthLesions;
+use medseg::io::layout::{DatasetJson, SynthLesions};
 use medseg::io::read_json;
 use medseg::io::{write_atomically, write_json_atomically};
 
@@ -202,6 +201,13 @@ fn compare_with(
         eprintln!(
             "warning: {} case(s) of --compare {} could not be scored and are left out of the comparison",
             failed.len(),
+            other.display()
+        );
+    }
+    let missing = theirs.iter().filter(|r| r.missing_prediction).count();
+    if missing > 0 {
+        eprintln!(
+            "warning: {missing} case(s) have no prediction in --compare {} (counted as empty, as in --pred)",
             other.display()
         );
     }

@@ -131,22 +131,26 @@ fn figures(result: &CaseResult, class: u32) -> CaseFigures {
 /// `metric` over the cases `pick` (a case may repeat) of one set; `None` where it is undefined
 /// (no Dice scored, no truth lesion for the sensitivity, no finding for the precision).
 fn value(metric: Metric, per_case: &[CaseFigures], pick: &[usize]) -> Option<f64> {
-    if metric == Metric::Dice {
-        let d: Vec<f64> = pick.iter().filter_map(|&i| per_case[i].dice).collect();
-        return (!d.is_empty()).then(|| d.iter().sum::<f64>() / d.len() as f64);
-    }
     let (tp, fp, fn_) = pick
         .iter()
         .filter_map(|&i| per_case[i].counts)
         .fold((0, 0, 0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
     let (sensitivity, precision, f1) = detection_scores(tp, fp, fn_);
     let v = match metric {
+        Metric::Dice => {
+            let d: Vec<f64> = pick.iter().filter_map(|&i| per_case[i].dice).collect();
+            if d.is_empty() {
+                return None;
+            }
+            d.iter().sum::<f64>() / d.len() as f64
+        }
+        // No lesion in the truth and none found (a resample of lesion-free cases) is a perfect
+        // score, as the postprocessing search counts it, not an undefined one.
         Metric::LesionF1 if tp + fp + fn_ == 0 => 1.0,
         Metric::LesionF1 => f1,
         Metric::Sensitivity => sensitivity,
         Metric::Precision => precision,
         Metric::FpPerScan => fp as f64 / pick.len().max(1) as f64,
-        Metric::Dice => unreachable!("returned above"),
     };
     v.is_finite().then_some(v)
 }
