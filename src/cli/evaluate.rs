@@ -16,7 +16,6 @@ use medseg::eval::{
 };
 use medseg::io::layout::{DatasetJson, SynthLesions};
 use medseg::io::read_json;
-use medseg::io::{write_atomically, write_json_atomically};
 
 use super::progress;
 
@@ -212,9 +211,11 @@ fn compare_with(
         );
     }
     let comparison = compare(results, &theirs, |c| config.label_name(c));
-    write_json_atomically(&output.join("comparison.json"), &comparison)?;
-    let md = comparison.markdown(&pred.display().to_string(), &other.display().to_string());
-    write_atomically(&output.join("comparison.md"), md.as_bytes())?;
+    comparison.write(
+        output,
+        &pred.display().to_string(),
+        &other.display().to_string(),
+    )?;
     println!(
         "  compared with {} on {} cases (A - B, 95% paired-bootstrap interval):",
         other.display(),

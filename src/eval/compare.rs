@@ -6,12 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::lesions::detection_scores;
 use super::CaseResult;
+use crate::error::Result;
 use crate::infer::operating_point::case_resamples;
+use crate::io::{write_atomically, write_json_atomically};
 
 /// A compared quantity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +271,16 @@ fn verdict_of(interval: Option<[f64; 2]>, higher_is_better: bool) -> Verdict {
 }
 
 impl Comparison {
+    /// Writes `comparison.json` and `comparison.md` into `dir`, beside the evaluation's report;
+    /// `pred` and `other` name the two sets in the table.
+    pub fn write(&self, dir: &Path, pred: &str, other: &str) -> Result<()> {
+        write_json_atomically(&dir.join("comparison.json"), self)?;
+        write_atomically(
+            &dir.join("comparison.md"),
+            self.markdown(pred, other).as_bytes(),
+        )
+    }
+
     /// `comparison.md`: one table row per class and metric, `pred` and `other` named by their
     /// directories.
     pub fn markdown(&self, pred: &str, other: &str) -> String {
