@@ -2,7 +2,7 @@
 //! mean Dice and each lesion class's F1, sensitivity, precision and false positives per scan, for
 //! both, their difference, and the difference's 95 % interval over case resamples. Both sets are
 //! scored on the same resampled cases (a paired bootstrap), so what a case does to both cancels:
-//! the interval is that of the difference, far narrower than either score's own.
+//! the interval is that of the difference, narrower than either score's own.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -15,6 +15,7 @@ use super::CaseResult;
 use crate::error::Result;
 use crate::infer::operating_point::case_resamples;
 use crate::io::{write_atomically, write_json_atomically};
+use crate::transforms::intensity::percentile;
 
 /// A compared quantity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,13 +159,6 @@ fn value(metric: Metric, per_case: &[CaseFigures], pick: &[usize]) -> Option<f64
     v.is_finite().then_some(v)
 }
 
-/// The `q` quantile of sorted `v` by linear interpolation.
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let at = q * (v.len() - 1) as f64;
-    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
-}
-
 /// Compares `pred` with `other`, case by case; `labels` names the classes. A case in only one of
 /// them is listed as unpaired and left out.
 pub fn compare(
@@ -232,9 +226,8 @@ pub fn compare(
                     Some(value(metric, &mine, pick)? - value(metric, &theirs, pick)?)
                 })
                 .collect();
-            diffs.sort_by(f64::total_cmp);
-            let interval =
-                (diffs.len() >= 2).then(|| [quantile(&diffs, 0.025), quantile(&diffs, 0.975)]);
+            let interval = (diffs.len() >= 2)
+                .then(|| [percentile(&mut diffs, 2.5), percentile(&mut diffs, 97.5)]);
             let verdict = verdict_of(interval, metric.higher_is_better());
             metrics.push(MetricComparison {
                 class,
