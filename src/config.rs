@@ -757,6 +757,9 @@ pub struct SegmentConfig {
     /// probable class, but a finding class (not an organ) whose probability reaches this takes the
     /// voxel; below 0.5 this adds voxels, from 0.5 up it is the plain argmax.
     pub threshold: f64,
+    /// A fold ensemble's threshold: `matched` (per scan, see [`EnsembleThreshold::Matched`]) or
+    /// `same` (`threshold`, as for one model). A single model always uses `threshold`.
+    pub ensemble_threshold: EnsembleThreshold,
     /// Connected components (26-connected) smaller than this many mm³ are removed.
     pub min_lesion_mm3: f64,
     /// Classes (by name) of which only the largest component is kept, e.g. organs.
@@ -845,6 +848,20 @@ pub enum RoiGrouping {
     Lesion,
 }
 
+/// `segment.ensemble_threshold`: how a fold ensemble decides its findings' extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnsembleThreshold {
+    /// Per scan, the finding threshold is lowered from `threshold` (in steps of 0.05, to 0.1 at
+    /// most) to where the ensemble's findings, filtered as `segment` filters them, come closest
+    /// in volume to the mean of its members' findings, each member decided and filtered alone at
+    /// `threshold`. The mean of members that disagree at a lesion's border shrinks the lesion;
+    /// the postprocessing search chose `threshold` on one member's predictions.
+    Matched,
+    /// `threshold`, as for one model.
+    Same,
+}
+
 /// What to do with NaN or infinite voxels in a scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -889,6 +906,7 @@ impl Default for SegmentConfig {
             batch_size: 4,
             tta: false,
             threshold: 0.5,
+            ensemble_threshold: EnsembleThreshold::Matched,
             min_lesion_mm3: 0.0,
             keep_largest: Vec::new(),
             roi: None,

@@ -111,6 +111,10 @@ pub fn segment_case(
         lesions: count,
         warnings,
         memory,
+        // Two decimals: the candidates are 0.05 apart.
+        threshold: prediction
+            .threshold
+            .map(|t| (t as f64 * 100.0).round() / 100.0),
     })
 }
 

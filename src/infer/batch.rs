@@ -335,6 +335,8 @@ pub struct CaseDone {
     pub warnings: Vec<String>,
     /// How the case met the memory budget, when there is one.
     pub memory: Option<CaseMemory>,
+    /// A fold ensemble's matched finding threshold.
+    pub threshold: Option<f64>,
 }
 
 /// What the batch should do besides segmenting.
@@ -386,6 +388,7 @@ pub fn run_batch(
             reason: None,
             warnings: Vec::new(),
             memory: None,
+            threshold: None,
         });
     }
     on_event(BatchEvent::Started { todo: todo.len() });
@@ -437,6 +440,7 @@ pub fn run_batch(
                     reason: None,
                     warnings: done.warnings,
                     memory: done.memory,
+                    threshold: done.threshold,
                 }
             }
             Err(e) => {
@@ -451,6 +455,7 @@ pub fn run_batch(
                     reason: Some(e.to_string()),
                     warnings: Vec::new(),
                     memory: None,
+                    threshold: None,
                 }
             }
         };

@@ -55,6 +55,8 @@ pub struct CaseArrays {
     pub attention: bool,
     /// A fold ensemble without `--uncertainty`: the running mean beside each member's map.
     pub fold_mean: bool,
+    /// A fold ensemble matching its threshold (`segment.ensemble_threshold = "matched"`).
+    pub matched: bool,
 }
 
 impl CaseArrays {
@@ -70,7 +72,9 @@ impl CaseArrays {
     ///   (f32), one class map per member (u8); on the scan's grid the two uncertainty maps (f32);
     /// - with attention: on the padded grid its sum, weights (f32) and finding mask (u8); on the
     ///   scan's grid the map (f32);
-    /// - a fold ensemble's running mean on the padded grid (f32 per class).
+    /// - a fold ensemble's running mean on the padded grid (f32 per class);
+    /// - a matched threshold's class map (u8) and component labels (u32) on the preprocessed
+    ///   grid, and with ensemble members each fold's own mean there (f32 per class).
     pub fn bytes(&self) -> u64 {
         let scan = self.channels * 4 * if self.filled_copy { 2 } else { 1 };
         let attention = self.attention as u64;
@@ -81,7 +85,12 @@ impl CaseArrays {
         } else {
             0
         };
-        let grid = self.grid_voxels * (self.channels * 8 + 1 + members);
+        let matched = match (self.matched, self.members > 0) {
+            (false, _) => 0,
+            (true, false) => 1 + 4,
+            (true, true) => 1 + 4 + self.classes * 4,
+        };
+        let grid = self.grid_voxels * (self.channels * 8 + 1 + members + matched);
         let fold_mean = if self.fold_mean && self.members == 0 {
             self.classes * 4
         } else {
@@ -252,6 +261,7 @@ mod tests {
             members: 0,
             attention: false,
             fold_mean: false,
+            matched: false,
         }
     }
 

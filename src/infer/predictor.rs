@@ -18,8 +18,8 @@ use super::postprocess::{extract_lesions, Extracted, LesionFilter, Probe};
 use super::sliding_window::SlidingWindow;
 use super::uncertainty::{binary_entropy, MemberSpread, MemberStats};
 use crate::config::{
-    class_values, MinConfidence, MinConfidenceChoice, NonFinite, RunConfig, Temperature,
-    TemperatureChoice,
+    class_values, EnsembleThreshold, MinConfidence, MinConfidenceChoice, NonFinite, RunConfig,
+    Temperature, TemperatureChoice,
 };
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
@@ -115,6 +115,9 @@ pub struct Prediction {
     pub members: Option<MemberSpread>,
     /// With `--attention`: the attention map on the scan's grid.
     pub attention: Option<Array3<f32>>,
+    /// A fold ensemble's finding threshold matched on this scan
+    /// (`segment.ensemble_threshold = "matched"`).
+    pub threshold: Option<f32>,
 }
 
 impl Predictor {
@@ -334,13 +337,15 @@ impl Predictor {
             channels: volume.voxels.dim().0 as u64,
             classes: self.labels.len() as u64,
             filled_copy: filled,
+            // Every mirrored pass of every fold.
             members: if self.uncertainty {
-                self.window.member_flips().len() as u64
+                (self.window.member_flips().len() * (1 + self.ensemble.len())) as u64
             } else {
                 0
             },
             attention: self.attention.is_some(),
             fold_mean: !self.ensemble.is_empty(),
+            matched: self.matches_threshold(),
         };
         let plan = budget
             .plan(&arrays, self.window.batch_size, self.window.concurrent)
@@ -422,9 +427,26 @@ impl Predictor {
             ));
         }
         let spatial = self.preprocessing.apply(volume)?;
-        let rule = ClassRule::from_config(&self.config.segment, &self.config.data);
-        let (probabilities, members) =
-            self.ensemble_probabilities(&window, spatial.image.view(), &rule)?;
+        let mut rule = ClassRule::from_config(&self.config.segment, &self.config.data);
+        let measure = self.finding_volume(&spatial.geometry)?;
+        let (probabilities, members, volumes) =
+            self.ensemble_probabilities(&window, spatial.image.view(), &rule, measure.as_ref())?;
+        let mut threshold = None;
+        if let Some(measure) = &measure {
+            let target = volumes.iter().sum::<usize>() as f64 / volumes.len().max(1) as f64;
+            let start = measure.start(&rule);
+            let matched = match_threshold(start, target, |t| {
+                measure.measure(
+                    probabilities.view(),
+                    &ClassRule {
+                        threshold: t,
+                        ..rule.clone()
+                    },
+                )
+            });
+            rule.threshold = matched;
+            threshold = Some(matched);
+        }
         let classes = decide_classes(probabilities.view(), Some(&rule));
         let attention = match self.attention {
             Some(kind) => {
@@ -456,6 +478,7 @@ impl Predictor {
             memory,
             members,
             attention,
+            threshold,
         })
     }
 }
@@ -500,6 +523,93 @@ fn temperature(config: &RunConfig, checkpoint: &Checkpoint) -> Result<Temperatur
         });
     }
     Ok(source)
+}
+
+/// Adds `p` as the `(n + 1)`-th member to the running `mean`.
+///
+/// # Shapes
+/// - `p` `[K, D, H, W]`, the same as `mean`
+fn add_to_mean(mean: &mut Option<Array4<f32>>, p: ArrayView4<f32>, n: usize) {
+    match mean {
+        None => *mean = Some(p.to_owned()),
+        Some(m) => {
+            let w = 1.0 / (n + 1) as f32;
+            m.zip_mut_with(&p, |a, b| *a += (b - *a) * w);
+        }
+    }
+}
+
+/// The voxels of a model's findings on the preprocessed grid, decided by a [`ClassRule`] and
+/// filtered as `segment` filters them (size, confidence, region of interest).
+struct FindingVolume<'a> {
+    grid: &'a Geometry,
+    names: &'a [String],
+    filter: LesionFilter,
+    /// The classes counted.
+    findings: Vec<u8>,
+    /// A two-class model, whose threshold may exceed 0.5.
+    binary: bool,
+}
+
+impl FindingVolume<'_> {
+    /// Finding voxels left of `probabilities` decided by `rule`.
+    ///
+    /// # Shapes
+    /// - `probabilities` `[K, D, H, W]` on `grid`
+    fn measure(&self, probabilities: ArrayView4<f32>, rule: &ClassRule) -> usize {
+        let mut labels = decide_classes(probabilities, Some(rule));
+        let classes = probabilities.dim().0;
+        let probe = |class: u32, [k, j, i]: [usize; 3]| Probe {
+            probability: if (class as usize) < classes {
+                probabilities[[class as usize, k, j, i]]
+            } else {
+                0.0
+            },
+            uncertainty: None,
+        };
+        extract_lesions(&mut labels, self.grid, self.names, &self.filter, 0, probe);
+        labels.iter().filter(|l| self.findings.contains(l)).count()
+    }
+
+    /// The threshold the match starts from: `rule`'s, which with more than two classes is the
+    /// argmax from 0.5 up.
+    fn start(&self, rule: &ClassRule) -> f32 {
+        if self.binary {
+            rule.threshold
+        } else {
+            rule.threshold.min(0.5)
+        }
+    }
+}
+
+/// Lowest threshold [`match_threshold`] tries.
+const MATCH_FLOOR: f32 = 0.1;
+/// Its step.
+const MATCH_STEP: f32 = 0.05;
+
+/// The threshold, from `start` down by [`MATCH_STEP`] to [`MATCH_FLOOR`] (`start` alone when
+/// below it), whose `volume_at` is closest to `target`; the higher on ties. Lowering a threshold
+/// grows the findings, so the search stops at the first volume that reaches `target`.
+pub fn match_threshold(start: f32, target: f64, mut volume_at: impl FnMut(f32) -> usize) -> f32 {
+    let gap = |v: usize| (v as f64 - target).abs();
+    let first = volume_at(start);
+    let mut best = (start, gap(first));
+    let mut reached = first as f64 >= target;
+    let mut n = 1;
+    while !reached {
+        // From `start` by whole steps, so that no rounding drifts the candidates.
+        let t = start - MATCH_STEP * n as f32;
+        if t < MATCH_FLOOR - 1e-4 {
+            break;
+        }
+        let v = volume_at(t);
+        if gap(v) < best.1 {
+            best = (t, gap(v));
+        }
+        reached = v as f64 >= target;
+        n += 1;
+    }
+    best.0
 }
 
 impl Prediction {
@@ -576,7 +686,9 @@ impl Prediction {
 impl Predictor {
     /// The softmax probabilities of every ensemble member (each fold with its own temperature;
     /// with `--uncertainty`, each mirrored pass of each fold is a member), averaged as a running
-    /// mean: one probability map and one member's at a time, never K maps.
+    /// mean: one probability map and one member's at a time, never K maps. With `measure`, each
+    /// fold's filtered finding volume at `rule` too (the mirrored passes of a fold taken
+    /// together, as without `--uncertainty`).
     ///
     /// # Shapes
     /// - `image` `[C, D, H, W]` → probabilities `[K, D, H, W]`
@@ -585,34 +697,74 @@ impl Predictor {
         window: &SlidingWindow,
         image: ArrayView4<f32>,
         rule: &ClassRule,
-    ) -> Result<(Array4<f32>, Option<MemberSpread>)> {
+        measure: Option<&FindingVolume>,
+    ) -> Result<(Array4<f32>, Option<MemberSpread>, Vec<usize>)> {
         let others = self
             .ensemble
             .iter()
             .map(|m| (&m.model, window.with_temperature(m.temperature)));
         let members = std::iter::once((&self.model, window.clone())).chain(others);
+        let mut volumes = Vec::new();
         if self.uncertainty {
             let mut stats = MemberStats::new(Some(rule.clone()));
             for (model, window) in members {
-                window.predict_members(model, image, &self.device, &mut stats)?;
+                let mut fold = None;
+                let mut passes = 0;
+                window.predict_members(model, image, &self.device, &mut |p| {
+                    if measure.is_some() {
+                        add_to_mean(&mut fold, p, passes);
+                        passes += 1;
+                    }
+                    stats.add(p)
+                })?;
+                if let (Some(measure), Some(fold)) = (measure, &fold) {
+                    volumes.push(measure.measure(fold.view(), rule));
+                }
             }
             let (mean, spread) = stats.into_parts();
-            return Ok((mean, Some(spread)));
+            return Ok((mean, Some(spread), volumes));
         }
         let mut mean: Option<Array4<f32>> = None;
         for (n, (model, window)) in members.enumerate() {
             let p = window.predict(model, image, &self.device)?;
-            mean = Some(match mean {
-                None => p,
-                Some(mut m) => {
-                    let w = 1.0 / (n + 1) as f32;
-                    m.zip_mut_with(&p, |a, b| *a += (b - *a) * w);
-                    m
-                }
-            });
+            if let Some(measure) = measure {
+                volumes.push(measure.measure(p.view(), rule));
+            }
+            add_to_mean(&mut mean, p.view(), n);
         }
         // `members` always holds `self.model`.
-        Ok((mean.unwrap_or_default(), None))
+        Ok((mean.unwrap_or_default(), None, volumes))
+    }
+
+    /// Whether a scan's finding threshold is matched: a fold ensemble, `segment.ensemble_threshold
+    /// = "matched"`, and a finding class.
+    fn matches_threshold(&self) -> bool {
+        !self.ensemble.is_empty()
+            && self.config.segment.ensemble_threshold == EnsembleThreshold::Matched
+            && !self.config.data.finding_classes().is_empty()
+    }
+
+    /// What `segment.ensemble_threshold = "matched"` measures on the preprocessed `grid`; `None`
+    /// when it does not apply: one model, `same`, or no finding class.
+    fn finding_volume<'a>(&'a self, grid: &'a Geometry) -> Result<Option<FindingVolume<'a>>> {
+        if !self.matches_threshold() {
+            return Ok(None);
+        }
+        let mut filter = self.lesion_filter()?;
+        filter.skip_diameters = true;
+        Ok(Some(FindingVolume {
+            grid,
+            names: &self.labels,
+            filter,
+            findings: self
+                .config
+                .data
+                .finding_classes()
+                .into_iter()
+                .map(|c| c as u8)
+                .collect(),
+            binary: self.labels.len() <= 2,
+        }))
     }
 
     /// The finding classes `segment.threshold` lowers (see [`ClassRule`]): none for a model of
@@ -682,6 +834,7 @@ mod tests {
             memory: None,
             members: None,
             attention: None,
+            threshold: None,
         };
         let out = prediction.class_probabilities(&[2, 1]);
         assert_eq!(out.dim(), (2, 6, 8, 10));
@@ -694,5 +847,80 @@ mod tests {
                 "{f}: {inner:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_matched_threshold_is_the_closest_volume_from_the_start_down_to_the_floor() {
+        // Volume grows by 10 voxels a 0.05 step below 0.5: 50 at 0.5, 60 at 0.45, ...
+        let volume = |t: f32| (50.0 + (0.5 - t) * 200.0).round() as usize;
+        let mut asked = Vec::new();
+        let t = match_threshold(0.5, 72.0, |t| {
+            asked.push(t);
+            volume(t)
+        });
+        assert!((t - 0.4).abs() < 1e-6, "70 is closest to 72: {t}");
+        // It stops at the first volume that reaches the target (80 at 0.35).
+        assert_eq!(asked.len(), 4, "{asked:?}");
+        // Already at the target or above: the start.
+        assert_eq!(match_threshold(0.5, 50.0, volume), 0.5);
+        assert_eq!(match_threshold(0.5, 10.0, volume), 0.5);
+        // Never below the floor, however far the target.
+        assert!((match_threshold(0.5, 1e6, volume) - MATCH_FLOOR).abs() < 1e-6);
+        // A start below the floor is kept.
+        assert_eq!(match_threshold(0.05, 1e6, volume), 0.05);
+        // Ties go to the higher threshold: 55 is 5 from both 50 and 60.
+        assert_eq!(match_threshold(0.5, 55.0, volume), 0.5);
+    }
+
+    #[test]
+    fn finding_volume_counts_what_the_filter_leaves_at_the_rules_threshold() {
+        // [background, lesion, brain] on a 2 mm grid (8 mm³ voxels); the brain takes 0.95 of
+        // what the lesion leaves, so the lesion is the argmax from about 0.49 up.
+        let (nk, nj, ni) = (8, 12, 12);
+        let mut lesion = Array3::<f32>::zeros([nk, nj, ni]);
+        // A core of 2×2×2 at 0.9 in a shell of 4×4×4 at 0.42: 8 voxels, or 64 below 0.42.
+        lesion.slice_mut(ndarray::s![1..5, 1..5, 1..5]).fill(0.42);
+        lesion.slice_mut(ndarray::s![2..4, 2..4, 2..4]).fill(0.9);
+        // One voxel at 0.9: 8 mm³, under the 12 mm³ the filter keeps.
+        lesion[[6, 10, 10]] = 0.9;
+        // 3×3 at 0.42 with no core: a finding below 0.42 whose confidence is under the cut-off.
+        lesion.slice_mut(ndarray::s![6..7, 1..4, 7..10]).fill(0.42);
+        let mut probabilities = Array4::<f32>::zeros([3, nk, nj, ni]);
+        for ((k, j, i), &p) in lesion.indexed_iter() {
+            probabilities[[0, k, j, i]] = 0.05 * (1.0 - p);
+            probabilities[[1, k, j, i]] = p;
+            probabilities[[2, k, j, i]] = 0.95 * (1.0 - p);
+        }
+        let geometry = grid([ni, nj, nk], 2.0);
+        let names = ["background", "lesion", "brain"].map(String::from);
+        let measure = FindingVolume {
+            grid: &geometry,
+            names: &names,
+            filter: LesionFilter {
+                min_volume_mm3: 12.0,
+                keep_largest: vec![2],
+                min_confidence: 0.5,
+                skip_diameters: true,
+                ..LesionFilter::default()
+            },
+            findings: vec![1],
+            binary: false,
+        };
+        let at = |threshold: f32| {
+            measure.measure(
+                probabilities.view(),
+                &ClassRule {
+                    threshold,
+                    findings: vec![1],
+                },
+            )
+        };
+        assert_eq!(at(0.5), 8);
+        assert_eq!(at(0.45), 8);
+        assert_eq!(at(0.4), 64);
+        assert_eq!(measure.start(&ClassRule::binary(0.7)), 0.5);
+        // The match lowers the threshold to where the shell joins.
+        let t = match_threshold(0.5, 60.0, at);
+        assert!((t - 0.4).abs() < 1e-6, "{t}");
     }
 }

@@ -10,7 +10,6 @@ use ndarray::{s, Array3, Array4, ArrayView4};
 use peakmem_alloc::PeakMemAllocTrait;
 use rayon::prelude::*;
 
-use super::uncertainty::MemberStats;
 use crate::error::{Error, Result};
 use crate::model::HybridSegNet;
 
@@ -190,18 +189,18 @@ impl SlidingWindow {
         self.predict_flipped(model, image, device, &flips)
     }
 
-    /// The probabilities of each mirrored pass as its own ensemble member, added one at a time to
-    /// `stats` (whose mean is then what [`Self::predict`] with `mirror` returns).
+    /// The probabilities of each mirrored pass as its own ensemble member, given one at a time to
+    /// `each` (their mean is what [`Self::predict`] with `mirror` returns).
     pub fn predict_members(
         &self,
         model: &HybridSegNet,
         image: ArrayView4<f32>,
         device: &Device,
-        stats: &mut MemberStats,
+        each: &mut dyn FnMut(ArrayView4<f32>) -> Result<()>,
     ) -> Result<()> {
         for flip in self.member_flips() {
             let member = self.predict_flipped(model, image, device, &[flip])?;
-            stats.add(member.view())?;
+            each(member.view())?;
         }
         Ok(())
     }

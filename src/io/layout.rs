@@ -697,6 +697,10 @@ pub struct BatchCase {
     /// How the case met `--max-memory`, when one was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<CaseMemory>,
+    /// A fold ensemble's finding threshold, matched on this scan
+    /// (`segment.ensemble_threshold = "matched"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
 }
 
 /// How a case was fitted to `medseg segment --max-memory`.

@@ -218,6 +218,31 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         worst <= 1e-6,
         "two copies of one checkpoint vs the checkpoint: {worst}"
     );
+    // With a finding class (the liver's DICOM category made a morphologically abnormal
+    // structure's), a fold ensemble matches its threshold per scan
+    // (`segment.ensemble_threshold = "matched"`). Two copies of one checkpoint agree, so it stays
+    // at the start, the searched `segment.threshold`: the same mask, and the summary records it.
+    let renamed = tmp.path().join("renamed");
+    copy_dir(&twins, &renamed);
+    let parent = std::fs::read_to_string(twins.join("config.toml")).unwrap();
+    assert!(parent.contains("\"123037004\""), "{parent}");
+    let config = parent.replace("\"123037004\"", "\"49755003\"");
+    std::fs::write(renamed.join("config.toml"), config).unwrap();
+    let r = tmp.path().join("r");
+    segment(&renamed, &r);
+    let mask = |dir: &Path| medseg::io::read_nifti(&dir.join("example_ct_sm.nii.gz")).unwrap();
+    assert_eq!(mask(&r).voxels, mask(&t).voxels);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(r.join("batch_summary.json")).unwrap()).unwrap();
+    let start = medseg::config::RunConfig::from_toml(&parent, "parent")
+        .unwrap()
+        .segment
+        .threshold;
+    assert_eq!(summary["cases"][0]["threshold"], start, "{summary}");
+    // An organ is never matched: no threshold recorded.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.join("batch_summary.json")).unwrap()).unwrap();
+    assert!(summary["cases"][0].get("threshold").is_none(), "{summary}");
 
     // Fine-tuning: three classes (liver, spleen) from a two-class fold; the head starts afresh.
     let tuned = tmp.path().join("tuned");
