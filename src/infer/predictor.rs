@@ -590,7 +590,7 @@ const MATCH_STEP: f32 = 0.05;
 /// The threshold, from `start` down by [`MATCH_STEP`] to [`MATCH_FLOOR`] (`start` alone when
 /// below it), whose `volume_at` is closest to `target`; the higher on ties. Lowering a threshold
 /// grows the findings, so the search stops at the first volume that reaches `target`.
-pub fn match_threshold(start: f32, target: f64, mut volume_at: impl FnMut(f32) -> usize) -> f32 {
+fn match_threshold(start: f32, target: f64, mut volume_at: impl FnMut(f32) -> usize) -> f32 {
     let gap = |v: usize| (v as f64 - target).abs();
     let first = volume_at(start);
     let mut best = (start, gap(first));
