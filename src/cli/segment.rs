@@ -420,8 +420,12 @@ fn case_line(c: &BatchCase) -> String {
                     )
                 })
                 .unwrap_or_default();
+            let threshold = c
+                .threshold
+                .map(|t| format!(" at the matched threshold {t:.2}"))
+                .unwrap_or_default();
             format!(
-                "{}: {} lesion(s), {:.1} s{memory}{warnings}",
+                "{}: {} lesion(s){threshold}, {:.1} s{memory}{warnings}",
                 c.case,
                 c.lesions.unwrap_or(0),
                 c.seconds.unwrap_or(0.0)

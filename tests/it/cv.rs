@@ -229,7 +229,7 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
     let config = parent.replace("\"123037004\"", "\"49755003\"");
     std::fs::write(renamed.join("config.toml"), config).unwrap();
     let r = tmp.path().join("r");
-    segment(&renamed, &r);
+    let said = segment(&renamed, &r);
     let mask = |dir: &Path| medseg::io::read_nifti(&dir.join("example_ct_sm.nii.gz")).unwrap();
     assert_eq!(mask(&r).voxels, mask(&t).voxels);
     let summary: serde_json::Value =
@@ -239,6 +239,10 @@ fn folds_out_of_fold_predictions_ensembles_and_fine_tuning() {
         .segment
         .threshold;
     assert_eq!(summary["cases"][0]["threshold"], start, "{summary}");
+    assert!(
+        said.contains(&format!("at the matched threshold {start:.2}")),
+        "{said}"
+    );
     // An organ is never matched: no threshold recorded.
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(t.join("batch_summary.json")).unwrap()).unwrap();
