@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ndarray::{Array3, Array4, ArrayView4, Axis};
+use ndarray::{Array3, Array4, ArrayView4, Axis, CowArray, Ix4};
 
 use peakmem_alloc::PeakMemAllocTrait;
 
@@ -525,13 +525,15 @@ fn temperature(config: &RunConfig, checkpoint: &Checkpoint) -> Result<Temperatur
     Ok(source)
 }
 
-/// Adds `p` as the `(n + 1)`-th member to the running `mean`.
+/// Adds `p` as the `(n + 1)`-th member to the running `mean`. The first member becomes the mean:
+/// moved when owned (one model's map is not copied), copied when a view.
 ///
 /// # Shapes
 /// - `p` `[K, D, H, W]`, the same as `mean`
-fn add_to_mean(mean: &mut Option<Array4<f32>>, p: ArrayView4<f32>, n: usize) {
+fn add_to_mean<'a>(mean: &mut Option<Array4<f32>>, p: impl Into<CowArray<'a, f32, Ix4>>, n: usize) {
+    let p = p.into();
     match mean {
-        None => *mean = Some(p.to_owned()),
+        None => *mean = Some(p.into_owned()),
         Some(m) => {
             let w = 1.0 / (n + 1) as f32;
             m.zip_mut_with(&p, |a, b| *a += (b - *a) * w);
@@ -730,7 +732,7 @@ impl Predictor {
             if let Some(measure) = measure {
                 volumes.push(measure.measure(p.view(), rule));
             }
-            add_to_mean(&mut mean, p.view(), n);
+            add_to_mean(&mut mean, p, n);
         }
         // `members` always holds `self.model`.
         Ok((mean.unwrap_or_default(), None, volumes))
