@@ -13,7 +13,7 @@ use std::time::Duration;
 use burn::prelude::*;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use medseg::model::{summary, HybridSegNetConfig};
-use medseg::train::loss::dice_ce_loss;
+use medseg::train::loss::{dice_ce_loss, LossTerms};
 
 fn model(c: &mut Criterion) {
     let mut g = c.benchmark_group("model");
@@ -45,7 +45,11 @@ fn model(c: &mut Criterion) {
             g.throughput(Throughput::Elements(6 * macs));
             g.bench_function(format!("{preset}/{dims}d/forward_backward"), |b| {
                 b.iter(|| {
-                    let loss = dice_ce_loss(net.forward(x.clone()).logits, y.clone(), 1.0, 1.0);
+                    let loss = dice_ce_loss(
+                        net.forward(x.clone()).logits,
+                        y.clone(),
+                        LossTerms::default(),
+                    );
                     loss.backward()
                 })
             });

@@ -23,7 +23,7 @@ use medseg::data::manifest::CaseEntry;
 use medseg::data::sampler::PatchSampler;
 use medseg::geometry::PatchSize;
 use medseg::model::HybridSegNetConfig;
-use medseg::train::loss::dice_ce_loss;
+use medseg::train::loss::{dice_ce_loss, LossTerms};
 use medseg::transforms::intensity::Normalization;
 
 fn liver_case() -> medseg::data::PreparedCase {
@@ -91,7 +91,7 @@ fn train(c: &mut Criterion) {
                         TensorData::new(y, batch_data.label_shape),
                         &device,
                     );
-                    let loss = dice_ce_loss(model.forward(x).logits, y, 1.0, 1.0);
+                    let loss = dice_ce_loss(model.forward(x).logits, y, LossTerms::default());
                     let grads = GradientsParams::from_grads(loss.backward(), &model);
                     model = optim.step(1e-3, model.clone(), grads);
                 })

@@ -19,7 +19,7 @@ use ndarray::{s, Array4, Axis};
 use medseg::geometry::PatchSize;
 use medseg::infer::sliding_window::SlidingWindow;
 use medseg::model::{self, HybridSegNetConfig, ModelPreset};
-use medseg::train::loss::dice_ce_loss;
+use medseg::train::loss::{dice_ce_loss, LossTerms};
 
 /// TotalSegmentator v2's liver label.
 const LIVER: f32 = 5.0;
@@ -74,7 +74,11 @@ fn train_two_steps(
     let mut losses = Vec::new();
     let start = Instant::now();
     for _ in 0..2 {
-        let loss = dice_ce_loss(net.forward(x.clone()).logits, y.clone(), 1.0, 1.0);
+        let loss = dice_ce_loss(
+            net.forward(x.clone()).logits,
+            y.clone(),
+            LossTerms::default(),
+        );
         let value = loss.clone().try_to_vec_as::<f32>();
         losses.push(value.map_err(|e| anyhow::anyhow!("reading the loss: {e:?}"))?[0]);
         let grads = GradientsParams::from_grads(loss.backward(), &net);

@@ -65,6 +65,17 @@ pub enum Schedule {
     Constant,
 }
 
+/// Which classes the soft Dice term of the loss averages over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiceClasses {
+    /// Every class, background included.
+    All,
+    /// Every class but the background (nnU-Net's `do_bg=False`): the background's Dice is near 1
+    /// in almost every batch, so averaging it in dilutes the gradient of small classes.
+    Foreground,
+}
+
 /// Network size presets (see `HybridSegNetConfig::preset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -675,6 +686,12 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Weight of the soft Dice term in the loss.
     pub dice_weight: f64,
+    /// The classes the soft Dice term averages over: `all` or `foreground`.
+    pub dice_classes: DiceClasses,
+    /// The most a small lesion's voxels weigh in the cross-entropy: each connected component of
+    /// `sampling.foreground_classes` in a patch weighs `largest / size` (the batch's largest
+    /// such component over its own size), clamped to `[1, lesion_weight_max]`. 1: off.
+    pub lesion_weight_max: f64,
     /// Weight of the cross-entropy term in the loss.
     pub ce_weight: f64,
     /// Loss weights of the deep-supervision outputs, deepest first. Empty: nnU-Net's halving
@@ -704,6 +721,8 @@ impl Default for TrainConfig {
             poly_exponent: 0.9,
             grad_clip: 12.0,
             dice_weight: 1.0,
+            dice_classes: DiceClasses::All,
+            lesion_weight_max: 1.0,
             ce_weight: 1.0,
             deep_supervision_weights: Vec::new(),
             device: DeviceKind::Cpu,
@@ -1163,6 +1182,12 @@ impl RunConfig {
                 t.encoder_lr_scale
             ));
         }
+        if !(t.lesion_weight_max >= 1.0 && t.lesion_weight_max.is_finite()) {
+            return bad(format!(
+                "[train] lesion_weight_max must be at least 1 (1: off), not {}",
+                t.lesion_weight_max
+            ));
+        }
         if !(0.0..1.0).contains(&self.validate.overlap) || self.validate.batch_size == 0 {
             return bad("[validate] overlap must be in [0, 1) and batch_size positive".into());
         }
@@ -1320,6 +1345,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("patch_size"), "{e}");
+    }
+
+    #[test]
+    fn loss_keys_parse_and_are_checked() {
+        let c = RunConfig::load(
+            None,
+            &[
+                "train.dice_classes=foreground".into(),
+                "train.lesion_weight_max=8".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.dice_classes, DiceClasses::Foreground);
+        assert_eq!(c.train.lesion_weight_max, 8.0);
+        let e = RunConfig::load(None, &["train.dice_classes=background".into()]).unwrap_err();
+        assert!(e.to_string().contains("dice_classes"), "{e}");
+        for bad in ["0.5", "nan", "inf"] {
+            let e = RunConfig::load(None, &[format!("train.lesion_weight_max={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("lesion_weight_max must be at least 1"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

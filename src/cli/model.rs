@@ -62,8 +62,11 @@ fn time_steps(
     let x = Tensor::<5>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
     let y = Tensor::<4, Int>::zeros([1, shape[2], shape[3], shape[4]], &device);
     let step = || {
-        let loss =
-            medseg::train::loss::dice_ce_loss(net.forward(x.clone()).logits, y.clone(), 1.0, 1.0);
+        let loss = medseg::train::loss::dice_ce_loss(
+            net.forward(x.clone()).logits,
+            y.clone(),
+            medseg::train::loss::LossTerms::default(),
+        );
         let _ = loss.backward();
     };
     step();

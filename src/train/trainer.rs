@@ -12,7 +12,7 @@ use burn::prelude::*;
 use super::calibrate::{calibrate_checkpoints, fit_operating_point};
 use super::checkpoint::{self, EpochRecord, TrainState};
 use super::curves::{plot_training_curve, write_metrics_csv};
-use super::loss::dice_ce_loss;
+use super::loss::{lesion_weights, weighted_dice_ce_loss, LossTerms};
 use super::schedule::learning_rate;
 use crate::config::{RunConfig, SelectionMetric, Temperature, TemperatureChoice};
 use crate::data::batcher::{Batch, EpochPlan, Loader};
@@ -383,8 +383,8 @@ impl Trainer {
                 batch,
                 &self.autodiff,
                 &self.deep_supervision,
-                t.dice_weight,
-                t.ce_weight,
+                LossTerms::of(&t),
+                &self.sampler.foreground_classes,
             );
             let value: f64 = loss
                 .clone()
@@ -677,7 +677,10 @@ pub fn measure_step(
     let mut timed = Vec::new();
     for step in 0..=steps.max(1) {
         let started = Instant::now();
-        let loss = step_loss(&model, batch(), &autodiff, &weights, 1.0, 1.0);
+        // The lesion weights (a component labelling of the batch on the CPU) are left out: the
+        // labels here are a fixed pattern, and their cost is small beside the step's.
+        let terms = LossTerms::of(&config.train);
+        let loss = step_loss(&model, batch(), &autodiff, &weights, terms, &[]);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(1e-4, model, grads);
         if step > 0 {
@@ -965,24 +968,24 @@ fn step_loss(
     batch: Batch,
     device: &Device,
     weights: &[f64],
-    dice_weight: f64,
-    ce_weight: f64,
+    terms: LossTerms,
+    lesion_classes: &[usize],
 ) -> Tensor<1> {
     let x = Tensor::<5>::from_data(TensorData::new(batch.image, batch.image_shape), device);
     let out = model.forward(x);
-    let target = |shape: [usize; 4]| {
-        let labels = downsample_labels(&batch.label, batch.label_shape, shape);
-        Tensor::<4, Int>::from_data(TensorData::new(labels, shape), device)
-    };
-    let mut loss = dice_ce_loss(
-        out.logits,
-        target(batch.label_shape),
-        dice_weight,
-        ce_weight,
-    ) * weights[0];
-    for (logits, w) in out.deep.into_iter().zip(weights.iter().skip(1)) {
+    // Each output's target and, where lesions are weighted, its voxel weights at its own scale.
+    let loss_at = |logits: Tensor<5>| {
         let [b, _, d, h, wd] = logits.dims();
-        loss = loss + dice_ce_loss(logits, target([b, d, h, wd]), dice_weight, ce_weight) * *w;
+        let shape = [b, d, h, wd];
+        let labels = downsample_labels(&batch.label, batch.label_shape, shape);
+        let voxel_weights = lesion_weights(&labels, shape, lesion_classes, terms.lesion_weight_max)
+            .map(|w| Tensor::<4>::from_data(TensorData::new(w, shape), device));
+        let target = Tensor::<4, Int>::from_data(TensorData::new(labels, shape), device);
+        weighted_dice_ce_loss(logits, target, voxel_weights, terms)
+    };
+    let mut loss = loss_at(out.logits) * weights[0];
+    for (logits, w) in out.deep.into_iter().zip(weights.iter().skip(1)) {
+        loss = loss + loss_at(logits) * *w;
     }
     loss
 }
@@ -1099,5 +1102,44 @@ mod tests {
             downsample_labels(&labels, [1, 1, 4, 4], [1, 1, 2, 2]),
             vec![5, 7, 13, 15]
         );
+    }
+
+    /// `[train] dice_classes` and `lesion_weight_max` reach the step's loss: on a batch with a
+    /// large and a small lesion, each changes it, and the defaults match the plain loss.
+    #[test]
+    fn loss_keys_change_the_step_loss() {
+        let mut config = RunConfig::default();
+        config.data.labels = vec!["background".into(), "lesion".into()];
+        config.sampling.patch_size = crate::geometry::PatchSize::new(&[16, 16]).unwrap();
+        let model_config = model_config(&config).unwrap();
+        let device = crate::model::device("cpu").unwrap().autodiff();
+        device.seed(0);
+        let model = model_config.init(&device).unwrap();
+        let weights = deep_supervision_weights(&[], model_config.deep_supervision, 3);
+        let batch = || {
+            let mut label = vec![0u8; 256];
+            for y in 2..10 {
+                label[y * 16 + 2..y * 16 + 10].fill(1);
+            }
+            label[13 * 16 + 13] = 1;
+            Batch {
+                image: (0..256).map(|i| (i % 13) as f32 / 6.0 - 1.0).collect(),
+                image_shape: [1, 1, 1, 16, 16],
+                label,
+                label_shape: [1, 1, 16, 16],
+            }
+        };
+        let loss = |terms: LossTerms| {
+            step_loss(&model, batch(), &device, &weights, terms, &[1]).into_scalar::<f32>()
+        };
+        let plain = loss(LossTerms::default());
+        assert_eq!(plain, loss(LossTerms::of(&config.train)));
+        config.train.dice_classes = crate::config::DiceClasses::Foreground;
+        let foreground = loss(LossTerms::of(&config.train));
+        config.train.dice_classes = crate::config::DiceClasses::All;
+        config.train.lesion_weight_max = 10.0;
+        let weighted = loss(LossTerms::of(&config.train));
+        assert!((foreground - plain).abs() > 1e-4, "{foreground} vs {plain}");
+        assert!((weighted - plain).abs() > 1e-4, "{weighted} vs {plain}");
     }
 }

@@ -9,7 +9,7 @@ use burn::tensor::Gradients;
 use medseg::geometry::PatchSize;
 use medseg::io::read_nifti;
 use medseg::model::{self, summary, HybridSegNetConfig, ModelPreset, PositionEmbedding};
-use medseg::train::loss::dice_ce_loss;
+use medseg::train::loss::{dice_ce_loss, LossTerms};
 
 use crate::common::cache;
 
@@ -235,7 +235,11 @@ fn overfit(
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let mut best = 0.0;
     for step in 1..=max_steps {
-        let loss = dice_ce_loss(net.forward(xt.clone()).logits, yt.clone(), 1.0, 1.0);
+        let loss = dice_ce_loss(
+            net.forward(xt.clone()).logits,
+            yt.clone(),
+            LossTerms::default(),
+        );
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         net = optim.step(3e-3, net, grads);
         if step % 10 == 0 {
