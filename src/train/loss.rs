@@ -110,14 +110,9 @@ impl LossTerms {
 }
 
 impl Default for LossTerms {
-    /// Dice over every class plus cross-entropy, equally weighted.
+    /// `[train]`'s defaults: Dice over every class plus cross-entropy, equally weighted.
     fn default() -> Self {
-        LossTerms {
-            dice_weight: 1.0,
-            ce_weight: 1.0,
-            dice_classes: DiceClasses::All,
-            lesion_weight_max: 1.0,
-        }
+        LossTerms::of(&TrainConfig::default())
     }
 }
 

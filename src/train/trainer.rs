@@ -674,12 +674,12 @@ pub fn measure_step(
             label_shape: [b, d, h, w],
         }
     };
+    // The lesion weights (a component labelling of the batch on the CPU) are left out: the
+    // labels here are a fixed pattern, and their cost is small beside the step's.
+    let terms = LossTerms::of(&config.train);
     let mut timed = Vec::new();
     for step in 0..=steps.max(1) {
         let started = Instant::now();
-        // The lesion weights (a component labelling of the batch on the CPU) are left out: the
-        // labels here are a fixed pattern, and their cost is small beside the step's.
-        let terms = LossTerms::of(&config.train);
         let loss = step_loss(&model, batch(), &autodiff, &weights, terms, &[]);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(1e-4, model, grads);
