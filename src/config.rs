@@ -706,6 +706,9 @@ pub struct TrainConfig {
     pub freeze_encoder_epochs: usize,
     /// The encoder's learning rate as a share of `lr` (e.g. 0.1 to fine-tune it gently).
     pub encoder_lr_scale: f64,
+    /// Decay of an exponential moving average of the weights (Polyak averaging), updated after
+    /// every step; validation, checkpoint selection and the saved model use the average. 0: off.
+    pub ema_decay: f64,
 }
 
 impl Default for TrainConfig {
@@ -729,6 +732,7 @@ impl Default for TrainConfig {
             seed: 0,
             freeze_encoder_epochs: 0,
             encoder_lr_scale: 1.0,
+            ema_decay: 0.0,
         }
     }
 }
@@ -1188,6 +1192,12 @@ impl RunConfig {
                 t.lesion_weight_max
             ));
         }
+        if !(0.0..1.0).contains(&t.ema_decay) {
+            return bad(format!(
+                "[train] ema_decay must be in [0, 1) (0: off; e.g. 0.999), not {}",
+                t.ema_decay
+            ));
+        }
         if !(0.0..1.0).contains(&self.validate.overlap) || self.validate.batch_size == 0 {
             return bad("[validate] overlap must be in [0, 1) and batch_size positive".into());
         }
@@ -1369,6 +1379,14 @@ mod tests {
                 e.contains("lesion_weight_max must be at least 1"),
                 "{bad}: {e}"
             );
+        }
+        let c = RunConfig::load(None, &["train.ema_decay=0.999".into()]).unwrap();
+        assert_eq!(c.train.ema_decay, 0.999);
+        for bad in ["1", "-0.1", "nan"] {
+            let e = RunConfig::load(None, &[format!("train.ema_decay={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("ema_decay must be in [0, 1)"), "{bad}: {e}");
         }
     }
 

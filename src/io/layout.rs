@@ -254,6 +254,12 @@ impl Checkpoint {
     pub fn weights(&self) -> PathBuf {
         self.dir.join("weights.bpk")
     }
+    /// `training_weights.bpk`: the weights the optimiser steps, written only when they differ
+    /// from `weights.bpk` (with `train.ema_decay`, the latter holds their moving average); a
+    /// resumed run continues from them.
+    pub fn training_weights(&self) -> PathBuf {
+        self.dir.join("training_weights.bpk")
+    }
     /// `optimizer.bpk`.
     pub fn optimizer(&self) -> PathBuf {
         self.dir.join("optimizer.bpk")

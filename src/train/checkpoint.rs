@@ -5,6 +5,7 @@
 //! A checkpoint is written whole into `NAME.partial/` and then swapped in by renames, so a process
 //! killed at any moment leaves either the previous checkpoint or the new one, never a mix.
 
+use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -61,12 +62,15 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
 }
 
-/// Writes checkpoint `kind` of the run in `run`.
+/// Writes checkpoint `kind` of the run in `run`: `model` is what inference loads; `training`, when
+/// given, the weights the optimiser steps (they differ with a weight average).
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     run: &RunDir,
     kind: CheckpointKind,
     model_config: &HybridSegNetConfig,
     model: &HybridSegNet,
+    training: Option<&HybridSegNet>,
     optimizer: &burn::optim::ModuleOptimizer,
     state: &TrainState,
     run_config: &str,
@@ -79,6 +83,16 @@ pub fn save(
     std::fs::create_dir_all(&partial_dir).map_err(|e| Error::io(&partial_dir, e))?;
     let partial = Checkpoint::new(&partial_dir);
     crate::model::save(model_config, model, &partial_dir)?;
+    if let Some(training) = training {
+        let path = partial.training_weights();
+        training
+            .clone()
+            .save_file(path.clone())
+            .map_err(|e| Error::Write {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+    }
     optimizer
         .save(partial.optimizer())
         .map_err(|e| Error::Write {

@@ -4,6 +4,7 @@
 pub mod calibrate;
 pub mod checkpoint;
 pub mod curves;
+pub mod ema;
 pub mod loss;
 pub mod schedule;
 pub mod trainer;

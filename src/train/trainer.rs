@@ -12,6 +12,7 @@ use burn::prelude::*;
 use super::calibrate::{calibrate_checkpoints, fit_operating_point};
 use super::checkpoint::{self, EpochRecord, TrainState};
 use super::curves::{plot_training_curve, write_metrics_csv};
+use super::ema::Ema;
 use super::loss::{lesion_weights, weighted_dice_ce_loss, LossTerms};
 use super::schedule::learning_rate;
 use crate::config::{RunConfig, SelectionMetric, Temperature, TemperatureChoice};
@@ -227,6 +228,8 @@ pub struct Trainer {
     validation: Vec<Arc<PreparedCase>>,
     window: SlidingWindow,
     deep_supervision: Vec<f64>,
+    /// The weights' moving average (`train.ema_decay`); started at the first step.
+    ema: Option<Ema>,
     /// Epoch, step, best metric and history; what a checkpoint restores.
     pub state: TrainState,
 }
@@ -298,6 +301,7 @@ impl Trainer {
             validation: data.validation.clone(),
             window,
             deep_supervision,
+            ema: None,
             config,
         })
     }
@@ -314,15 +318,35 @@ impl Trainer {
                 ),
             });
         }
-        let weights = checkpoint.weights();
-        self.model = self
-            .model
-            .clone()
-            .try_load_file(&weights)
-            .map_err(|e| Error::Checkpoint {
-                path: weights.clone(),
-                reason: e.to_string(),
-            })?;
+        // With a weight average, `weights.bpk` holds the average and the stepped weights are
+        // apart; without one they are the same file.
+        let training = checkpoint.training_weights();
+        let averaged = training.is_file();
+        let load = |path: &std::path::Path| {
+            self.model
+                .clone()
+                .try_load_file(path)
+                .map_err(|e| Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+        };
+        let stepped = load(&if averaged {
+            training
+        } else {
+            checkpoint.weights()
+        })?;
+        let decay = self.config.train.ema_decay;
+        self.ema = if averaged && decay > 0.0 {
+            Some(Ema::new(
+                decay,
+                load(&checkpoint.weights())?,
+                state.global_step,
+            ))
+        } else {
+            None
+        };
+        self.model = stepped;
         let fresh = AdamWConfig::new().init();
         let optimizer = std::mem::replace(&mut self.optimizer, fresh);
         self.optimizer = checkpoint::load_optimizer(checkpoint, optimizer)?;
@@ -403,6 +427,12 @@ impl Trainer {
                 });
             }
             self.step(loss, lr, epoch);
+            if t.ema_decay > 0.0 {
+                let step = self.state.global_step;
+                self.ema
+                    .get_or_insert_with(|| Ema::new(t.ema_decay, self.model.clone(), step))
+                    .update(&self.model)?;
+            }
             self.state.global_step += 1;
             done += 1;
             loss_sum += value;
@@ -491,7 +521,7 @@ impl Trainer {
         }
         on_event(TrainEvent::Validating);
         validation_dice(
-            &self.model.valid(),
+            &self.inference_model(),
             &self.validation,
             &self.window,
             &self.device,
@@ -499,12 +529,22 @@ impl Trainer {
         )
     }
 
+    /// What validation sees and a checkpoint's `weights.bpk` holds: the moving average when
+    /// there is one, else the trained weights.
+    fn inference_model(&self) -> HybridSegNet {
+        match &self.ema {
+            Some(ema) => ema.model().clone(),
+            None => self.model.valid(),
+        }
+    }
+
     fn save(&self, run: &RunDir, kind: CheckpointKind, run_config: &str) -> Result<()> {
         checkpoint::save(
             run,
             kind,
             &self.model_config,
-            &self.model,
+            &self.inference_model(),
+            self.ema.is_some().then_some(&self.model),
             &self.optimizer,
             &self.state,
             run_config,

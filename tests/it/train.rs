@@ -103,6 +103,8 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
         serde_json::from_slice(&std::fs::read(a.join("checkpoints/last/state.json")).unwrap())
             .unwrap();
     assert_eq!(state["epoch"], 3);
+    // Without a weight average the stepped weights are the inference weights: no second file.
+    assert!(!a.join("checkpoints/last/training_weights.bpk").exists());
 
     // A second run dies (abort, as a kill: no cleanup) right after its first epoch is saved, at a
     // named point rather than after a guessed sleep.
@@ -140,6 +142,82 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
     let out = train(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+}
+
+/// With a moving average of the weights, the checkpoint's `weights.bpk` (what `segment` loads and
+/// validation scores) is the average and the stepped weights are kept apart; a run killed after
+/// its first epoch resumes both and ends identical to the uninterrupted one.
+#[test]
+fn weight_average_is_saved_apart_and_resumes_exactly() {
+    cache("totalsegmentator/example_ct_dicom");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let set = |dir: &Path| {
+        vec![
+            "--config".to_string(),
+            CONFIG.into(),
+            "--set".into(),
+            "train.epochs=2".into(),
+            "--set".into(),
+            "train.steps_per_epoch=6".into(),
+            "--set".into(),
+            "train.ema_decay=0.9".into(),
+            "--set".into(),
+            format!("output.dir={:?}", dir.display().to_string()),
+            "--quiet".into(),
+        ]
+    };
+    let args_a = set(&a);
+    ok(&train(
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let rows = metrics(&a);
+    assert_eq!(rows.len(), 2);
+    let last = a.join("checkpoints/last");
+    let average = weights(&last, "weights.bpk");
+    let stepped = weights(&last, "training_weights.bpk");
+    assert_eq!(average.len(), stepped.len());
+    assert!(average != stepped, "the average equals the stepped weights");
+
+    let args_b = set(&b);
+    let died = Command::new(bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("train")
+        .args(&args_b)
+        .env(medseg::io::ABORT_AT_ENV, "train-epoch-saved:1")
+        .output()
+        .unwrap();
+    assert!(!died.status.success(), "the run was not stopped");
+    ok(&train(&["--resume", b.to_str().unwrap(), "--quiet"]));
+    assert_eq!(
+        metrics(&b),
+        rows,
+        "resumed run differs from the uninterrupted one"
+    );
+    assert!(
+        weights(&b.join("checkpoints/last"), "weights.bpk") == average,
+        "the resumed average differs"
+    );
+}
+
+/// Every parameter value of the checkpoint at `dir` with its weights taken from `file`.
+fn weights(dir: &Path, file: &str) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::prelude::Tensor;
+    #[derive(Default)]
+    struct Values(Vec<f32>);
+    impl ModuleVisitor for Values {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0
+                .extend(param.val().into_data().try_to_vec::<f32>().unwrap());
+        }
+    }
+    let device = burn::prelude::Device::flex();
+    let (_, model) = medseg::model::load(dir, &device).unwrap();
+    let model = model.load_file(dir.join(file));
+    let mut values = Values::default();
+    model.visit(&mut values);
+    values.0
 }
 
 /// 3D patches: a short run trains, validates with the 3D sliding window and checkpoints.
