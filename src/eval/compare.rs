@@ -1,6 +1,6 @@
 //! Two sets of predictions of the same cases against the same truth, paired by case: each class's
-//! mean Dice and each lesion class's F1, sensitivity, precision and false positives per scan, for
-//! both, their difference, and the difference's 95 % interval over case resamples. Both sets are
+//! mean Dice, HD95 and NSD and each lesion class's F1, sensitivity, precision and false positives
+//! per scan, for both, their difference, and the difference's 95 % interval over case resamples. Both sets are
 //! scored on the same resampled cases (a paired bootstrap), so what a case does to both cancels:
 //! the interval is that of the difference, narrower than either score's own.
 
@@ -23,6 +23,11 @@ use crate::transforms::intensity::percentile;
 pub enum Metric {
     /// Mean Dice over cases.
     Dice,
+    /// Mean 95th-percentile Hausdorff distance (mm) over the cases where both sets have one (it
+    /// is undefined where a mask is empty).
+    Hd95,
+    /// Mean normalised surface Dice over the cases where both sets have one.
+    Nsd,
     /// Lesion F1 of the counts summed over cases.
     LesionF1,
     /// Detected truth lesions over truth lesions.
@@ -35,13 +40,21 @@ pub enum Metric {
 
 impl Metric {
     fn higher_is_better(self) -> bool {
-        self != Metric::FpPerScan
+        !matches!(self, Metric::FpPerScan | Metric::Hd95)
+    }
+
+    /// A surface distance: compared on the cases where both sets have it, so that a set is not
+    /// rewarded for the cases where its mask is empty and the distance undefined.
+    fn surface(self) -> bool {
+        matches!(self, Metric::Hd95 | Metric::Nsd)
     }
 
     /// How the report names it.
     pub fn name(self) -> &'static str {
         match self {
             Metric::Dice => "Dice",
+            Metric::Hd95 => "HD95 (mm)",
+            Metric::Nsd => "NSD",
             Metric::LesionF1 => "lesion F1",
             Metric::Sensitivity => "sensitivity",
             Metric::Precision => "precision",
@@ -108,22 +121,41 @@ pub struct Comparison {
     pub metrics: Vec<MetricComparison>,
 }
 
-/// One case's figures for one class: Dice (when the class is scored by overlap) and lesion counts
-/// (TP, FP, FN; when it is scored by lesions).
+/// One case's figures for one class: Dice, HD95 and NSD (when the class is scored by overlap,
+/// each `None` where undefined) and lesion counts (TP, FP, FN; when it is scored by lesions).
 #[derive(Clone, Copy)]
 struct CaseFigures {
     dice: Option<f64>,
+    hd95: Option<f64>,
+    nsd: Option<f64>,
     counts: Option<(usize, usize, usize)>,
 }
 
+impl CaseFigures {
+    /// The per-case value of a metric averaged over cases.
+    fn mean_of(&self, metric: Metric) -> Option<f64> {
+        match metric {
+            Metric::Dice => self.dice,
+            Metric::Hd95 => self.hd95,
+            Metric::Nsd => self.nsd,
+            _ => None,
+        }
+    }
+}
+
 fn figures(result: &CaseResult, class: u32) -> CaseFigures {
+    let metrics = result
+        .classes
+        .iter()
+        .find(|(c, _)| *c == class)
+        .map(|(_, m)| m);
+    let finite = |f: fn(&crate::eval::metrics::ClassMetrics) -> f64| {
+        metrics.map(f).filter(|v| v.is_finite())
+    };
     CaseFigures {
-        dice: result
-            .classes
-            .iter()
-            .find(|(c, _)| *c == class)
-            .map(|(_, m)| m.dice)
-            .filter(|d| d.is_finite()),
+        dice: finite(|m| m.dice),
+        hd95: finite(|m| m.hd95_mm),
+        nsd: finite(|m| m.nsd),
         counts: result
             .lesions
             .iter()
@@ -133,7 +165,8 @@ fn figures(result: &CaseResult, class: u32) -> CaseFigures {
 }
 
 /// `metric` over the cases `pick` (a case may repeat) of one set; `None` where it is undefined
-/// (no Dice scored, no truth lesion for the sensitivity, no finding for the precision).
+/// (no Dice, HD95 or NSD scored, no truth lesion for the sensitivity, no finding for the
+/// precision).
 fn value(metric: Metric, per_case: &[CaseFigures], pick: &[usize]) -> Option<f64> {
     let (tp, fp, fn_) = pick
         .iter()
@@ -141,8 +174,11 @@ fn value(metric: Metric, per_case: &[CaseFigures], pick: &[usize]) -> Option<f64
         .fold((0, 0, 0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
     let (sensitivity, precision, f1) = detection_scores(tp, fp, fn_);
     let v = match metric {
-        Metric::Dice => {
-            let d: Vec<f64> = pick.iter().filter_map(|&i| per_case[i].dice).collect();
+        Metric::Dice | Metric::Hd95 | Metric::Nsd => {
+            let d: Vec<f64> = pick
+                .iter()
+                .filter_map(|&i| per_case[i].mean_of(metric))
+                .collect();
             if d.is_empty() {
                 return None;
             }
@@ -207,6 +243,8 @@ pub fn compare(
         let lesions = mine.iter().chain(&theirs).any(|f| f.counts.is_some());
         let wanted = [
             (Metric::Dice, overlap),
+            (Metric::Hd95, overlap),
+            (Metric::Nsd, overlap),
             (Metric::LesionF1, lesions),
             (Metric::Sensitivity, lesions),
             (Metric::Precision, lesions),
@@ -216,14 +254,27 @@ pub fn compare(
             if !scored {
                 continue;
             }
-            let (Some(a), Some(b)) = (value(metric, &mine, &all), value(metric, &theirs, &all))
+            // A surface distance is paired on the cases where both sets have it.
+            let paired_on = |pick: &[usize]| -> Vec<usize> {
+                pick.iter()
+                    .copied()
+                    .filter(|&i| {
+                        !metric.surface()
+                            || (mine[i].mean_of(metric).is_some()
+                                && theirs[i].mean_of(metric).is_some())
+                    })
+                    .collect()
+            };
+            let both = paired_on(&all);
+            let (Some(a), Some(b)) = (value(metric, &mine, &both), value(metric, &theirs, &both))
             else {
                 continue;
             };
             let mut diffs: Vec<f64> = resamples
                 .iter()
                 .filter_map(|pick| {
-                    Some(value(metric, &mine, pick)? - value(metric, &theirs, pick)?)
+                    let pick = paired_on(pick);
+                    Some(value(metric, &mine, &pick)? - value(metric, &theirs, &pick)?)
                 })
                 .collect();
             let interval = (diffs.len() >= 2)
@@ -360,6 +411,46 @@ mod tests {
             dims: [1, 1, 1],
             slice_thickness_mm: None,
         }
+    }
+
+    /// `case` with class 1's HD95 and NSD set.
+    fn surface_case(name: &str, hd95: f64, nsd: f64) -> CaseResult {
+        let mut c = case(name, 0.5, 1, 0, 0);
+        c.classes[0].1.hd95_mm = hd95;
+        c.classes[0].1.nsd = nsd;
+        c
+    }
+
+    /// HD95 is compared on the cases where both sets have one, lower is better; NSD (0 where one
+    /// mask is empty) on every case.
+    #[test]
+    fn surface_distances_are_paired_where_both_are_defined() {
+        let name = |i: usize| format!("c{i:02}");
+        let mut a: Vec<CaseResult> = (0..12)
+            .map(|i| surface_case(&name(i), 2.0 + 0.1 * (i % 3) as f64, 0.9))
+            .collect();
+        let mut b: Vec<CaseResult> = (0..12)
+            .map(|i| surface_case(&name(i), 5.0 + 0.1 * (i % 3) as f64, 0.6))
+            .collect();
+        // Case 0: A predicted nothing (no HD95, NSD 0); B is far off there.
+        a[0] = surface_case(&name(0), f64::NAN, 0.0);
+        b[0] = surface_case(&name(0), 100.0, 0.6);
+        let c = compare(&a, &b, |c| format!("class{c}"));
+        let hd = find(&c, Metric::Hd95);
+        assert!((hd.difference + 3.0).abs() < 1e-9, "{hd:?}");
+        assert!(hd.other < 6.0, "B's case 0 was not left out: {hd:?}");
+        let [lo, hi] = hd.interval.unwrap();
+        assert!((lo + 3.0).abs() < 1e-9 && (hi + 3.0).abs() < 1e-9, "{hd:?}");
+        assert_eq!(hd.verdict, Verdict::Better);
+        let nsd = find(&c, Metric::Nsd);
+        assert!(
+            (nsd.difference - (11.0 * 0.3 - 0.6) / 12.0).abs() < 1e-9,
+            "{nsd:?}"
+        );
+        assert_eq!(nsd.verdict, Verdict::Better);
+        let back = compare(&b, &a, |c| format!("class{c}"));
+        assert_eq!(find(&back, Metric::Hd95).verdict, Verdict::Worse);
+        assert!(c.markdown("a", "b").contains("| 1 class1 | HD95 (mm) |"));
     }
 
     fn find(c: &Comparison, metric: Metric) -> &MetricComparison {

@@ -427,6 +427,14 @@ fn compare_gives_a_paired_interval_and_refuses_a_directory_without_predictions()
     let lo = dice["interval"][0].as_f64().unwrap();
     assert!(close(lo, 1.0 - direct.dice, 1e-9), "{dice}");
     assert_eq!(dice["verdict"], "better");
+    // The surface distances too: A is the truth itself, B as measured directly.
+    let hd95 = metric("hd95");
+    assert_eq!(hd95["pred"], 0.0);
+    assert!(
+        close(hd95["other"].as_f64().unwrap(), direct.hd95_mm, 1e-9),
+        "{hd95}"
+    );
+    assert_eq!(metric("nsd")["pred"], 1.0);
     assert_eq!(metric("lesion_f1")["pred"], 1.0);
     assert_eq!(metric("fp_per_scan")["pred"], 0.0);
     assert!(std::fs::read_to_string(out.join("comparison.md"))
