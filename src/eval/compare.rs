@@ -1,8 +1,8 @@
 //! Two sets of predictions of the same cases against the same truth, paired by case: each class's
 //! mean Dice, HD95 and NSD and each lesion class's F1, sensitivity, precision and false positives
-//! per scan, for both, their difference, and the difference's 95 % interval over case resamples. Both sets are
-//! scored on the same resampled cases (a paired bootstrap), so what a case does to both cancels:
-//! the interval is that of the difference, narrower than either score's own.
+//! per scan, for both, their difference, and the difference's 95 % interval over case resamples.
+//! Both sets are scored on the same resampled cases (a paired bootstrap), so what a case does to
+//! both cancels: the interval is that of the difference, narrower than either score's own.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -347,13 +347,24 @@ pub fn save(config: &HybridSegNetConfig, model: &HybridSegNet, dir: &Path) -> Re
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let files = Checkpoint::new(dir);
     crate::io::write_json_atomically(&files.model_config(), config)?;
-    model
-        .clone()
-        .save_file(files.weights())
-        .map_err(|e| Error::Write {
-            path: files.weights(),
-            reason: e.to_string(),
-        })
+    save_weights(model, &files.weights())
+}
+
+/// Writes `model`'s weights alone to `path` (a `.bpk` file).
+pub fn save_weights(model: &HybridSegNet, path: &Path) -> Result<()> {
+    model.clone().save_file(path).map_err(|e| Error::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// `model` with its weights read from `path` (written by [`save_weights`]); the architecture
+/// must match.
+pub fn load_weights(model: HybridSegNet, path: &Path) -> Result<HybridSegNet> {
+    model.try_load_file(path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Rebuilds a model from a directory written by [`save`]: the config alone defines the network.
@@ -366,13 +377,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<(HybridSegNetConfig, HybridSe
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    let weights = files.weights();
-    let model = config
-        .init(device)?
-        .try_load_file(&weights)
-        .map_err(|e| Error::Checkpoint {
-            path: weights.clone(),
-            reason: e.to_string(),
-        })?;
+    let model = load_weights(config.init(device)?, &files.weights())?;
     Ok((config, model))
 }

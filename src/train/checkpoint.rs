@@ -5,7 +5,6 @@
 //! A checkpoint is written whole into `NAME.partial/` and then swapped in by renames, so a process
 //! killed at any moment leaves either the previous checkpoint or the new one, never a mix.
 
-use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -84,14 +83,7 @@ pub fn save(
     let partial = Checkpoint::new(&partial_dir);
     crate::model::save(model_config, model, &partial_dir)?;
     if let Some(training) = training {
-        let path = partial.training_weights();
-        training
-            .clone()
-            .save_file(path.clone())
-            .map_err(|e| Error::Write {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        crate::model::save_weights(training, &partial.training_weights())?;
     }
     optimizer
         .save(partial.optimizer())

@@ -25,7 +25,7 @@ use crate::infer::sliding_window::SlidingWindow;
 use crate::io::layout::{Checkpoint, CheckpointKind, RunDir};
 use crate::io::{write_atomically, write_json_atomically};
 use crate::model::transfer::{transfer_parameters, Transfer};
-use crate::model::{HybridSegNet, HybridSegNetConfig};
+use crate::model::{load_weights, HybridSegNet, HybridSegNetConfig};
 use crate::transforms::augment::derive_seed;
 use crate::transforms::post::{decide_classes, ClassRule};
 
@@ -320,29 +320,14 @@ impl Trainer {
         }
         // With a weight average, `weights.bpk` holds the average and the stepped weights are
         // apart; without one they are the same file.
+        let weights = checkpoint.weights();
         let training = checkpoint.training_weights();
         let averaged = training.is_file();
-        let load = |path: &std::path::Path| {
-            self.model
-                .clone()
-                .try_load_file(path)
-                .map_err(|e| Error::Checkpoint {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })
-        };
-        let stepped = load(&if averaged {
-            training
-        } else {
-            checkpoint.weights()
-        })?;
+        let load = |path: &std::path::Path| load_weights(self.model.clone(), path);
+        let stepped = load(if averaged { &training } else { &weights })?;
         let decay = self.config.train.ema_decay;
         self.ema = if averaged && decay > 0.0 {
-            Some(Ema::new(
-                decay,
-                load(&checkpoint.weights())?,
-                state.global_step,
-            ))
+            Some(Ema::new(decay, load(&weights)?, state.global_step))
         } else {
             None
         };
@@ -393,6 +378,7 @@ impl Trainer {
         let mut loss_sum = 0.0;
         let mut lr = 0.0;
         let mut done = 0;
+        let terms = LossTerms::of(&t);
         for batch in loader.by_ref() {
             lr = learning_rate(
                 t.schedule,
@@ -407,7 +393,7 @@ impl Trainer {
                 batch,
                 &self.autodiff,
                 &self.deep_supervision,
-                LossTerms::of(&t),
+                terms,
                 &self.sampler.foreground_classes,
             );
             let value: f64 = loss

@@ -40,6 +40,19 @@ fn metrics(run: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Runs `medseg train ARGS`, which dies (abort, as a kill: no cleanup) right after its first
+/// epoch is saved, at a named point rather than after a guessed sleep.
+fn killed_after_first_epoch(args: &[String]) {
+    let died = Command::new(bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("train")
+        .args(args)
+        .env(medseg::io::ABORT_AT_ENV, "train-epoch-saved:1")
+        .output()
+        .unwrap();
+    assert!(!died.status.success(), "the run was not stopped");
+}
+
 fn ok(out: &std::process::Output) {
     assert!(
         out.status.success(),
@@ -106,17 +119,7 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
     // Without a weight average the stepped weights are the inference weights: no second file.
     assert!(!a.join("checkpoints/last/training_weights.bpk").exists());
 
-    // A second run dies (abort, as a kill: no cleanup) right after its first epoch is saved, at a
-    // named point rather than after a guessed sleep.
-    let args_b = set(&b);
-    let died = Command::new(bin())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("train")
-        .args(&args_b)
-        .env(medseg::io::ABORT_AT_ENV, "train-epoch-saved:1")
-        .output()
-        .unwrap();
-    assert!(!died.status.success(), "the run was not stopped");
+    killed_after_first_epoch(&set(&b));
     let state_file = b.join("checkpoints/last/state.json");
     let killed_at: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
@@ -179,15 +182,7 @@ fn weight_average_is_saved_apart_and_resumes_exactly() {
     assert_eq!(average.len(), stepped.len());
     assert!(average != stepped, "the average equals the stepped weights");
 
-    let args_b = set(&b);
-    let died = Command::new(bin())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("train")
-        .args(&args_b)
-        .env(medseg::io::ABORT_AT_ENV, "train-epoch-saved:1")
-        .output()
-        .unwrap();
-    assert!(!died.status.success(), "the run was not stopped");
+    killed_after_first_epoch(&set(&b));
     ok(&train(&["--resume", b.to_str().unwrap(), "--quiet"]));
     assert_eq!(
         metrics(&b),
