@@ -50,7 +50,8 @@ impl Ema {
             blended: 0,
         };
         self.model = self.model.clone().map(&mut blend);
-        if blend.blended != expected || !blend.values.is_empty() {
+        // Each blended parameter is taken out of `values`: any left matched nothing.
+        if !blend.values.is_empty() {
             return Err(Error::Training {
                 reason: format!(
                     "the weight average matched {} of the network's {expected} parameters; the averaged and the trained network differ",
