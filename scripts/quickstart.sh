@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job, on the defaults in configs/: fetch the real sample scans, build medseg, synthesise
 # domain-randomised focal brain lesions in real MR hosts (Colin27 and MNI152 for training, ITK's T1
-# for testing), train the `tiny` model to find the brain and its lesions, segment the test scans
-# (lesions outside the brain dropped) and evaluate; then do the same on a shifted test set (ITK's
-# T1 in 5-7 mm slices with redrawn contrasts). A second run reuses the fetched scans, the
-# synthetic datasets, the preprocessed cases, the trained model and the masks already written.
+# for testing), train the `tiny` model (its stem doubled) to find the brain and its lesions, segment
+# the test scans (lesions outside the brain dropped) and evaluate; then do the same on a shifted
+# test set (ITK's T1 in 5-7 mm slices with redrawn contrasts). A second run reuses the fetched
+# scans, the synthetic datasets, the preprocessed cases, the trained model and the masks already
+# written.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 data=datasets/cache/brain-mr
@@ -28,7 +29,7 @@ echo "== 3/7 synthesise randomised brain lesions in the sample MRs (configs/synt
 "$medseg" synth --config configs/synth-brain-mr.toml --output "$data"
 "$medseg" synth --config configs/synth-brain-mr-shifted.toml --output "$shifted"
 
-echo "== 4/7 train the tiny model (configs/quickstart-brain-mr.toml)"
+echo "== 4/7 train the model (configs/quickstart-brain-mr.toml)"
 if [ -f "$run/checkpoints/last/state.json" ]; then
   "$medseg" train --resume "$run"
 else
