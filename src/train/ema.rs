@@ -47,7 +47,6 @@ impl Ema {
         let mut blend = Blend {
             values: values.0,
             rate: self.rate(),
-            blended: 0,
         };
         self.model = self.model.clone().map(&mut blend);
         // Each blended parameter is taken out of `values`: any left matched nothing.
@@ -55,7 +54,7 @@ impl Ema {
             return Err(Error::Training {
                 reason: format!(
                     "the weight average matched {} of the network's {expected} parameters; the averaged and the trained network differ",
-                    blend.blended
+                    expected - blend.values.len()
                 ),
             });
         }
@@ -85,7 +84,6 @@ impl ModuleVisitor for Values {
 struct Blend {
     values: HashMap<ParamId, Tensor<1>>,
     rate: f64,
-    blended: usize,
 }
 
 impl ModuleMapper for Blend {
@@ -93,7 +91,6 @@ impl ModuleMapper for Blend {
         let Some(value) = self.values.remove(&param.id) else {
             return param;
         };
-        self.blended += 1;
         let rate = self.rate;
         param.map(|average| {
             let dims = average.dims();

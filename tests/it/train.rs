@@ -8,7 +8,7 @@ use crate::common::{bin, cache};
 
 const CONFIG: &str = "configs/liver-ct-2d.toml";
 
-fn train(args: &[&str]) -> std::process::Output {
+fn train<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
     Command::new(bin())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("train")
@@ -38,6 +38,17 @@ fn metrics(run: &Path) -> Vec<Vec<String>> {
             keep.iter().map(|&i| f[i].to_string()).collect()
         })
         .collect()
+}
+
+/// `--config CONFIG`, each of `sets` and the output directory as `--set`, and `--quiet`.
+fn run_args(dir: &Path, sets: &[&str]) -> Vec<String> {
+    let output = format!("output.dir={:?}", dir.display().to_string());
+    let mut args = vec!["--config".to_string(), CONFIG.into()];
+    for set in sets.iter().copied().chain([output.as_str()]) {
+        args.extend(["--set".into(), set.to_string()]);
+    }
+    args.push("--quiet".into());
+    args
 }
 
 /// Runs `medseg train ARGS`, which dies (abort, as a kill: no cleanup) right after its first
@@ -71,19 +82,9 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
     cache("totalsegmentator/example_ct_dicom");
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let set = |dir: &Path| {
-        vec![
-            "--config".to_string(),
-            CONFIG.into(),
-            "--set".into(),
-            "train.epochs=3".into(),
-            "--set".into(),
-            format!("output.dir={:?}", dir.display().to_string()),
-            "--quiet".into(),
-        ]
-    };
+    let set = |dir: &Path| run_args(dir, &["train.epochs=3"]);
     let args_a = set(&a);
-    let out = train(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = train(&args_a);
     ok(&out);
     let rows = metrics(&a);
     assert_eq!(rows.len(), 3);
@@ -142,7 +143,7 @@ fn training_improves_validation_dice_and_resumes_exactly_after_kill() {
     assert!(log.contains("resumed from"), "{log}");
 
     // Training again into a finished run directory is refused rather than overwriting it.
-    let out = train(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = train(&args_a);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
 }
@@ -156,24 +157,17 @@ fn weight_average_is_saved_apart_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let set = |dir: &Path| {
-        vec![
-            "--config".to_string(),
-            CONFIG.into(),
-            "--set".into(),
-            "train.epochs=2".into(),
-            "--set".into(),
-            "train.steps_per_epoch=6".into(),
-            "--set".into(),
-            "train.ema_decay=0.9".into(),
-            "--set".into(),
-            format!("output.dir={:?}", dir.display().to_string()),
-            "--quiet".into(),
-        ]
+        run_args(
+            dir,
+            &[
+                "train.epochs=2",
+                "train.steps_per_epoch=6",
+                "train.ema_decay=0.9",
+            ],
+        )
     };
     let args_a = set(&a);
-    ok(&train(
-        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
-    ));
+    ok(&train(&args_a));
     let rows = metrics(&a);
     assert_eq!(rows.len(), 2);
     let last = a.join("checkpoints/last");
@@ -209,7 +203,7 @@ fn weights(dir: &Path, file: &str) -> Vec<f32> {
     }
     let device = burn::prelude::Device::flex();
     let (_, model) = medseg::model::load(dir, &device).unwrap();
-    let model = model.load_file(dir.join(file));
+    let model = medseg::model::load_weights(model, &dir.join(file)).unwrap();
     let mut values = Values::default();
     model.visit(&mut values);
     values.0
@@ -275,7 +269,7 @@ fn bad_dataset_entries_name_the_case() {
             "--quiet".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let out = train(&args);
         assert_eq!(out.status.code(), Some(3));
         String::from_utf8_lossy(&out.stderr).to_string()
     };
