@@ -41,10 +41,10 @@ fn metrics(run: &Path) -> Vec<Vec<String>> {
 }
 
 /// `--config CONFIG`, each of `sets` and the output directory as `--set`, and `--quiet`.
-fn run_args(dir: &Path, sets: &[&str]) -> Vec<String> {
+fn run_args<S: AsRef<str>>(dir: &Path, sets: &[S]) -> Vec<String> {
     let output = format!("output.dir={:?}", dir.display().to_string());
     let mut args = vec!["--config".to_string(), CONFIG.into()];
-    for set in sets.iter().copied().chain([output.as_str()]) {
+    for set in sets.iter().map(AsRef::as_ref).chain([output.as_str()]) {
         args.extend(["--set".into(), set.to_string()]);
     }
     args.push("--quiet".into());
@@ -215,21 +215,15 @@ fn three_d_training_runs() {
     cache("totalsegmentator/example_ct_dicom");
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run3d");
-    let out = train(&[
-        "--config",
-        CONFIG,
-        "--set",
-        "sampling.patch_size=[32, 48, 48]",
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "train.steps_per_epoch=3",
-        "--set",
-        "train.batch_size=2",
-        "--set",
-        &format!("output.dir={:?}", run.display().to_string()),
-        "--quiet",
-    ]);
+    let out = train(&run_args(
+        &run,
+        &[
+            "sampling.patch_size=[32, 48, 48]",
+            "train.epochs=1",
+            "train.steps_per_epoch=3",
+            "train.batch_size=2",
+        ],
+    ));
     ok(&out);
     let rows = metrics(&run);
     assert_eq!(rows.len(), 1);
@@ -252,22 +246,14 @@ fn bad_dataset_entries_name_the_case() {
     let csv = tmp.path().join("bad.csv");
     let run = |manifest: &str, extra: &[&str]| {
         std::fs::write(&csv, manifest).unwrap();
-        let mut args = vec![
-            "--config".to_string(),
-            CONFIG.into(),
-            "--set".into(),
-            format!("data.root={:?}", ts.display().to_string()),
-            "--set".into(),
-            format!("data.manifest={:?}", csv.display().to_string()),
-            "--set".into(),
-            "data.validation_cases=[]".into(),
-            "--set".into(),
-            format!(
-                "output.dir={:?}",
-                tmp.path().join("run").display().to_string()
-            ),
-            "--quiet".into(),
-        ];
+        let mut args = run_args(
+            &tmp.path().join("run"),
+            &[
+                format!("data.root={:?}", ts.display().to_string()),
+                format!("data.manifest={:?}", csv.display().to_string()),
+                "data.validation_cases=[]".into(),
+            ],
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = train(&args);
         assert_eq!(out.status.code(), Some(3));
@@ -359,15 +345,7 @@ fn config_layers_and_unknown_keys() {
     // A best-checkpoint metric naming no class fails before any epoch is trained.
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let out = train(&[
-        "--config",
-        CONFIG,
-        "--set",
-        "validate.metric=tumour",
-        "--set",
-        &format!("output.dir={:?}", run.display().to_string()),
-        "--quiet",
-    ]);
+    let out = train(&run_args(&run, &["validate.metric=tumour"]));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
